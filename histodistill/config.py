@@ -1,0 +1,77 @@
+"""Config validation against the workflow's JSON schema, with one clear message per problem.
+
+The Snakefile calls :func:`validate` on load; the message names the offending key by its dotted
+path and lists the allowed keys or values. Defaults from the schema are filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The config does not match the schema; the message names the key."""
+
+
+def _with_defaults(validator_class: type) -> type:
+    validate_props = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        allowed = sorted(err.schema.get("properties", {}))
+        where = f"{key}." if err.absolute_path else ""
+        return f"config key '{where}{extra[0]}' is not recognised; allowed keys here: {allowed}"
+    if err.validator == "enum":
+        return f"config key '{key}' = {err.instance!r} is not allowed; choose one of {err.validator_value}"
+    if err.validator == "required":
+        return f"config key '{key}': {err.message}"
+    return f"config key '{key}' = {err.instance!r}: {err.message}"
+
+
+def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
+    """Validate ``config`` in place (filling defaults) and return it, or raise ConfigError."""
+    with open(schema) as f:
+        spec = yaml.safe_load(f)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(spec)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid config: " + _message(errors[0]))
+    return config
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a config file."""
+    with open(path) as f:
+        return validate(yaml.safe_load(f) or {})
+
+
+def dataset(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """One dataset's entry, or an error listing the configured datasets."""
+    if name not in config["datasets"]:
+        raise ConfigError(f"dataset {name!r} is not configured; datasets: {sorted(config['datasets'])}")
+    return config["datasets"][name]
+
+
+def tiling(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """Tiling settings for a dataset: the global ``tiling`` section overridden per dataset."""
+    return {**config["tiling"], **dataset(config, name).get("tiling", {})}

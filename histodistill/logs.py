@@ -1,0 +1,32 @@
+"""Logging for rule entry points: everything (progress bars included) goes to the rule's log
+file; bad input is reported as one clear line on the console as well, without a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from histodistill.config import ConfigError
+from histodistill.io import InputError
+
+
+@contextlib.contextmanager
+def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
+    """Send logging and stderr to ``log_path``; turn InputError/ConfigError into exit code 1."""
+    console = sys.stderr
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    with open(log_path, "w", buffering=1) as log_file:
+        sys.stderr = log_file
+        logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            yield
+        except (InputError, ConfigError) as err:
+            logging.error("%s", err)
+            print(f"histodistill error: {err}", file=console)
+            raise SystemExit(1) from None
+        finally:
+            sys.stderr = console

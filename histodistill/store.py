@@ -1,0 +1,100 @@
+"""The patch store: one zarr group per dataset, the same layout whatever the source.
+
+Arrays: ``patches`` (N, 3, H, W) uint8 chunked along N, ``coords`` (N, 2) int64 level-0 x, y
+(-1 for pre-tiled data), ``slide`` (N,) int32 index into attr ``slides`` (-1 when unknown),
+``label`` (N,) int64 index into attr ``class_names``, ``split`` (N,) int8 index into attr
+``split_names``. Attrs also record mpp, magnification, patch size and the config that made it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+SPLITS = ("train", "val", "test")
+FIELDS = {"coords": (np.int64, (2,)), "slide": (np.int32, ()), "label": (np.int64, ()),
+          "split": (np.int8, ())}
+
+
+class StoreWriter:
+    """Append patches slide by slide to a new zarr store; resumable via :attr:`n`."""
+
+    def __init__(self, path: str | os.PathLike, patch_size: int, chunk: int = 64,
+                 attrs: dict[str, Any] | None = None) -> None:
+        self.group = zarr.open_group(str(path), mode="a")
+        if "patches" not in self.group:
+            comp = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+            self.group.create_array("patches", shape=(0, 3, patch_size, patch_size), dtype="uint8",
+                                    chunks=(chunk, 3, patch_size, patch_size), compressors=comp)
+            for name, (dtype, tail) in FIELDS.items():
+                self.group.create_array(name, shape=(0, *tail), dtype=dtype,
+                                        chunks=(max(chunk * 64, 4096), *tail))
+        if attrs:
+            self.group.attrs.update(attrs)
+
+    @property
+    def n(self) -> int:
+        """Number of patches written so far."""
+        return self.group["patches"].shape[0]
+
+    def truncate(self, n: int) -> None:
+        """Drop rows beyond ``n`` (discard a slide that was half written when a run died)."""
+        for name in ("patches", *FIELDS):
+            arr = self.group[name]
+            arr.resize((n, *arr.shape[1:]))
+
+    def append(self, patches: np.ndarray, coords: np.ndarray, slide: np.ndarray,
+               label: np.ndarray, split: np.ndarray) -> None:
+        """Append rows; ``patches`` may be (N, H, W, 3) or (N, 3, H, W) uint8."""
+        if patches.ndim == 4 and patches.shape[-1] == 3 and patches.shape[1] != 3:
+            patches = patches.transpose(0, 3, 1, 2)
+        n, m = self.n, len(patches)
+        values = {"patches": patches, "coords": coords, "slide": slide, "label": label,
+                  "split": split}
+        for name, value in values.items():
+            arr = self.group[name]
+            arr.resize((n + m, *arr.shape[1:]))
+            arr[n:n + m] = np.asarray(value, dtype=arr.dtype)
+
+
+@dataclass
+class PatchStore:
+    """Read access to a patch store; arrays are loaded lazily from zarr."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+
+    def __len__(self) -> int:
+        return self.group["patches"].shape[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    def array(self, name: str) -> np.ndarray:
+        """Load a whole metadata array (``coords``, ``slide``, ``label``, ``split``)."""
+        return self.group[name][:]
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row indices of one split."""
+        return np.flatnonzero(self.array("split") == SPLITS.index(split))
+
+    def patches(self, index: np.ndarray | slice | None = None) -> np.ndarray:
+        """Patches (N, 3, H, W) uint8 for sorted row indices, a slice, or all rows."""
+        arr = self.group["patches"]
+        if index is None:
+            return arr[:]
+        if isinstance(index, slice):
+            return arr[index]
+        index = np.asarray(index)
+        return arr.get_orthogonal_selection((index, slice(None), slice(None), slice(None)))

@@ -1,0 +1,18 @@
+rule demo_cohort:
+    """Render the synthetic Camelyon16-shaped demo cohort (slides, XML annotations, labels)."""
+    output:
+        directory("results/demo/cohort"),
+    params:
+        spec=config["demo"],
+    log:
+        "logs/demo_cohort.log",
+    benchmark:
+        "benchmarks/demo_cohort.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../../scripts/demo_cohort.py"

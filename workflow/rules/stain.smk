@@ -1,0 +1,26 @@
+rule stain_template:
+    """Histo-DD's Macenko template: the patch closest to the dataset's mean and std."""
+    input:
+        "results/{dataset}/patches.zarr",
+    output:
+        json="results/{dataset}/stain/template.json",
+        png=report(
+            "results/{dataset}/stain/template.png",
+            caption="../report/stain_template.rst",
+            category="Stain template",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        stain=config["stain"],
+    log:
+        "logs/stain_template/{dataset}.log",
+    benchmark:
+        "benchmarks/stain_template/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        "../../scripts/stain_template.py"
