@@ -61,7 +61,7 @@ def stain_vectors(x: torch.Tensor, io: float = IO, alpha: float = ALPHA, beta: f
     """Macenko stain matrices (B, 2, 3) of a batch (B, 3, H, W) in [0, 1], differentiably.
 
     Also returns a boolean (B,) telling which images had at least ``min_pixels`` stained pixels
-    (the others get the identity fallback in :func:`normalise`). When the two largest
+    and two distinct stain directions (the others pass through :class:`MacenkoNormaliser`). When the two largest
     eigenvalues nearly coincide, the eigenvector gradient (which scales with 1/gap) is cut.
     """
     od = _to_od(x, io)
@@ -82,7 +82,10 @@ def stain_vectors(x: torch.Tensor, io: float = IO, alpha: float = ALPHA, beta: f
     plane = plane * sign  # principal axis points into positive OD so angles stay in (-pi, pi)
     proj = od @ plane  # (B, N, 2)
     phi = torch.atan2(proj[..., 1], proj[..., 0])
-    phi = torch.where(mask, phi, torch.full_like(phi, float("nan")))
+    # masked-out pixels are NaN for the quantile; images without enough pixels keep all angles
+    # (their stains are replaced downstream) so no NaN enters the graph
+    keep = mask | ~valid[:, None]
+    phi = torch.where(keep, phi, torch.full_like(phi, float("nan")))
     q = torch.tensor([alpha / 100, 1 - alpha / 100], dtype=od.dtype, device=od.device)
     lo, hi = torch.nanquantile(phi, q, dim=1)  # each (B,)
     v_lo = (plane @ torch.stack([torch.cos(lo), torch.sin(lo)], -1)[..., None])[..., 0]
@@ -91,7 +94,10 @@ def stain_vectors(x: torch.Tensor, io: float = IO, alpha: float = ALPHA, beta: f
     h = torch.where(first_is_h, v_lo, v_hi)
     e = torch.where(first_is_h, v_hi, v_lo)
     stains = torch.stack([h, e], 1)
-    return stains / stains.norm(dim=-1, keepdim=True), valid
+    stains = stains / stains.norm(dim=-1, keepdim=True)
+    # identical angles at both percentiles (uniform stained pixels) leave one stain undefined
+    distinct = (stains[:, 0] * stains[:, 1]).sum(-1).abs() < 1 - 1e-6
+    return stains, valid & distinct & torch.isfinite(stains).all(-1).all(-1)
 
 
 def concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
@@ -142,11 +148,12 @@ class MacenkoNormaliser(torch.nn.Module):
         xd = x.double()
         b, _, h, w = xd.shape
         stains, valid = stain_vectors(xd, self.io, self.alpha, self.beta)
+        stains = torch.where(valid[:, None, None], stains, self.stains)
         od = _to_od(xd, self.io)
         conc = concentrations(od, stains)
         max_c = torch.quantile(conc, 0.99, dim=-1).clamp_min(1e-6)
         conc = conc * (self.max_c / max_c)[..., None]
-        out = self.io * torch.exp(-(self.stains.T @ conc))  # (B, 3, N)
+        out = self.io * torch.exp(-(self.stains.T @ conc)) - 1.0  # exact inverse of _to_od
         out = (out / 255.0).clamp(0.0, 1.0).reshape(b, 3, h, w)
         return torch.where(valid[:, None, None, None], out, xd).to(dtype)
 

@@ -25,10 +25,11 @@ from histodistill.annotations import write_asap_xml
 from histodistill.io import atomic_path
 
 # Per-centre stain matrices (rows: hematoxylin, eosin; OD per unit concentration) and
-# intensity. Centre 0 uses Ruifrok & Johnston's vectors; centre 1 is bluer and paler.
+# intensity. Centre 0 uses a typical Macenko estimate of H&E; centre 1 is bluer, with paler
+# eosin, as scanners and staining protocols differ between hospitals.
 CENTRES = (
-    {"stains": [[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]], "h": 1.0, "e": 1.0, "io": 245},
-    {"stains": [[0.520, 0.790, 0.320], [0.190, 0.920, 0.340]], "h": 1.25, "e": 0.75, "io": 235},
+    {"stains": [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]], "h": 1.0, "e": 1.0, "io": 245},
+    {"stains": [[0.4600, 0.7800, 0.4300], [0.3300, 0.8500, 0.4100]], "h": 1.2, "e": 0.75, "io": 235},
 )
 
 
@@ -73,14 +74,14 @@ def _tissue(rng: np.random.Generator, lo: tuple[int, int]) -> np.ndarray:
 
 def _tumour_polygons(rng: np.random.Generator, tissue_lo: np.ndarray, cell: int
                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Irregular tumour polygons (level-0 x, y) inside the tissue, covering ~30-45% of it.
+    """Irregular tumour polygons (level-0 x, y) inside the tissue, covering roughly half of it.
 
     Returns ``(tumour, exclusion)``: contours nested an odd number of times are holes, written
     as Camelyon16 exclusion polygons (group ``_2``).
     """
     field = _smooth_noise(rng, tissue_lo.shape, 7)
     inside = tissue_lo > 0.1
-    level = np.quantile(field[inside], rng.uniform(0.55, 0.7))
+    level = np.quantile(field[inside], rng.uniform(0.4, 0.55))
     field = np.where(inside, field - level, -1.0)
     polys = []
     for contour in measure.find_contours(np.pad(field, 1, constant_values=-1.0), 0.0):
@@ -191,7 +192,7 @@ def render_slide(rng: np.random.Generator, spec: DemoSpec, tumour: bool, centre:
     fibres = _upsample(ndimage.gaussian_filter(rng.standard_normal((shape[0] // 4, shape[1] // 4)),
                                                (0.8, 3.0)), shape)
     fibres = (fibres - fibres.mean()) / (fibres.std() + 1e-6)
-    eosin = np.where(tissue, 0.22 + 0.07 * fibres, 0.0) + np.where(tum, 0.10, 0.0)
+    eosin = np.where(tissue, 0.45 + 0.12 * fibres, 0.0) + np.where(tum, 0.12, 0.0)
     eosin = np.clip(eosin, 0, None).astype(np.float32)
     hema = hema * 0.95 + np.where(tissue, 0.04, 0.0).astype(np.float32)
 

@@ -1,0 +1,41 @@
+"""Config validation names the bad key and the allowed values; defaults are filled."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histodistill import config
+
+CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+
+
+def test_shipped_config_is_valid_and_defaults_fill_in():
+    cfg = config.validate(copy.deepcopy(CONFIG))
+    assert config.tiling(cfg, "demo")["patch_size"] == 64  # per-dataset override
+    assert config.tiling(cfg, "camelyon16")["magnification"] == 5
+    assert config.tiling(cfg, "demo")["tumour_groups"][0] == "_0"  # schema default
+    minimal = config.validate({"datasets": {}})
+    assert minimal["stain"] == {"io": 240, "alpha": 1, "beta": 0.15, "split": "train"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["tiling"].update(magnifcation=5), r"'tiling.magnifcation' is not recognised; allowed keys here: \['default_mpp'"),
+    (lambda c: c["datasets"]["demo"].update(format="svs"), r"'datasets.demo.format' = 'svs' is not allowed; choose one of \['wsi'"),
+    (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['dataset', 'datasets'"),
+    (lambda c: c["stain"].update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
+    (lambda c: c["datasets"]["demo"]["tiling"].update(patch_size="64"), r"'datasets.demo.tiling.patch_size' = '64'"),
+])
+def test_bad_config_names_the_key(edit, message):
+    cfg = copy.deepcopy(CONFIG)
+    edit(cfg)
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg)
+
+
+def test_unknown_dataset_lists_the_configured_ones():
+    with pytest.raises(config.ConfigError, match=r"dataset 'camelyon17' is not configured; datasets: \['camelyon16'"):
+        config.dataset(config.validate(copy.deepcopy(CONFIG)), "camelyon17")

@@ -1,0 +1,139 @@
+"""Tiling a cohort into the patch store: labels, caps, atomic output, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histodistill import annotations, cohort, config, tiling, wsi
+from histodistill.io import InputError
+from histodistill.store import PatchStore
+
+CFG = config.validate({"datasets": {}})["tiling"] | {
+    "magnification": 10, "patch_size": 32, "stride": 32, "max_patches_per_slide": 0}
+CLASSES = ["normal", "tumor"]
+
+
+def rows_of(small_cohort):
+    return cohort.build_table("small", {"format": "wsi", "layout": "camelyon16",
+                                        "root": str(small_cohort), "centre_split": {"normal": 1, "tumor": 1}})
+
+
+def test_camelyon16_layout_table(small_cohort):
+    rows = rows_of(small_cohort)
+    assert [(r["slide"], r["label"], r["split"]) for r in rows] == [
+        ("normal_001", "normal", "train"), ("tumor_001", "tumor", "train"),
+        ("test_001", "normal", "test"), ("test_002", "tumor", "test")]
+    assert rows[1]["annotation"].endswith("lesion_annotations/tumor_001.xml")
+    assert rows[3]["annotation"].endswith("testing/lesion_annotations/test_002.xml")
+    assert rows[0]["annotation"] == "" and rows[2]["centre"] == -1
+
+
+def test_labels_follow_a_hand_made_polygon(tumour_slide, tmp_path):
+    xml = tmp_path / "square.xml"
+    square = np.array([[320, 192], [576, 192], [576, 448], [320, 448]], float)  # 64-px grid
+    annotations.write_asap_xml(xml, {"Tumor": [square]})
+    coords, labels, geom = tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+    size0 = geom.patch_size * geom.scale
+    inside = ((coords[:, 0] >= 320) & (coords[:, 0] + size0 <= 576)
+              & (coords[:, 1] >= 192) & (coords[:, 1] + size0 <= 448))
+    np.testing.assert_array_equal(labels, inside.astype(int))
+    assert inside.sum() > 0
+
+
+def test_unannotated_label_can_be_the_slide_label(tumour_slide):
+    _, labels, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0,
+                                     CFG | {"unannotated_label": "slide"}, CLASSES)
+    assert (labels == 1).all()
+
+
+def test_cap_samples_deterministically(tumour_slide):
+    cfg = CFG | {"max_patches_per_slide": 20}
+    a, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
+    b, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
+    c, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg | {"seed": 1}, CLASSES)
+    assert len(a) == 20 and (a == b).all() and not (a == c).all()
+
+
+def test_tile_cohort_store_layout(small_cohort, tmp_path):
+    rows = rows_of(small_cohort)
+    out = tiling.tile_cohort(rows, CFG, tmp_path / "p.zarr", CLASSES, progress=False)
+    store = PatchStore(out)
+    n = len(store)
+    assert store.group["patches"].shape == (n, 3, 32, 32) and store.group["patches"].dtype == np.uint8
+    assert store.attrs["class_names"] == CLASSES and store.attrs["magnification"] == 10
+    assert store.attrs["slides"] == [r["slide"] for r in rows]
+    slide, label, split = store.array("slide"), store.array("label"), store.array("split")
+    assert set(np.unique(slide)) == {0, 1, 2, 3}
+    assert (label[slide == 0] == 0).all() and (label[slide == 1] == 1).any()
+    assert (split[slide >= 2] == 2).all() and (split[slide < 2] == 0).all()
+    # every stored patch equals a direct read at its coordinates
+    s = wsi.open_slide(rows[1]["path"])
+    geom = wsi.geometry(s, rows[1]["path"], 10, 32, 32)
+    k = np.flatnonzero(slide == 1)[5]
+    np.testing.assert_array_equal(store.patches(np.array([k]))[0].transpose(1, 2, 0),
+                                  wsi.read_patch(s, store.array("coords")[k], geom))
+    assert not (tmp_path / "p.zarr.partial").exists()
+
+
+def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, monkeypatch):
+    rows = rows_of(small_cohort)
+    reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES,
+                                              progress=False))
+    real_read, calls = wsi.read_patches, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise RuntimeError("node died")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(wsi, "read_patches", crash_on_third)
+    out = tmp_path / "run.zarr"
+    with pytest.raises(RuntimeError):
+        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
+    resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False))
+    assert len(calls) == 5  # two slides before the crash, the crashed one again, one more
+    for name in ("coords", "slide", "label", "split"):
+        np.testing.assert_array_equal(resumed.array(name), reference.array(name))
+    np.testing.assert_array_equal(resumed.patches(), reference.patches())
+
+
+def test_slide_without_tissue_names_the_file(tmp_path, small_cohort):
+    import tifffile
+
+    blank = tmp_path / "blank.tif"
+    with tifffile.TiffWriter(blank, bigtiff=True) as tif:
+        tif.write(np.full((768, 1024, 3), 240, np.uint8), tile=(256, 256), photometric="rgb",
+                  resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    rows = rows_of(small_cohort)[:1] + [{**rows_of(small_cohort)[0], "slide": "blank",
+                                         "path": str(blank)}]
+    out = tmp_path / "p.zarr"
+    with pytest.raises(InputError, match=r"\[tile\] .*blank.tif: no tissue found"):
+        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
+    assert not out.exists()
+    store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES,
+                                          progress=False))
+    assert store.attrs["skipped_slides"] == ["blank"] and set(store.array("slide")) == {0}
+
+
+def test_unparseable_annotation_names_the_file(tumour_slide, tmp_path):
+    xml = tmp_path / "tumor_001.xml"
+    xml.write_text("<ASAP_Annotations><Annotations>")
+    with pytest.raises(InputError, match="tumor_001.xml: annotation XML does not parse"):
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+
+
+def test_missing_root_and_missing_slide(tmp_path, small_cohort):
+    with pytest.raises(InputError, match=r"datasets.c16.root: is not set"):
+        cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": None})
+    with pytest.raises(InputError, match=r"datasets.c16.root: folder .* does not exist"):
+        cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16",
+                                   "root": str(tmp_path / "nowhere")})
+    table = tmp_path / "labels.csv"
+    table.write_text("slide,label\nghost,normal\n")
+    with pytest.raises(InputError, match=r"ghost.*slide listed for the dataset does not exist"):
+        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
+                                 "table": str(table)})
