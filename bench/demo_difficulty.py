@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,9 +50,12 @@ def main(path: str = "results/demo/patches.zarr", epochs: int = 8, seed: int = 0
     recalls = [(pred[y_te == c] == c).float().mean().item() for c in y_te.unique()]
     majority = y_te.bincount().max().item() / len(y_te)
     print(f"train {len(tr)} test {len(te)} patches; classes {store.class_names}")
-    print(f"resnet18_test_acc: {acc:.4f}")
-    print(f"resnet18_balanced_acc: {np.mean(recalls):.4f}")
-    print(f"majority_baseline_acc: {majority:.4f}")
+    figures = [f"resnet18_test_acc: {acc:.4f}", f"resnet18_balanced_acc: {np.mean(recalls):.4f}",
+               f"majority_baseline_acc: {majority:.4f}"]
+    print("\n".join(figures))
+    out = Path("results/bench/demo_difficulty.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(figures) + "\n")
 
 
 if __name__ == "__main__":

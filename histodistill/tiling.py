@@ -37,7 +37,7 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     try:
         geom = wsi.geometry(slide, path, cfg["magnification"], cfg["patch_size"], cfg["stride"],
                             cfg.get("default_mpp"))
-        mask, down = wsi.tissue_mask(slide, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
+        mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
                                      cfg["min_saturation"])
         coords = wsi.grid(*slide.dimensions, geom)
     finally:

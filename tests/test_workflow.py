@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from histodistill.store import PatchStore
+from histodistill.summary import summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -65,6 +66,8 @@ def test_demo_target_builds_every_stage(built):
     assert "patches" in (built / "logs/tile/demo.log").read_text()
     assert (built / "benchmarks/tile/demo.tsv").exists()
     assert planned_jobs(snakemake(built, "-n", "demo")) == {}
+    text = summarise(built / "results/demo")
+    assert f"{len(store)} patches of 32 px" in text and "template patch" in text
 
 
 def test_editing_the_stain_section_reruns_only_the_stain_stage(built):

@@ -95,7 +95,7 @@ def brute_force(slide, geom, mask, down, threshold):
 def test_grid_and_tissue_fraction_match_brute_force(tumour_slide, mag, size, stride):
     slide = wsi.open_slide(tumour_slide)
     geom = wsi.geometry(slide, tumour_slide, mag, size, stride)
-    mask, down = wsi.tissue_mask(slide, geom.base_mpp, mask_mpp=16.0)
+    mask, down = wsi.tissue_mask(slide, tumour_slide, geom.base_mpp, mask_mpp=16.0)
     coords = wsi.grid(*slide.dimensions, geom)
     frac = wsi.box_fraction(mask, down, coords, size * geom.scale)
     fast = [(int(x), int(y), f) for (x, y), f in zip(coords, frac) if f >= 0.5]
@@ -112,12 +112,20 @@ def test_grid_covers_slide_without_overhang():
     assert len(coords) == (math.floor((1000 - 128) / 96) + 1) * (math.floor((700 - 128) / 96) + 1)
 
 
-@pytest.mark.parametrize("mag, size", [(20, 256), (10, 128)])
-def test_fast_reader_equals_one_read_per_patch(cmu_slide, mag, size):
-    slide = wsi.open_slide(cmu_slide)
-    geom = wsi.geometry(slide, cmu_slide, mag, size, size)
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("which, mag, size, stride", [
+    ("cmu", 20, 256, 256),  # 240 px JPEG tiles, not aligned with patches
+    ("cmu", 10, 128, 96),  # single level: read 256 px, resize
+    ("demo", 10, 64, 48),  # level 1 of the pyramid, overlapping patches
+    ("demo", 7, 48, 48),  # between levels: read level 1, resize
+])
+def test_fast_reader_equals_one_read_per_patch(cmu_slide, tumour_slide, which, mag, size, stride,
+                                               direct):
+    path = cmu_slide if which == "cmu" else tumour_slide
+    slide = wsi.open_slide(path)
+    geom = wsi.geometry(slide, path, mag, size, stride)
     coords = wsi.grid(*slide.dimensions, geom)[::3]
-    fast = wsi.read_patches(cmu_slide, coords, geom, threads=2, block=512)
+    fast = wsi.read_patches(path, coords, geom, threads=2, direct=direct)
     naive = np.stack([wsi.read_patch(slide, xy, geom) for xy in coords])
     np.testing.assert_array_equal(fast, naive)
 
@@ -128,7 +136,7 @@ def test_blank_slide_has_empty_mask(tmp_path):
         tif.write(np.full((1024, 1024, 3), 238, np.uint8), tile=(256, 256), photometric="rgb",
                   resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     slide = wsi.open_slide(path)
-    mask, _ = wsi.tissue_mask(slide, 0.5)
+    mask, _ = wsi.tissue_mask(slide, path, 0.5)
     assert not mask.any()
 
 

@@ -1,0 +1,42 @@
+"""Print what a pipeline run produced for one dataset and where it lies (end of `make demo`).
+
+Usage: python -m histodistill.summary results/<dataset>
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from histodistill.store import SPLITS, PatchStore
+
+
+def summarise(folder: str | Path) -> str:
+    """A few lines on the patch store, the stain template and any result JSON in ``folder``."""
+    folder = Path(folder)
+    lines = [f"results in {folder}/"]
+    store_path = folder / "patches.zarr"
+    if store_path.exists():
+        store = PatchStore(store_path)
+        label, split = store.array("label"), store.array("split")
+        counts = ", ".join(
+            f"{SPLITS[s]}: " + " / ".join(f"{int((label[split == s] == c).sum())} {name}"
+                                           for c, name in enumerate(store.class_names))
+            for s in np.unique(split))
+        lines.append(f"  patches   {store_path}  {len(store)} patches of "
+                     f"{store.attrs['patch_size']} px ({counts})")
+    template = folder / "stain" / "template.json"
+    if template.exists():
+        info = json.loads(template.read_text())
+        lines.append(f"  stain     {template}  template patch {info['index']} "
+                     f"(slide {info['slide'] or '-'}), image {template.with_suffix('.png')}")
+    for result in sorted(folder.glob("*_ipc*.json")):
+        lines.append(f"  result    {result}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summarise(sys.argv[1] if len(sys.argv) > 1 else "results/demo"))
