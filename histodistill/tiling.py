@@ -68,6 +68,12 @@ def _class_index(label: str, class_names: list[str], path: str | os.PathLike) ->
     return class_names.index(label)
 
 
+def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
+                configured: list[str] | None = None) -> list[str]:
+    """The dataset's classes: as configured, else the slide labels plus the tumour class."""
+    return list(configured) if configured else sorted({r["label"] for r in rows} | {cfg["tumour_class"]})
+
+
 def settings_hash(obj: Any) -> str:
     """Stable short hash of JSON-able settings (decides whether a partial run can resume)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

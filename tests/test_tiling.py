@@ -41,6 +41,12 @@ def test_labels_follow_a_hand_made_polygon(tumour_slide, tmp_path):
     assert inside.sum() > 0
 
 
+def test_class_names_default_to_slide_labels_plus_tumour():
+    rows = [{"label": "normal"}, {"label": "normal"}]
+    assert tiling.class_names(rows, CFG) == ["normal", "tumor"]
+    assert tiling.class_names(rows, CFG, ["b", "a"]) == ["b", "a"]
+
+
 def test_unannotated_label_can_be_the_slide_label(tumour_slide):
     _, labels, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0,
                                      CFG | {"unannotated_label": "slide"}, CLASSES)
