@@ -1,6 +1,6 @@
 # histodistill: distil a histopathology WSI cohort into a small synthetic patch set.
 #   snakemake --cores 2 demo                                      (the embedded demo cohort)
-#   snakemake --profile slurm results/camelyon16/stain/template.json   (on a SLURM cluster)
+#   snakemake --profile slurm results/camelyon16/histodd_ipc10.json   (on a SLURM cluster)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -13,6 +13,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/stain.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

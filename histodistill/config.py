@@ -74,4 +74,47 @@ def dataset(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def tiling(config: dict[str, Any], name: str) -> dict[str, Any]:
     """Tiling settings for a dataset: the global ``tiling`` section overridden per dataset."""
-    return {**config["tiling"], **dataset(config, name).get("tiling", {})}
+    return section(config, name, "tiling")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``override`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def section(config: dict[str, Any], name: str, key: str) -> dict[str, Any]:
+    """A stage's settings for one dataset: ``config[key]`` deep-merged with
+    ``datasets.<name>.<key>`` (how the demo profile and per-dataset defaults are expressed)."""
+    return merge(config[key], dataset(config, name).get(key, {}))
+
+
+PER_IPC = ("iterations", "outer_loop", "inner_loop", "lr_img")  # may be given per ipc
+
+
+def per_ipc(value: Any, ipc: int, where: str) -> Any:
+    """A setting given as one value or as ``{ipc: value}``; a missing ipc names the key."""
+    if not isinstance(value, dict):
+        return value
+    table = {int(k): v for k, v in value.items()}
+    if ipc not in table:
+        raise ConfigError(f"config key '{where}' has no entry for ipc={ipc} (it has "
+                          f"{sorted(table)}); add one or give a single value")
+    return table[ipc]
+
+
+def method_config(config: dict[str, Any], name: str, method: str, ipc: int) -> dict[str, Any]:
+    """Settings of one distillation method for a dataset and ipc, per-ipc values resolved."""
+    dist = section(config, name, "distill")
+    if method not in dist["methods"]:
+        raise ConfigError(f"distillation method {method!r} is not configured under "
+                          f"distill.methods; configured: {sorted(dist['methods'])}")
+    cfg = {k: per_ipc(v, ipc, f"distill.methods.{method}.{k}") if k in PER_IPC else v
+           for k, v in dist["methods"][method].items()}
+    cfg.setdefault("checkpoint_every", dist["checkpoint_every"])
+    return cfg

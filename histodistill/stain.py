@@ -73,7 +73,10 @@ def stain_vectors(x: torch.Tensor, io: float = IO, alpha: float = ALPHA, beta: f
     mean = (od * w[..., None]).sum(1) / n
     centred = (od - mean[:, None]) * w[..., None]
     cov = centred.transpose(1, 2) @ centred / (n[..., None] - 1)
-    cov = cov + torch.eye(3, dtype=od.dtype, device=od.device) * 1e-9
+    eye = torch.eye(3, dtype=od.dtype, device=od.device)
+    finite = torch.isfinite(cov).all(-1).all(-1)
+    valid = valid & finite
+    cov = torch.where(valid[:, None, None], cov, eye) + eye * 1e-9  # keep eigh well posed
     evals, evecs = torch.linalg.eigh(cov)
     gap = (evals[:, 1] - evals[:, 0]) / evals[:, 2].abs().clamp_min(1e-12)
     evecs = torch.where((gap > 1e-6)[:, None, None], evecs, evecs.detach())

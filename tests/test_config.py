@@ -15,7 +15,7 @@ CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml")
 
 def test_shipped_config_is_valid_and_defaults_fill_in():
     cfg = config.validate(copy.deepcopy(CONFIG))
-    assert config.tiling(cfg, "demo")["patch_size"] == 64  # per-dataset override
+    assert config.tiling(cfg, "demo")["patch_size"] == 32  # per-dataset override
     assert config.tiling(cfg, "camelyon16")["magnification"] == 5
     assert config.tiling(cfg, "demo")["tumour_groups"][0] == "_0"  # schema default
     minimal = config.validate({"datasets": {}})

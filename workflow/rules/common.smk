@@ -9,14 +9,21 @@ except hdconfig.ConfigError as err:
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
+    method="|".join(["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting"]),
+    ipc=r"\d+",
+    arch=r"[a-z0-9]+",
 
 
 ENV = "../../envs/histodistill.yaml"
 
 
+STAGE_OVERRIDES = ("tiling", "distill", "evaluate")  # reach only their own stage's rules
+
+
 def dataset_cfg(name):
-    """A dataset's config entry without its tiling overrides (those go to rule tile)."""
-    return {k: v for k, v in hdconfig.dataset(config, name).items() if k != "tiling"}
+    """A dataset's config entry without its per-stage overrides, so editing those reruns only
+    their own stages."""
+    return {k: v for k, v in hdconfig.dataset(config, name).items() if k not in STAGE_OVERRIDES}
 
 
 def tiling_cfg(name):
@@ -40,6 +47,26 @@ def cohort_input(wildcards):
     return []
 
 
+GPU = config["compute"]["gpu"]  # GPUs per GPU rule; 0 keeps CPU-only runs schedulable
+
+
+def section(name, key):
+    """A stage's config section for one dataset (global, deep-merged with dataset overrides)."""
+    return hdconfig.section(config, name, key)
+
+
+def method_cfg(wildcards):
+    """One method's settings for the dataset and ipc; a missing per-ipc entry fails the DAG."""
+    return hdconfig.method_config(config, wildcards.dataset, wildcards.method, int(wildcards.ipc))
+
+
+def full_results(wildcards):
+    """The cached full-data upper bound of every evaluated architecture."""
+    archs = section(wildcards.dataset, "evaluate")["archs"]
+    return [f"results/{wildcards.dataset}/full/{arch}.json" for arch in archs]
+
+
 def final_targets(name):
-    """What a finished run of the stages built so far produces for one dataset."""
-    return [f"results/{name}/patches.zarr", f"results/{name}/stain/template.json"]
+    """Every result file the configured targets ask for, for one dataset."""
+    t = config["targets"]
+    return [f"results/{name}/{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]

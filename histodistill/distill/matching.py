@@ -1,0 +1,70 @@
+"""Gradient matching shared by DC, DSA and Histo-DD, and Histo-DD's model augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def l1_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor:
+    """Histo-DD's layer distance: the L1 norm of the gradient difference."""
+    return (g_real - g_syn).abs().sum()
+
+
+def cosine_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor:
+    """DC's layer distance: sum over output channels of 1 - cos(g_real, g_syn)."""
+    if g_real.dim() == 1:
+        return g_real.new_zeros(())  # DC ignores biases
+    gr = g_real.reshape(g_real.shape[0], -1)
+    gs = g_syn.reshape(g_syn.shape[0], -1)
+    cos = (gr * gs).sum(1) / (gr.norm(dim=1) * gs.norm(dim=1) + 1e-6)
+    return (1 - cos).sum()
+
+
+DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": l1_distance, "cos": cosine_distance}
+
+
+def matched_params(net: nn.Module, distance: str, include_fc: bool) -> list[nn.Parameter]:
+    """Parameters whose gradients are matched. L1 (Histo-DD, after IDC) skips biases and norm
+    parameters (1-D) and, unless ``include_fc``, the linear head; cosine (DC) uses them all."""
+    params = []
+    for name, p in net.named_parameters():
+        if distance == "l1" and (p.dim() == 1 or (p.dim() == 2 and not include_fc)):
+            continue
+        params.append(p)
+    return params
+
+
+def match_loss(net: nn.Module, params: list[nn.Parameter], x_real: torch.Tensor,
+               y_real: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor,
+               distance: str) -> torch.Tensor:
+    """Distance between the cross-entropy gradients of a real and a synthetic batch.
+
+    Real gradients are constants; synthetic ones keep their graph (second order), so the
+    result is differentiable in ``x_syn``.
+    """
+    dist = DISTANCES[distance]
+    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
+    return sum(dist(gr.detach(), gs) for gr, gs in zip(g_real, g_syn))
+
+
+@torch.no_grad()
+def model_augment(net: nn.Module, alpha: float, gen: torch.Generator) -> None:
+    """Perturb weights in place: d ~ N(0, 1), rescaled per filter to ||w_j||_F, then w += alpha d.
+
+    Every weight with a filter dimension (convolution and linear weights) is perturbed; biases
+    and normalisation parameters are left alone, as in filter-normalised perturbations.
+    """
+    for p in net.parameters():
+        if p.dim() < 2:
+            continue
+        d = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+        d_norm = d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
+        w_norm = p.reshape(len(p), -1).norm(dim=1)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        p.add_(alpha * d * (w_norm / d_norm).reshape(shape))

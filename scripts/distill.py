@@ -1,0 +1,13 @@
+"""Rule distill: run one distillation method and write the distilled set."""
+import torch
+
+from histodistill.distill.run import distill
+from histodistill.logs import rule_logging
+
+sm = snakemake  # noqa: F821 (snakemake injects this object)
+with rule_logging(sm.log[0]):
+    torch.set_num_threads(sm.threads)
+    distill(sm.input.store, sm.input.template, sm.input.pool[0] if sm.input.pool else None,
+            sm.wildcards.method, int(sm.wildcards.ipc), sm.params.cfg, sm.params.seed,
+            sm.output.zarr, sm.output.grid, sm.output.cost, sm.params.checkpoint,
+            sm.params.max_per_class)

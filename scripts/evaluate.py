@@ -1,0 +1,12 @@
+"""Rule evaluate: train the configured architectures on a distilled set and write the result."""
+import torch
+
+from histodistill.evaluate import evaluate_distilled
+from histodistill.logs import rule_logging
+
+sm = snakemake  # noqa: F821 (snakemake injects this object)
+with rule_logging(sm.log[0]):
+    torch.set_num_threads(sm.threads)
+    full = dict(zip(sm.params.evaluate["archs"], sm.input.full))
+    evaluate_distilled(sm.input.distilled, sm.input.cost, sm.input.store, sm.input.template, full,
+                       sm.params.evaluate, sm.wildcards.dataset, sm.output[0])

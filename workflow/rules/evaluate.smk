@@ -1,0 +1,49 @@
+rule full_train:
+    """Upper bound: one architecture trained once on the full real training set (cached)."""
+    input:
+        store="results/{dataset}/patches.zarr",
+        template="results/{dataset}/stain/template.json",
+    output:
+        "results/{dataset}/full/{arch}.json",
+    params:
+        evaluate=lambda wc: section(wc.dataset, "evaluate"),
+    log:
+        "logs/full_train/{dataset}/{arch}.log",
+    benchmark:
+        "benchmarks/full_train/{dataset}/{arch}.tsv"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../../scripts/full_train.py"
+
+
+rule evaluate:
+    """Train each configured architecture on the distilled set; test on the real test split."""
+    input:
+        distilled="results/{dataset}/distilled/{method}_ipc{ipc}.zarr",
+        cost="results/{dataset}/distilled/{method}_ipc{ipc}_cost.json",
+        store="results/{dataset}/patches.zarr",
+        template="results/{dataset}/stain/template.json",
+        full=full_results,
+    output:
+        "results/{dataset}/{method}_ipc{ipc}.json",
+    params:
+        evaluate=lambda wc: section(wc.dataset, "evaluate"),
+    log:
+        "logs/evaluate/{dataset}/{method}_ipc{ipc}.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}/{method}_ipc{ipc}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=720,
+        gpu=GPU,
+    conda:
+        ENV
+    script:
+        "../../scripts/evaluate.py"
