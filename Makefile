@@ -5,7 +5,7 @@ REAL    := resources/real/cmu_small_region.svs
 CORES   ?= 2
 TARGET  ?= demo
 
-.PHONY: demo test venv resources bench clean
+.PHONY: demo test venv resources bench table clean
 
 venv: $(VENV_OK)
 
@@ -30,6 +30,11 @@ test: $(VENV_OK) $(REAL)
 
 bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py
+	$(PY) bench/distill.py
+
+# Regenerate README's demo results table from results/demo/*_ipc*.json
+table: $(VENV_OK)
+	$(PY) -m histodistill.tables results/demo --readme README.md
 
 clean:
 	rm -rf results logs benchmarks .snakemake

@@ -39,11 +39,31 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
+NET = {"width": 8, "norm": "none"}
+TINY_DISTILL = {
+    "pool": {"net": "convnet", "net_kwargs": NET, "size": 2, "train": {"epochs": 1}},
+    "methods": {
+        "histodd": {"outer_loop": 2, "inner_loop": 2, "batch_real": 16, "batch_net": 16},
+        "dc": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
+        "dsa": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
+        "dm": {"net_kwargs": NET, "iterations": 3, "batch_real": 16},
+        "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1}},
+        "forgetting": {"net_kwargs": NET, "train": {"epochs": 2}},
+    },
+}
+TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
+                 "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
+
+
 def tiny_config(path: Path, **edits: dict) -> None:
+    """The shipped config shrunk to 4 small slides and a few iterations; ``edits`` update
+    top-level sections."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["demo"].update(n_train=2, n_test=2, width=1024, height=768, levels=3)
-    cfg["datasets"]["demo"]["centre_split"] = {"normal": 1, "tumor": 1}
-    cfg["datasets"]["demo"]["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
+    demo = cfg["datasets"]["demo"]
+    demo["centre_split"] = {"normal": 1, "tumor": 1}
+    demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
+    demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
     for section, values in edits.items():
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -58,6 +78,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_target_builds_every_stage(built):
+    result = json.loads((built / "results/demo/histodd_ipc10.json").read_text())
+    assert {"dataset", "method", "ipc", "patch", "full", "distill", "config", "versions"} <= set(result)
+    assert result["method"] == "histodd" and result["ipc"] == 10
+    assert set(result["patch"]["convnet"]) >= {"acc", "f1", "auc", "epoch_time_s"}
+    assert len(result["patch"]["convnet"]["acc"]["runs"]) == 2
+    assert result["full"]["convnet"]["acc"]["mean"] > 0 and result["distill"]["seconds"] > 0
+    assert (built / "results/demo/distilled/histodd_ipc10.png").stat().st_size > 0
+    assert not (built / "results/demo/distilled/histodd_ipc10.ckpt").exists()
     store = PatchStore(built / "results/demo/patches.zarr")
     assert len(store) > 0 and store.attrs["class_names"] == ["normal", "tumor"]
     template = json.loads((built / "results/demo/stain/template.json").read_text())
@@ -68,14 +96,19 @@ def test_demo_target_builds_every_stage(built):
     assert planned_jobs(snakemake(built, "-n", "demo")) == {}
     text = summarise(built / "results/demo")
     assert f"{len(store)} patches of 32 px" in text and "template patch" in text
+    assert "histodd_ipc10.json" in text and "random_ipc10.json" in text
 
 
-def test_editing_the_stain_section_reruns_only_the_stain_stage(built):
-    tiny_config(built / "config.yaml", stain={"beta": 0.2})
+def test_editing_a_section_reruns_only_its_stage_and_below(built):
+    below_stain = {"distill": 2, "full_train": 1, "evaluate": 2, "demo": 1}
     try:
-        assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, "demo": 1}
+        tiny_config(built / "config.yaml", stain={"beta": 0.2})
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
-        assert planned_jobs(snakemake(built, "-n", "demo")) == {"tile": 1, "stain_template": 1, "demo": 1}
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {
+            "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain}
+        tiny_config(built / "config.yaml", evaluate={"seed": 3})
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 2, "demo": 1}
     finally:
         tiny_config(built / "config.yaml")
 
@@ -85,6 +118,7 @@ def test_slurm_profile_dry_runs_from_the_repo_root(built):
     text = proc.stdout + proc.stderr
     assert "Using profiles slurm and workflow specific profile profiles/default" in text
     assert re.search(r"rule tile:.*?mem_mb=16000.*?runtime=480", text, re.S)  # per-rule resources
+    assert re.search(r"rule distill:.*?mem_mb=32000.*?gpu=0", text, re.S)
     assert planned_jobs(proc)["tile"] == 1
 
 
@@ -100,3 +134,30 @@ def test_missing_dataset_root_names_the_key(tmp_path):
     proc = snakemake(tmp_path, "-n", "results/camelyon16/stain/template.json", check=False)
     assert proc.returncode != 0
     assert "datasets.camelyon16.root: is not set" in proc.stdout + proc.stderr
+
+
+def test_every_method_builds(built):
+    targets = [f"results/demo/{m}_ipc2.json" for m in ("dc", "dsa", "dm", "herding", "forgetting")]
+    snakemake(built, "--cores", "2", *targets)
+    for target in targets:
+        result = json.loads((built / target).read_text())
+        assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
+
+
+def test_gpu_setting_reaches_the_gpu_rules(built):
+    tiny_config(built / "config.yaml", compute={"gpu": 1})
+    try:
+        proc = snakemake(built, "-n", "--forceall", "demo")
+        assert re.search(r"rule distill:.*?gpu=1", proc.stdout + proc.stderr, re.S)
+    finally:
+        tiny_config(built / "config.yaml")
+
+
+def test_missing_per_ipc_entry_names_the_key(tmp_path):
+    tiny_config(tmp_path / "config.yaml")
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del cfg["datasets"]["demo"]["distill"]["methods"]["dc"]["outer_loop"]  # back to {ipc: K}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "results/demo/dc_ipc7.json", check=False)
+    assert proc.returncode != 0
+    assert "'distill.methods.dc.outer_loop' has no entry for ipc=7" in proc.stdout + proc.stderr

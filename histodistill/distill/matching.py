@@ -20,8 +20,13 @@ def cosine_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor:
         return g_real.new_zeros(())  # DC ignores biases
     gr = g_real.reshape(g_real.shape[0], -1)
     gs = g_syn.reshape(g_syn.shape[0], -1)
-    cos = (gr * gs).sum(1) / (gr.norm(dim=1) * gs.norm(dim=1) + 1e-6)
-    return (1 - cos).sum()
+    nr, ns = gr.norm(dim=1), gs.norm(dim=1)
+    live_r, live_s = nr > 1e-8, ns > 1e-8
+    cos = (gr * gs).sum(1) / (nr * ns).clamp_min(1e-12)
+    # a channel silent in both batches (dead filter) carries no signal: distance 0, so identical
+    # batches are at distance 0; silent in one batch only: 1, as DC's epsilon gives
+    dist = torch.where(live_r & live_s, 1 - cos, (live_r | live_s).to(cos.dtype))
+    return dist.sum()
 
 
 DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

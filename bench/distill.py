@@ -1,0 +1,156 @@
+"""Distillation cost: Histo-DD and DM loops against the bare network passes they cannot avoid.
+
+Usage: python bench/distill.py [--store results/demo/patches.zarr] [--repeats N]
+
+On the demo store with the demo profile (config.yaml), in one run, interleaved, best of N:
+  histodd - one outer loop (U inner iterations) as the method runs it: network drawn from the
+            pool and perturbed, per class a real and a synthetic batch augmented alike, layer-wise
+            L1 gradient match, image step, model update on a real batch;
+  histodd bare - only the first- and second-order gradient computations of those matches and the
+            U model updates, on pre-sampled tensors without augmentation;
+  dm      - one iteration (fresh network, per class augmented real and synthetic embeddings);
+  dm bare - forward of the real batches plus forward and backward of the synthetic batch.
+Peak memory is the highest resident-set growth seen while each ran. Ratios near 1.0 mean the
+method costs little beyond its unavoidable network passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from histodistill import config, models
+from histodistill.distill import Context, build
+from histodistill.distill.matching import match_loss, matched_params
+from histodistill.distill.run import load_train
+from histodistill.stain import StainTemplate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PeakRSS:
+    """Highest RSS growth (MB) of this process while the context is open (5 ms sampling)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.mb = (self.peak - self.base) / 2**20
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    best, mem = float("inf"), 0.0
+    for _ in range(repeats):
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        mem = max(mem, peak.mb)
+    return best, mem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=str(ROOT / "results/demo/patches.zarr"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cfg = config.load(ROOT / "config.yaml")
+    store, x, y = load_train(args.store, 0, 0)
+    template = StainTemplate.load(Path(args.store).parent / "stain/template.json")
+    n_classes, size = len(store.class_names), x.shape[-1]
+    pool_cfg = config.section(cfg, "demo", "distill")["pool"]
+    states = []
+    for k in range(2):
+        torch.manual_seed(k)
+        states.append(models.build(pool_cfg["net"], n_classes, size, **pool_cfg["net_kwargs"]).state_dict())
+    pool = {"net": pool_cfg["net"], "net_kwargs": pool_cfg["net_kwargs"], "states": states}
+    ctx = Context(x, y, n_classes, 0, template, None, pool, progress=False)
+    ipc = 10
+
+    h_cfg = config.method_config(cfg, "demo", "histodd", ipc)
+    histodd = build("histodd", h_cfg, ipc, ctx)
+    histodd.init_state()
+    d_cfg = config.method_config(cfg, "demo", "dm", ipc)
+    dm = build("dm", d_cfg, ipc, ctx)
+    dm.init_state()
+
+    gen = torch.Generator().manual_seed(1)
+    by_class = ctx.class_indices()
+    real_h = [x[idx[torch.randperm(len(idx), generator=gen)[: h_cfg["batch_real"]]]] for idx in by_class]
+    real_d = [x[idx[torch.randperm(len(idx), generator=gen)[: d_cfg["batch_real"]]]] for idx in by_class]
+    net_batch = x[torch.randperm(len(x), generator=gen)[: h_cfg["batch_net"]]]
+    net_labels = y[: h_cfg["batch_net"]]
+    syn = histodd.images.detach().clone().requires_grad_(True)
+
+    def histodd_bare() -> None:
+        net = models.build(pool["net"], n_classes, size, **pool["net_kwargs"])
+        net.load_state_dict(states[0])
+        params = matched_params(net, "l1", False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(int(h_cfg["inner_loop"])):
+            loss = sum(match_loss(net, params, real_h[c], torch.full((len(real_h[c]),), c),
+                                  syn[c * ipc:(c + 1) * ipc], torch.full((ipc,), c), "l1")
+                       for c in range(n_classes))
+            loss.backward()
+            opt.zero_grad()
+            F.cross_entropy(net(net_batch), net_labels).backward()
+            opt.step()
+
+    def dm_bare() -> None:
+        net = models.build(d_cfg["net"], n_classes, size, **d_cfg.get("net_kwargs", {}))
+        for p in net.parameters():
+            p.requires_grad_(False)
+        loss = 0.0
+        for c in range(n_classes):
+            with torch.no_grad():
+                mean_real = net.embed(real_d[c]).mean(0)
+            loss = loss + ((mean_real - net.embed(syn[c * ipc:(c + 1) * ipc]).mean(0)) ** 2).sum()
+        loss.backward()
+
+    it = iter(range(10**6))
+    results = {}
+    for _ in range(args.repeats):  # interleave so machine load drifts hit every variant
+        for name, fn in {"histodd": lambda: histodd.step(next(it)), "histodd_bare": histodd_bare,
+                         "dm": lambda: dm.step(next(it)), "dm_bare": dm_bare}.items():
+            t, m = timed(fn, 1)
+            best, mem = results.get(name, (float("inf"), 0.0))
+            results[name] = (min(best, t), max(mem, m))
+    print(f"demo store {args.store}: {len(x)} training patches of {size} px, {n_classes} classes, "
+          f"ipc {ipc}; histodd U={h_cfg['inner_loop']}, batch_real={h_cfg['batch_real']}, "
+          f"augment={h_cfg['augment']}; dm batch_real={d_cfg['batch_real']}; best of {args.repeats}")
+    figures = [
+        f"histodd_outer_loop_s: {results['histodd'][0]:.3f}",
+        f"histodd_bare_s: {results['histodd_bare'][0]:.3f}",
+        f"histodd_peak_mem_mb: {results['histodd'][1]:.0f}",
+        f"dm_iteration_s: {results['dm'][0]:.4f}",
+        f"dm_bare_s: {results['dm_bare'][0]:.4f}",
+        f"dm_peak_mem_mb: {results['dm'][1]:.0f}",
+        f"dm_overhead: {results['dm'][0] / results['dm_bare'][0]:.2f}",
+        f"histodd_overhead: {results['histodd'][0] / results['histodd_bare'][0]:.2f}",
+    ]
+    print("\n".join(figures))
+    out = ROOT / "results/bench/distill.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()

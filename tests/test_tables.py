@@ -1,0 +1,34 @@
+"""The README results table is generated from result JSON files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from histodistill import tables
+
+
+def result(method: str, acc: float) -> dict:
+    metric = {"mean": acc, "std": 0.01, "runs": [acc - 0.01, acc + 0.01]}
+    arch = {"acc": metric, "f1": metric, "auc": metric, "epoch_time_s": 0.1, "train_time_s": 1.0}
+    return {"dataset": "toy", "method": method, "ipc": 10, "patch": {"convnet": arch},
+            "full": {"convnet": arch}, "distill": {"seconds": 12.0, "peak_mem_mb": 1.0}}
+
+
+def test_table_rows_and_readme_block(tmp_path):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for method, acc in [("random", 0.5), ("histodd", 0.75)]:
+        (folder / f"{method}_ipc10.json").write_text(json.dumps(result(method, acc)))
+    text = tables.table(folder)
+    lines = text.splitlines()
+    assert lines[2].startswith("| histodd | 10 | 75.0 ± 1.0") and lines[3].startswith("| random")
+    assert "| full data | all |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:toy:start -->\nold\n<!-- results:toy:end -->\nend\n")
+    tables.update_readme(readme, folder)
+    body = readme.read_text()
+    assert "old" not in body and "75.0 ± 1.0" in body and body.endswith("end\n")
+    with pytest.raises(ValueError, match="no <!-- results:other"):
+        tables.update_readme(readme, tmp_path / "other")
