@@ -32,9 +32,9 @@ bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py
 	$(PY) bench/distill.py
 
-# Regenerate README's demo results table from results/demo/*_ipc*.json
+# Regenerate README's demo results table and benchmark figures from the files that wrote them
 table: $(VENV_OK)
-	$(PY) -m histodistill.tables results/demo --readme README.md
+	$(PY) -m histodistill.tables results/demo --readme README.md --bench results/bench
 
 clean:
 	rm -rf results logs benchmarks .snakemake

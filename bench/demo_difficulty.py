@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torchvision
 
+from histodistill.io import save_figures
 from histodistill.store import PatchStore
 
 
@@ -52,10 +53,7 @@ def main(path: str = "results/demo/patches.zarr", epochs: int = 8, seed: int = 0
     print(f"train {len(tr)} test {len(te)} patches; classes {store.class_names}")
     figures = [f"resnet18_test_acc: {acc:.4f}", f"resnet18_balanced_acc: {np.mean(recalls):.4f}",
                f"majority_baseline_acc: {majority:.4f}"]
-    print("\n".join(figures))
-    out = Path("results/bench/demo_difficulty.txt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(figures) + "\n")
+    save_figures(figures, Path("results/bench/demo_difficulty.txt"))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from histodistill import config, models
 from histodistill.distill import Context, build
 from histodistill.distill.matching import match_loss, matched_params
 from histodistill.distill.run import load_train
+from histodistill.io import save_figures
 from histodistill.stain import StainTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,10 +147,7 @@ def main() -> None:
         f"dm_overhead: {results['dm'][0] / results['dm_bare'][0]:.2f}",
         f"histodd_overhead: {results['histodd'][0] / results['histodd_bare'][0]:.2f}",
     ]
-    print("\n".join(figures))
-    out = ROOT / "results/bench/distill.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(figures) + "\n")
+    save_figures(figures, ROOT / "results/bench/distill.txt")
 
 
 if __name__ == "__main__":

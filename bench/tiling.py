@@ -26,6 +26,7 @@ import numpy as np
 import openslide
 
 from histodistill import config, tiling, wsi
+from histodistill.io import save_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["normal", "tumor"]
@@ -122,10 +123,7 @@ def main() -> None:
                     f"read_phase_speedup_{name}: {read_speedups[name]:.2f}"]
     figures += [f"tiling_speedup: {min(speedups.values()):.2f}",
                 f"tiling_vs_decode_limit: {min(vs_decode.values()):.2f}"]
-    print("\n".join(figures))
-    out = ROOT / "results/bench/tiling.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(figures) + "\n")
+    save_figures(figures, ROOT / "results/bench/tiling.txt")
 
 
 if __name__ == "__main__":

@@ -6,19 +6,25 @@ the full-data upper bound, so every number is produced the same way.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 
 from histodistill import models
-from histodistill.augment import Augment
+from histodistill.augment import Augment, AugmentConfig
 from histodistill.io import write_json
+from histodistill.stain import StainTemplate
+from histodistill.store import PatchStore, load_split
 
 
 def device() -> torch.device:
@@ -174,9 +180,6 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], train_x: torch.Tensor,
 
 
 def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("histodistill", "torch", "torchvision", "numpy", "zarr", "openslide-python",
                  "snakemake"):
@@ -189,10 +192,6 @@ def _versions() -> dict[str, str]:
 
 def _test_and_augment(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                       cfg: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, int, Augment]:
-    from histodistill.augment import AugmentConfig
-    from histodistill.stain import StainTemplate
-    from histodistill.store import PatchStore, load_split
-
     store = PatchStore(store_path)
     x, y, _ = load_split(store, "test")
     if len(x) == 0:
@@ -205,8 +204,6 @@ def _test_and_augment(store_path: str | os.PathLike, template_path: str | os.Pat
 def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike | None, arch: str,
                cfg: dict[str, Any], out: str | os.PathLike) -> dict[str, Any]:
     """The upper bound: ``arch`` trained once on the whole real training split."""
-    from histodistill.store import PatchStore, load_split
-
     test_x, test_y, n_classes, aug = _test_and_augment(store_path, template_path, cfg)
     x, y, _ = load_split(PatchStore(store_path), "train")
     train_x = torch.from_numpy(x).to(device()).float().div_(255)
@@ -225,10 +222,6 @@ def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.Pat
                        out: str | os.PathLike) -> dict[str, Any]:
     """Train every configured architecture on the distilled set, test on the real test split,
     and write the shared result JSON (see README: "Result files")."""
-    import json
-
-    import zarr
-
     group = zarr.open_group(str(distilled), mode="r")
     attrs = dict(group.attrs)
     test_x, test_y, n_classes, aug = _test_and_augment(store_path, template_path, cfg)

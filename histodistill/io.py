@@ -58,3 +58,10 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_figures(figures: list[str], path: str | os.PathLike) -> None:
+    """Print benchmark figures (``name: value`` lines) and save them where the README quotes them."""
+    print("\n".join(figures))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(figures) + "\n")

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from histodistill.io import write_json
+from histodistill.io import InputError, atomic_path, write_json
+from histodistill.store import PatchStore
 
 IO = 240.0  # transmitted light intensity (0-255 scale), as in Macenko's reference code
 BETA = 0.15
@@ -211,11 +213,6 @@ def build_template(store_path: str | os.PathLike, json_path: str | os.PathLike,
                    png_path: str | os.PathLike, io: float = IO, alpha: float = ALPHA,
                    beta: float = BETA, split: str = "train") -> StainTemplate:
     """Choose a dataset's template from its patch store; write its JSON and a PNG of the patch."""
-    from PIL import Image
-
-    from histodistill.io import InputError, atomic_path
-    from histodistill.store import PatchStore
-
     store = PatchStore(store_path)
     rows = store.indices(split)
     if len(rows) == 0:

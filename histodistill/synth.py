@@ -20,6 +20,7 @@ import tifffile
 from matplotlib.path import Path as MplPath
 from scipy import ndimage
 from skimage import draw, measure
+from tqdm import tqdm
 
 from histodistill.annotations import write_asap_xml
 from histodistill.io import atomic_path
@@ -244,8 +245,6 @@ def make_cohort(out: str | os.PathLike, spec: DemoSpec, progress: bool = True) -
     ``testing/images/test_*.tif``, ``testing/lesion_annotations/test_*.xml``,
     ``testing/reference.csv`` and a ``slides.csv`` with every slide's label, centre and split.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     rows = plan(spec)
     with atomic_path(out) as tmp:

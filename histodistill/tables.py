@@ -2,7 +2,8 @@
 
 Usage: python -m histodistill.tables results/<dataset> [--readme README.md]
 With ``--readme`` the table replaces the text between ``<!-- results:<dataset>:start -->`` and
-``<!-- results:<dataset>:end -->``.
+``<!-- results:<dataset>:end -->``; with ``--bench results/bench`` each ``<!-- bench:<name> -->``
+block gets the figures of ``results/bench/<name>.txt``.
 """
 
 from __future__ import annotations
@@ -45,21 +46,32 @@ def table(folder: str | Path) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: str | Path, folder: str | Path) -> None:
-    """Replace the marked block for this dataset in ``readme`` with a fresh table."""
-    name = Path(folder).name
+def update_block(readme: str | Path, name: str, body: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``readme``."""
     text = Path(readme).read_text()
-    pattern = re.compile(rf"(<!-- results:{name}:start -->\n).*?(<!-- results:{name}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n).*?(<!-- {re.escape(name)}:end -->)", re.S)
     if not pattern.search(text):
-        raise ValueError(f"{readme} has no <!-- results:{name}:start/end --> markers")
-    Path(readme).write_text(pattern.sub(lambda m: m.group(1) + table(folder) + "\n" + m.group(2), text))
+        raise ValueError(f"{readme} has no <!-- {name}:start/end --> markers")
+    Path(readme).write_text(pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
+
+
+def update_readme(readme: str | Path, folder: str | Path, bench: str | Path | None = None) -> None:
+    """Refresh the dataset's results table and, when ``bench`` is given, every benchmark block
+    ``<!-- bench:<name> -->`` from ``<bench>/<name>.txt``."""
+    update_block(readme, f"results:{Path(folder).name}", table(folder))
+    if bench is not None:
+        for path in sorted(Path(bench).glob("*.txt")):
+            if f"<!-- bench:{path.stem}:start -->" in Path(readme).read_text():
+                figures = "\n".join("    " + line for line in path.read_text().strip().splitlines())
+                update_block(readme, f"bench:{path.stem}", figures)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="results table from result JSON files")
     parser.add_argument("folder")
     parser.add_argument("--readme")
+    parser.add_argument("--bench", help="folder of benchmark figure files (results/bench)")
     args = parser.parse_args()
     if args.readme:
-        update_readme(args.readme, args.folder)
+        update_readme(args.readme, args.folder, args.bench)
     print(table(args.folder))

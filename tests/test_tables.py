@@ -30,5 +30,14 @@ def test_table_rows_and_readme_block(tmp_path):
     tables.update_readme(readme, folder)
     body = readme.read_text()
     assert "old" not in body and "75.0 ± 1.0" in body and body.endswith("end\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "random_ipc10.json").write_text(json.dumps(result("random", 0.5)))
     with pytest.raises(ValueError, match="no <!-- results:other"):
-        tables.update_readme(readme, tmp_path / "other")
+        tables.update_readme(readme, other)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "speed.txt").write_text("speedup: 3.1\n")
+    readme.write_text(body + "<!-- bench:speed:start -->\n    speedup: 1.0\n<!-- bench:speed:end -->\n")
+    tables.update_readme(readme, folder, bench)
+    assert "    speedup: 3.1\n<!-- bench:speed:end -->" in readme.read_text()
