@@ -7,6 +7,7 @@ the full-data upper bound, so every number is produced the same way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -25,6 +26,8 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.io import write_json
 from histodistill.stain import StainTemplate
 from histodistill.store import PatchStore, load_split
+
+log = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
@@ -176,6 +179,8 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], train_x: torch.Tensor,
         net = models.build(arch, num_classes, train_x.shape[-1], **arch_kwargs).to(dev)
         times += train(net, train_x, train_y, cfg, gen, aug)
         results.append(metrics(test_y, predict(net, test_x)))
+        log.info("%s run %d/%d: acc %.4f, auc %.4f (%.1fs)", arch, run + 1, runs,
+                 results[-1]["acc"], results[-1]["auc"], sum(times[-cfg.epochs:]))
     return summarise_runs(results, times)
 
 

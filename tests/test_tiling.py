@@ -143,3 +143,30 @@ def test_missing_root_and_missing_slide(tmp_path, small_cohort):
     with pytest.raises(InputError, match=r"ghost.*slide listed for the dataset does not exist"):
         cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
                                  "table": str(table)})
+
+
+def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
+    slides = sorted(small_cohort.rglob("*.tif"))
+    table = tmp_path / "labels.csv"
+    table.write_text("slide,label,path\n" + "".join(
+        f"{p.stem},{'tumor' if p.stem in ('tumor_001', 'test_002') else 'normal'},{p}\n" for p in slides))
+    cfg = {"format": "wsi", "layout": "table", "root": str(tmp_path), "table": str(table),
+           "test_fraction": 0.5, "seed": 0}
+    rows = cohort.build_table("t", cfg)
+    by_label = {lab: [r["split"] for r in rows if r["label"] == lab] for lab in ("normal", "tumor")}
+    assert sorted(by_label["normal"]) == ["test", "train"] and sorted(by_label["tumor"]) == ["test", "train"]
+    assert rows == cohort.build_table("t", cfg)  # seeded
+    val = cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
+                                     "val_fraction": 1.0})
+    assert [r["split"] for r in val] == ["val", "val", "test", "test"]
+
+
+def test_load_split_caps_per_class(small_cohort, tmp_path):
+    from histodistill.store import load_split
+
+    store = PatchStore(tiling.tile_cohort(rows_of(small_cohort), CFG, tmp_path / "p.zarr", CLASSES,
+                                          progress=False))
+    x, y, rows = load_split(store, "train", max_per_class=5, seed=0)
+    assert x.shape[0] == len(y) == len(rows) and np.bincount(y).max() == 5
+    assert (store.array("split")[rows] == 0).all() and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(x[0], store.patches(rows[:1])[0])
