@@ -34,7 +34,13 @@ def summarise(folder: str | Path) -> str:
         lines.append(f"  stain     {template}  template patch {info['index']} "
                      f"(slide {info['slide'] or '-'}), image {template.with_suffix('.png')}")
     for result in sorted(folder.glob("*_ipc*.json")):
-        lines.append(f"  result    {result}")
+        info = json.loads(result.read_text())
+        accs = ", ".join(f"{arch} acc {100 * m['acc']['mean']:.1f} ± {100 * m['acc']['std']:.1f}%"
+                         for arch, m in info["patch"].items())
+        lines.append(f"  result    {result}  ({accs})")
+        grid = folder / "distilled" / f"{result.stem}.png"
+        if grid.exists():
+            lines.append(f"  images    {grid}")
     return "\n".join(lines)
 
 
