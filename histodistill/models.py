@@ -180,32 +180,35 @@ def _vgg_or_alex(cfg: list, channels: int, im_size: int, norm: str, kernel: int 
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-@register("vgg11")
-class VGG11(Classifier):
-    """VGG-11 (configuration A) with instance norm and global pooling."""
+class _ConvStack(Classifier):
+    """A VGG-style convolution stack (``CFG``) with global pooling and a linear head."""
 
-    def __init__(self, num_classes: int, im_size: int, channels: int = 3, norm: str = "instancenorm") -> None:
+    CFG: list = []
+    NORM = "none"
+
+    def __init__(self, num_classes: int, im_size: int, channels: int = 3, norm: str | None = None) -> None:
         super().__init__()
-        cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
-        self.body = _vgg_or_alex(cfg, channels, im_size, norm)
-        self.head = nn.Linear(512, num_classes)
+        self.body = _vgg_or_alex(self.CFG, channels, im_size, norm or self.NORM)
+        last = self.CFG[-2] if self.CFG[-1] == "M" else self.CFG[-1]
+        self.head = nn.Linear(last[0] if isinstance(last, tuple) else last, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+@register("vgg11")
+class VGG11(_ConvStack):
+    """VGG-11 (configuration A) with instance norm and global pooling."""
+
+    CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    NORM = "instancenorm"
 
 
 @register("alexnet")
-class AlexNet(Classifier):
+class AlexNet(_ConvStack):
     """AlexNet's five-conv layout (5x5 then 3x3 convolutions, max pooling) for small patches."""
 
-    def __init__(self, num_classes: int, im_size: int, channels: int = 3, norm: str = "none") -> None:
-        super().__init__()
-        cfg = [(64, 5), "M", (192, 5), "M", (384, 3), (256, 3), (256, 3), "M"]
-        self.body = _vgg_or_alex(cfg, channels, im_size, norm)
-        self.head = nn.Linear(256, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    CFG = [(64, 5), "M", (192, 5), "M", (384, 3), (256, 3), (256, 3), "M"]
 
 
 @register("lenet")

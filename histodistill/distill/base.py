@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.distill.matching import match_loss
 from histodistill.stain import StainTemplate
 from histodistill.tiling import settings_hash
 
@@ -118,6 +119,21 @@ class Distiller(ABC):
     def syn(self, c: int) -> torch.Tensor:
         """The synthetic images of class ``c`` (a view that carries gradients)."""
         return self.images[self.syn_slice(c)]
+
+    def match_step(self, net: torch.nn.Module, params: list[torch.nn.Parameter], distance: str) -> float:
+        """One image update of gradient matching: per class, an augmented real batch against the
+        class's synthetic images under the same augmentation parameters (``self.aug``)."""
+        loss = self.images.new_zeros(())
+        for k in range(self.ctx.num_classes):
+            real = self.real_batch(k, int(self.cfg["batch_real"]))
+            p = self.aug.sample(self.gen)
+            loss = loss + match_loss(net, params, self.aug.apply(real, p),
+                                     torch.full((len(real),), k, device=real.device),
+                                     self.aug.apply(self.syn(k), p), self.y_syn[self.syn_slice(k)], distance)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
 
     # iterative methods -------------------------------------------------------------------
     def init_state(self) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from histodistill.distill.base import Distiller, register
-from histodistill.distill.matching import match_loss, matched_params, model_augment
+from histodistill.distill.matching import matched_params, model_augment
 
 
 @register("histodd")
@@ -38,17 +38,7 @@ class HistoDD(Distiller):
                                   weight_decay=5e-4)
         total = 0.0
         for _ in range(int(c["inner_loop"])):
-            loss = self.images.new_zeros(())
-            for k in range(self.ctx.num_classes):
-                real = self.real_batch(k, int(c["batch_real"]))
-                p = self.aug.sample(self.gen)
-                loss = loss + match_loss(net, params, self.aug.apply(real, p),
-                                         torch.full((len(real),), k, device=real.device),
-                                         self.aug.apply(self.syn(k), p), self.y_syn[self.syn_slice(k)], "l1")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.item()
+            total += self.match_step(net, params, "l1")
             # U: update the network on augmented real data between matches
             pick = torch.randint(len(self.ctx.x), (int(c["batch_net"]),), generator=self.gen)
             xb, yb = self.ctx.x[pick.to(self.ctx.device)], self.ctx.y[pick.to(self.ctx.device)]
