@@ -5,7 +5,7 @@ REAL    := resources/real/cmu_small_region.svs
 CORES   ?= 2
 TARGET  ?= demo
 
-.PHONY: demo test venv resources bench table clean
+.PHONY: demo test venv resources bench table pcam clean
 
 venv: $(VENV_OK)
 
@@ -31,6 +31,16 @@ test: $(VENV_OK) $(REAL)
 bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py
 	$(PY) bench/distill.py
+	$(PY) bench/memory.py
+
+# Real-tissue check on the PCam subset beside the project (not shipped: skipped when missing)
+PCAM := ../shared/data/pcam
+pcam: $(VENV_OK)
+	@if [ -d $(PCAM) ]; then \
+	  $(PY) -m snakemake --cores $(CORES) results/pcam/histodd_ipc10.json \
+	    results/pcam/dm_ipc10.json results/pcam/random_ipc10.json && \
+	  $(PY) -m histodistill.tables results/pcam --readme README.md; \
+	else echo "pcam: $(PCAM) is missing (it is not shipped with the project); skipping"; fi
 
 # Regenerate README's demo results table and benchmark figures from the files that wrote them
 table: $(VENV_OK)

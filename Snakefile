@@ -25,3 +25,8 @@ rule all:
 rule demo:
     input:
         final_targets("demo"),
+
+
+rule demo_pretiled:
+    input:
+        [f"results/demo_patches/{m}_ipc10.json" for m in ("histodd", "dsa", "dm", "random")],

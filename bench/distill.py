@@ -4,10 +4,11 @@ Usage: python bench/distill.py [--store results/demo/patches.zarr] [--repeats N]
 
 On the demo store with the demo profile (config.yaml), in one run, interleaved, best of N:
   histodd - one outer loop (U inner iterations) as the method runs it: network drawn from the
-            pool and perturbed, per class a real and a synthetic batch augmented alike, layer-wise
-            L1 gradient match, image step, model update on a real batch;
+            pool and perturbed, per class a streamed real and a synthetic batch augmented alike,
+            layer-wise L1 gradient match and an image step, then a network pass over n_data
+            streamed real patches;
   histodd bare - only the first- and second-order gradient computations of those matches and the
-            U model updates, on pre-sampled tensors without augmentation;
+            network updates, on pre-sampled tensors without augmentation;
   dm      - one iteration (fresh network, per class augmented real and synthetic embeddings);
   dm bare - forward of the real batches plus forward and backward of the synthetic batch.
 Peak memory is the highest resident-set growth seen while each ran. Ratios near 1.0 mean the
@@ -27,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from histodistill import config, models
+from histodistill.data import RealData
 from histodistill.distill import Context, build
 from histodistill.distill.matching import match_loss, matched_params
-from histodistill.distill.run import load_train
 from histodistill.io import save_figures
 from histodistill.stain import StainTemplate
+from histodistill.store import PatchStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,16 +76,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = config.load(ROOT / "config.yaml")
-    store, x, y = load_train(args.store, 0, 0)
+    dist_cfg = config.section(cfg, "demo", "distill")
+    real = RealData(PatchStore(args.store), "train", dist_cfg["cache_mb"], 0, torch.device("cpu"))
     template = StainTemplate.load(Path(args.store).parent / "stain/template.json")
-    n_classes, size = len(store.class_names), x.shape[-1]
-    pool_cfg = config.section(cfg, "demo", "distill")["pool"]
+    n_classes, size = real.num_classes, real.im_size
+    pool_cfg = dist_cfg["pool"]
     states = []
     for k in range(2):
         torch.manual_seed(k)
         states.append(models.build(pool_cfg["net"], n_classes, size, **pool_cfg["net_kwargs"]).state_dict())
     pool = {"net": pool_cfg["net"], "net_kwargs": pool_cfg["net_kwargs"], "states": states}
-    ctx = Context(x, y, n_classes, 0, template, None, pool, progress=False)
+    ctx = Context(real, 0, template, None, pool, progress=False)
     ipc = 10
 
     h_cfg = config.method_config(cfg, "demo", "histodd", ipc)
@@ -93,13 +96,11 @@ def main() -> None:
     dm = build("dm", d_cfg, ipc, ctx)
     dm.init_state()
 
-    gen = torch.Generator().manual_seed(1)
-    by_class = ctx.class_indices()
-    real_h = [x[idx[torch.randperm(len(idx), generator=gen)[: h_cfg["batch_real"]]]] for idx in by_class]
-    real_d = [x[idx[torch.randperm(len(idx), generator=gen)[: d_cfg["batch_real"]]]] for idx in by_class]
-    net_batch = x[torch.randperm(len(x), generator=gen)[: h_cfg["batch_net"]]]
-    net_labels = y[: h_cfg["batch_net"]]
-    syn = histodd.images.detach().clone().requires_grad_(True)
+    real_h = [real.batch(c, h_cfg["batch_real"]) for c in range(n_classes)]
+    real_d = [real.batch(c, d_cfg["batch_real"]) for c in range(n_classes)]
+    net_x, net_y = real.mixed(h_cfg["batch_net"])
+    net_steps = -(-int(h_cfg["n_data"]) // int(h_cfg["batch_net"]))
+    syn = histodd.to_net(histodd.images.detach()).requires_grad_(True)
 
     def histodd_bare() -> None:
         net = models.build(pool["net"], n_classes, size, **pool["net_kwargs"])
@@ -107,13 +108,13 @@ def main() -> None:
         params = matched_params(net, "l1", False)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         for _ in range(int(h_cfg["inner_loop"])):
-            loss = sum(match_loss(net, params, real_h[c], torch.full((len(real_h[c]),), c),
-                                  syn[c * ipc:(c + 1) * ipc], torch.full((ipc,), c), "l1")
-                       for c in range(n_classes))
-            loss.backward()
-            opt.zero_grad()
-            F.cross_entropy(net(net_batch), net_labels).backward()
-            opt.step()
+            for c in range(n_classes):
+                match_loss(net, params, real_h[c], torch.full((len(real_h[c]),), c),
+                           syn[c * ipc:(c + 1) * ipc], torch.full((ipc,), c), "l1").backward()
+            for _ in range(net_steps):
+                opt.zero_grad()
+                F.cross_entropy(net(net_x), net_y).backward()
+                opt.step()
 
     def dm_bare() -> None:
         net = models.build(d_cfg["net"], n_classes, size, **d_cfg.get("net_kwargs", {}))
@@ -134,7 +135,7 @@ def main() -> None:
             t, m = timed(fn, 1)
             best, mem = results.get(name, (float("inf"), 0.0))
             results[name] = (min(best, t), max(mem, m))
-    print(f"demo store {args.store}: {len(x)} training patches of {size} px, {n_classes} classes, "
+    print(f"demo store {args.store}: {sum(real.counts)} training patches of {size} px, {n_classes} classes, "
           f"ipc {ipc}; histodd U={h_cfg['inner_loop']}, batch_real={h_cfg['batch_real']}, "
           f"augment={h_cfg['augment']}; dm batch_real={d_cfg['batch_real']}; best of {args.repeats}")
     figures = [

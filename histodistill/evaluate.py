@@ -1,7 +1,10 @@
 """Training and testing patch classifiers: metrics, the InfoDist boundary loss, train loops.
 
 The same loop trains pool networks, coreset feature networks, networks on distilled sets and
-the full-data upper bound, so every number is produced the same way.
+the full-data upper bound, so every number is produced the same way. The protocol is the DC/DSA
+reference's ``evaluate_synset``: normalised inputs, per-image augmentation, SGD (momentum 0.9,
+weight decay 5e-4), learning rate x0.1 at half. Real splits are streamed from the patch store in
+batches (:func:`histodistill.data.iterate`); only distilled sets, which are small, sit in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,14 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from tqdm import tqdm
 
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.real import Stats
+from histodistill.data.stream import iterate
 from histodistill.io import write_json
-from histodistill.stain import StainTemplate
-from histodistill.store import PatchStore, load_split
+from histodistill.stain import MacenkoNormaliser, StainTemplate
+from histodistill.store import PatchStore
 
 log = logging.getLogger(__name__)
+METRICS = ("acc", "f1", "auc", "sensitivity", "specificity")
+# One epoch of training batches: (normalised images, labels, store rows or None)
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]
 
 
 def device() -> torch.device:
@@ -36,46 +47,43 @@ def device() -> torch.device:
 
 
 def metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro F1 and one-vs-rest AUC (macro over classes; binary: positive class).
+    """Accuracy, macro F1, one-vs-rest AUC, sensitivity and specificity (scikit-learn).
 
-    ``prob`` is (N, C) class probabilities. AUC uses the rank (Mann-Whitney) formula with tied
-    scores sharing their average rank; a class absent from ``y_true`` is skipped.
+    ``prob`` is (N, C) class probabilities. Binary: AUC of the positive class (index 1),
+    sensitivity its recall and specificity the negative class's recall. Multi-class: macro
+    averages over classes present in ``y_true`` (one-vs-rest AUC, per-class recall and
+    TN / (TN + FP)).
     """
     y_true = np.asarray(y_true)
-    pred = prob.argmax(1)
     n_classes = prob.shape[1]
-    f1s = []
-    for c in range(n_classes):
-        tp = np.sum((pred == c) & (y_true == c))
-        fp = np.sum((pred == c) & (y_true != c))
-        fn = np.sum((pred != c) & (y_true == c))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    classes = [1] if n_classes == 2 else range(n_classes)
-    aucs = [_auc(y_true == c, prob[:, c]) for c in classes if 0 < np.sum(y_true == c) < len(y_true)]
-    return {"acc": float(np.mean(pred == y_true)), "f1": float(np.mean(f1s)),
-            "auc": float(np.mean(aucs)) if aucs else float("nan")}
-
-
-def _auc(positive: np.ndarray, score: np.ndarray) -> float:
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    sorted_scores = score[order]
-    i = 0
-    while i < len(score):  # average ranks over ties
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    labels = list(range(n_classes))
+    pred = prob.argmax(1)
+    cm = confusion_matrix(y_true, pred, labels=labels).astype(np.float64)
+    tp = np.diag(cm)
+    fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
+    tn = cm.sum() - tp - fn - fp
+    present = cm.sum(1) > 0
+    sens = tp / np.maximum(tp + fn, 1)
+    spec = tn / np.maximum(tn + fp, 1)
+    if n_classes == 2:
+        auc = roc_auc_score(y_true, prob[:, 1]) if present.all() else float("nan")
+        sensitivity, specificity = sens[1], spec[1]
+    else:
+        seen = [c for c in labels if present[c]]
+        auc = (roc_auc_score(y_true, prob[:, seen] / prob[:, seen].sum(1, keepdims=True),
+                             multi_class="ovr", average="macro", labels=seen)
+               if len(seen) > 1 else float("nan"))
+        sensitivity, specificity = sens[present].mean(), spec[present].mean()
+    return {"acc": float(accuracy_score(y_true, pred)),
+            "f1": float(f1_score(y_true, pred, average="macro", labels=labels, zero_division=0)),
+            "auc": float(auc), "sensitivity": float(sensitivity), "specificity": float(specificity)}
 
 
 def boundary_loss(logits: torch.Tensor, y: torch.Tensor, rho: float, tau: float) -> torch.Tensor:
     """InfoDist's boundary loss, summed over classes.
 
     For class c with probabilities p = softmax(logits)[:, c]: the positive boundary b_p is the
-    probability at rank B*rho among the positives sorted descending (B positives), b_n = b_p - tau;
+    last of the top ceil(B*rho) positives sorted descending (B positives), b_n = b_p - tau;
     L_c = sum_pos |min(p_i - b_p, 0)| + sum_neg |max(p_j - b_n + tau, 0)|.
     """
     prob = logits.softmax(1)
@@ -85,7 +93,8 @@ def boundary_loss(logits: torch.Tensor, y: torch.Tensor, rho: float, tau: float)
         if len(pos) == 0:
             continue
         ranked = pos.sort(descending=True).values
-        b_p = ranked[min(int(len(pos) * rho), len(pos) - 1)].detach()
+        top = max(int(np.ceil(len(pos) * rho)), 1)
+        b_p = ranked[min(top, len(pos)) - 1].detach()
         b_n = b_p - tau
         total = total + (pos - b_p).clamp(max=0).abs().sum() + (neg - b_n + tau).clamp(min=0).abs().sum()
     return total
@@ -95,7 +104,7 @@ def boundary_loss(logits: torch.Tensor, y: torch.Tensor, rho: float, tau: float)
 class TrainConfig:
     """Optimisation settings (DC's evaluation protocol by default: SGD, lr x0.1 at half)."""
 
-    epochs: int = 300
+    epochs: int = 1000
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -108,13 +117,23 @@ class TrainConfig:
         return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
 
 
-def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-          gen: torch.Generator, aug: Augment | None = None,
-          on_epoch: Any = None) -> list[float]:
-    """Train ``net`` in place on (x in [0, 1], y); returns seconds per epoch.
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator) -> Batches:
+    """Shuffled batches of an in-memory set (normalised images), a fresh order every epoch."""
 
-    ``on_epoch(epoch, correct)`` is called after each epoch with a (N,) bool tensor telling which
-    samples the network classified correctly when they were presented (forgetting uses it).
+    def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            yield x[idx.to(x.device)], y[idx.to(y.device)], idx
+
+    return epoch
+
+
+def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.Generator,
+          aug: Augment | None = None, on_epoch: Any = None, progress: bool = False) -> list[float]:
+    """Train ``net`` in place on ``batches(epoch)``; returns seconds per epoch.
+
+    Augmentation draws parameters per image. ``on_epoch(epoch, rows, correct)`` is called after
+    each epoch with the rows seen and whether the network classified each correctly when it was
+    presented (forgetting uses it).
     """
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -126,40 +145,78 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     net.train()
     times = []
-    for epoch in range(cfg.epochs):
+    for epoch in tqdm(range(cfg.epochs), desc="epochs", disable=not progress, leave=False):
         start = time.perf_counter()
-        correct = torch.zeros(len(x), dtype=torch.bool)
-        for batch in torch.randperm(len(x), generator=gen).split(cfg.batch):
-            xb = x[batch]
+        rows, correct = [], []
+        for xb, yb, rb in batches(epoch):
             if aug is not None and aug.enabled:
                 xb = aug(xb, gen)
             logits = net(xb)
-            loss = F.cross_entropy(logits, y[batch])
+            loss = F.cross_entropy(logits, yb)
             if cfg.boundary:
                 loss = loss + cfg.boundary["weight"] * boundary_loss(
-                    logits, y[batch], cfg.boundary["rho"], cfg.boundary["tau"])
+                    logits, yb, cfg.boundary["rho"], cfg.boundary["tau"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            correct[batch] = (logits.argmax(1) == y[batch]).cpu()
+            if on_epoch is not None:
+                rows.append(rb.cpu())
+                correct.append((logits.argmax(1) == yb).cpu())
         sched.step()
         times.append(time.perf_counter() - start)
         if on_epoch is not None:
-            on_epoch(epoch, correct)
+            on_epoch(epoch, torch.cat(rows), torch.cat(correct))
     return times
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """Class probabilities (N, C) for images in [0, 1]."""
+def predict(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, Any]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) and labels (N,) over batches of normalised images."""
     net.eval()
-    return torch.cat([net(xb).softmax(1).cpu() for xb in x.split(batch)]).numpy()
+    probs, labels = [], []
+    for xb, yb, _ in batches:
+        probs.append(net(xb).softmax(1).cpu())
+        labels.append(yb.cpu())
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+class Inputs:
+    """Store patches as evaluation networks see them: optionally stain-normalised to the
+    dataset's template (Histo-DD's test-time default), then channel-normalised."""
+
+    def __init__(self, store: PatchStore, template: StainTemplate | None, stain_norm: bool,
+                 dev: torch.device) -> None:
+        self.store, self.dev = store, dev
+        self.stats = Stats.from_store(store)
+        if stain_norm and template is None:
+            raise ValueError("evaluate.stain_norm needs the dataset's stain template")
+        self.stain = MacenkoNormaliser(template).to(dev) if stain_norm else None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float pixels (on any device) to network inputs on the device."""
+        x = pixels.to(self.dev)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x
+        if self.stain is not None:
+            with torch.no_grad():
+                x = self.stain(x)
+        return self.stats.normalise(x)
+
+    def split(self, split: str, batch: int, seed: int | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One streamed pass over a split (store order when ``seed`` is None)."""
+        for x, y, rows in iterate(self.store, split, batch, seed):
+            yield self(torch.from_numpy(x)), torch.from_numpy(y).to(self.dev), torch.from_numpy(rows)
+
+    def split_batches(self, split: str, batch: int, seed: int) -> Batches:
+        """Training batches over a split, reshuffled every epoch (seeded)."""
+        return lambda epoch: self.split(split, batch, seed * 100003 + epoch)
 
 
 def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float]) -> dict[str, Any]:
     """Mean, std and per-run values of each metric, and the mean seconds per epoch."""
     out: dict[str, Any] = {}
-    for key in ("acc", "f1", "auc"):
+    for key in METRICS:
         values = [r[key] for r in runs]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
     out["epoch_time_s"] = float(np.mean(epoch_times))
@@ -167,18 +224,21 @@ def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float]) -> di
     return out
 
 
-def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], train_x: torch.Tensor, train_y: torch.Tensor,
-                  test_x: torch.Tensor, test_y: np.ndarray, num_classes: int, cfg: TrainConfig,
-                  runs: int, seed: int, aug: Augment | None) -> dict[str, Any]:
-    """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) and test each on the real test set."""
+def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[torch.Generator], Batches],
+                  inputs: Inputs, im_size: int, num_classes: int, cfg: TrainConfig, runs: int,
+                  seed: int, aug: Augment | None) -> dict[str, Any]:
+    """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) on ``batches(gen)`` and test each
+    on the real test split."""
     results, times = [], []
-    dev = train_x.device
-    for run in range(runs):
+    for run in tqdm(range(runs), desc=f"{arch} runs", disable=runs == 1):
         gen = torch.Generator().manual_seed(seed + run)
         torch.manual_seed(seed + run)
-        net = models.build(arch, num_classes, train_x.shape[-1], **arch_kwargs).to(dev)
-        times += train(net, train_x, train_y, cfg, gen, aug)
-        results.append(metrics(test_y, predict(net, test_x)))
+        net = models.build(arch, num_classes, im_size, **arch_kwargs).to(inputs.dev)
+        times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1)
+        prob, y = predict(net, inputs.split("test", 512))
+        if len(y) == 0:
+            raise ValueError(f"{inputs.store.path} has no test split to evaluate on")
+        results.append(metrics(y, prob))
         log.info("%s run %d/%d: acc %.4f, auc %.4f (%.1fs)", arch, run + 1, runs,
                  results[-1]["acc"], results[-1]["auc"], sum(times[-cfg.epochs:]))
     return summarise_runs(results, times)
@@ -186,8 +246,8 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], train_x: torch.Tensor,
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("histodistill", "torch", "torchvision", "numpy", "zarr", "openslide-python",
-                 "snakemake"):
+    for name in ("histodistill", "torch", "torchvision", "numpy", "zarr", "scikit-learn",
+                 "openslide-python", "snakemake"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -195,30 +255,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _test_and_augment(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
-                      cfg: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, int, Augment]:
+def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+           cfg: dict[str, Any]) -> tuple[PatchStore, Inputs, Augment]:
     store = PatchStore(store_path)
-    x, y, _ = load_split(store, "test")
-    if len(x) == 0:
-        raise ValueError(f"{store_path} has no test split to evaluate on")
     template = StainTemplate.load(template_path) if template_path else None
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template)
-    return torch.from_numpy(x).to(device()).float().div_(255), y, len(store.class_names), aug
+    inputs = Inputs(store, template, bool(cfg.get("stain_norm", False)), device())
+    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template,
+                  inputs.stats.mean, inputs.stats.std)
+    return store, inputs, aug
 
 
 def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike | None, arch: str,
                cfg: dict[str, Any], out: str | os.PathLike) -> dict[str, Any]:
-    """The upper bound: ``arch`` trained once on the whole real training split."""
-    test_x, test_y, n_classes, aug = _test_and_augment(store_path, template_path, cfg)
-    x, y, _ = load_split(PatchStore(store_path), "train")
-    train_x = torch.from_numpy(x).to(device()).float().div_(255)
+    """The upper bound: ``arch`` trained once on the whole real training split (streamed)."""
+    store, inputs, aug = _setup(store_path, template_path, cfg)
     train_cfg = TrainConfig.from_config(cfg["full"])
-    result = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}), train_x,
-                           torch.from_numpy(y).to(device()), test_x, test_y, n_classes, train_cfg,
-                           1, int(cfg["seed"]), aug)
+    seed = int(cfg["seed"])
+    result = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
+                           lambda gen: inputs.split_batches("train", train_cfg.batch, seed),
+                           inputs, int(store.attrs["patch_size"]), len(store.class_names),
+                           train_cfg, 1, seed, aug)
     result["epochs"] = train_cfg.epochs
     write_json(out, result)
     return result
+
+
+def saturated_fraction(images: np.ndarray) -> float:
+    """Share of pixels (N, 3, H, W uint8) at 0 or 255 in any channel."""
+    return float(((images == 0) | (images == 255)).any(1).mean())
 
 
 def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
@@ -229,19 +293,22 @@ def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.Pat
     and write the shared result JSON (see README: "Result files")."""
     group = zarr.open_group(str(distilled), mode="r")
     attrs = dict(group.attrs)
-    test_x, test_y, n_classes, aug = _test_and_augment(store_path, template_path, cfg)
-    syn_x = torch.from_numpy(group["images"][:]).to(device()).float().div_(255)
-    syn_y = torch.from_numpy(group["labels"][:]).to(device())
+    store, inputs, aug = _setup(store_path, template_path, cfg)
+    images = group["images"][:]
+    syn_x = inputs(torch.from_numpy(images))
+    syn_y = torch.from_numpy(group["labels"][:]).to(inputs.dev)
     train_cfg = TrainConfig.from_config({**cfg["train"], "boundary": cfg.get("boundary", {})})
     patch, full_results, ratio = {}, {}, {}
     for arch in cfg["archs"]:
-        patch[arch] = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}), syn_x, syn_y,
-                                    test_x, test_y, n_classes, train_cfg, int(cfg["runs"]),
-                                    int(cfg["seed"]), aug)
+        patch[arch] = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
+                                    lambda gen: tensor_batches(syn_x, syn_y, train_cfg.batch, gen),
+                                    inputs, int(images.shape[-1]), len(store.class_names),
+                                    train_cfg, int(cfg["runs"]), int(cfg["seed"]), aug)
         full_results[arch] = json.loads(Path(full[arch]).read_text())
         ratio[arch] = full_results[arch]["train_time_s"] / max(patch[arch]["train_time_s"], 1e-9)
     result = {"dataset": dataset, "method": attrs["method"], "ipc": attrs["ipc"], "patch": patch,
               "full": full_results, "train_time_ratio": ratio,
+              "saturated_fraction": saturated_fraction(images),
               "distill": json.loads(Path(distill_stats).read_text()),
               "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]},
               "versions": _versions()}

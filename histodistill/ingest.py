@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from histodistill.cohort import resolve_root
+from histodistill.data.stream import record_channel_stats
 from histodistill.io import InputError
 from histodistill.store import SPLITS, StoreWriter
 
@@ -25,10 +26,16 @@ STAGE = "ingest"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
-def _load(path: Path, size: int | None) -> np.ndarray:
+def _load(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+            if crop:
+                w, h = im.size
+                if crop > min(w, h):
+                    raise InputError(STAGE, path, f"center_crop={crop} exceeds the image ({w}x{h})")
+                left, top = (w - crop) // 2, (h - crop) // 2
+                im = im.crop((left, top, left + crop, top + crop))
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im)
@@ -87,16 +94,18 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
 
 
 def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: Path,
-                  patch_size: int | None, attrs: dict[str, Any], batch: int = 512) -> Path:
-    """Write (path, class, split) items into a new patch store at ``out`` (atomically)."""
+                  patch_size: int | None, attrs: dict[str, Any], batch: int = 512,
+                  crop: int | None = None) -> Path:
+    """Write (path, class, split) items into a new patch store at ``out`` (atomically),
+    optionally keeping the central ``crop`` pixels before resizing to ``patch_size``."""
     if patch_size is None:
-        patch_size = _load(items[0][0], None).shape[0]
+        patch_size = _load(items[0][0], None, crop).shape[0]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     writer = StoreWriter(partial, patch_size, attrs=_meta(classes, patch_size, attrs))
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        imgs = np.stack([_load(p, patch_size) for p, _, _ in chunk])
+        imgs = np.stack([_load(p, patch_size, crop) for p, _, _ in chunk])
         n = len(chunk)
         writer.append(imgs, np.full((n, 2), -1), np.full(n, -1),
                       np.array([classes.index(c) for _, c, _ in chunk]),
@@ -118,7 +127,8 @@ def ingest_npz(path: Path, out: Path, patch_size: int | None, attrs: dict[str, A
         raise InputError(STAGE, path, "no '<split>_images' arrays (expected MedMNIST keys)")
     labels = {s: np.asarray(data[f"{s}_labels"]).reshape(-1).astype(np.int64) for s in splits}
     n_classes = int(max(v.max() for v in labels.values())) + 1
-    classes = class_names or [str(i) for i in range(n_classes)]
+    stored = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
+    classes = class_names or stored or [str(i) for i in range(n_classes)]
     size = patch_size or int(data[f"{splits[0]}_images"].shape[1])
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -142,6 +152,7 @@ def _meta(classes: list[str], patch_size: int, attrs: dict[str, Any]) -> dict[st
 
 
 def _finish(partial: Path, out: Path) -> Path:
+    record_channel_stats(partial)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out
@@ -163,4 +174,5 @@ def ingest_dataset(name: str, dataset: dict[str, Any], out: str | os.PathLike,
                                            int(dataset.get("seed", 0)))
     else:
         items, classes = csv_items(root, dataset)
-    return ingest_images(items, dataset.get("classes") or classes, out, size, attrs)
+    return ingest_images(items, dataset.get("classes") or classes, out, size, attrs,
+                         crop=dataset.get("center_crop"))

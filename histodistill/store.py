@@ -98,20 +98,3 @@ class PatchStore:
             return arr[index]
         index = np.asarray(index)
         return arr.get_orthogonal_selection((index, slice(None), slice(None), slice(None)))
-
-
-def load_split(store: PatchStore, split: str, max_per_class: int = 0, seed: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Patches (N, 3, H, W) uint8, labels (N,) and store rows of one split.
-
-    ``max_per_class`` > 0 keeps a seeded random subset per class, so paper-scale stores fit in
-    memory for distillation.
-    """
-    rows = store.indices(split)
-    labels = store.array("label")[rows]
-    if max_per_class:
-        rng = np.random.default_rng(seed)
-        keep = [rng.permutation(rows[labels == c])[:max_per_class] for c in np.unique(labels)]
-        rows = np.sort(np.concatenate(keep))
-        labels = store.array("label")[rows]
-    return store.patches(rows), labels, rows

@@ -7,7 +7,6 @@ store records finished slides; a rerun with the same settings resumes after the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from histodistill import annotations, wsi
-from histodistill.io import InputError
+from histodistill.data.stream import record_channel_stats
+from histodistill.io import InputError, settings_hash
 from histodistill.store import SPLITS, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,6 @@ def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
     return list(configured) if configured else sorted({r["label"] for r in rows} | {cfg["tumour_class"]})
 
 
-def settings_hash(obj: Any) -> str:
-    """Stable short hash of JSON-able settings (decides whether a partial run can resume)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
                 class_names: list[str], attrs: dict[str, Any] | None = None,
                 progress: bool = True) -> Path:
@@ -130,6 +125,7 @@ def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.P
                  geom.read_size)
     bar.close()
     writer.group.attrs["skipped_slides"] = state["skipped"]
+    record_channel_stats(partial)
     state_file.unlink()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)

@@ -10,4 +10,4 @@ with rule_logging(sm.log[0]):
     distill(sm.input.store, sm.input.template, sm.input.pool[0] if sm.input.pool else None,
             sm.wildcards.method, int(sm.wildcards.ipc), sm.params.cfg, sm.params.seed,
             sm.output.zarr, sm.output.grid, sm.output.cost, sm.params.checkpoint,
-            sm.params.max_per_class)
+            sm.params.cache_mb, sm.params.max_per_class)

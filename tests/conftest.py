@@ -46,3 +46,25 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tumour_slide(small_cohort: Path) -> Path:
     return small_cohort / "training" / "tumor" / "tumor_001.tif"
+
+
+def make_toy_store(path: Path, n_per_class: int = 24, size: int = 16, seed: int = 0,
+                   n_test: int = 8) -> Path:
+    """A two-class patch store (dark, fine texture vs bright, coarse) with train and test rows
+    interleaved and its channel statistics recorded, as the pipeline builds stores."""
+    from histodistill.data import record_channel_stats
+    from histodistill.store import SPLITS, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    writer = StoreWriter(path, size, chunk=8, attrs={"class_names": ["dark", "bright"],
+                                                       "split_names": list(SPLITS), "slides": [],
+                                                       "patch_size": size})
+    n = n_per_class + n_test
+    x0 = 90 + rng.integers(0, 25, (n, 3, size, size))
+    x1 = 150 + rng.integers(0, 75, (n, 3, size, size))
+    x = np.stack([x0, x1], 1).reshape(2 * n, 3, size, size).astype(np.uint8)  # classes alternate
+    y = np.tile([0, 1], n)
+    split = np.where(np.arange(2 * n) < 2 * n_per_class, 0, 2)
+    writer.append(x, np.full((2 * n, 2), -1), np.full(2 * n, -1), y, split)
+    record_channel_stats(path)
+    return path

@@ -39,3 +39,15 @@ def test_bad_config_names_the_key(edit, message):
 def test_unknown_dataset_lists_the_configured_ones():
     with pytest.raises(config.ConfigError, match=r"dataset 'camelyon17' is not configured; datasets: \['camelyon16'"):
         config.dataset(config.validate(copy.deepcopy(CONFIG)), "camelyon17")
+
+
+def test_paper_presets_per_dataset():
+    cfg = config.validate(copy.deepcopy(CONFIG))
+    lr = {name: config.method_config(cfg, name, "histodd", 10)["lr_img"]
+          for name in ("camelyon16", "tcga_idh", "unitopath", "pathmnist")}
+    assert lr == {"camelyon16": 0.5, "tcga_idh": 0.005, "unitopath": 0.5, "pathmnist": 0.5}
+    methods = config.section(cfg, "camelyon16", "distill")["methods"]
+    assert methods["forgetting"]["net"] == methods["herding"]["net"] == "resnet18"
+    pool = config.section(cfg, "camelyon16", "distill")["pool"]
+    assert max(pool["save_epochs"]) <= pool["train"]["epochs"] <= 5  # early-stage checkpoints
+    assert config.section(cfg, "camelyon16", "evaluate")["stain_norm"] is True

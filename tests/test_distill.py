@@ -1,4 +1,5 @@
-"""Distillation methods: matching, model augmentation, siamese augmentation, resume, coresets."""
+"""Distillation methods: matching, model augmentation, siamese augmentation, image spaces and
+clamping, resume, coresets."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.data import RealData
 from histodistill.distill import METHODS, Context, build
 from histodistill.distill.coreset import herding_order
 from histodistill.distill.matching import match_loss, matched_params, model_augment
+from histodistill.store import PatchStore
 
 NET = {"width": 8, "norm": "none"}
 
 
-def toy_data(n_per_class: int = 24, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two classes that differ in brightness and texture."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = 0.35 + 0.1 * torch.rand(n_per_class, 3, size, size, generator=g)
-    x1 = 0.6 + 0.3 * torch.rand(n_per_class, 3, size, size, generator=g)
-    return torch.cat([x0, x1]), torch.arange(2).repeat_interleave(n_per_class)
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> PatchStore:
+    return PatchStore(make_toy_store(tmp_path_factory.mktemp("toy") / "p.zarr"))
 
 
 def pool(seed: int = 0, size: int = 16, n: int = 2) -> dict:
@@ -33,21 +34,21 @@ def pool(seed: int = 0, size: int = 16, n: int = 2) -> dict:
     return {"net": "convnet", "net_kwargs": NET, "states": states}
 
 
-def context(checkpoint=None, seed: int = 0) -> Context:
-    x, y = toy_data()
-    return Context(x, y, 2, seed, None, checkpoint, pool(), progress=False)
+def context(store: PatchStore, checkpoint=None, seed: int = 0, cache_mb: float = 64) -> Context:
+    real = RealData(store, "train", cache_mb, seed, torch.device("cpu"))
+    return Context(real, seed, None, checkpoint, pool(), progress=False)
 
 
 SETTINGS = {
-    "histodd": {"outer_loop": 4, "inner_loop": 2, "lr_img": 0.01, "lr_net": 0.01, "alpha": 0.01,
-                "batch_real": 8, "batch_net": 8, "augment": {"ops": ["flip", "rotate"]},
-                "checkpoint_every": 1},
+    "histodd": {"outer_loop": 4, "inner_loop": 2, "lr_img": 0.5, "unit_grad": True, "lr_net": 0.01,
+                "alpha": [0.01, 0.09], "n_data": 16, "batch_real": 8, "batch_net": 8,
+                "augment": {"ops": ["flip", "rotate"]}, "checkpoint_every": 1},
     "dc": {"net": "convnet", "net_kwargs": NET, "iterations": 3, "outer_loop": 2, "inner_loop": 2,
-           "lr_img": 0.01, "lr_net": 0.01, "batch_real": 8, "checkpoint_every": 1},
+           "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8, "checkpoint_every": 1},
     "dsa": {"net": "convnet", "net_kwargs": NET, "iterations": 3, "outer_loop": 2, "inner_loop": 2,
-            "lr_img": 0.01, "lr_net": 0.01, "batch_real": 8, "augment": {"preset": "dsa"},
+            "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8, "augment": {"preset": "dsa"},
             "checkpoint_every": 1},
-    "dm": {"net": "convnet", "net_kwargs": NET, "iterations": 4, "lr_img": 0.1, "batch_real": 8,
+    "dm": {"net": "convnet", "net_kwargs": NET, "iterations": 4, "lr_img": 1.0, "batch_real": 8,
            "augment": {"preset": "dsa"}, "checkpoint_every": 1},
     "random": {},
     "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 2, "batch": 16}},
@@ -60,15 +61,87 @@ def test_every_method_is_registered_and_configured_here():
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))
-def test_method_returns_ipc_images_per_class(method):
-    ctx = context()
-    images, labels = build(method, SETTINGS[method], 3, ctx).run()
+def test_method_returns_ipc_images_per_class(method, store):
+    images, labels = build(method, SETTINGS[method], 3, context(store)).run()
     assert images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     if method in ("random", "herding", "forgetting"):  # coresets hold real patches of their class
+        x = torch.from_numpy(store.patches()).float() / 255
+        y = torch.from_numpy(store.array("label"))
+        train = torch.from_numpy(store.array("split") == 0)
         for img, lab in zip(images, labels):
-            match = (ctx.x == img).flatten(1).all(1).nonzero().flatten()
-            assert len(match) >= 1 and (ctx.y[match] == lab).all()
+            match = ((x == img).flatten(1).all(1) & train).nonzero().flatten()
+            assert len(match) >= 1 and (y[match] == lab).all()
+
+
+def test_synthetic_images_stay_in_range_after_a_huge_gradient(store):
+    """Every image step clamps: a step of size 1e6 cannot leave [0, 1] (in either space)."""
+    for method in ("histodd", "dm"):
+        cfg = {**SETTINGS[method], "lr_img": 1e6, "unit_grad": False}
+        d = build(method, cfg, 2, context(store))
+        d.init_state()
+        d.step(0)
+        pixels = d.result()
+        assert pixels.min() >= 0 and pixels.max() <= 1
+        if d.space == "pixel":
+            assert d.images.min() >= 0 and d.images.max() <= 1
+        else:  # normalised space: clamped to where pixels 0 and 1 land, per channel
+            lo, hi = context(store).stats.bounds(d.images)
+            assert (d.images >= lo - 1e-6).all() and (d.images <= hi + 1e-6).all()
+        assert ((pixels == 0) | (pixels == 1)).float().mean() > 0.2  # the step really was huge
+
+
+def test_image_spaces_follow_the_references(store):
+    assert METHODS["histodd"].space == "pixel"  # Acc-DD/IDC: [0, 1], normalised in the pipeline
+    for method in ("dc", "dsa", "dm"):
+        assert METHODS[method].space == "normalised"  # DC/DM reference code
+    d = build("dm", SETTINGS["dm"], 2, context(store))
+    d.init_state()
+    stats = context(store).stats
+    torch.testing.assert_close(stats.pixels(d.images.detach()), d.result(), atol=1e-6, rtol=0)
+
+
+def test_network_inputs_are_normalised_with_the_store_statistics(store):
+    """What reaches the network during distillation has per-channel mean ~0 and std ~1 over
+    the real data (the store's channel statistics)."""
+    seen = []
+    d = build("dm", {**SETTINGS["dm"], "augment": {"preset": "none"}, "batch_real": 24}, 2,
+              context(store))
+    d.init_state()
+    real = torch.cat([d.real_batch(c, 24) for c in range(2)])
+    assert real.mean((0, 2, 3)).abs().max() < 0.05
+    assert (real.std((0, 2, 3)) - 1).abs().max() < 0.05
+    net = d.new_net("convnet", NET)
+    net.body[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    net.embed(d.syn(0))
+    stats = context(store).stats
+    torch.testing.assert_close(seen[0], stats.normalise(d.result()[:2]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("width,batch,scale", [(8, 8, 1.0), (32, 24, 1.0), (8, 8, 1e4)])
+def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(store, width, batch, scale):
+    """With unit_grad each image moves at most lr_img / (1 - momentum) per step (L2 norm), for
+    any network width, batch size or loss scale; without it the step grows with the scale."""
+    lr = 0.5
+    moves = {}
+    for unit in (True, False):
+        d = build("dm", {**SETTINGS["dm"], "net_kwargs": {"width": width, "norm": "none"},
+                         "batch_real": batch, "lr_img": lr, "unit_grad": unit,
+                         "augment": {"preset": "none"}}, 2, context(store))
+        d.space = "pixel"  # measure in pixels; the clamp only ever shortens a step
+        d.init_state()
+        worst = 0.0
+        for _ in range(3):
+            before = d.images.detach().clone()
+            net = d.new_net("convnet", {"width": width, "norm": "none"})
+            loss = scale * sum(((net.embed(d.real_batch(c, batch)).mean(0)
+                                 - net.embed(d.syn(c)).mean(0)) ** 2).sum() for c in range(2))
+            d.image_step(loss)
+            worst = max(worst, float((d.images.detach() - before).flatten(1).norm(dim=1).max()))
+        moves[unit] = worst
+    assert moves[True] <= lr / (1 - 0.5) + 1e-5
+    if scale > 1:
+        assert moves[False] > 10 * moves[True]
 
 
 @pytest.mark.parametrize("distance", ["l1", "cos"])
@@ -76,13 +149,13 @@ def test_matching_distance_is_zero_for_identical_batches_and_images_move_to_redu
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="instancenorm")  # DC's network
     params = matched_params(net, distance, include_fc=True)
-    x, y = toy_data(8)
-    real, y_real = x[:8], y[:8]
+    g = torch.Generator().manual_seed(0)
+    real, y_real = torch.randn(8, 3, 16, 16, generator=g) - 0.5, torch.zeros(8, dtype=torch.long)
     zero = match_loss(net, params, real, y_real, real.clone(), y_real, distance).item()
     assert zero == pytest.approx(0, abs=1e-4)
-    syn = x[8:12].clone().requires_grad_(True)  # start from the other class's images
+    syn = (torch.randn(4, 3, 16, 16, generator=g) + 1).requires_grad_(True)
     y_syn = torch.zeros(4, dtype=torch.long)
-    opt = torch.optim.Adam([syn], lr=0.003)
+    opt = torch.optim.Adam([syn], lr=0.01)
     losses = []
     for _ in range(30):
         loss = match_loss(net, params, real, y_real, syn, y_syn, distance)
@@ -100,11 +173,11 @@ def test_l1_matching_skips_biases_norms_and_head_unless_asked():
     assert len(matched_params(net, "cos", True)) == len(list(net.parameters()))
 
 
-def test_model_augmentation_gives_each_filter_a_perturbation_of_norm_alpha_w():
+def test_model_augmentation_fixed_step_gives_each_filter_a_perturbation_of_norm_alpha_w():
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="instancenorm")
     before = copy.deepcopy(net.state_dict())
-    model_augment(net, 0.05, torch.Generator().manual_seed(1))
+    model_augment(net, 0.05, torch.Generator().manual_seed(1), directions=1)
     for name, after in net.state_dict().items():
         delta = after - before[name]
         if after.dim() >= 2:
@@ -114,7 +187,30 @@ def test_model_augmentation_gives_each_filter_a_perturbation_of_norm_alpha_w():
             assert torch.equal(delta, torch.zeros_like(delta))
 
 
-def test_real_and_synthetic_batches_get_identical_augmentation(monkeypatch):
+def test_model_augmentation_draws_acc_dd_steps_from_the_range_with_random_signs():
+    net = models.build("convnet", 2, 16, width=8, norm="none")
+    gen = torch.Generator().manual_seed(0)
+    steps = [s for _ in range(50) for s in model_augment(net, [0.01, 0.09], gen)]
+    assert len(steps) == 100 and all(0.01 <= abs(s) <= 0.09 for s in steps)
+    assert min(steps) < 0 < max(steps) and np.std(np.abs(steps)) > 0.015
+
+
+def test_histodd_follows_algorithm_1_one_image_step_per_class_then_a_pass_over_n_data(store,
+                                                                                     monkeypatch):
+    cfg = {**SETTINGS["histodd"], "outer_loop": 1, "inner_loop": 3, "n_data": 20, "batch_net": 8}
+    d = build("histodd", cfg, 2, context(store))
+    d.init_state()
+    events = []
+    image_step = d.image_step
+    monkeypatch.setattr(d, "image_step", lambda loss: (events.append("img"), image_step(loss)))
+    mixed = d.ctx.real.mixed
+    monkeypatch.setattr(d.ctx.real, "mixed", lambda n: (events.append(f"net{n}"), mixed(n))[1])
+    d.step(0)
+    # per inner loop: one image step per class (2), then ceil(20 / 8) = 3 network batches of 8
+    assert events == ["img", "img", "net8", "net8", "net8"] * 3
+
+
+def test_real_and_synthetic_batches_get_identical_augmentation(store, monkeypatch):
     calls = []
     real_apply = Augment.apply
 
@@ -125,59 +221,68 @@ def test_real_and_synthetic_batches_get_identical_augmentation(monkeypatch):
     monkeypatch.setattr(Augment, "apply", spy)
     cfg = {**SETTINGS["histodd"], "outer_loop": 1, "inner_loop": 2, "batch_net": 5,
            "augment": {"preset": "dsa", "mode": "all"}}
-    build("histodd", cfg, 3, context()).run()
+    build("histodd", cfg, 3, context(store)).run()
     matches = [c for c in calls if c[0] in (8, 3)]  # (real batch, synthetic class) pairs
     pairs = list(zip(matches[::2], matches[1::2]))
     assert len(pairs) == 2 * 2  # inner loops x classes
     for (n_real, p_real), (n_syn, p_syn) in pairs:
         assert (n_real, n_syn) == (8, 3) and p_real is p_syn and len(p_real) == 6
+        assert all(v.numel() == 1 for _, p in p_real for v in p.values())  # one draw, shared
     assert pairs[0][0][1] != pairs[1][0][1]  # fresh parameters for every match
+    nets = [c for c in calls if c[0] == 5]  # network updates: a draw per image
+    assert nets and all(v.numel() == 5 for _, p in nets[0][1] for v in p.values())
 
 
 @pytest.mark.parametrize("method", ["histodd", "dc", "dm"])
-def test_interrupted_run_resumes_to_the_same_result(method, tmp_path):
+def test_interrupted_run_resumes_to_the_same_result(method, store, tmp_path):
     cfg = SETTINGS[method]
-    reference, _ = build(method, cfg, 2, context()).run()
-    ckpt = tmp_path / f"{method}.ckpt"
-    partial, _ = build(method, cfg, 2, context(ckpt)).run(stop_after=2)
-    assert ckpt.exists() and not torch.equal(partial, reference)
-    resumed, _ = build(method, cfg, 2, context(ckpt)).run()
-    torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
+    for cache_mb in (64, 0.004):  # whole split in memory; a small reservoir refreshed per draw
+        reference, _ = build(method, cfg, 2, context(store, cache_mb=cache_mb)).run()
+        ckpt = tmp_path / f"{method}_{cache_mb}.ckpt"
+        partial, _ = build(method, cfg, 2, context(store, ckpt, cache_mb=cache_mb)).run(stop_after=2)
+        assert ckpt.exists() and not torch.equal(partial, reference)
+        resumed, _ = build(method, cfg, 2, context(store, ckpt, cache_mb=cache_mb)).run()
+        torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
 
 
-def test_checkpoint_from_other_settings_is_ignored(tmp_path):
+def test_checkpoint_from_other_settings_or_inputs_is_ignored(store, tmp_path):
     ckpt = tmp_path / "h.ckpt"
-    build("histodd", SETTINGS["histodd"], 2, context(ckpt)).run(stop_after=1)
-    other = {**SETTINGS["histodd"], "lr_img": 0.02}
-    fresh, _ = build("histodd", other, 2, context()).run()
-    resumed, _ = build("histodd", other, 2, context(ckpt)).run()
+    build("histodd", SETTINGS["histodd"], 2, context(store, ckpt)).run(stop_after=1)
+    other = {**SETTINGS["histodd"], "lr_img": 0.2}
+    fresh, _ = build("histodd", other, 2, context(store)).run()
+    resumed, _ = build("histodd", other, 2, context(store, ckpt)).run()
+    torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
+    build("histodd", SETTINGS["histodd"], 2, context(store, ckpt)).run(stop_after=1)
+    ctx = context(store, ckpt)
+    ctx.fingerprint = "another pool"
+    fresh, _ = build("histodd", SETTINGS["histodd"], 2, context(store)).run()
+    resumed, _ = build("histodd", SETTINGS["histodd"], 2, ctx).run()
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
 
 
-def test_same_seed_same_result_other_seed_other_result():
-    a, _ = build("dm", SETTINGS["dm"], 2, context(seed=0)).run()
-    b, _ = build("dm", SETTINGS["dm"], 2, context(seed=0)).run()
-    c, _ = build("dm", SETTINGS["dm"], 2, context(seed=1)).run()
+def test_same_seed_same_result_other_seed_other_result(store):
+    a, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=0)).run()
+    b, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=0)).run()
+    c, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=1)).run()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_histodd_starts_from_the_random_coreset():
-    ctx = context()
-    start, _ = build("random", {}, 3, ctx).run()
+def test_histodd_starts_from_the_random_coreset(store):
+    start, _ = build("random", {}, 3, context(store)).run()
     cfg = {**SETTINGS["histodd"], "lr_img": 0.0}
-    images, _ = build("histodd", cfg, 3, ctx).run()
+    images, _ = build("histodd", cfg, 3, context(store)).run()
     torch.testing.assert_close(images, start)
 
 
-def test_histodd_without_pool_and_too_few_patches_are_clear_errors():
-    ctx = context()
+def test_histodd_without_pool_and_too_few_patches_are_clear_errors(store):
+    ctx = context(store)
     ctx.pool = {}
     with pytest.raises(ValueError, match="needs the pre-trained network pool"):
         build("histodd", SETTINGS["histodd"], 2, ctx).run()
     with pytest.raises(ValueError, match="fewer than ipc=100"):
-        build("random", {}, 100, context())
+        build("random", {}, 100, context(store))
     with pytest.raises(KeyError, match="unknown distillation method 'mtt'"):
-        build("mtt", {}, 2, context())
+        build("mtt", {}, 2, context(store))
 
 
 def test_herding_known_answer():
@@ -186,51 +291,25 @@ def test_herding_known_answer():
     assert herding_order(feats, 3) == [4, 2, 3]
 
 
-def test_siamese_augmentation_is_identical_and_differentiable():
-    aug = Augment(AugmentConfig.from_config({"preset": "dsa", "mode": "all"}))
-    x = torch.rand(4, 3, 16, 16, requires_grad=True)
-    params = aug.sample(torch.Generator().manual_seed(3))
-    a, b = aug.apply(x, params), aug.apply(x.detach().clone(), params)
-    torch.testing.assert_close(a, b)
-    a.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert [op for op, _ in params] == ["color", "crop", "cutout", "flip", "scale", "rotate"]
-
-
-def test_augmentation_presets_and_errors():
-    assert AugmentConfig.from_config({"preset": "none"}).ops == []
-    assert AugmentConfig.from_config({"preset": "all"}).ops[-1] == "stain"
-    with pytest.raises(ValueError, match="unknown augmentation op"):
-        AugmentConfig.from_config({"ops": ["shear"]})
-    with pytest.raises(ValueError, match="needs the dataset's stain template"):
-        Augment(AugmentConfig.from_config({"preset": "stain"}))
-
-
-def test_flip_and_rotate_do_what_they_say():
-    aug = Augment(AugmentConfig(ops=[]))
-    x = torch.arange(16.0).reshape(1, 1, 4, 4).expand(1, 3, 4, 4)
-    assert torch.equal(aug.apply(x, [("flip", {"flip": 1.0})]), x.flip(3))
-    rotated = aug.apply(x, [("rotate", {"theta": np.pi / 2})])
-    # positive angles turn clockwise on screen (image y axis points down)
-    torch.testing.assert_close(rotated, torch.rot90(x, -1, (2, 3)), atol=1e-4, rtol=0)
-
-
-def test_forgetting_keeps_the_most_forgotten(monkeypatch):
+def test_forgetting_keeps_the_most_forgotten(store, monkeypatch):
     import histodistill.distill.coreset as coreset
 
-    ctx = context()
-    flips = {0: [True, False, True, False], 5: [True, False, False, False], 30: [True, False, True, False]}
+    train_rows = np.flatnonzero(store.array("split") == 0)  # classes alternate: even rows are 0
+    flips = {0: [True, False, True, False], 4: [True, False, False, False],
+             7: [True, False, True, False]}
 
-    def fake_train(net, x, y, cfg, gen, aug=None, on_epoch=None):
-        for epoch in range(4):  # rows 0 and 30 are forgotten twice, row 5 once, others never
-            correct = torch.ones(len(x), dtype=torch.bool)
+    def fake_train(net, batches, cfg, gen, aug=None, on_epoch=None, progress=False):
+        rows = torch.from_numpy(train_rows)
+        for epoch in range(4):  # rows 0 and 7 are forgotten twice, row 4 once, others never
+            correct = torch.ones(len(rows), dtype=torch.bool)
             for row, pattern in flips.items():
                 correct[row] = pattern[epoch]
-            on_epoch(epoch, correct)
+            on_epoch(epoch, rows, correct)
         return [0.0] * 4
 
     monkeypatch.setattr(coreset, "train", fake_train)
-    images, _ = build("forgetting", SETTINGS["forgetting"], 2, ctx).run()
-    torch.testing.assert_close(images[0], ctx.x[0])  # class 0: row 0 (two events) first
-    torch.testing.assert_close(images[1], ctx.x[5])  # then row 5 (one event)
-    torch.testing.assert_close(images[2], ctx.x[30])  # class 1 (rows 24-47): row 30
+    images, _ = build("forgetting", SETTINGS["forgetting"], 2, context(store)).run()
+    x = torch.from_numpy(store.patches(np.array([0, 4, 7]))).float() / 255
+    torch.testing.assert_close(images[0], x[0])  # class 0: row 0 (two events) first
+    torch.testing.assert_close(images[1], x[1])  # then row 4 (one event)
+    torch.testing.assert_close(images[2], x[2])  # class 1 (odd rows): row 7

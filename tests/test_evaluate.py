@@ -1,14 +1,20 @@
-"""Metrics against scikit-learn, the InfoDist boundary loss, and the training loop."""
+"""Metrics against scikit-learn, the InfoDist boundary loss, the training loop and the
+evaluation inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
+from conftest import make_toy_store
 from histodistill import models
-from histodistill.evaluate import TrainConfig, boundary_loss, metrics, predict, summarise_runs, train
+from histodistill.augment import Augment, AugmentConfig
+from histodistill.evaluate import (Inputs, TrainConfig, boundary_loss, metrics, predict,
+                                   saturated_fraction, summarise_runs, tensor_batches, train)
+from histodistill.stain import fit
+from histodistill.store import PatchStore
 
 
 def test_binary_metrics_match_sklearn_with_ties():
@@ -20,6 +26,8 @@ def test_binary_metrics_match_sklearn_with_ties():
     assert got["acc"] == pytest.approx(accuracy_score(y, pred))
     assert got["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     assert got["auc"] == pytest.approx(roc_auc_score(y, p1))
+    assert got["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=1))
+    assert got["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0))
 
 
 def test_multiclass_metrics_match_sklearn():
@@ -28,9 +36,13 @@ def test_multiclass_metrics_match_sklearn():
     logits = rng.normal(size=(200, 4)) + np.eye(4)[y] * 1.5
     prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     got = metrics(y, prob)
-    assert got["acc"] == pytest.approx(accuracy_score(y, prob.argmax(1)))
-    assert got["f1"] == pytest.approx(f1_score(y, prob.argmax(1), average="macro"))
+    pred = prob.argmax(1)
+    assert got["acc"] == pytest.approx(accuracy_score(y, pred))
+    assert got["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     assert got["auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert got["sensitivity"] == pytest.approx(recall_score(y, pred, average="macro"))
+    spec = [recall_score(y != c, pred != c) for c in range(4)]  # specificity: negatives' recall
+    assert got["specificity"] == pytest.approx(np.mean(spec))
 
 
 def test_boundary_loss_known_answer():
@@ -38,29 +50,69 @@ def test_boundary_loss_known_answer():
     p = torch.tensor([0.9, 0.6, 0.3, 0.5, 0.2])
     logits = torch.stack([torch.log(1 - p), torch.log(p)], 1)
     y = torch.tensor([1, 1, 1, 0, 0])
-    # class 1: B=3, rho=0.5 -> rank 1 -> b_p=0.6, b_n=0.5; positives below b_p: |0.3-0.6| = 0.3;
-    # negatives above b_n - tau = 0.4: 0.5 -> 0.1.  Class 0 (p0 = 1 - p): positives 0.5, 0.8 ->
-    # b_p = 0.5; none below; negatives 0.1, 0.4, 0.7 above 0.3: 0.1 + 0.4 = 0.5 (0.4 -> 0.1, 0.7 -> 0.4)
+    # b_p is the last of the top ceil(B * rho) positives.
+    # Class 1: B=3, top 2 -> b_p = 0.6, b_n = 0.5; positives below b_p: 0.3 -> 0.3;
+    # negatives above b_n - tau = 0.4: 0.5 -> 0.1.
+    # Class 0 (p0 = 1 - p): positives 0.5, 0.8, top 1 -> b_p = 0.8; 0.5 -> 0.3;
+    # negatives 0.1, 0.4, 0.7 above b_n - tau = 0.6: 0.7 -> 0.1.
     loss = boundary_loss(logits, y, rho=0.5, tau=0.1)
-    assert loss.item() == pytest.approx(0.3 + 0.1 + 0.1 + 0.4, abs=1e-5)
+    assert loss.item() == pytest.approx(0.3 + 0.1 + 0.3 + 0.1, abs=1e-5)
 
 
 def test_training_learns_a_separable_toy_problem():
     gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.rand(32, 3, 16, 16, generator=gen) * 0.3,
-                   0.7 + torch.rand(32, 3, 16, 16, generator=gen) * 0.3])
+    x = torch.cat([torch.rand(32, 3, 16, 16, generator=gen) - 1,
+                   torch.rand(32, 3, 16, 16, generator=gen)])
     y = torch.arange(2).repeat_interleave(32)
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
     cfg = TrainConfig(epochs=15, lr=0.05, batch=16, boundary={"weight": 1.0, "rho": 0.5, "tau": 0.1})
     seen = []
-    times = train(net, x, y, cfg, gen, on_epoch=lambda e, correct: seen.append(correct.float().mean()))
-    assert len(times) == 15 and len(seen) == 15 and seen[-1] == 1.0
-    assert metrics(y.numpy(), predict(net, x))["acc"] == 1.0
+    times = train(net, tensor_batches(x, y, 16, gen), cfg, gen,
+                  on_epoch=lambda e, rows, correct: seen.append((sorted(rows.tolist()), correct.float().mean())))
+    assert len(times) == 15 and len(seen) == 15 and seen[-1][1] == 1.0
+    assert seen[0][0] == list(range(64))  # every row once per epoch
+    prob, labels = predict(net, tensor_batches(x, y, 16, gen)(0))
+    assert metrics(labels, prob)["acc"] == 1.0
+
+
+def test_training_augments_each_image_with_its_own_parameters(monkeypatch):
+    sizes = []
+    sample = Augment.sample
+    monkeypatch.setattr(Augment, "sample", lambda self, gen, n=1: (sizes.append(n), sample(self, gen, n))[1])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, 16, 16), torch.arange(2).repeat(10)
+    net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
+    train(net, tensor_batches(x, y, 8, gen), TrainConfig(epochs=2, batch=8), gen,
+          Augment(AugmentConfig.from_config({"preset": "dsa"})))
+    assert sizes == [8, 8, 4] * 2  # one parameter draw per image of every batch
+
+
+def test_evaluation_inputs_are_normalised_and_optionally_stain_normalised(tmp_path, target_image):
+    store = PatchStore(make_toy_store(tmp_path / "p.zarr"))
+    inputs = Inputs(store, None, False, torch.device("cpu"))
+    x = torch.cat([xb for xb, _, _ in inputs.split("train", 16)])
+    assert x.mean((0, 2, 3)).abs().max() < 1e-4 and (x.std((0, 2, 3)) - 1).abs().max() < 1e-2
+    template = fit(target_image[:256, :256])
+    stained = Inputs(store, template, True, torch.device("cpu"))
+    pixels = torch.from_numpy(target_image[:16, :16].copy()).permute(2, 0, 1)[None]
+    expect = stained.stats.normalise(stained.stain(pixels.float() / 255))
+    torch.testing.assert_close(stained(pixels), expect)
+    assert not torch.allclose(stained(pixels), inputs(pixels))
+    with pytest.raises(ValueError, match="needs the dataset's stain template"):
+        Inputs(store, None, True, torch.device("cpu"))
+
+
+def test_saturated_fraction_counts_pixels_clipped_in_any_channel():
+    images = np.full((2, 3, 2, 2), 128, np.uint8)
+    images[0, 0, 0, 0] = 255  # one pixel clipped in one channel
+    images[1, :, 1, 1] = 0  # one pixel black in all channels
+    assert saturated_fraction(images) == pytest.approx(2 / 8)
 
 
 def test_summary_has_mean_std_and_runs():
-    out = summarise_runs([{"acc": 0.5, "f1": 0.4, "auc": 0.6}, {"acc": 0.7, "f1": 0.6, "auc": 0.8}],
-                         [1.0, 3.0])
+    runs = [{"acc": 0.5, "f1": 0.4, "auc": 0.6, "sensitivity": 0.5, "specificity": 0.5},
+            {"acc": 0.7, "f1": 0.6, "auc": 0.8, "sensitivity": 0.7, "specificity": 0.7}]
+    out = summarise_runs(runs, [1.0, 3.0])
     assert out["acc"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "runs": [0.5, 0.7]}
     assert out["epoch_time_s"] == 2.0 and out["train_time_s"] == 2.0

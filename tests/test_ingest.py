@@ -96,3 +96,25 @@ def test_bad_inputs_name_the_file(tmp_path):
                               tmp_path / "q.zarr")
     with pytest.raises(InputError, match=r"datasets.pathmnist.root: is not set"):
         ingest.ingest_dataset("pathmnist", {"format": "npz", "root": None}, tmp_path / "r.zarr")
+
+
+def test_center_crop_keeps_the_middle_before_resizing(tmp_path):
+    img = images(5, 1, size=12)[0]
+    write_tree(tmp_path / "data", {"train": {"a": [img]}, "test": {"b": [img]}})
+    cfg = {"format": "imagefolder", "root": str(tmp_path / "data"), "center_crop": 4}
+    store = PatchStore(ingest.ingest_dataset("crop", cfg, tmp_path / "p.zarr"))
+    np.testing.assert_array_equal(store.patches()[0].transpose(1, 2, 0), img[4:8, 4:8])
+    with pytest.raises(InputError, match="center_crop=20 exceeds the image"):
+        ingest.ingest_dataset("crop", {**cfg, "center_crop": 20}, tmp_path / "q.zarr")
+
+
+def test_store_records_training_channel_statistics(tmp_path):
+    train, test = images(0, 6), images(1, 3)
+    np.savez(tmp_path / "d.npz", train_images=train, train_labels=np.array([0, 1] * 3),
+             test_images=test, test_labels=np.array([0, 1, 0]),
+             class_names=np.array(["adipose", "tumour"]))
+    store = PatchStore(ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}))
+    assert store.class_names == ["adipose", "tumour"]  # names stored in the npz
+    pixels = train.astype(np.float64) / 255
+    np.testing.assert_allclose(store.attrs["channel_mean"], pixels.mean((0, 1, 2)), atol=1e-9)
+    np.testing.assert_allclose(store.attrs["channel_std"], pixels.std((0, 1, 2)), atol=1e-9)

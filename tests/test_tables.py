@@ -13,7 +13,8 @@ def result(method: str, acc: float) -> dict:
     metric = {"mean": acc, "std": 0.01, "runs": [acc - 0.01, acc + 0.01]}
     arch = {"acc": metric, "f1": metric, "auc": metric, "epoch_time_s": 0.1, "train_time_s": 1.0}
     return {"dataset": "toy", "method": method, "ipc": 10, "patch": {"convnet": arch},
-            "full": {"convnet": arch}, "distill": {"seconds": 12.0, "peak_mem_mb": 1.0}}
+            "full": {"convnet": arch}, "distill": {"seconds": 12.0, "peak_mem_mb": 1.0},
+            "saturated_fraction": 0.025}
 
 
 def test_table_rows_and_readme_block(tmp_path):
@@ -24,6 +25,7 @@ def test_table_rows_and_readme_block(tmp_path):
     text = tables.table(folder)
     lines = text.splitlines()
     assert lines[2].startswith("| histodd | 10 | 75.0 ± 1.0") and lines[3].startswith("| random")
+    assert lines[2].endswith("| 2.5 | 12 |")  # saturated %, distill seconds
     assert "| full data | all |" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:toy:start -->\nold\n<!-- results:toy:end -->\nend\n")

@@ -159,14 +159,3 @@ def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
     val = cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
                                      "val_fraction": 1.0})
     assert [r["split"] for r in val] == ["val", "val", "test", "test"]
-
-
-def test_load_split_caps_per_class(small_cohort, tmp_path):
-    from histodistill.store import load_split
-
-    store = PatchStore(tiling.tile_cohort(rows_of(small_cohort), CFG, tmp_path / "p.zarr", CLASSES,
-                                          progress=False))
-    x, y, rows = load_split(store, "train", max_per_class=5, seed=0)
-    assert x.shape[0] == len(y) == len(rows) and np.bincount(y).max() == 5
-    assert (store.array("split")[rows] == 0).all() and (np.diff(rows) > 0).all()
-    np.testing.assert_array_equal(x[0], store.patches(rows[:1])[0])

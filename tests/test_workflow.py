@@ -41,14 +41,16 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 NET = {"width": 8, "norm": "none"}
 TINY_DISTILL = {
-    "pool": {"net": "convnet", "net_kwargs": NET, "size": 2, "train": {"epochs": 1}},
+    "pool": {"net": "convnet", "net_kwargs": NET, "size": 2, "train": {"epochs": 1},
+             "save_epochs": [1]},
     "methods": {
-        "histodd": {"outer_loop": 2, "inner_loop": 2, "batch_real": 16, "batch_net": 16},
+        "histodd": {"outer_loop": 2, "inner_loop": 2, "batch_real": 16, "batch_net": 16,
+                    "n_data": 32},
         "dc": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
         "dsa": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
         "dm": {"net_kwargs": NET, "iterations": 3, "batch_real": 16},
         "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1}},
-        "forgetting": {"net_kwargs": NET, "train": {"epochs": 2}},
+        "forgetting": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 2}},
     },
 }
 TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
@@ -79,7 +81,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_target_builds_every_stage(built):
     result = json.loads((built / "results/demo/histodd_ipc10.json").read_text())
-    assert {"dataset", "method", "ipc", "patch", "full", "distill", "config", "versions"} <= set(result)
+    assert {"dataset", "method", "ipc", "patch", "full", "distill", "config", "versions",
+            "saturated_fraction"} <= set(result)
+    assert 0 <= result["saturated_fraction"] < 0.05
+    assert {"sensitivity", "specificity"} <= set(result["patch"]["convnet"])
     assert result["method"] == "histodd" and result["ipc"] == 10
     assert set(result["patch"]["convnet"]) >= {"acc", "f1", "auc", "epoch_time_s"}
     assert len(result["patch"]["convnet"]["acc"]["runs"]) == 2
@@ -88,6 +93,7 @@ def test_demo_target_builds_every_stage(built):
     assert not (built / "results/demo/distilled/histodd_ipc10.ckpt").exists()
     store = PatchStore(built / "results/demo/patches.zarr")
     assert len(store) > 0 and store.attrs["class_names"] == ["normal", "tumor"]
+    assert len(store.attrs["channel_mean"]) == 3 and min(store.attrs["channel_std"]) > 0
     template = json.loads((built / "results/demo/stain/template.json").read_text())
     assert len(template["stain_matrix"]) == 2 and template["split"] == "train"
     assert (built / "results/demo/stain/template.png").stat().st_size > 0

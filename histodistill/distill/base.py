@@ -1,10 +1,16 @@
 """One interface for every distillation method, with seeded RNG and checkpoint/resume.
 
-A method gets a :class:`Context` (real training images in [0, 1] on the device, labels, the
-stain template, a checkpoint path) and returns synthetic images and labels. Iterative methods
-implement :meth:`Distiller.step`; the base class runs the loop, saves a checkpoint (images,
-optimiser, RNG state, iteration) every ``checkpoint_every`` iterations and resumes from it, so
-an interrupted run ends with the same result as an uninterrupted one.
+A method gets a :class:`Context`: the real training split as a streamed, class-balanced
+:class:`~histodistill.data.RealData` (never loaded whole), the stain template, the network pool
+and a checkpoint path. It returns synthetic images in [0, 1] and labels. Iterative methods
+implement :meth:`Distiller.init_state` and :meth:`Distiller.step`; the base class runs the loop,
+saves a checkpoint (images, optimiser, RNG and sampler state, iteration) every
+``checkpoint_every`` iterations and resumes from it, so an interrupted run ends with the same
+result as an uninterrupted one.
+
+Synthetic images live where each method's reference keeps them (``space``): DC/DSA/DM in the
+network's normalised space, Histo-DD (after Acc-DD/IDC) in pixels, normalised on the way into the
+network. Either way they are clamped to the valid pixel range after every image step.
 """
 
 from __future__ import annotations
@@ -17,20 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.real import RealData, Stats
 from histodistill.distill.matching import match_loss
+from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
-from histodistill.tiling import settings_hash
 
 METHODS: dict[str, type["Distiller"]] = {}
 log = logging.getLogger(__name__)
 
 
 def register(name: str) -> Callable[[type], type]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+
     def wrap(cls: type) -> type:
         cls.name = name
         METHODS[name] = cls
@@ -43,25 +53,29 @@ def register(name: str) -> Callable[[type], type]:
 class Context:
     """What every method may use."""
 
-    x: torch.Tensor  # (N, 3, H, W) float in [0, 1], on the device
-    y: torch.Tensor  # (N,) int64, on the device
-    num_classes: int
+    real: RealData  # the real training split, streamed
     seed: int
     template: StainTemplate | None = None
     checkpoint: Path | None = None  # where iterative methods save and resume
     pool: dict[str, Any] = field(default_factory=dict)  # {"net", "net_kwargs", "states"}
     progress: bool = True
+    fingerprint: str = ""  # contents of the inputs (store, pool, template): part of the resume key
+
+    @property
+    def num_classes(self) -> int:
+        return self.real.num_classes
 
     @property
     def im_size(self) -> int:
-        return int(self.x.shape[-1])
+        return self.real.im_size
 
     @property
     def device(self) -> torch.device:
-        return self.x.device
+        return self.real.device
 
-    def class_indices(self) -> list[torch.Tensor]:
-        return [torch.nonzero(self.y == c).flatten().cpu() for c in range(self.num_classes)]
+    @property
+    def stats(self) -> Stats:
+        return self.real.stats
 
 
 class Distiller(ABC):
@@ -70,31 +84,28 @@ class Distiller(ABC):
 
     name = ""
     iterations = 0
+    space = "normalised"  # where the synthetic images live: "normalised" or "pixel"
 
     def __init__(self, cfg: dict[str, Any], ipc: int, ctx: Context) -> None:
         self.cfg, self.ipc, self.ctx = cfg, ipc, ctx
         self.gen = torch.Generator().manual_seed(ctx.seed)
-        self.by_class = ctx.class_indices()
-        short = [c for c, idx in enumerate(self.by_class) if len(idx) < ipc]
+        short = [c for c, n in enumerate(ctx.real.counts) if n < ipc]
         if short:
             raise ValueError(f"classes {short} have fewer than ipc={ipc} training patches")
 
     def augment(self) -> Augment:
-        return Augment(AugmentConfig.from_config(self.cfg.get("augment", {})), self.ctx.template)
+        """The method's augmentation, working in normalised space."""
+        return Augment(AugmentConfig.from_config(self.cfg.get("augment", {})), self.ctx.template,
+                       self.ctx.stats.mean, self.ctx.stats.std)
 
     def real_batch(self, c: int, n: int) -> torch.Tensor:
-        """``n`` random real images of class ``c`` (seeded)."""
-        idx = self.by_class[c]
-        pick = idx[torch.randperm(len(idx), generator=self.gen)[:n]]
-        return self.ctx.x[pick.to(self.ctx.device)]
+        """``n`` random normalised real patches of class ``c``."""
+        return self.ctx.real.batch(c, n)
 
-    def random_real(self) -> torch.Tensor:
-        """``ipc`` random real training rows per class: the random coreset, and the start of
-        every method that initialises from real patches. Uses its own seed, so all methods
-        with the same seed start from the same patches."""
-        gen = torch.Generator().manual_seed(self.ctx.seed)
-        return torch.cat([idx[torch.randperm(len(idx), generator=gen)[: self.ipc]]
-                          for idx in self.by_class])
+    def random_rows(self) -> np.ndarray:
+        """``ipc`` random store rows per class: the random coreset and the start of every method
+        initialised from real patches (its own seed, so all methods start alike)."""
+        return self.ctx.real.initial_rows(self.ipc, self.ctx.seed)
 
     def labels(self) -> torch.Tensor:
         return torch.arange(self.ctx.num_classes).repeat_interleave(self.ipc)
@@ -107,33 +118,81 @@ class Distiller(ABC):
             net = models.build(name, self.ctx.num_classes, self.ctx.im_size, **(kwargs or {}))
         return net.to(self.ctx.device)
 
+    # synthetic images ----------------------------------------------------------------------
     def init_from_real(self) -> None:
         """Synthetic images start as the random coreset; SGD on them with momentum 0.5."""
-        self.images = self.ctx.x[self.random_real().to(self.ctx.device)].clone().requires_grad_(True)
+        pixels = self.ctx.real.pixels_of(self.random_rows())
+        start = pixels if self.space == "pixel" else self.ctx.stats.normalise(pixels)
+        self.images = start.clone().requires_grad_(True)
         self.opt = torch.optim.SGD([self.images], lr=float(self.cfg["lr_img"]), momentum=0.5)
         self.y_syn = self.labels().to(self.ctx.device)
+
+    def to_net(self, images: torch.Tensor) -> torch.Tensor:
+        """Synthetic images (in ``space``) as network inputs."""
+        return self.ctx.stats.normalise(images) if self.space == "pixel" else images
 
     def syn_slice(self, c: int) -> slice:
         return slice(c * self.ipc, (c + 1) * self.ipc)
 
     def syn(self, c: int) -> torch.Tensor:
-        """The synthetic images of class ``c`` (a view that carries gradients)."""
-        return self.images[self.syn_slice(c)]
+        """Class ``c``'s synthetic images as network inputs (carrying gradients)."""
+        return self.to_net(self.images[self.syn_slice(c)])
 
-    def match_step(self, net: torch.nn.Module, params: list[torch.nn.Parameter], distance: str) -> float:
-        """One image update of gradient matching: per class, an augmented real batch against the
-        class's synthetic images under the same augmentation parameters (``self.aug``)."""
-        loss = self.images.new_zeros(())
-        for k in range(self.ctx.num_classes):
-            real = self.real_batch(k, int(self.cfg["batch_real"]))
-            p = self.aug.sample(self.gen)
-            loss = loss + match_loss(net, params, self.aug.apply(real, p),
-                                     torch.full((len(real),), k, device=real.device),
-                                     self.aug.apply(self.syn(k), p), self.y_syn[self.syn_slice(k)], distance)
+    def clamp_(self) -> None:
+        """Keep every synthetic pixel in the valid range [0, 1] (in either space)."""
+        with torch.no_grad():
+            if self.space == "pixel":
+                self.images.clamp_(0, 1)
+            else:
+                lo, hi = self.ctx.stats.bounds(self.images)
+                self.images.copy_(torch.minimum(torch.maximum(self.images, lo), hi))
+
+    def image_step(self, loss: torch.Tensor) -> None:
+        """One optimiser step on the images, then the clamp. With ``unit_grad`` each image's
+        gradient is rescaled to unit L2 norm first, so the step size is ``lr_img`` whatever the
+        loss's scale (network width, batch size, layer count)."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.get("unit_grad", False):
+            g = self.images.grad
+            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+            g.div_(norm)
         self.opt.step()
-        return loss.item()
+        self.clamp_()
+
+    def class_match(self, net: torch.nn.Module, params: list[torch.nn.Parameter], c: int,
+                    distance: str) -> torch.Tensor:
+        """Gradient distance of class ``c``: an augmented real batch against the class's
+        synthetic images under the same augmentation parameters (siamese, one draw)."""
+        real = self.real_batch(c, int(self.cfg["batch_real"]))
+        p = self.aug.sample(self.gen)
+        return match_loss(net, params, self.aug.apply(real, p),
+                          torch.full((len(real),), c, device=real.device),
+                          self.aug.apply(self.syn(c), p), self.y_syn[self.syn_slice(c)], distance)
+
+    def match_step(self, net: torch.nn.Module, params: list[torch.nn.Parameter], distance: str,
+                   per_class: bool) -> float:
+        """Gradient matching over all classes: one image step per class (Histo-DD's Algorithm 1)
+        or one step on the summed loss (DC/DSA). Returns the summed distance."""
+        total = 0.0
+        loss = self.images.new_zeros(())
+        for c in range(self.ctx.num_classes):
+            loss_c = self.class_match(net, params, c, distance)
+            total += loss_c.item()
+            if per_class:
+                self.image_step(loss_c)
+            else:
+                loss = loss + loss_c
+        if not per_class:
+            self.image_step(loss)
+        return total
+
+    def result(self) -> torch.Tensor:
+        """The synthetic images as pixels in [0, 1]."""
+        images = self.images.detach()
+        if self.space != "pixel":
+            images = self.ctx.stats.pixels(images)
+        return images.clamp(0, 1)
 
     # iterative methods -------------------------------------------------------------------
     def init_state(self) -> None:
@@ -161,18 +220,21 @@ class Distiller(ABC):
                 self._save(it + 1)
             if stop_after is not None and done >= stop_after:
                 self._save(it + 1)
-                return self.images.detach().clamp(0, 1), self.labels()
-        return self.images.detach().clamp(0, 1), self.labels()
+                break
+        return self.result(), self.labels()
 
     def _key(self) -> str:
-        return settings_hash({"method": self.name, "cfg": self.cfg, "ipc": self.ipc,
-                              "seed": self.ctx.seed, "n": len(self.ctx.x)})
+        cfg = {k: v for k, v in self.cfg.items() if k != "checkpoint_every"}
+        return settings_hash({"method": self.name, "cfg": cfg, "ipc": self.ipc,
+                              "seed": self.ctx.seed, "counts": self.ctx.real.counts,
+                              "inputs": self.ctx.fingerprint})
 
     def _save(self, done: int) -> None:
         if self.ctx.checkpoint is None:
             return
         state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
-                 "opt": self.opt.state_dict(), "gen": self.gen.get_state()}
+                 "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
+                 "real": self.ctx.real.state_dict()}
         tmp = self.ctx.checkpoint.with_suffix(".tmp")
         self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
@@ -184,12 +246,13 @@ class Distiller(ABC):
             return 0
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("key") != self._key():
-            log.info("checkpoint %s is from other settings; starting afresh", path)
+            log.info("checkpoint %s is from other settings or inputs; starting afresh", path)
             return 0
         with torch.no_grad():
             self.images.copy_(state["images"].to(self.images.device))
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
+        self.ctx.real.load_state_dict(state["real"])
         log.info("resuming %s from iteration %d", self.name, state["done"])
         return int(state["done"])
 

@@ -1,22 +1,35 @@
 """Coreset baselines: real patches chosen per class, not synthesised.
 
 ``random`` (seeded), ``herding`` (greedy mean matching on the features of a network trained on
-the real set; ResNet18 by default) and ``forgetting`` (after Toneva et al. 2019: count
-correct-to-incorrect transitions per sample while training; keep the most forgotten).
+the real set) and ``forgetting`` (after Toneva et al. 2019: count correct-to-incorrect
+transitions per sample while training; keep the most forgotten). Histo-DD uses ResNet18 for
+both. Training and feature extraction stream the split from the store.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from histodistill.augment import Augment, AugmentConfig
 from histodistill.distill.base import Distiller, register
 from histodistill.evaluate import TrainConfig, train
 
 
-@register("random")
-class RandomCoreset(Distiller):
+class _Coreset(Distiller):
+    """Coresets return real store rows: ``select`` picks them, class by class."""
+
+    def select(self) -> np.ndarray:
+        raise NotImplementedError
+
     def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ctx.x[self.random_real().to(self.ctx.device)], self.labels()
+        return self.ctx.real.pixels_of(self.select()), self.labels()
+
+
+@register("random")
+class RandomCoreset(_Coreset):
+    def select(self) -> np.ndarray:
+        return self.random_rows()
 
 
 def herding_order(features: torch.Tensor, k: int) -> list[int]:
@@ -35,25 +48,38 @@ def herding_order(features: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
-class _Trained(Distiller):
-    """Coresets that first train a network on the real training set."""
+class _Trained(_Coreset):
+    """Coresets that first train a network on the real training split (streamed, per-image
+    augmentation)."""
 
     def trained_net(self, on_epoch=None) -> torch.nn.Module:
         net = self.new_net(self.cfg["net"], self.cfg.get("net_kwargs"))
-        train(net, self.ctx.x, self.ctx.y, TrainConfig.from_config(self.cfg["train"]), self.gen,
-              on_epoch=on_epoch)
+        real = self.ctx.real
+        cfg = TrainConfig.from_config(self.cfg["train"])
+        aug = Augment(AugmentConfig.from_config(self.cfg.get("augment", {"preset": "none"})),
+                      self.ctx.template, real.stats.mean, real.stats.std)
+        train(net, lambda epoch: real.epoch(cfg.batch, self.ctx.seed * 100003 + epoch), cfg,
+              self.gen, aug, on_epoch=on_epoch, progress=self.ctx.progress)
         return net
 
 
 @register("herding")
 class Herding(_Trained):
-    def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self) -> np.ndarray:
         net = self.trained_net()
         net.eval()
-        with torch.no_grad():
-            feats = torch.cat([net.embed(b).cpu() for b in self.ctx.x.split(512)])
-        rows = torch.cat([idx[herding_order(feats[idx], self.ipc)] for idx in self.by_class])
-        return self.ctx.x[rows.to(self.ctx.device)], self.labels()
+        feats, rows, labels = [], [], []
+        for x, y, r in self.ctx.real.epoch(512, None):
+            with torch.no_grad():
+                feats.append(net.embed(x).cpu())
+            labels.append(y.cpu())
+            rows.append(r)
+        feats, rows, labels = torch.cat(feats), torch.cat(rows), torch.cat(labels)
+        chosen = []
+        for c in range(self.ctx.num_classes):
+            idx = torch.nonzero(labels == c).flatten()
+            chosen.append(rows[idx[herding_order(feats[idx], self.ipc)]])
+        return torch.cat(chosen).numpy()
 
 
 @register("forgetting")
@@ -63,20 +89,26 @@ class Forgetting(_Trained):
     slide-level annotations they are mostly label noise at tumour boundaries, and ranking them
     first (as Toneva et al. do) fills a small coreset with mislabelled patches."""
 
-    def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.ctx.x)
-        counts = torch.zeros(n)
-        previous = torch.zeros(n, dtype=torch.bool)
+    def select(self) -> np.ndarray:
+        n = len(self.ctx.real.store)
+        counts = np.zeros(n, np.int32)
+        previous = np.zeros(n, bool)
 
-        def on_epoch(epoch: int, correct: torch.Tensor) -> None:
-            nonlocal previous
-            counts.add_((previous & ~correct).float())
-            previous = correct
+        def on_epoch(epoch: int, rows: torch.Tensor, correct: torch.Tensor) -> None:
+            r, ok = rows.numpy(), correct.numpy()
+            counts[r] += previous[r] & ~ok
+            previous[r] = ok
 
         self.trained_net(on_epoch)
-        rows = []
-        for idx in self.by_class:
-            tie_break = torch.randperm(len(idx), generator=self.gen)  # seeded, among equals
-            order = sorted(range(len(idx)), key=lambda i: (-counts[idx[i]], tie_break[i]))
-            rows.append(idx[order[: self.ipc]])
-        return self.ctx.x[torch.cat(rows).to(self.ctx.device)], self.labels()
+        labels = self.ctx.real.store.array("label")
+        split = self.ctx.real.store.array("split")
+        member = np.zeros(n, bool)
+        chosen = []
+        for _, _, r in self.ctx.real.epoch(4096, None):
+            member[r.numpy()] = True
+        for c in range(self.ctx.num_classes):
+            idx = np.flatnonzero(member & (labels == c) & (split >= 0))
+            tie_break = torch.randperm(len(idx), generator=self.gen).numpy()  # seeded, among equals
+            order = np.lexsort((tie_break, -counts[idx]))
+            chosen.append(idx[order[: self.ipc]])
+        return np.concatenate(chosen)

@@ -1,7 +1,8 @@
 """DC (Zhao et al. 2021) and DSA (Zhao & Bilen 2021): gradient matching with DC's
 per-output-channel cosine distance on freshly initialised networks; DSA adds siamese
-augmentation. Each iteration: ``outer_loop`` image updates, between which the network trains
-``inner_loop`` steps on the synthetic set."""
+augmentation. Each iteration: ``outer_loop`` image updates on the loss summed over classes,
+between which the network trains ``inner_loop`` epochs on the synthetic set (SGD without
+momentum, per-image augmentation for DSA), as in the reference code."""
 
 from __future__ import annotations
 
@@ -28,17 +29,20 @@ class DC(Distiller):
         net = self.new_net(c["net"], c.get("net_kwargs"))
         net.train()
         params = matched_params(net, "cos", True)
-        opt_net = torch.optim.SGD(net.parameters(), lr=float(c["lr_net"]), momentum=0.5)
+        opt_net = torch.optim.SGD(net.parameters(), lr=float(c["lr_net"]))
+        batch = int(c.get("batch_train", 256))
         total = 0.0
         for ol in range(int(c["outer_loop"])):
-            total += self.match_step(net, params, "cos")
+            total += self.match_step(net, params, "cos", per_class=False)
             if ol == int(c["outer_loop"]) - 1:
                 break
-            syn = self.images.detach()
-            for _ in range(int(c["inner_loop"])):
-                opt_net.zero_grad(set_to_none=True)
-                F.cross_entropy(net(self.aug(syn, self.gen)), self.y_syn).backward()
-                opt_net.step()
+            syn = self.to_net(self.images.detach())
+            for _ in range(int(c["inner_loop"])):  # epochs on the synthetic set
+                for idx in torch.randperm(len(syn), generator=self.gen).split(batch):
+                    idx = idx.to(syn.device)
+                    opt_net.zero_grad(set_to_none=True)
+                    F.cross_entropy(net(self.aug(syn[idx], self.gen)), self.y_syn[idx]).backward()
+                    opt_net.step()
         return total / int(c["outer_loop"])
 
 

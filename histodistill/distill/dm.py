@@ -1,5 +1,7 @@
 """DM (Zhao & Bilen 2023): match, per class, the mean embeddings of augmented real and
-synthetic batches under a freshly initialised (untrained) network each iteration."""
+synthetic batches under a freshly initialised (untrained) network each iteration. As in the
+reference, images live in normalised space and one step is taken on the loss summed over
+classes; unlike it, they are clamped to the valid pixel range after each step."""
 
 from __future__ import annotations
 
@@ -26,7 +28,5 @@ class DM(Distiller):
             mean_real = net.embed(self.aug.apply(real, p)).mean(0)
             mean_syn = net.embed(self.aug.apply(self.syn(k), p)).mean(0)
             loss = loss + ((mean_real - mean_syn) ** 2).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.image_step(loss)
         return loss.item()

@@ -58,18 +58,35 @@ def match_loss(net: nn.Module, params: list[nn.Parameter], x_real: torch.Tensor,
     return sum(dist(gr.detach(), gs) for gr, gs in zip(g_real, g_syn))
 
 
-@torch.no_grad()
-def model_augment(net: nn.Module, alpha: float, gen: torch.Generator) -> None:
-    """Perturb weights in place: d ~ N(0, 1), rescaled per filter to ||w_j||_F, then w += alpha d.
+def _filter_direction(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A Gaussian direction with each output filter rescaled to that filter's norm."""
+    d = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+    d_norm = d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-10)
+    w_norm = p.reshape(len(p), -1).norm(dim=1)
+    return d * (w_norm / d_norm).reshape((-1,) + (1,) * (p.dim() - 1))
 
-    Every weight with a filter dimension (convolution and linear weights) is perturbed; biases
-    and normalisation parameters are left alone, as in filter-normalised perturbations.
+
+@torch.no_grad()
+def model_augment(net: nn.Module, alpha: float | list[float], gen: torch.Generator,
+                  directions: int = 2) -> list[float]:
+    """Perturb weights in place along filter-normalised random directions (Acc-DD).
+
+    ``directions`` Gaussian directions d_k, each filter rescaled to the norm of the weight
+    filter it perturbs; w += sum_k a_k d_k. ``alpha`` is a fixed step or a range [lo, hi] from
+    which each |a_k| is drawn uniformly with a random sign (Acc-DD: [0.01, 0.09], two
+    directions). Biases and normalisation parameters (1-D) are left alone. Returns the steps.
     """
+    steps = []
+    for _ in range(directions):
+        if isinstance(alpha, (list, tuple)):
+            lo, hi = float(alpha[0]), float(alpha[1])
+            u = torch.rand(2, generator=gen).tolist()
+            steps.append((lo + (hi - lo) * u[0]) * (1.0 if u[1] < 0.5 else -1.0))
+        else:
+            steps.append(float(alpha))
     for p in net.parameters():
         if p.dim() < 2:
             continue
-        d = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
-        d_norm = d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
-        w_norm = p.reshape(len(p), -1).norm(dim=1)
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        p.add_(alpha * d * (w_norm / d_norm).reshape(shape))
+        delta = sum(a * _filter_direction(p, gen) for a in steps)  # all relative to the same w
+        p.add_(delta)
+    return steps

@@ -3,6 +3,7 @@ its cost; pre-train Histo-DD's network pool."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import resource
@@ -16,41 +17,62 @@ import zarr
 from PIL import Image
 
 from histodistill import models
+from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
-from histodistill.io import atomic_path, write_json
+from histodistill.io import atomic_path, settings_hash, write_json
 from histodistill.stain import StainTemplate
-from histodistill.store import PatchStore, load_split
+from histodistill.store import PatchStore
 
 log = logging.getLogger(__name__)
 
 
-def load_train(store_path: str | os.PathLike, max_per_class: int, seed: int
-               ) -> tuple[PatchStore, torch.Tensor, torch.Tensor]:
-    """The store's training split as float images in [0, 1] and labels, on the device."""
-    store = PatchStore(store_path)
-    x, y, _ = load_split(store, "train", max_per_class, seed)
-    dev = device()
-    return store, torch.from_numpy(x).to(dev).float().div_(255), torch.from_numpy(y).to(dev)
+def real_data(store_path: str | os.PathLike, cache_mb: float, seed: int, max_per_class: int = 0
+              ) -> RealData:
+    """The store's training split, streamed through a bounded class-balanced cache."""
+    return RealData(PatchStore(store_path), "train", cache_mb, seed, device(), max_per_class)
 
 
 def pretrain_pool(store_path: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                  seed: int, max_per_class: int = 0) -> None:
-    """Train ``cfg['size']`` networks ``cfg['net']`` on the real data from different seeded
-    initialisations (Histo-DD's pool of early-stage networks) and save their weights."""
-    store, x, y = load_train(store_path, max_per_class, seed)
+                  seed: int, cache_mb: float = 1024, max_per_class: int = 0) -> None:
+    """Histo-DD's pool of early-stage networks (Acc-DD): ``cfg['size']`` networks ``cfg['net']``
+    trained on the real data from different seeded initialisations, with per-image augmentation,
+    keeping the weights after each epoch listed in ``save_epochs``."""
+    real = real_data(store_path, cache_mb, seed, max_per_class)
+    train_cfg = TrainConfig.from_config(cfg["train"])
+    save = {int(e) for e in cfg["save_epochs"]}
+    if not save or max(save) > train_cfg.epochs or min(save) < 1:
+        raise ValueError(f"distill.pool.save_epochs {sorted(save)} must lie in 1..{train_cfg.epochs}")
+    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, real.stats.mean,
+                  real.stats.std)
     states = []
     for k in range(int(cfg["size"])):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + k)
-            net = models.build(cfg["net"], len(store.class_names), x.shape[-1],
-                               **cfg.get("net_kwargs", {})).to(x.device)
-        times = train(net, x, y, TrainConfig.from_config(cfg["train"]),
-                      torch.Generator().manual_seed(seed * 1000 + k))
+            net = models.build(cfg["net"], real.num_classes, real.im_size,
+                               **cfg.get("net_kwargs", {})).to(real.device)
+
+        def snapshot(epoch: int, *_: Any) -> None:
+            if epoch + 1 in save:
+                states.append({n: t.detach().cpu().clone() for n, t in net.state_dict().items()})
+
+        times = train(net, lambda epoch: real.epoch(train_cfg.batch, seed * 1000 + k * 100 + epoch),
+                      train_cfg, torch.Generator().manual_seed(seed * 1000 + k), aug,
+                      on_epoch=snapshot, progress=True)
         log.info("pool network %d/%d trained (%.1fs)", k + 1, cfg["size"], sum(times))
-        states.append({n: t.detach().cpu() for n, t in net.state_dict().items()})
     with atomic_path(out) as tmp:
         torch.save({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, tmp)
+
+
+def fingerprint(store: PatchStore, *files: str | os.PathLike | None) -> str:
+    """A cheap key for the contents of a run's inputs: the store's attributes (which record its
+    channel statistics and the config that built it) and size, and the bytes of small files."""
+    parts: list[Any] = [store.attrs, len(store)]
+    for f in files:
+        if f:
+            parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
+    return settings_hash(parts)
 
 
 def peak_memory_mb() -> float:
@@ -64,28 +86,28 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
             pool_path: str | os.PathLike | None, method: str, ipc: int, cfg: dict[str, Any],
             seed: int, out_zarr: str | os.PathLike, out_png: str | os.PathLike,
             out_json: str | os.PathLike, checkpoint: str | os.PathLike | None,
-            max_per_class: int = 0, progress: bool = True) -> None:
+            cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True) -> None:
     """Distil ``ipc`` images per class with ``method`` and write set, grid and cost."""
-    store, x, y = load_train(store_path, max_per_class, seed)
+    real = real_data(store_path, cache_mb, seed, max_per_class)
     template = StainTemplate.load(template_path) if template_path else None
-    pool = torch.load(pool_path, map_location=x.device) if pool_path else {}
-    ctx = Context(x, y, len(store.class_names), seed, template,
-                  Path(checkpoint) if checkpoint else None, pool, progress)
+    pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
+    ctx = Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool, progress,
+                  fingerprint(real.store, pool_path, template_path))
     start = time.perf_counter()
     images, labels = build(method, cfg, ipc, ctx).run()
     seconds = time.perf_counter() - start
     images8 = (images.detach().cpu().clamp(0, 1) * 255).round().byte().numpy()
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
-             "source_store": str(store_path), "class_names": store.class_names,
+             "source_store": str(store_path), "class_names": real.store.class_names,
              "patch_size": int(images8.shape[-1])}
     with atomic_path(out_zarr) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         group.create_array("images", data=images8, chunks=images8.shape)
         group.create_array("labels", data=labels.cpu().numpy().astype(np.int64))
         group.attrs.update(attrs)
-    save_grid(images8, labels.cpu().numpy(), store.class_names, out_png)
+    save_grid(images8, labels.cpu().numpy(), real.store.class_names, out_png)
     write_json(out_json, {"seconds": seconds, "peak_mem_mb": peak_memory_mb(),
-                          "device": str(x.device)})
+                          "device": str(real.device)})
     if checkpoint and Path(checkpoint).exists():
         Path(checkpoint).unlink()  # finished: the result supersedes the checkpoint
 

@@ -47,6 +47,14 @@ def cohort_input(wildcards):
     return []
 
 
+def ingest_input(wildcards):
+    """The rendered file of a synthetic pre-tiled dataset (rule demo_patches)."""
+    ds = hdconfig.dataset(config, wildcards.dataset)
+    if ds.get("synthetic"):
+        return [str(ds["file"]).format(root=ds["root"])]
+    return []
+
+
 GPU = config["compute"]["gpu"]  # GPUs per GPU rule; 0 keeps CPU-only runs schedulable
 
 

@@ -16,3 +16,23 @@ rule demo_cohort:
         ENV
     script:
         "../../scripts/demo_cohort.py"
+
+
+rule demo_patches:
+    """Render the synthetic pre-tiled patch set (six tissue classes, MedMNIST npz layout)."""
+    output:
+        "results/demo_patches/demo_patches.npz",
+    params:
+        spec=config["demo_patches"],
+    log:
+        "logs/demo_patches.log",
+    benchmark:
+        "benchmarks/demo_patches.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../../scripts/demo_patches.py"

@@ -8,6 +8,7 @@ rule pretrain_pool:
         pool=lambda wc: section(wc.dataset, "distill")["pool"],
         seed=lambda wc: section(wc.dataset, "distill")["seed"],
         max_per_class=lambda wc: section(wc.dataset, "distill")["max_real_per_class"],
+        cache_mb=lambda wc: section(wc.dataset, "distill")["cache_mb"],
     log:
         "logs/pretrain_pool/{dataset}.log",
     benchmark:
@@ -42,6 +43,7 @@ rule distill:
         cfg=method_cfg,
         seed=lambda wc: section(wc.dataset, "distill")["seed"],
         max_per_class=lambda wc: section(wc.dataset, "distill")["max_real_per_class"],
+        cache_mb=lambda wc: section(wc.dataset, "distill")["cache_mb"],
         checkpoint="results/{dataset}/distilled/{method}_ipc{ipc}.ckpt",
     log:
         "logs/distill/{dataset}/{method}_ipc{ipc}.log",

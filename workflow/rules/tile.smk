@@ -50,6 +50,8 @@ rule tile:
 
 rule ingest:
     """Pre-tiled datasets (ImageFolder, MedMNIST npz, label CSV) into the same zarr layout."""
+    input:
+        ingest_input,
     output:
         directory("results/{dataset}/patches.zarr"),
     params:

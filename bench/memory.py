@@ -1,0 +1,165 @@
+"""Memory at cohort scale: peak RSS must not grow with the patch store.
+
+Usage: python bench/memory.py [--n 4000] [--cache-mb 24]
+
+Builds two stores of 64 px patches (N and 4N rows, three classes, train and test interleaved)
+and runs each stage in a fresh process on each, reading the child's peak resident set size:
+  distill_histodd - pool pre-training (streamed epochs) and Histo-DD outer loops;
+  distill_dm      - DM iterations;
+  evaluate        - full-data training (streamed epochs) and evaluation of a distilled set on
+                    the streamed test split.
+``peak_rss_ratio_*`` is 4N over N (1.0: flat). ``distill_step_ratio`` times Histo-DD and DM
+steps on the 4N store with the real patches streamed through a ``cache_mb`` reservoir against
+the whole split held in memory (same process, same seeds, interleaved, best of 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HISTODD = {"outer_loop": 2, "inner_loop": 2, "lr_img": 0.5, "unit_grad": True, "lr_net": 0.01,
+           "alpha": [0.01, 0.09], "n_data": 128, "batch_real": 64, "batch_net": 64,
+           "augment": {"preset": "flip"}, "checkpoint_every": 100}
+DM = {"net": "convnet", "net_kwargs": {"width": 32}, "iterations": 5, "lr_img": 1.0,
+      "batch_real": 128, "augment": {"preset": "dsa"}, "checkpoint_every": 100}
+POOL = {"net": "convnet", "net_kwargs": {"width": 32}, "size": 1,
+        "train": {"epochs": 1, "batch": 128, "schedule": "constant"}, "save_epochs": [1],
+        "augment": {"preset": "dsa"}}
+EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}}, "runs": 1, "seed": 0,
+            "train": {"epochs": 20, "batch": 256}, "full": {"epochs": 1, "batch": 256},
+            "augment": {"preset": "dsa"}, "stain_norm": False}
+
+
+def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
+    """Three classes of textured patches, 80 % train and 20 % test, interleaved."""
+    from histodistill.data import record_channel_stats
+    from histodistill.store import SPLITS, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    writer = StoreWriter(path, size, attrs={"class_names": ["a", "b", "c"], "slides": [],
+                                            "split_names": list(SPLITS), "patch_size": size})
+    for start in range(0, n, 1024):
+        m = min(1024, n - start)
+        y = rng.integers(0, 3, m)
+        x = rng.integers(0, 120, (m, 3, size, size)) + (y * 60)[:, None, None, None]
+        split = np.where(rng.random(m) < 0.8, 0, 2)
+        writer.append(x.astype(np.uint8), np.full((m, 2), -1), np.full(m, -1), y, split)
+    record_channel_stats(path)
+    return path
+
+
+def stage(name: str, store: str, work: str, cache_mb: float) -> None:
+    """Run one stage in this (child) process and print its peak RSS in MB."""
+    import torch
+
+    from histodistill.distill.run import distill, pretrain_pool
+    from histodistill.evaluate import evaluate_distilled, full_train
+
+    torch.set_num_threads(2)
+    w = Path(work)
+    if name == "distill_histodd":
+        pretrain_pool(store, w / "pool.pt", POOL, 0, cache_mb)
+        distill(store, None, w / "pool.pt", "histodd", 10, HISTODD, 0, w / "h.zarr", w / "h.png",
+                w / "h.json", None, cache_mb, progress=False)
+    elif name == "distill_dm":
+        distill(store, None, None, "dm", 10, DM, 0, w / "d.zarr", w / "d.png", w / "d.json", None,
+                cache_mb, progress=False)
+    else:
+        full_train(store, None, "convnet", EVALUATE, w / "full.json")
+        distill(store, None, None, "random", 10, {}, 0, w / "r.zarr", w / "r.png", w / "r.json",
+                None, cache_mb, progress=False)
+        evaluate_distilled(w / "r.zarr", w / "r.json", store, None, {"convnet": w / "full.json"},
+                           EVALUATE, "bench", w / "result.json")
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(name: str, store: Path, cache_mb: float) -> float:
+    with tempfile.TemporaryDirectory() as work:
+        out = subprocess.run([sys.executable, __file__, "--stage", name, "--store", str(store),
+                              "--work", work, "--cache-mb", str(cache_mb)],
+                             check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def step_ratio(store: Path, cache_mb: float, repeats: int = 3) -> dict[str, float]:
+    """Seconds per step, streamed through ``cache_mb`` over resident, for Histo-DD and DM."""
+    import torch
+
+    from histodistill import models
+    from histodistill.data import RealData
+    from histodistill.distill import Context, build
+    from histodistill.store import PatchStore
+
+    torch.set_num_threads(2)
+    ps = PatchStore(store)
+    torch.manual_seed(0)
+    net = models.build("convnet", 3, 64, width=32)
+    pool = {"net": "convnet", "net_kwargs": {"width": 32}, "states": [net.state_dict()]}
+    runs = {}
+    for mode, mb in (("streamed", cache_mb), ("in_memory", 1e6)):
+        real = RealData(ps, "train", mb, 0, torch.device("cpu"))
+        assert real.sampler.resident == (mode == "in_memory")
+        for method, cfg in (("histodd", HISTODD), ("dm", DM)):
+            d = build(method, cfg, 10, Context(real, 0, None, None, pool, progress=False))
+            d.init_state()
+            runs[(method, mode)] = d
+    best: dict[tuple[str, str], float] = {}
+    for it in range(repeats):  # interleaved: load drifts hit both modes alike
+        for key, d in runs.items():
+            start = time.perf_counter()
+            d.step(it)
+            best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+    return {m: best[(m, "streamed")] / best[(m, "in_memory")] for m in ("histodd", "dm")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--cache-mb", type=float, default=24.0)
+    parser.add_argument("--stage")
+    parser.add_argument("--store")
+    parser.add_argument("--work")
+    args = parser.parse_args()
+    if args.stage:
+        stage(args.stage, args.store, args.work, args.cache_mb)
+        return
+    from histodistill.io import save_figures
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small = make_store(Path(tmp) / "n.zarr", args.n)
+        large = make_store(Path(tmp) / "4n.zarr", 4 * args.n)
+        mb = 3 * 64 * 64 / 2**20
+        print(f"stores: {args.n} and {4 * args.n} patches of 64 px ({args.n * mb:.0f} and "
+              f"{4 * args.n * mb:.0f} MB of pixels); cache_mb {args.cache_mb}")
+        ratios = {}
+        for name in ("distill_histodd", "distill_dm", "evaluate"):
+            a, b = peak_rss(name, small, args.cache_mb), peak_rss(name, large, args.cache_mb)
+            print(f"{name}: peak RSS {a:.0f} MB (N) vs {b:.0f} MB (4N)")
+            ratios[name] = b / a
+        steps = step_ratio(large, args.cache_mb)
+    figures = [
+        f"peak_rss_ratio_distill_histodd: {ratios['distill_histodd']:.3f}",
+        f"peak_rss_ratio_distill_dm: {ratios['distill_dm']:.3f}",
+        f"peak_rss_ratio_distill: {max(ratios['distill_histodd'], ratios['distill_dm']):.3f}",
+        f"peak_rss_ratio_evaluate: {ratios['evaluate']:.3f}",
+        f"distill_step_ratio_histodd: {steps['histodd']:.3f}",
+        f"distill_step_ratio_dm: {steps['dm']:.3f}",
+        f"distill_step_ratio: {max(steps.values()):.3f}",
+    ]
+    save_figures(figures, ROOT / "results/bench/memory.txt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Real patches as networks see them: normalised with the dataset's channel statistics, streamed
+from the patch store, on the device.
+
+:class:`Stats` holds the per-channel mean and std that the patch store records when it is built
+(``channel_mean``, ``channel_std`` over the training split). Networks always receive
+``(x - mean) / std``; synthetic images live in that space or in pixels, as each method's reference
+keeps them. :class:`RealData` wraps a :class:`~histodistill.data.stream.ClassSampler` so
+distillation draws class-balanced batches without ever loading a split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from histodistill.data.stream import ClassSampler, channel_stats, iterate
+from histodistill.store import PatchStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-channel mean and std of pixels in [0, 1]: the network's input normalisation."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_store(cls, store: PatchStore) -> "Stats":
+        """The statistics the store recorded; computed (streaming) for stores made before they
+        were recorded."""
+        if "channel_mean" in store.attrs:
+            return cls(tuple(store.attrs["channel_mean"]), tuple(store.attrs["channel_std"]))
+        log.info("%s records no channel statistics; computing them from the training split",
+                 store.path)
+        return cls(*channel_stats(store, "train"))
+
+    def _t(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(1, 3, 1, 1)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] (float) or uint8 to network inputs."""
+        if pixels.dtype == torch.uint8:
+            pixels = pixels.float().div_(255)
+        return (pixels - self._t(self.mean, pixels)) / self._t(self.std, pixels)
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Network inputs back to pixels in [0, 1] (unclamped)."""
+        return x * self._t(self.std, x) + self._t(self.mean, x)
+
+    def bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid range of normalised inputs, per channel: where pixels 0 and 1 land."""
+        zero = torch.zeros(1, 3, 1, 1, device=like.device)
+        return self.normalise(zero), self.normalise(zero + 1)
+
+
+class RealData:
+    """One split of a patch store as normalised tensors on ``device``, drawn through a bounded
+    class-balanced cache (``cache_mb``)."""
+
+    def __init__(self, store: PatchStore, split: str, cache_mb: float, seed: int,
+                 device: torch.device, max_per_class: int = 0) -> None:
+        self.store, self.split, self.device = store, split, device
+        self.stats = Stats.from_store(store)
+        self.sampler = ClassSampler(store, split, cache_mb, seed, max_per_class)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sampler.num_classes
+
+    @property
+    def im_size(self) -> int:
+        return int(self.sampler.patch_shape[-1])
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(n) for n in self.sampler.counts]
+
+    def _net(self, u8: np.ndarray) -> torch.Tensor:
+        return self.stats.normalise(torch.from_numpy(np.ascontiguousarray(u8)).to(self.device))
+
+    def batch(self, c: int, n: int) -> torch.Tensor:
+        """``n`` random normalised patches of class ``c``."""
+        return self._net(self.sampler.batch(c, n))
+
+    def mixed(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random normalised patches over all classes, and their labels."""
+        x, y = self.sampler.mixed(n)
+        return self._net(x), torch.from_numpy(y).to(self.device)
+
+    def initial_rows(self, ipc: int, seed: int) -> np.ndarray:
+        """``ipc`` seeded random store rows per class, class by class: the random coreset and
+        the starting point of methods initialised from real patches."""
+        return np.concatenate([self.sampler.first(c, ipc, seed) for c in range(self.num_classes)])
+
+    def pixels_of(self, rows: np.ndarray) -> torch.Tensor:
+        """Store rows as float pixels in [0, 1] on the device."""
+        return torch.from_numpy(self.sampler.rows(rows)).to(self.device).float().div_(255)
+
+    def epoch(self, batch: int, seed: int | None, rows: np.ndarray | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One pass over the split (or ``rows``): normalised patches, labels and store rows."""
+        if rows is None and self.sampler.max_per_class:
+            rows = self.sampler.selected_rows
+        for x, y, r in iterate(self.store, self.split, batch, seed, rows=rows):
+            yield self._net(x), torch.from_numpy(y).to(self.device), torch.from_numpy(r)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
