@@ -10,7 +10,7 @@ and runs each stage in a fresh process on each, reading the child's peak residen
                     the streamed test split.
 ``peak_rss_ratio_*`` is 4N over N (1.0: flat). ``distill_step_ratio`` times Histo-DD and DM
 steps on the 4N store with the real patches streamed through a ``cache_mb`` reservoir against
-the whole split held in memory (same process, same seeds, interleaved, best of 3).
+the whole split held in memory (same process, same seeds, interleaved, best of 5).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ POOL = {"net": "convnet", "net_kwargs": {"width": 32}, "size": 1,
         "augment": {"preset": "dsa"}}
 EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}}, "runs": 1, "seed": 0,
             "train": {"epochs": 20, "batch": 256}, "full": {"epochs": 1, "batch": 256},
-            "augment": {"preset": "dsa"}, "stain_norm": False}
+            "augment": {"preset": "dsa"}, "stain_norm": False, "cache_mb": 24}
 
 
 def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
@@ -93,7 +93,7 @@ def peak_rss(name: str, store: Path, cache_mb: float) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
 
-def step_ratio(store: Path, cache_mb: float, repeats: int = 3) -> dict[str, float]:
+def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, float]:
     """Seconds per step, streamed through ``cache_mb`` over resident, for Histo-DD and DM."""
     import torch
 

@@ -186,8 +186,8 @@ class Inputs:
     dataset's template (Histo-DD's test-time default), then channel-normalised."""
 
     def __init__(self, store: PatchStore, template: StainTemplate | None, stain_norm: bool,
-                 dev: torch.device) -> None:
-        self.store, self.dev = store, dev
+                 dev: torch.device, buffer_mb: float = 1024) -> None:
+        self.store, self.dev, self.buffer_mb = store, dev, buffer_mb
         self.stats = Stats.from_store(store)
         if stain_norm and template is None:
             raise ValueError("evaluate.stain_norm needs the dataset's stain template")
@@ -205,7 +205,7 @@ class Inputs:
     def split(self, split: str, batch: int, seed: int | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One streamed pass over a split (store order when ``seed`` is None)."""
-        for x, y, rows in iterate(self.store, split, batch, seed):
+        for x, y, rows in iterate(self.store, split, batch, seed, self.buffer_mb):
             yield self(torch.from_numpy(x)), torch.from_numpy(y).to(self.dev), torch.from_numpy(rows)
 
     def split_batches(self, split: str, batch: int, seed: int) -> Batches:
@@ -259,7 +259,8 @@ def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | Non
            cfg: dict[str, Any]) -> tuple[PatchStore, Inputs, Augment]:
     store = PatchStore(store_path)
     template = StainTemplate.load(template_path) if template_path else None
-    inputs = Inputs(store, template, bool(cfg.get("stain_norm", False)), device())
+    inputs = Inputs(store, template, bool(cfg.get("stain_norm", False)), device(),
+                    float(cfg.get("cache_mb", 1024)))
     aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template,
                   inputs.stats.mean, inputs.stats.std)
     return store, inputs, aug

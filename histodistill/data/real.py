@@ -66,7 +66,7 @@ class RealData:
 
     def __init__(self, store: PatchStore, split: str, cache_mb: float, seed: int,
                  device: torch.device, max_per_class: int = 0) -> None:
-        self.store, self.split, self.device = store, split, device
+        self.store, self.split, self.device, self.cache_mb = store, split, device, cache_mb
         self.stats = Stats.from_store(store)
         self.sampler = ClassSampler(store, split, cache_mb, seed, max_per_class)
 
@@ -105,10 +105,11 @@ class RealData:
 
     def epoch(self, batch: int, seed: int | None, rows: np.ndarray | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """One pass over the split (or ``rows``): normalised patches, labels and store rows."""
+        """One pass over the split (or ``rows``): normalised patches, labels and store rows,
+        shuffled through a buffer of ``cache_mb`` when seeded."""
         if rows is None and self.sampler.max_per_class:
             rows = self.sampler.selected_rows
-        for x, y, r in iterate(self.store, self.split, batch, seed, rows=rows):
+        for x, y, r in iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows):
             yield self._net(x), torch.from_numpy(y).to(self.device), torch.from_numpy(r)
 
     def state_dict(self) -> dict[str, Any]:
