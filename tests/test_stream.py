@@ -202,3 +202,11 @@ def test_sampler_errors_name_class_and_store(tmp_path, store):
         ClassSampler(bad, "train", cache_mb=1, seed=0)
     with pytest.raises(ValueError, match="less than one patch per class"):
         ClassSampler(store, "train", cache_mb=ROW_MB, seed=0)
+
+
+def test_iterate_a_split_smaller_than_one_batch(store):
+    """A split of fewer rows than the batch comes out once, as one shuffled batch."""
+    split = store.array("split")
+    val = np.flatnonzero(split == SPLITS.index("val"))
+    batches = list(iterate(store, "val", len(val) + 50, seed=3))
+    assert len(batches) == 1 and sorted(batches[0][2].tolist()) == val.tolist()

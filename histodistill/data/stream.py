@@ -177,7 +177,7 @@ def _shuffled(arr: Any, labels: np.ndarray, rows: np.ndarray,
             take = min(capacity - m, len(r) - i)
             buf[m:m + take], buf_rows[m:m + take] = x[i:i + take], r[i:i + take]
             m, i = m + take, i + take
-            if m == capacity:  # full: emit a random batch and close the holes with the tail
+            if m == capacity >= batch:  # full: emit a random batch, close the holes with the tail
                 pick = rng.choice(m, batch, replace=False)
                 out, out_rows = buf[pick], buf_rows[pick]
                 tail = m - batch
