@@ -45,7 +45,7 @@ def test_paper_presets_per_dataset():
     cfg = config.validate(copy.deepcopy(CONFIG))
     lr = {name: config.method_config(cfg, name, "histodd", 10)["lr_img"]
           for name in ("camelyon16", "tcga_idh", "unitopath", "pathmnist")}
-    assert lr == {"camelyon16": 0.5, "tcga_idh": 0.005, "unitopath": 0.5, "pathmnist": 0.5}
+    assert lr == {"camelyon16": 0.05, "tcga_idh": 0.0005, "unitopath": 0.05, "pathmnist": 0.05}
     methods = config.section(cfg, "camelyon16", "distill")["methods"]
     assert methods["forgetting"]["net"] == methods["herding"]["net"] == "resnet18"
     pool = config.section(cfg, "camelyon16", "distill")["pool"]
