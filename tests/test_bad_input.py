@@ -6,10 +6,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from histodistill import config
+from histodistill import config, ingest
+from histodistill.io import InputError
+from histodistill.store import PatchStore, StoreWriter
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
 
@@ -43,3 +47,106 @@ def test_dataset_overrides_get_no_schema_defaults():
     assert cfg["datasets"]["demo"]["distill"] == {"pool": {"size": 2}}
     pool = config.section(cfg, "demo", "distill")["pool"]
     assert (pool["net"], pool["size"]) == ("resnet18", 2)  # the global choice survives
+
+
+def leftovers(tmp_path: Path, name: str = "p.zarr") -> list[str]:
+    """Outputs and partial outputs of a failed run next to ``name``."""
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.lstrip(".").startswith(name))
+
+
+def pixels(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+GOOD_NPZ = {"train_images": pixels(6), "train_labels": np.array([[0], [1], [0], [1], [0], [1]]),
+            "test_images": pixels(2, seed=1), "test_labels": np.array([[0], [1]])}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"train_labels": np.eye(2, dtype=np.int64)[[0, 1, 0, 1, 0, 1]]},
+     r"train_labels has shape \(6, 2\); expected one class index per image \(one-hot"),
+    ({"train_images": pixels(6).astype(np.float32) / 255},
+     r"train_images has dtype float32, values 0 to 1; expected integer pixels in 0-255"),
+    ({"train_images": pixels(6).astype(np.int16) * 2},
+     r"train_images has values 0 to 5\d\d; expected 0-255"),
+    ({"train_labels": np.array([0, 1, -1, 1, 0, 1])},
+     r"train_labels holds label -1; class indices start at 0"),
+    ({"train_labels": np.array([0, 1, 0, 1, 0, 2])},
+     r"labels go up to 2 but 2 classes are named \(datasets.<name>.classes: \['a', 'b'\]\)"),
+    ({"train_labels": None}, r"array 'train_labels' is missing \(arrays: \['test_images'"),
+    ({"train_labels": np.array([0, 1, 0, 1, 0])}, r"train_labels has 5 labels for 6 images"),
+    ({"test_images": pixels(2, seed=1)[:, :, :, :2]},
+     r"test_images has shape \(2, 8, 8, 2\); expected \(N, H, W\) or \(N, H, W, 3\)"),
+    ({"train_labels": np.array([0, 0, 0, 0, 0, 0])}, r"class\(es\) \['b'\] have no training images"),
+])
+def test_bad_npz_names_the_file_and_leaves_nothing(tmp_path, edit, message):
+    arrays = {k: v for k, v in {**GOOD_NPZ, **edit}.items() if v is not None}
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d.npz: " + message):
+        ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}, ["a", "b"])
+    assert leftovers(tmp_path) == []
+
+
+def test_npz_without_class_names_counts_labels_and_a_good_npz_passes(tmp_path):
+    np.savez(tmp_path / "d.npz", **GOOD_NPZ)
+    store = PatchStore(ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}))
+    assert store.class_names == ["0", "1"] and len(store) == 8
+    assert leftovers(tmp_path) == ["p.zarr"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "scramble"])
+def test_corrupt_npz_names_the_file(tmp_path, damage):
+    np.savez_compressed(tmp_path / "d.npz", **GOOD_NPZ)
+    raw = (tmp_path / "d.npz").read_bytes()
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:  # the zip directory survives, a member's compressed bytes do not
+        start = raw.index(b"train_images.npy") + 40
+        raw = raw[:start] + bytes(200) + raw[start + 200:]
+    (tmp_path / "d.npz").write_bytes(raw)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d.npz: (npz|array '\w+') cannot be read"):
+        ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {})
+    assert leftovers(tmp_path) == []
+
+
+def test_store_writer_rejects_rows_of_unequal_length(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr", 8)
+    n = 3
+    with pytest.raises(ValueError, match=r"label has shape \(4,\), expected \(3,\)"):
+        writer.append(pixels(n), np.zeros((n, 2)), np.zeros(n), np.zeros(n + 1), np.zeros(n))
+    with pytest.raises(ValueError, match=r"patches has shape \(3, 3, 4, 4\), expected \(3, 3, 8, 8\)"):
+        writer.append(pixels(n, 4), np.zeros((n, 2)), np.zeros(n), np.zeros(n), np.zeros(n))
+    assert writer.n == 0  # nothing half written
+
+
+def image_tree(root: Path, layout: dict[str, list[str]]) -> None:
+    """``{"Train/adi": [...], ...}``: folders of 8 x 8 PNGs, one per listed name."""
+    for folder, names in layout.items():
+        (root / folder).mkdir(parents=True)
+        for k, name in enumerate(names):
+            Image.fromarray(pixels(1, seed=k)[0]).save(root / folder / f"{name}.png")
+
+
+def test_imagefolder_split_folders_are_recognised_in_any_spelling(tmp_path):
+    image_tree(tmp_path / "d", {"Train/adi": ["a", "b"], "Train/tum": ["c"], "valid/adi": ["d"],
+                                "valid/tum": ["e"], "TEST/adi": ["f"], "TEST/tum": ["g"]})
+    store = PatchStore(ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")},
+                                             tmp_path / "p.zarr"))
+    assert store.class_names == ["adi", "tum"]
+    assert list(store.array("split")) == [0, 0, 0, 1, 1, 2, 2]
+    assert list(store.array("label")) == [0, 0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train/adi": ["a"], "train/tum": ["b"], "tum": ["c"]},
+     r"mixes split folders \['train'\] with other folders \['tum'\]"),
+    ({"train/adi": ["a"], "val/adi": ["b"], "Validation/adi": ["c"]},
+     r"folders 'Validation' and 'val' are both the val split"),
+    ({"train/adi": ["a"], "test/adi": ["b"], "test/tum": ["c"]},
+     r"class\(es\) \['tum'\] have no training images"),
+])
+def test_bad_imagefolder_layout_names_the_root(tmp_path, layout, message):
+    image_tree(tmp_path / "d", layout)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d: " + message):
+        ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")}, tmp_path / "p.zarr")
+    assert leftovers(tmp_path) == []
