@@ -11,11 +11,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from histodistill import config, ingest
+from histodistill import annotations, config, ingest, tiling
 from histodistill.io import InputError
 from histodistill.store import PatchStore, StoreWriter
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+TILING = config.validate({"datasets": {}})["tiling"] | {"magnification": 10, "patch_size": 32,
+                                                        "stride": 32, "mask_mpp": 4.0}
 
 
 @pytest.mark.parametrize("section, override, message", [
@@ -150,3 +152,36 @@ def test_bad_imagefolder_layout_names_the_root(tmp_path, layout, message):
     with pytest.raises(InputError, match=r"\[ingest\] .*d: " + message):
         ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")}, tmp_path / "p.zarr")
     assert leftovers(tmp_path) == []
+
+
+def xml_with(tmp_path: Path, x: str, group: str = "_0") -> Path:
+    path = tmp_path / "ann.xml"
+    coords = "".join(f'<Coordinate Order="{i}" X="{cx}" Y="{cy}"/>'
+                     for i, (cx, cy) in enumerate([(x, "10"), ("200", "10"), ("200", "200")]))
+    path.write_text(f'<ASAP_Annotations><Annotations><Annotation Name="A1" PartOfGroup="{group}">'
+                    f"<Coordinates>{coords}</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    return path
+
+
+@pytest.mark.parametrize("x, group, message", [
+    ("nan", "_0", r"annotation 'A1' \(group '_0'\) has a non-finite coordinate \(nan\)"),
+    ("inf", "_0", r"annotation 'A1' \(group '_0'\) has a non-finite coordinate \(inf\)"),
+    ("10", "Metastasis", r"annotation 'A1' \(group 'Metastasis'\): the group is not in "
+                         r"tiling.tumour_groups \['_0'.*add it there or to tiling.ignore_groups"),
+])
+def test_bad_annotation_coordinates_and_groups(tmp_path, x, group, message):
+    with pytest.raises(InputError, match=r"\[tile\] .*ann.xml: " + message):
+        annotations.read_asap_xml(xml_with(tmp_path, x, group))
+
+
+def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_path):
+    xml = tmp_path / "far.xml"
+    annotations.write_asap_xml(xml, {"_0": [np.array([[50000, 40000], [51000, 40000], [51000, 41000]])]})
+    with pytest.raises(InputError, match=r"\[tile\] .*far.xml: annotation 'Annotation 0' \(group '_0'\) "
+                                         r"lies wholly outside the slide: x 50000..51000, y 40000..41000 "
+                                         r"on a 1024 x 768 level-0 slide"):
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"])
+    beyond = np.array([[-500, -500], [1500, -500], [1500, 1200], [-500, 1200]])  # past every edge
+    annotations.write_asap_xml(xml, {"_0": [beyond]})
+    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"])
+    assert len(labels) and (labels == 1).all()
