@@ -4,6 +4,7 @@ file or config key, and leaves no partial output."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from histodistill import annotations, config, ingest, tiling
+from histodistill import annotations, cohort, config, ingest, tiling
 from histodistill.io import InputError
 from histodistill.store import PatchStore, StoreWriter
 
@@ -185,3 +186,22 @@ def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_pat
     annotations.write_asap_xml(xml, {"_0": [beyond]})
     _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"])
     assert len(labels) and (labels == 1).all()
+
+
+def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_path):
+    (tmp_path / "c16" / "training" / "tumor").mkdir(parents=True)
+    shutil.copy(tumour_slide, tmp_path / "c16" / "training" / "tumor" / "tumor_001.tif")
+    dataset = {"format": "wsi", "layout": "camelyon16", "root": str(tmp_path / "c16")}
+    with pytest.raises(InputError, match=r"\[cohort\] .*training/lesion_annotations/tumor_001.xml: "
+                                         r"tumour slide tumor_001 has no lesion annotation"):
+        cohort.build_table("c16", dataset)
+    rows = cohort.build_table("c16", {**dataset, "unannotated_slides": ["tumor_001"]})  # opt-in
+    assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
+
+
+def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text(f"slide,label,path,annotation\ns1,tumor,{tumour_slide},{tmp_path / 'gone.xml'}\n")
+    with pytest.raises(InputError, match=r"\[cohort\] .*gone.xml: annotation of slide s1 does not exist"):
+        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
+                                 "table": str(table)})
