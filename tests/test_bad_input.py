@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 from PIL import Image
 
-from histodistill import annotations, cohort, config, ingest, tiling
+from histodistill import annotations, cohort, config, ingest, tiling, wsi
 from histodistill.io import InputError
 from histodistill.store import PatchStore, StoreWriter
 
@@ -205,3 +206,23 @@ def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, t
     with pytest.raises(InputError, match=r"\[cohort\] .*gone.xml: annotation of slide s1 does not exist"):
         cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
                                  "table": str(table)})
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_path, direct):
+    cfg = TILING | {"magnification": 20, "patch_size": 64, "stride": 64, "max_patches_per_slide": 0}
+    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"])
+    assert geom.level == 0
+    with tifffile.TiffFile(tumour_slide) as tif:
+        page = tif.pages[0]
+        tile = int(coords[0, 1] // page.tilelength * -(-page.imagewidth // page.tilewidth)
+                   + coords[0, 0] // page.tilewidth)
+        offset = page.dataoffsets[tile]
+    raw = bytearray(tumour_slide.read_bytes())
+    raw[offset:offset + 64] = bytes(range(64))  # no longer a JPEG stream; the TIFF still opens
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(raw)
+    where = r"tile \d+ \(level pixels x \d+, y \d+\)" if direct else r"region x \d+, y \d+ \(level-0\)"
+    with pytest.raises(InputError, match=r"^\[tile\] .*bad.tif: pixel data cannot be decoded at "
+                                         rf"level 0, {where}.*Not a JPEG file"):
+        wsi.read_patches(bad, coords, geom, threads=2, direct=direct)
