@@ -8,6 +8,7 @@ Arrays: ``patches`` (N, 3, H, W) uint8 chunked along N, ``coords`` (N, 2) int64 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,20 @@ class PatchStore:
     def array(self, name: str) -> np.ndarray:
         """Load a whole metadata array (``coords``, ``slide``, ``label``, ``split``)."""
         return self.group[name][:]
+
+    def content_digest(self) -> str:
+        """A cheap key for the store's contents, without reading the patches: the bytes of the
+        metadata arrays (labels, splits, slides, coords) and the name, size and modification
+        time of every patch chunk file, so any rewrite of a patch (or a copy) changes it."""
+        digest = hashlib.sha256()
+        for name in FIELDS:
+            digest.update(np.ascontiguousarray(self.array(name)).tobytes())
+        chunks = self.path / "patches"
+        for f in sorted(chunks.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                digest.update(f"{f.relative_to(chunks)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
 
     def indices(self, split: str) -> np.ndarray:
         """Row indices of one split."""
