@@ -116,6 +116,8 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
                 label = rec[label_col].strip()
                 folder = root / image_dir.format(split=split, label=label)
                 items.append((folder / rec[image_col].strip(), label, split))
+    if not items:
+        raise InputError(STAGE, root, f"the label CSVs {sorted(dataset['csv'].values())} list no images")
     return items, sorted({c for _, c, _ in items})
 
 
@@ -160,6 +162,8 @@ def ingest_npz(path: Path, out: Path, patch_size: int | None, attrs: dict[str, A
         data = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise InputError(STAGE, path, f"npz cannot be read ({err})") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(STAGE, path, "holds a single array, not an npz archive of named arrays")
     with data, atomic_path(out) as tmp:
         splits = [s for s in SPLITS if f"{s}_images" in data.files]
         if not splits:

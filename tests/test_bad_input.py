@@ -226,3 +226,17 @@ def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_pa
     with pytest.raises(InputError, match=r"^\[tile\] .*bad.tif: pixel data cannot be decoded at "
                                          rf"level 0, {where}.*Not a JPEG file"):
         wsi.read_patches(bad, coords, geom, threads=2, direct=direct)
+
+
+def test_bad_label_csvs_name_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text("image,label\n")
+    dataset = {"format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"}}
+    with pytest.raises(InputError, match=r"\[ingest\] .*: the label CSVs \['\{root\}/train.csv'\] list no images"):
+        ingest.ingest_dataset("u", dataset, tmp_path / "p.zarr")
+    with pytest.raises(InputError, match=r"\[ingest\] .*train.csv: csv key 'valid' is not a split; use \['train'"):
+        ingest.ingest_dataset("u", {**dataset, "csv": {"valid": "{root}/train.csv"}}, tmp_path / "p.zarr")
+    np.save(tmp_path / "one.npy", pixels(2))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(InputError, match=r"one.npz: holds a single array, not an npz archive"):
+        ingest.ingest_npz(tmp_path / "one.npz", tmp_path / "p.zarr", None, {})
+    assert leftovers(tmp_path) == []
