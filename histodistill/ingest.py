@@ -117,7 +117,8 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
                 folder = root / image_dir.format(split=split, label=label)
                 items.append((folder / rec[image_col].strip(), label, split))
     if not items:
-        raise InputError(STAGE, root, f"the label CSVs {sorted(dataset['csv'].values())} list no images")
+        raise InputError(STAGE, root,
+                         f"the label CSVs {sorted(dataset['csv'].values())} list no images")
     return items, sorted({c for _, c, _ in items})
 
 

@@ -217,8 +217,8 @@ def read_region(slide: openslide.OpenSlide, path: str | os.PathLike, xy: tuple[i
         return slide.read_region(xy, level, size)
     except openslide.OpenSlideError as err:
         raise InputError(STAGE, path, f"pixel data cannot be decoded at level {level}, region "
-                         f"x {xy[0]}, y {xy[1]} (level-0), size {size[0]} x {size[1]} ({err})"
-                         ) from None
+                         f"x {xy[0]}, y {xy[1]} (level-0), {size[0]} x {size[1]} level pixels "
+                         f"({err})") from None
 
 
 def read_patch(slide: openslide.OpenSlide, xy: tuple[int, int], geom: SlideGeometry) -> np.ndarray:
