@@ -2,7 +2,9 @@
 
 Camelyon16 lesion files group polygons as ``_0``/``_1`` (tumour) and ``_2`` (normal tissue
 excluded from a surrounding tumour polygon); files written by ASAP by hand often use ``Tumor``
-and ``Exclusion``. Both are recognised by default and configurable.
+and ``Exclusion``. Both are recognised by default and configurable. A polygon in any other
+group, with a non-finite coordinate, or lying wholly outside the slide is an error rather than
+silently lost tumour: groups meant to be dropped are listed in ``ignore_groups``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,14 @@ def read_asap_xml(
     tumour_groups: tuple[str, ...] | list[str] = TUMOUR_GROUPS,
     exclusion_groups: tuple[str, ...] | list[str] = EXCLUSION_GROUPS,
     stage: str = "tile",
+    ignore_groups: tuple[str, ...] | list[str] = (),
+    bounds: tuple[int, int] | None = None,
 ) -> Annotation:
-    """Parse an ASAP XML file; raise :class:`InputError` naming the file if it is malformed."""
+    """Parse an ASAP XML file; raise :class:`InputError` naming the file if it is malformed.
+
+    ``bounds`` is the slide's level-0 (width, height): a polygon wholly outside it is an error
+    (coordinates of another slide or level). Polygons of groups in ``ignore_groups`` are dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(stage, path, "annotation file does not exist")
@@ -54,16 +62,35 @@ def read_asap_xml(
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise InputError(stage, path, f"annotation {node.get('Name')!r} has a bad coordinate") from err
-        if len(coords) < 3:
+        if len(coords) < 3 or group in ignore_groups:
             continue  # points and lines carry no area
         poly = np.array([(x, y) for _, x, y in coords], dtype=np.float64)
+        what = f"annotation {node.get('Name')!r} (group {group!r})"
+        if not np.isfinite(poly).all():
+            raise InputError(stage, path, f"{what} has a non-finite coordinate "
+                             f"({poly[~np.isfinite(poly)][0]})")
+        if bounds is not None and _outside(poly, bounds):
+            lo, hi = poly.min(0), poly.max(0)
+            raise InputError(stage, path, f"{what} lies wholly outside the slide: x {lo[0]:.0f}.."
+                             f"{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f} on a {bounds[0]} x "
+                             f"{bounds[1]} level-0 slide")
         if group in tumour_groups:
             ann.tumour.append(poly)
         elif group in exclusion_groups:
             ann.exclusion.append(poly)
+        else:
+            raise InputError(stage, path, f"{what}: the group is not in tiling.tumour_groups "
+                             f"{list(tumour_groups)} or tiling.exclusion_groups "
+                             f"{list(exclusion_groups)}; add it there or to tiling.ignore_groups")
     if root.tag != "ASAP_Annotations" and not (ann.tumour or ann.exclusion):
         raise InputError(stage, path, f"not an ASAP annotation file (root element <{root.tag}>)")
     return ann
+
+
+def _outside(poly: np.ndarray, bounds: tuple[int, int]) -> bool:
+    """Whether the polygon's bounding box misses the slide's level-0 rectangle."""
+    lo, hi = poly.min(0), poly.max(0)
+    return bool(hi[0] < 0 or hi[1] < 0 or lo[0] > bounds[0] or lo[1] > bounds[1])
 
 
 def write_asap_xml(path: str | os.PathLike, groups: dict[str, list[np.ndarray]]) -> None:

@@ -36,7 +36,8 @@ def resolve_root(name: str, dataset: dict[str, Any]) -> Path:
 
 
 def build_table(name: str, dataset: dict[str, Any]) -> list[dict[str, Any]]:
-    """Slide table for a WSI dataset, validated (every slide exists, labels known)."""
+    """Slide table for a WSI dataset, validated (every slide and annotation exists, labels
+    known), so that a bad cohort fails here, before any tiling job is queued."""
     root = resolve_root(name, dataset)
     layout = dataset.get("layout", "table")
     rows = _camelyon16(root, dataset) if layout == "camelyon16" else _table(root, dataset)
@@ -46,6 +47,9 @@ def build_table(name: str, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     for row in rows:
         if not Path(row["path"]).is_file():
             raise InputError(STAGE, row["path"], "slide listed for the dataset does not exist")
+        if row["annotation"] and not Path(row["annotation"]).is_file():
+            raise InputError(STAGE, row["annotation"],
+                             f"annotation of slide {row['slide']} does not exist")
     return rows
 
 
@@ -55,6 +59,8 @@ def _slide_number(name: str) -> int:
 
 
 def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the official layout; a tumour slide without its lesion XML is an error unless
+    listed in ``unannotated_slides`` (else all its patches would silently count as normal)."""
     centre_split = dataset.get("centre_split", {"normal": 100, "tumor": 70})
     rows = []
     for label in ("normal", "tumor"):
@@ -74,6 +80,14 @@ def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"slide": path.stem, "path": str(path), "label": labels[path.stem.lower()],
                          "split": "test", "centre": -1,
                          "annotation": str(ann) if ann.exists() else ""})
+    allowed = set(dataset.get("unannotated_slides", []))
+    for row in rows:
+        if row["label"] == "tumor" and not row["annotation"] and row["slide"] not in allowed:
+            folder = "training" if row["split"] == "train" else "testing"
+            raise InputError(STAGE, root / folder / "lesion_annotations" / f"{row['slide']}.xml",
+                             f"tumour slide {row['slide']} has no lesion annotation, so none of "
+                             "its patches would be labelled tumour; add the XML or list the slide "
+                             "in datasets.<name>.unannotated_slides")
     return rows
 
 

@@ -34,12 +34,13 @@ def _with_defaults(validator_class: type) -> type:
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-def _message(err: jsonschema.ValidationError) -> str:
-    key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    path = [*prefix, *err.absolute_path]
+    key = ".".join(str(p) for p in path) or "<top level>"
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         allowed = sorted(err.schema.get("properties", {}))
-        where = f"{key}." if err.absolute_path else ""
+        where = f"{key}." if path else ""
         return f"config key '{where}{extra[0]}' is not recognised; allowed keys here: {allowed}"
     if err.validator == "enum":
         return f"config key '{key}' = {err.instance!r} is not allowed; choose one of {err.validator_value}"
@@ -48,14 +49,29 @@ def _message(err: jsonschema.ValidationError) -> str:
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
+OVERRIDES = ("tiling", "distill", "evaluate")  # sections a dataset entry may override
+
+
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
-    """Validate ``config`` in place (filling defaults) and return it, or raise ConfigError."""
+    """Validate ``config`` in place (filling defaults) and return it, or raise ConfigError.
+
+    Each ``datasets.<name>.<section>`` override is checked against the schema of the global
+    section, without filling defaults (a default there would replace the global value)."""
     with open(schema) as f:
         spec = yaml.safe_load(f)
     validator = _with_defaults(jsonschema.Draft202012Validator)(spec)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid config: " + _message(errors[0]))
+    for name, entry in config["datasets"].items():
+        for key in OVERRIDES:
+            if key not in entry:
+                continue
+            section_schema = {"$defs": spec.get("$defs", {}), **spec["properties"][key]}
+            plain = jsonschema.Draft202012Validator(section_schema)
+            errors = sorted(plain.iter_errors(entry[key]), key=lambda e: list(e.absolute_path))
+            if errors:
+                raise ConfigError("invalid config: " + _message(errors[0], ("datasets", name, key)))
     return config
 
 

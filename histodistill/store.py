@@ -8,6 +8,7 @@ Arrays: ``patches`` (N, 3, H, W) uint8 chunked along N, ``coords`` (N, 2) int64 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,16 +52,26 @@ class StoreWriter:
 
     def append(self, patches: np.ndarray, coords: np.ndarray, slide: np.ndarray,
                label: np.ndarray, split: np.ndarray) -> None:
-        """Append rows; ``patches`` may be (N, H, W, 3) or (N, 3, H, W) uint8."""
+        """Append rows; ``patches`` may be (N, H, W, 3) or (N, 3, H, W) uint8.
+
+        Every array must hold the same number of rows and the store's row shape: zarr would
+        silently truncate or broadcast a mismatched write. Raises ValueError before writing.
+        """
         if patches.ndim == 4 and patches.shape[-1] == 3 and patches.shape[1] != 3:
             patches = patches.transpose(0, 3, 1, 2)
         n, m = self.n, len(patches)
-        values = {"patches": patches, "coords": coords, "slide": slide, "label": label,
-                  "split": split}
+        values = {"patches": np.asarray(patches), "coords": np.asarray(coords),
+                  "slide": np.asarray(slide), "label": np.asarray(label),
+                  "split": np.asarray(split)}
+        for name, value in values.items():
+            want = (m, *self.group[name].shape[1:])
+            if value.shape != want:
+                raise ValueError(f"store {self.group.store}: {name} has shape {value.shape}, "
+                                 f"expected {want} (rows must match the {m} patches)")
         for name, value in values.items():
             arr = self.group[name]
             arr.resize((n + m, *arr.shape[1:]))
-            arr[n:n + m] = np.asarray(value, dtype=arr.dtype)
+            arr[n:n + m] = value.astype(arr.dtype, copy=False)
 
 
 @dataclass
@@ -84,6 +95,20 @@ class PatchStore:
     def array(self, name: str) -> np.ndarray:
         """Load a whole metadata array (``coords``, ``slide``, ``label``, ``split``)."""
         return self.group[name][:]
+
+    def content_digest(self) -> str:
+        """A cheap key for the store's contents, without reading the patches: the bytes of the
+        metadata arrays (labels, splits, slides, coords) and the name, size and modification
+        time of every patch chunk file, so any rewrite of a patch (or a copy) changes it."""
+        digest = hashlib.sha256()
+        for name in FIELDS:
+            digest.update(np.ascontiguousarray(self.array(name)).tobytes())
+        chunks = self.path / "patches"
+        for f in sorted(chunks.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                digest.update(f"{f.relative_to(chunks)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
 
     def indices(self, split: str) -> np.ndarray:
         """Row indices of one split."""

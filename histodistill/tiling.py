@@ -39,7 +39,8 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
                             cfg.get("default_mpp"))
         mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
                                      cfg["min_saturation"])
-        coords = wsi.grid(*slide.dimensions, geom)
+        dims = slide.dimensions
+        coords = wsi.grid(*dims, geom)
     finally:
         slide.close()
     if not mask.any():
@@ -56,7 +57,8 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     default = slide_label if cfg["unannotated_label"] == "slide" else cfg["unannotated_label"]
     labels = np.full(len(coords), _class_index(default, class_names, path), np.int64)
     if annotation:
-        ann = annotations.read_asap_xml(annotation, cfg["tumour_groups"], cfg["exclusion_groups"])
+        ann = annotations.read_asap_xml(annotation, cfg["tumour_groups"], cfg["exclusion_groups"],
+                                        STAGE, cfg["ignore_groups"], dims)
         frac = annotations.tumour_fraction(ann, coords, size0)
         labels[frac >= cfg["tumour_overlap"]] = _class_index(cfg["tumour_class"], class_names, path)
     return coords, labels, geom

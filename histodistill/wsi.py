@@ -160,9 +160,9 @@ def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int) ->
         image = thumb.convert("RGB")
     else:
         vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "")
-        tiff = _TiffLevel.open(path, vendor, (lw, lh))
+        tiff = _TiffLevel.open(path, vendor, level, (lw, lh))
         if tiff is None:
-            image = slide.read_region((0, 0), level, (lw, lh)).convert("RGB")
+            image = read_region(slide, path, (0, 0), level, (lw, lh)).convert("RGB")
         else:
             try:
                 tiles = {i: tiff.tile(i) for i in range(len(tiff.offsets))}
@@ -209,6 +209,18 @@ def box_fraction(
     return np.where(area > 0, inside / np.maximum(area, 1), 0.0)
 
 
+def read_region(slide: openslide.OpenSlide, path: str | os.PathLike, xy: tuple[int, int],
+                level: int, size: tuple[int, int]) -> Image.Image:
+    """OpenSlide's ``read_region``, with undecodable pixel data (corrupt JPEG inside a readable
+    file) reported as one :class:`InputError` naming the slide, level and region."""
+    try:
+        return slide.read_region(xy, level, size)
+    except openslide.OpenSlideError as err:
+        raise InputError(STAGE, path, f"pixel data cannot be decoded at level {level}, region "
+                         f"x {xy[0]}, y {xy[1]} (level-0), {size[0]} x {size[1]} level pixels "
+                         f"({err})") from None
+
+
 def read_patch(slide: openslide.OpenSlide, xy: tuple[int, int], geom: SlideGeometry) -> np.ndarray:
     """Read one patch as (H, W, 3) uint8 with a single ``read_region`` (the naive way)."""
     region = slide.read_region((int(xy[0]), int(xy[1])), geom.level, (geom.read_size,) * 2)
@@ -237,18 +249,19 @@ class _TiffLevel:
 
     VENDORS = ("generic-tiff", "aperio")  # plain tile grids; other formats go through OpenSlide
 
-    def __init__(self, path: str | os.PathLike, page: tifffile.TiffPage) -> None:
+    def __init__(self, path: str | os.PathLike, page: tifffile.TiffPage, level: int) -> None:
         self.fd = os.open(path, os.O_RDONLY)
-        self.page = page
+        self.path, self.page, self.level = path, page, level
         self.tw, self.th = page.tilewidth, page.tilelength
         self.width, self.height = page.imagewidth, page.imagelength
         self.ntx = -(-self.width // self.tw)
         self.offsets, self.counts = page.dataoffsets, page.databytecounts
 
     @classmethod
-    def open(cls, path: str | os.PathLike, vendor: str, dims: tuple[int, int]
+    def open(cls, path: str | os.PathLike, vendor: str, level: int, dims: tuple[int, int]
              ) -> "_TiffLevel | None":
-        """The TIFF page of a level of size ``dims`` when it is a plain 8-bit RGB tile grid."""
+        """The TIFF page of pyramid ``level`` (size ``dims``) when it is a plain 8-bit RGB tile
+        grid."""
         if vendor not in cls.VENDORS:
             return None
         width, height = dims
@@ -259,7 +272,7 @@ class _TiffLevel:
                             and page.samplesperpixel == 3 and page.bitspersample == 8
                             and page.tiledepth == 1 and page.planarconfig == 1):
                         _ = page.decode  # build the decoder while the file is open
-                        return cls(path, page)
+                        return cls(path, page, level)
         except (tifffile.TiffFileError, ValueError, KeyError):
             return None
         return None
@@ -278,7 +291,13 @@ class _TiffLevel:
         if self.counts[index] == 0:  # sparse tile: OpenSlide paints it transparent, i.e. black
             return np.zeros((self.th, self.tw, 3), np.uint8)
         data = os.pread(self.fd, self.counts[index], self.offsets[index])
-        seg, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
+        try:
+            seg, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
+        except RuntimeError as err:  # imagecodecs' codec errors (Jpeg8Error, ...)
+            y, x = divmod(index, self.ntx)
+            raise InputError(STAGE, self.path, f"pixel data cannot be decoded at level "
+                             f"{self.level}, tile {index} (level pixels x {x * self.tw}, "
+                             f"y {y * self.th}) ({err})") from None
         return seg.reshape(self.th, self.tw, -1)[..., :3]
 
     def window_rect(self, tiles: dict[int, np.ndarray], lx: int, ly: int, w: int, h: int
@@ -356,7 +375,8 @@ def _read_openslide(slide_path: str | os.PathLike, coords: np.ndarray, geom: Sli
         lx = np.round((coords[idx, 0] - x0) / ds).astype(int)
         ly = np.round((coords[idx, 1] - y0) / ds).astype(int)
         size = (int(lx.max()) + r, int(ly.max()) + r)
-        region = np.asarray(local.slide.read_region((int(x0), int(y0)), geom.level, size))
+        region = np.asarray(read_region(local.slide, slide_path, (int(x0), int(y0)), geom.level,
+                                        size))
         for k, i in enumerate(idx):
             out[i] = _resize(np.ascontiguousarray(region[ly[k]:ly[k] + r, lx[k]:lx[k] + r, :3]),
                              geom.patch_size)
@@ -391,7 +411,7 @@ def read_patches(
         return np.empty((0, geom.patch_size, geom.patch_size, 3), np.uint8)
     level = None
     if direct:
-        level = _TiffLevel.open(slide_path, geom.vendor, geom.level_dims)
+        level = _TiffLevel.open(slide_path, geom.vendor, geom.level, geom.level_dims)
     if level is None:
         return _read_openslide(slide_path, coords, geom, threads, progress)
     try:

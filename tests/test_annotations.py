@@ -42,11 +42,11 @@ def test_triangle_fraction_is_its_area_share():
     assert frac[0] == pytest.approx(0.5, abs=0.02)
 
 
-def test_camelyon_groups_and_other_groups(tmp_path):
+def test_camelyon_groups_and_ignored_groups(tmp_path):
     path = tmp_path / "c16.xml"
     annotations.write_asap_xml(path, {"_0": [SQUARE], "_1": [SQUARE + 600], "_2": [HOLE],
                                       "Other": [SQUARE + 1200]})
-    ann = annotations.read_asap_xml(path)
+    ann = annotations.read_asap_xml(path, ignore_groups=["Other"])
     assert (len(ann.tumour), len(ann.exclusion)) == (2, 1)
 
 

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from conftest import make_toy_store
 from histodistill import models
@@ -16,6 +17,7 @@ from histodistill.data import RealData
 from histodistill.distill import METHODS, Context, build
 from histodistill.distill.coreset import herding_order
 from histodistill.distill.matching import match_loss, matched_params, model_augment
+from histodistill.distill.run import fingerprint
 from histodistill.store import PatchStore
 
 NET = {"width": 8, "norm": "none"}
@@ -313,3 +315,46 @@ def test_forgetting_keeps_the_most_forgotten(store, monkeypatch):
     torch.testing.assert_close(images[0], x[0])  # class 0: row 0 (two events) first
     torch.testing.assert_close(images[1], x[1])  # then row 4 (one event)
     torch.testing.assert_close(images[2], x[2])  # class 1 (odd rows): row 7
+
+
+def test_checkpoint_key_covers_store_pool_and_template_contents(tmp_path):
+    path = make_toy_store(tmp_path / "p.zarr")  # 8 patches per chunk
+    pool_file, template = tmp_path / "pool.pt", tmp_path / "template.json"
+    pool_file.write_bytes(b"pool 1")
+    template.write_bytes(b"template 1")
+    keys = [fingerprint(PatchStore(path), pool_file, template)]
+    assert fingerprint(PatchStore(path), pool_file, template) == keys[0]  # stable
+    pool_file.write_bytes(b"pool 2")
+    keys.append(fingerprint(PatchStore(path), pool_file, template))
+    template.write_bytes(b"template 2")
+    keys.append(fingerprint(PatchStore(path), pool_file, template))
+    group = zarr.open_group(str(path), mode="a")
+    attrs = dict(group.attrs)
+    label = group["label"][:]
+    label[[0, 1]] = label[[1, 0]]  # same class counts, attributes and channel statistics
+    group["label"][:] = label
+    keys.append(fingerprint(PatchStore(path), pool_file, template))
+    a, b = group["patches"][0], group["patches"][16]  # one class, two chunks: same statistics
+    group["patches"][0], group["patches"][16] = b, a
+    keys.append(fingerprint(PatchStore(path), pool_file, template))
+    assert dict(group.attrs) == attrs and len(set(keys)) == len(keys)
+
+
+def test_relabelled_store_gives_a_fresh_run_not_a_resume(tmp_path):
+    path = make_toy_store(tmp_path / "p.zarr")
+    ckpt = tmp_path / "h.ckpt"
+
+    def ctx(checkpoint=None) -> Context:
+        store = PatchStore(path)
+        real = RealData(store, "train", 64, 0, torch.device("cpu"))
+        return Context(real, 0, None, checkpoint, pool(), progress=False,
+                       fingerprint=fingerprint(store))
+
+    build("histodd", SETTINGS["histodd"], 2, ctx(ckpt)).run(stop_after=2)
+    group = zarr.open_group(str(path), mode="a")
+    label = group["label"][:]
+    label[[0, 1, 2, 3]] = label[[1, 0, 3, 2]]
+    group["label"][:] = label
+    fresh, _ = build("histodd", SETTINGS["histodd"], 2, ctx()).run()
+    resumed, _ = build("histodd", SETTINGS["histodd"], 2, ctx(ckpt)).run()
+    torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)

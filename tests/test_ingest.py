@@ -100,7 +100,7 @@ def test_bad_inputs_name_the_file(tmp_path):
 
 def test_center_crop_keeps_the_middle_before_resizing(tmp_path):
     img = images(5, 1, size=12)[0]
-    write_tree(tmp_path / "data", {"train": {"a": [img]}, "test": {"b": [img]}})
+    write_tree(tmp_path / "data", {"train": {"a": [img], "b": [img]}})
     cfg = {"format": "imagefolder", "root": str(tmp_path / "data"), "center_crop": 4}
     store = PatchStore(ingest.ingest_dataset("crop", cfg, tmp_path / "p.zarr"))
     np.testing.assert_array_equal(store.patches()[0].transpose(1, 2, 0), img[4:8, 4:8])

@@ -67,8 +67,9 @@ def pretrain_pool(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
 
 def fingerprint(store: PatchStore, *files: str | os.PathLike | None) -> str:
     """A cheap key for the contents of a run's inputs: the store's attributes (which record its
-    channel statistics and the config that built it) and size, and the bytes of small files."""
-    parts: list[Any] = [store.attrs, len(store)]
+    channel statistics and the config that built it), size and content digest, and the bytes of
+    small files (pool, template)."""
+    parts: list[Any] = [store.attrs, len(store), store.content_digest()]
     for f in files:
         if f:
             parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())

@@ -1,0 +1,242 @@
+"""Bad input never passes silently (issue 7): each case gets one error naming the stage and the
+file or config key, and leaves no partial output."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+from PIL import Image
+
+from histodistill import annotations, cohort, config, ingest, tiling, wsi
+from histodistill.io import InputError
+from histodistill.store import PatchStore, StoreWriter
+
+CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+TILING = config.validate({"datasets": {}})["tiling"] | {"magnification": 10, "patch_size": 32,
+                                                        "stride": 32, "mask_mpp": 4.0}
+
+
+@pytest.mark.parametrize("section, override, message", [
+    ("distill", {"methods": {"histodd": {"outer_loops": 3}}},
+     r"'datasets.demo.distill.methods.histodd.outer_loops' is not recognised; allowed keys here: \['alpha'"),
+    ("distill", {"methods": {"histo_dd": {}}},
+     r"'datasets.demo.distill.methods' = 'histo_dd' is not allowed; choose one of \['histodd'"),
+    ("evaluate", {"augment": {"ops": ["shear"]}},
+     r"'datasets.demo.evaluate.augment.ops.0' = 'shear' is not allowed"),
+    ("evaluate", {"archz": ["convnet"]},
+     r"'datasets.demo.evaluate.archz' is not recognised; allowed keys here: \['arch_kwargs'"),
+    ("evaluate", {"full": {"epoch": 1}},
+     r"'datasets.demo.evaluate.full.epoch' is not recognised; allowed keys here: \['batch'"),
+    ("tiling", {"patchsize": 64},
+     r"'datasets.demo.tiling.patchsize' is not recognised; allowed keys here: \['default_mpp'"),
+])
+def test_dataset_override_typos_fail_at_load(section, override, message):
+    cfg = copy.deepcopy(CONFIG)
+    cfg["datasets"]["demo"][section] = override
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg)
+
+
+def test_dataset_overrides_get_no_schema_defaults():
+    cfg = copy.deepcopy(CONFIG)
+    cfg["distill"]["pool"] = {"net": "resnet18"}
+    cfg["datasets"]["demo"]["distill"] = {"pool": {"size": 2}}
+    cfg = config.validate(cfg)
+    assert cfg["datasets"]["demo"]["distill"] == {"pool": {"size": 2}}
+    pool = config.section(cfg, "demo", "distill")["pool"]
+    assert (pool["net"], pool["size"]) == ("resnet18", 2)  # the global choice survives
+
+
+def leftovers(tmp_path: Path, name: str = "p.zarr") -> list[str]:
+    """Outputs and partial outputs of a failed run next to ``name``."""
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.lstrip(".").startswith(name))
+
+
+def pixels(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+GOOD_NPZ = {"train_images": pixels(6), "train_labels": np.array([[0], [1], [0], [1], [0], [1]]),
+            "test_images": pixels(2, seed=1), "test_labels": np.array([[0], [1]])}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"train_labels": np.eye(2, dtype=np.int64)[[0, 1, 0, 1, 0, 1]]},
+     r"train_labels has shape \(6, 2\); expected one class index per image \(one-hot"),
+    ({"train_images": pixels(6).astype(np.float32) / 255},
+     r"train_images has dtype float32, values 0 to 1; expected integer pixels in 0-255"),
+    ({"train_images": pixels(6).astype(np.int16) * 2},
+     r"train_images has values 0 to 5\d\d; expected 0-255"),
+    ({"train_labels": np.array([0, 1, -1, 1, 0, 1])},
+     r"train_labels holds label -1; class indices start at 0"),
+    ({"train_labels": np.array([0, 1, 0, 1, 0, 2])},
+     r"labels go up to 2 but 2 classes are named \(datasets.<name>.classes: \['a', 'b'\]\)"),
+    ({"train_labels": None}, r"array 'train_labels' is missing \(arrays: \['test_images'"),
+    ({"train_labels": np.array([0, 1, 0, 1, 0])}, r"train_labels has 5 labels for 6 images"),
+    ({"test_images": pixels(2, seed=1)[:, :, :, :2]},
+     r"test_images has shape \(2, 8, 8, 2\); expected \(N, H, W\) or \(N, H, W, 3\)"),
+    ({"train_labels": np.array([0, 0, 0, 0, 0, 0])}, r"class\(es\) \['b'\] have no training images"),
+])
+def test_bad_npz_names_the_file_and_leaves_nothing(tmp_path, edit, message):
+    arrays = {k: v for k, v in {**GOOD_NPZ, **edit}.items() if v is not None}
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d.npz: " + message):
+        ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}, ["a", "b"])
+    assert leftovers(tmp_path) == []
+
+
+def test_npz_without_class_names_counts_labels_and_a_good_npz_passes(tmp_path):
+    np.savez(tmp_path / "d.npz", **GOOD_NPZ)
+    store = PatchStore(ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}))
+    assert store.class_names == ["0", "1"] and len(store) == 8
+    assert leftovers(tmp_path) == ["p.zarr"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "scramble"])
+def test_corrupt_npz_names_the_file(tmp_path, damage):
+    np.savez_compressed(tmp_path / "d.npz", **GOOD_NPZ)
+    raw = (tmp_path / "d.npz").read_bytes()
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:  # the zip directory survives, a member's compressed bytes do not
+        start = raw.index(b"train_images.npy") + 40
+        raw = raw[:start] + bytes(200) + raw[start + 200:]
+    (tmp_path / "d.npz").write_bytes(raw)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d.npz: (npz|array '\w+') cannot be read"):
+        ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {})
+    assert leftovers(tmp_path) == []
+
+
+def test_store_writer_rejects_rows_of_unequal_length(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr", 8)
+    n = 3
+    with pytest.raises(ValueError, match=r"label has shape \(4,\), expected \(3,\)"):
+        writer.append(pixels(n), np.zeros((n, 2)), np.zeros(n), np.zeros(n + 1), np.zeros(n))
+    with pytest.raises(ValueError, match=r"patches has shape \(3, 3, 4, 4\), expected \(3, 3, 8, 8\)"):
+        writer.append(pixels(n, 4), np.zeros((n, 2)), np.zeros(n), np.zeros(n), np.zeros(n))
+    assert writer.n == 0  # nothing half written
+
+
+def image_tree(root: Path, layout: dict[str, list[str]]) -> None:
+    """``{"Train/adi": [...], ...}``: folders of 8 x 8 PNGs, one per listed name."""
+    for folder, names in layout.items():
+        (root / folder).mkdir(parents=True)
+        for k, name in enumerate(names):
+            Image.fromarray(pixels(1, seed=k)[0]).save(root / folder / f"{name}.png")
+
+
+def test_imagefolder_split_folders_are_recognised_in_any_spelling(tmp_path):
+    image_tree(tmp_path / "d", {"Train/adi": ["a", "b"], "Train/tum": ["c"], "valid/adi": ["d"],
+                                "valid/tum": ["e"], "TEST/adi": ["f"], "TEST/tum": ["g"]})
+    store = PatchStore(ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")},
+                                             tmp_path / "p.zarr"))
+    assert store.class_names == ["adi", "tum"]
+    assert list(store.array("split")) == [0, 0, 0, 1, 1, 2, 2]
+    assert list(store.array("label")) == [0, 0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train/adi": ["a"], "train/tum": ["b"], "tum": ["c"]},
+     r"mixes split folders \['train'\] with other folders \['tum'\]"),
+    ({"train/adi": ["a"], "val/adi": ["b"], "Validation/adi": ["c"]},
+     r"folders 'Validation' and 'val' are both the val split"),
+    ({"train/adi": ["a"], "test/adi": ["b"], "test/tum": ["c"]},
+     r"class\(es\) \['tum'\] have no training images"),
+])
+def test_bad_imagefolder_layout_names_the_root(tmp_path, layout, message):
+    image_tree(tmp_path / "d", layout)
+    with pytest.raises(InputError, match=r"\[ingest\] .*d: " + message):
+        ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")}, tmp_path / "p.zarr")
+    assert leftovers(tmp_path) == []
+
+
+def xml_with(tmp_path: Path, x: str, group: str = "_0") -> Path:
+    path = tmp_path / "ann.xml"
+    coords = "".join(f'<Coordinate Order="{i}" X="{cx}" Y="{cy}"/>'
+                     for i, (cx, cy) in enumerate([(x, "10"), ("200", "10"), ("200", "200")]))
+    path.write_text(f'<ASAP_Annotations><Annotations><Annotation Name="A1" PartOfGroup="{group}">'
+                    f"<Coordinates>{coords}</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    return path
+
+
+@pytest.mark.parametrize("x, group, message", [
+    ("nan", "_0", r"annotation 'A1' \(group '_0'\) has a non-finite coordinate \(nan\)"),
+    ("inf", "_0", r"annotation 'A1' \(group '_0'\) has a non-finite coordinate \(inf\)"),
+    ("10", "Metastasis", r"annotation 'A1' \(group 'Metastasis'\): the group is not in "
+                         r"tiling.tumour_groups \['_0'.*add it there or to tiling.ignore_groups"),
+])
+def test_bad_annotation_coordinates_and_groups(tmp_path, x, group, message):
+    with pytest.raises(InputError, match=r"\[tile\] .*ann.xml: " + message):
+        annotations.read_asap_xml(xml_with(tmp_path, x, group))
+
+
+def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_path):
+    xml = tmp_path / "far.xml"
+    annotations.write_asap_xml(xml, {"_0": [np.array([[50000, 40000], [51000, 40000], [51000, 41000]])]})
+    with pytest.raises(InputError, match=r"\[tile\] .*far.xml: annotation 'Annotation 0' \(group '_0'\) "
+                                         r"lies wholly outside the slide: x 50000..51000, y 40000..41000 "
+                                         r"on a 1024 x 768 level-0 slide"):
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"])
+    beyond = np.array([[-500, -500], [1500, -500], [1500, 1200], [-500, 1200]])  # past every edge
+    annotations.write_asap_xml(xml, {"_0": [beyond]})
+    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"])
+    assert len(labels) and (labels == 1).all()
+
+
+def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_path):
+    (tmp_path / "c16" / "training" / "tumor").mkdir(parents=True)
+    shutil.copy(tumour_slide, tmp_path / "c16" / "training" / "tumor" / "tumor_001.tif")
+    dataset = {"format": "wsi", "layout": "camelyon16", "root": str(tmp_path / "c16")}
+    with pytest.raises(InputError, match=r"\[cohort\] .*training/lesion_annotations/tumor_001.xml: "
+                                         r"tumour slide tumor_001 has no lesion annotation"):
+        cohort.build_table("c16", dataset)
+    rows = cohort.build_table("c16", {**dataset, "unannotated_slides": ["tumor_001"]})  # opt-in
+    assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
+
+
+def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text(f"slide,label,path,annotation\ns1,tumor,{tumour_slide},{tmp_path / 'gone.xml'}\n")
+    with pytest.raises(InputError, match=r"\[cohort\] .*gone.xml: annotation of slide s1 does not exist"):
+        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
+                                 "table": str(table)})
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_path, direct):
+    cfg = TILING | {"magnification": 20, "patch_size": 64, "stride": 64, "max_patches_per_slide": 0}
+    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"])
+    assert geom.level == 0
+    with tifffile.TiffFile(tumour_slide) as tif:
+        page = tif.pages[0]
+        tile = int(coords[0, 1] // page.tilelength * -(-page.imagewidth // page.tilewidth)
+                   + coords[0, 0] // page.tilewidth)
+        offset = page.dataoffsets[tile]
+    raw = bytearray(tumour_slide.read_bytes())
+    raw[offset:offset + 64] = bytes(range(64))  # no longer a JPEG stream; the TIFF still opens
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(raw)
+    where = r"tile \d+ \(level pixels x \d+, y \d+\)" if direct else r"region x \d+, y \d+ \(level-0\)"
+    with pytest.raises(InputError, match=r"^\[tile\] .*bad.tif: pixel data cannot be decoded at "
+                                         rf"level 0, {where}.*Not a JPEG file"):
+        wsi.read_patches(bad, coords, geom, threads=2, direct=direct)
+
+
+def test_bad_label_csvs_name_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text("image,label\n")
+    dataset = {"format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"}}
+    with pytest.raises(InputError, match=r"\[ingest\] .*: the label CSVs \['\{root\}/train.csv'\] list no images"):
+        ingest.ingest_dataset("u", dataset, tmp_path / "p.zarr")
+    with pytest.raises(InputError, match=r"\[ingest\] .*train.csv: csv key 'valid' is not a split; use \['train'"):
+        ingest.ingest_dataset("u", {**dataset, "csv": {"valid": "{root}/train.csv"}}, tmp_path / "p.zarr")
+    np.save(tmp_path / "one.npy", pixels(2))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(InputError, match=r"one.npz: holds a single array, not an npz archive"):
+        ingest.ingest_npz(tmp_path / "one.npz", tmp_path / "p.zarr", None, {})
+    assert leftovers(tmp_path) == []
