@@ -123,7 +123,7 @@ def test_editing_a_section_reruns_only_its_stage_and_below(built):
 def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str, str]]]:
     """(rule, resources) of every job a dry run prints."""
     text = proc.stdout + proc.stderr
-    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", text, re.M)
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", text, re.M)
     return [(rule, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res in jobs]
 
 
@@ -162,6 +162,17 @@ def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_c
     distill = dict(jobs)["distill"]
     assert distill["gpu_model"] == "a100" and distill["mem_mb"] == "32000"  # rest kept
     assert dict(jobs)["full_train"]["cpus_per_task"] == "16"
+
+
+def test_a_retry_gets_more_memory_and_runtime(tmp_path):
+    tiny_config(tmp_path / "config.yaml")
+    (tmp_path / "results/demo/patches.zarr").mkdir(parents=True)  # not a store: the job fails
+    proc = snakemake(tmp_path, "--cores", "1", "--retries", "1", "--allowed-rules",
+                     "stain_template", "--", "results/demo/stain/template.json", check=False)
+    assert proc.returncode != 0
+    attempts = [res for rule, res in job_resources(proc) if rule == "stain_template"]
+    assert [(r["mem_mb"], r["runtime"]) for r in attempts] == [("8000", "60"), ("16000", "120")]
+    assert not (tmp_path / "results/demo/stain/template.json").exists()
 
 
 def test_bad_config_key_fails_with_one_clear_message(tmp_path):
