@@ -68,7 +68,8 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path) -> set[str]:
+@lru_cache(maxsize=None)
+def _imported_modules(path: Path) -> frozenset[str]:
     """Modules of this package that ``path`` imports (statically, at any depth in the file), with
     their parent packages (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``)."""
     found: set[str] = set()
@@ -82,7 +83,7 @@ def _imported_modules(path: Path) -> set[str]:
         for name in names:
             parts = name.split(".")
             found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return {m for m in found if m.split(".")[0] == PACKAGE.name}
+    return frozenset(m for m in found if m.split(".")[0] == PACKAGE.name)
 
 
 @lru_cache(maxsize=None)

@@ -87,6 +87,7 @@ def test_config_override_that_is_not_yaml_names_the_key(given, message):
     ({"tiling": {"magnifcation": "5"}}, r"'tiling.magnifcation' is not recognised"),
     ({"compute": {"gpu": "1"}}, r"'compute' is not recognised"),
     ({"stain": "dark"}, r"'stain' = 'dark': 'dark' is not of type 'object'"),
+    ({"distill": {"cache_mb": "0.5"}}, r"'distill.cache_mb' = 0.5: 0.5 is not of type 'integer'"),
 ])
 def test_config_override_with_a_bad_key_names_it(given, message):
     cfg = copy.deepcopy(CONFIG)
