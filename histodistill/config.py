@@ -74,7 +74,7 @@ def _typed(value: Any) -> Any:
 
 
 def parse_overrides(overrides: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
-    """Type the values of ``snakemake --config``: Snakemake reads ``compute={gpu: 1}``-style
+    """Type the values of ``snakemake --config``: Snakemake reads ``tiling={magnification: 5}``-style
     values with YAML's base loader, so nested scalars arrive as strings and a value that is not
     valid YAML arrives as the raw string. A section of the schema given as such a string gets an
     error naming the key; scalars are read as YAML, so documented keys validate as in a file."""

@@ -1,5 +1,5 @@
-"""What a workflow rule's ``params`` hold, so that Snakemake's params trigger reruns exactly the
-jobs whose results would change.
+"""What a workflow rule's ``params`` hold, so that Snakemake's params trigger reruns the jobs whose
+settings or library code changed, and no others.
 
 Snakemake compares the ``repr`` of each param with the one recorded when the output was built.
 So params hold only the settings a rule reads, with every mapping in sorted key order (reordering
@@ -20,7 +20,8 @@ from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent
 
-# Settings that change how a rule runs (memory, checkpoint cadence) but not what it computes.
+# How a rule runs (memory budget, checkpoint cadence), not which method settings it runs with:
+# passed as resources, so changing them reruns nothing (README: "Running on a cluster").
 OPERATIONAL = ("cache_mb", "checkpoint_every")
 
 
