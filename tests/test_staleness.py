@@ -23,6 +23,7 @@ from histodistill import params
 from test_workflow import planned_jobs, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3, "demo": 1}
 
