@@ -75,6 +75,46 @@ def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict
     return config
 
 
+def _typed(value: Any) -> Any:
+    """A ``--config`` value with every string leaf read as YAML ('1' -> 1, 'null' -> None)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def parse_overrides(overrides: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
+    """Type the values of ``snakemake --config``: Snakemake reads ``tiling={magnification: 5}``-style
+    values with YAML's base loader, so nested scalars arrive as strings and a value that is not
+    valid YAML arrives as the raw string. A section of the schema given as such a string gets an
+    error naming the key; scalars are read as YAML, so documented keys validate as in a file."""
+    with open(schema) as f:
+        sections = {k for k, v in yaml.safe_load(f)["properties"].items()
+                    if v.get("type") == "object" or "$ref" in v}
+    typed = {}
+    for key, value in overrides.items():
+        if key in sections and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"invalid --config: '{key}={value}' is not valid YAML ({mark})") from None
+        typed[key] = _typed(value)
+    return typed
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Replace, in place, the values ``--config`` put into ``config`` by their typed form."""
+    config.update(merge(config, parse_overrides(overrides)))
+    return config
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a config file."""
     with open(path) as f:

@@ -8,5 +8,6 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     full = dict(zip(sm.params.evaluate["archs"], sm.input.full))
+    cfg = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}  # not a param: no rerun
     evaluate_distilled(sm.input.distilled, sm.input.cost, sm.input.store, sm.input.template, full,
-                       sm.params.evaluate, sm.wildcards.dataset, sm.output[0])
+                       cfg, sm.wildcards.dataset, sm.output[0])

@@ -7,4 +7,5 @@ from histodistill.logs import rule_logging
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
-    full_train(sm.input.store, sm.input.template, sm.wildcards.arch, sm.params.evaluate, sm.output[0])
+    cfg = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}  # not a param: no rerun
+    full_train(sm.input.store, sm.input.template, sm.wildcards.arch, cfg, sm.output[0])

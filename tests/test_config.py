@@ -25,7 +25,7 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["tiling"].update(magnifcation=5), r"'tiling.magnifcation' is not recognised; allowed keys here: \['default_mpp'"),
     (lambda c: c["datasets"]["demo"].update(format="svs"), r"'datasets.demo.format' = 'svs' is not allowed; choose one of \['wsi'"),
-    (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['compute', 'dataset', 'datasets'"),
+    (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['dataset', 'datasets', 'demo'"),
     (lambda c: c["stain"].update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
     (lambda c: c["datasets"]["demo"]["tiling"].update(patch_size="64"), r"'datasets.demo.tiling.patch_size' = '64'"),
 ])
@@ -51,3 +51,45 @@ def test_paper_presets_per_dataset():
     pool = config.section(cfg, "camelyon16", "distill")["pool"]
     assert max(pool["save_epochs"]) <= pool["train"]["epochs"] <= 5  # early-stage checkpoints
     assert config.section(cfg, "camelyon16", "evaluate")["stain_norm"] is True
+
+
+
+def test_config_overrides_from_the_command_line_are_typed():
+    # what `snakemake --config 'tiling={magnification: 5, default_mpp: null, skip_empty: true}'
+    # 'datasets={demo: {root: /d}}' 'evaluate={archs: [vit], train: {lr: 1.0e-3}}' dataset=pcam`
+    # hands the Snakefile: nested scalars as strings
+    given = {"tiling": {"magnification": "5", "default_mpp": "null", "skip_empty": "true"},
+             "datasets": {"demo": {"root": "/d"}},
+             "evaluate": {"archs": ["vit"], "train": {"lr": "1.0e-3"}}, "dataset": "pcam"}
+    typed = config.parse_overrides(given)
+    assert typed["tiling"] == {"magnification": 5, "default_mpp": None, "skip_empty": True}
+    assert typed["evaluate"] == {"archs": ["vit"], "train": {"lr": 1e-3}}
+    assert typed["datasets"]["demo"]["root"] == "/d" and typed["dataset"] == "pcam"
+    cfg = config.merge(CONFIG, given)  # how Snakemake merges --config into the config file
+    with pytest.raises(config.ConfigError, match="' = '"):
+        config.validate(copy.deepcopy(cfg))  # untyped, as before
+    cfg = config.validate(config.apply_overrides(cfg, given))
+    assert config.tiling(cfg, "demo")["magnification"] == 10  # the dataset's own override wins
+    assert cfg["tiling"]["magnification"] == 5 and cfg["evaluate"]["runs"] == 5  # rest kept
+    assert cfg["datasets"]["demo"]["root"] == "/d" and cfg["datasets"]["demo"]["synthetic"]
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"tiling": "{magnification: 5"}, r"--config: 'tiling=\{magnification: 5' is not valid YAML"),
+    ({"stain": "[1, 2"}, r"--config: 'stain=\[1, 2' is not valid YAML"),
+])
+def test_config_override_that_is_not_yaml_names_the_key(given, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse_overrides(given)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"tiling": {"magnifcation": "5"}}, r"'tiling.magnifcation' is not recognised"),
+    ({"compute": {"gpu": "1"}}, r"'compute' is not recognised"),
+    ({"stain": "dark"}, r"'stain' = 'dark': 'dark' is not of type 'object'"),
+    ({"distill": {"cache_mb": "0.5"}}, r"'distill.cache_mb' = 0.5: 0.5 is not of type 'integer'"),
+])
+def test_config_override_with_a_bad_key_names_it(given, message):
+    cfg = copy.deepcopy(CONFIG)
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(config.apply_overrides(config.merge(cfg, given), given))

@@ -120,13 +120,59 @@ def test_editing_a_section_reruns_only_its_stage_and_below(built):
         tiny_config(built / "config.yaml")
 
 
+def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job a dry run prints."""
+    text = proc.stdout + proc.stderr
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", text, re.M)
+    return [(rule, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res in jobs]
+
+
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}
+
+
 def test_slurm_profile_dry_runs_from_the_repo_root(built):
     proc = snakemake(built, "--profile", "slurm", "-n", "--forceall", "demo")
     text = proc.stdout + proc.stderr
     assert "Using profiles slurm and workflow specific profile profiles/default" in text
-    assert re.search(r"rule tile:.*?mem_mb=16000.*?runtime=480", text, re.S)  # per-rule resources
-    assert re.search(r"rule distill:.*?mem_mb=32000.*?gpu=0", text, re.S)
+    jobs = dict(job_resources(proc))
+    assert jobs["distill"]["mem_mb"] == "32000" and jobs["distill"]["runtime"] == "2880"
+    assert {r for r, res in jobs.items() if res.get("gpu") == "1"} == GPU_RULES
     assert planned_jobs(proc)["tile"] == 1
+
+
+def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_cohort):
+    """The commented examples of slurm/config.yaml, switched on, reach a camelyon16 dry run."""
+    profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
+    profile["default-resources"] = {"slurm_account": "mylab", "slurm_partition": "cpu"}
+    profile["set-resources"] = {"distill": {"slurm_partition": "gpu", "gpu_model": "a100"},
+                                "full_train": {"gpu": 0, "cpus_per_task": 16}}
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "config.yaml").write_text(yaml.safe_dump(profile))
+    tiny_config(tmp_path / "config.yaml")
+    proc = snakemake(tmp_path, "--profile", str(tmp_path / "site"), "-n",
+                     "results/camelyon16/histodd_ipc10.json", "--config",
+                     f"datasets={{camelyon16: {{root: {small_cohort}, "
+                     "centre_split: {normal: 1, tumor: 1}}}")
+    jobs = job_resources(proc)
+    assert {rule for rule, _ in jobs} >= GPU_RULES | {"stain_template"}
+    for rule, res in jobs:
+        assert res["slurm_account"] == "mylab", rule
+        assert res["slurm_partition"] == ("gpu" if rule == "distill" else "cpu"), rule
+        assert res.get("gpu", "0") == ("1" if rule in GPU_RULES - {"full_train"} else "0"), rule
+    distill = dict(jobs)["distill"]
+    assert distill["gpu_model"] == "a100" and distill["mem_mb"] == "32000"  # rest kept
+    assert dict(jobs)["full_train"]["cpus_per_task"] == "16"
+
+
+def test_a_retry_gets_more_memory_and_runtime(tmp_path):
+    tiny_config(tmp_path / "config.yaml")
+    (tmp_path / "results/demo/patches.zarr").mkdir(parents=True)  # not a store: the job fails
+    proc = snakemake(tmp_path, "--cores", "1", "--retries", "1", "--allowed-rules",
+                     "stain_template", "--", "results/demo/stain/template.json", check=False)
+    assert proc.returncode != 0
+    attempts = [res for rule, res in job_resources(proc) if rule == "stain_template"]
+    assert [(r["mem_mb"], r["runtime"]) for r in attempts] == [("8000", "60"), ("16000", "120")]
+    assert not (tmp_path / "results/demo/stain/template.json").exists()
 
 
 def test_bad_config_key_fails_with_one_clear_message(tmp_path):
@@ -149,15 +195,6 @@ def test_every_method_builds(built):
     for target in targets:
         result = json.loads((built / target).read_text())
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
-
-
-def test_gpu_setting_reaches_the_gpu_rules(built):
-    tiny_config(built / "config.yaml", compute={"gpu": 1})
-    try:
-        proc = snakemake(built, "-n", "--forceall", "demo")
-        assert re.search(r"rule distill:.*?gpu=1", proc.stdout + proc.stderr, re.S)
-    finally:
-        tiny_config(built / "config.yaml")
 
 
 def test_missing_per_ipc_entry_names_the_key(tmp_path):

@@ -1,7 +1,11 @@
 # Config validation and the small helpers every rule reads its settings through.
+from pathlib import Path
+
 import histodistill.config as hdconfig
+import histodistill.params as hdparams
 
 try:
+    hdconfig.apply_overrides(config, workflow.config_settings.overwrite_config)
     hdconfig.validate(config)
 except hdconfig.ConfigError as err:
     raise WorkflowError(str(err)) from None
@@ -55,9 +59,6 @@ def ingest_input(wildcards):
     return []
 
 
-GPU = config["compute"]["gpu"]  # GPUs per GPU rule; 0 keeps CPU-only runs schedulable
-
-
 def section(name, key):
     """A stage's config section for one dataset (global, deep-merged with dataset overrides)."""
     return hdconfig.section(config, name, key)
@@ -66,6 +67,17 @@ def section(name, key):
 def method_cfg(wildcards):
     """One method's settings for the dataset and ipc; a missing per-ipc entry fails the DAG."""
     return hdconfig.method_config(config, wildcards.dataset, wildcards.method, int(wildcards.ipc))
+
+
+def setting(name, key):
+    """A function of the wildcards giving one setting of a stage, canonical, for ``params``."""
+    return lambda wc: hdparams.canonical(section(wc.dataset, name)[key])
+
+
+def library(script):
+    """Hash of the library modules ``scripts/<script>`` imports: a param, so editing them reruns
+    the rule (Snakemake's code trigger sees only the wrapper script)."""
+    return hdparams.library_hash(Path(workflow.basedir) / "scripts" / script)
 
 
 def full_results(wildcards):

@@ -3,15 +3,16 @@ rule demo_cohort:
     output:
         directory("results/demo/cohort"),
     params:
-        spec=config["demo"],
+        spec=hdparams.canonical(config["demo"]),
+        code=library("demo_cohort.py"),
     log:
         "logs/demo_cohort.log",
     benchmark:
         "benchmarks/demo_cohort.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
     conda:
         ENV
     script:
@@ -23,15 +24,16 @@ rule demo_patches:
     output:
         "results/demo_patches/demo_patches.npz",
     params:
-        spec=config["demo_patches"],
+        spec=hdparams.canonical(config["demo_patches"]),
+        code=library("demo_patches.py"),
     log:
         "logs/demo_patches.log",
     benchmark:
         "benchmarks/demo_patches.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
     conda:
         ENV
     script:

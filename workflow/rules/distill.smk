@@ -5,19 +5,20 @@ rule pretrain_pool:
     output:
         "results/{dataset}/pool.pt",
     params:
-        pool=lambda wc: section(wc.dataset, "distill")["pool"],
-        seed=lambda wc: section(wc.dataset, "distill")["seed"],
-        max_per_class=lambda wc: section(wc.dataset, "distill")["max_real_per_class"],
-        cache_mb=lambda wc: section(wc.dataset, "distill")["cache_mb"],
+        pool=setting("distill", "pool"),
+        seed=setting("distill", "seed"),
+        max_per_class=setting("distill", "max_real_per_class"),
+        code=library("pretrain_pool.py"),
     log:
         "logs/pretrain_pool/{dataset}.log",
     benchmark:
         "benchmarks/pretrain_pool/{dataset}.tsv"
-    threads: 2
+    threads: 4
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=GPU,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 240 * attempt,
+        gpu=1,
+        cache_mb=setting("distill", "cache_mb"),
     conda:
         ENV
     script:
@@ -40,20 +41,22 @@ rule distill:
             labels={"dataset": "{dataset}", "method": "{method}", "ipc": "{ipc}"},
         ),
     params:
-        cfg=method_cfg,
-        seed=lambda wc: section(wc.dataset, "distill")["seed"],
-        max_per_class=lambda wc: section(wc.dataset, "distill")["max_real_per_class"],
-        cache_mb=lambda wc: section(wc.dataset, "distill")["cache_mb"],
+        cfg=lambda wc: hdparams.without_operational(method_cfg(wc)),
+        seed=setting("distill", "seed"),
+        max_per_class=setting("distill", "max_real_per_class"),
         checkpoint="results/{dataset}/distilled/{method}_ipc{ipc}.ckpt",
+        code=library("distill.py"),
     log:
         "logs/distill/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/distill/{dataset}/{method}_ipc{ipc}.tsv"
-    threads: 2
+    threads: 4
     resources:
-        mem_mb=16000,
-        runtime=1440,
-        gpu=GPU,
+        mem_mb=lambda wc, attempt: 32000 * attempt,
+        runtime=lambda wc, attempt: 2880 * attempt,
+        gpu=1,
+        cache_mb=setting("distill", "cache_mb"),
+        checkpoint_every=lambda wc: method_cfg(wc)["checkpoint_every"],
     conda:
         ENV
     script:

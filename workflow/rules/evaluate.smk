@@ -6,16 +6,18 @@ rule full_train:
     output:
         "results/{dataset}/full/{arch}.json",
     params:
-        evaluate=lambda wc: section(wc.dataset, "evaluate"),
+        evaluate=lambda wc: hdparams.full_train_settings(section(wc.dataset, "evaluate"), wc.arch),
+        code=library("full_train.py"),
     log:
         "logs/full_train/{dataset}/{arch}.log",
     benchmark:
         "benchmarks/full_train/{dataset}/{arch}.tsv"
-    threads: 2
+    threads: 4
     resources:
-        mem_mb=16000,
-        runtime=720,
-        gpu=GPU,
+        mem_mb=lambda wc, attempt: 32000 * attempt,
+        runtime=lambda wc, attempt: 1440 * attempt,
+        gpu=1,
+        cache_mb=setting("evaluate", "cache_mb"),
     conda:
         ENV
     script:
@@ -33,16 +35,18 @@ rule evaluate:
     output:
         "results/{dataset}/{method}_ipc{ipc}.json",
     params:
-        evaluate=lambda wc: section(wc.dataset, "evaluate"),
+        evaluate=lambda wc: hdparams.evaluate_settings(section(wc.dataset, "evaluate")),
+        code=library("evaluate.py"),
     log:
         "logs/evaluate/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/evaluate/{dataset}/{method}_ipc{ipc}.tsv"
-    threads: 2
+    threads: 4
     resources:
-        mem_mb=8000,
-        runtime=720,
-        gpu=GPU,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 720 * attempt,
+        gpu=1,
+        cache_mb=setting("evaluate", "cache_mb"),
     conda:
         ENV
     script:

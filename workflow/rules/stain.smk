@@ -11,15 +11,16 @@ rule stain_template:
             labels={"dataset": "{dataset}"},
         ),
     params:
-        stain=config["stain"],
+        stain=hdparams.canonical(config["stain"]),
+        code=library("stain_template.py"),
     log:
         "logs/stain_template/{dataset}.log",
     benchmark:
         "benchmarks/stain_template/{dataset}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
     conda:
         ENV
     script:

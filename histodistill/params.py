@@ -1,0 +1,111 @@
+"""What a workflow rule's ``params`` hold, so that Snakemake's params trigger reruns the jobs whose
+settings or library code changed, and no others.
+
+Snakemake compares the ``repr`` of each param with the one recorded when the output was built.
+So params hold only the settings a rule reads, with every mapping in sorted key order (reordering
+a section changes nothing), and no operational knob (:data:`OPERATIONAL`: memory budgets and
+checkpoint intervals, which the rules pass as resources). Snakemake's ``code`` trigger sees only
+a rule's wrapper script, so each rule also carries :func:`library_hash` of the library modules
+that script imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent
+
+# How a rule runs (memory budget, checkpoint cadence), not which method settings it runs with:
+# passed as resources, so changing them reruns nothing (README: "Running on a cluster").
+OPERATIONAL = ("cache_mb", "checkpoint_every")
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping rebuilt in sorted key order (its repr no longer depends on the
+    order keys were written or merged in)."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
+def without_operational(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the :data:`OPERATIONAL` keys, canonical."""
+    return canonical({k: v for k, v in settings.items() if k not in OPERATIONAL})
+
+
+def full_train_settings(evaluate: dict[str, Any], arch: str) -> dict[str, Any]:
+    """What ``full_train`` reads for one architecture: its own ``arch_kwargs`` only, so adding an
+    architecture or changing ``runs``/``train`` leaves the cached upper bounds alone."""
+    keys = ("augment", "full", "seed", "stain_norm")
+    return canonical({**{k: evaluate[k] for k in keys if k in evaluate},
+                      "arch_kwargs": {arch: evaluate.get("arch_kwargs", {}).get(arch, {})}})
+
+
+def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
+    """What ``evaluate`` reads: the section without ``full`` (it reads the cached upper bounds
+    from files), without operational knobs, and ``arch_kwargs`` only of the evaluated archs."""
+    kwargs = evaluate.get("arch_kwargs", {})
+    picked = {k: v for k, v in evaluate.items() if k not in ("full", "arch_kwargs")}
+    picked["arch_kwargs"] = {a: kwargs[a] for a in evaluate["archs"] if a in kwargs}
+    return without_operational(picked)
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a module of this package, or None for anything else."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE.name:
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=None)
+def _imported_modules(path: Path) -> frozenset[str]:
+    """Modules of this package that ``path`` imports (statically, at any depth in the file), with
+    their parent packages (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(m for m in found if m.split(".")[0] == PACKAGE.name)
+
+
+@lru_cache(maxsize=None)
+def library_files(script: str) -> tuple[Path, ...]:
+    """Every source file of this package that ``script`` imports, followed transitively."""
+    seen: set[Path] = set()
+    todo = [Path(script)]
+    while todo:
+        for module in _imported_modules(todo.pop()):
+            path = _module_file(module)
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.append(path)
+    return tuple(sorted(seen))
+
+
+def library_hash(script: str | os.PathLike) -> str:
+    """A short hash of the library code ``script`` runs: a rule param that changes when any module
+    the script imports (directly or not) changes, and only then."""
+    digest = hashlib.sha256()
+    for path in library_files(str(Path(script).resolve())):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

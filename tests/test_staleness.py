@@ -1,0 +1,181 @@
+"""What reruns what: Snakemake's own dry run over a recorded demo state, each case both ways.
+
+The state is a copy of the workflow and the library in a temporary folder (so a test can edit a
+library module), with every output of the tiny demo target created empty and recorded by
+``snakemake --touch`` (which stores the params, code and inputs of each job as a real run does).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histodistill import params
+from test_workflow import planned_jobs, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
+BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3, "demo": 1}
+
+
+def run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    """snakemake in ``work`` on its own copy of the workflow and library."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=work,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(work)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def planned(work: Path, *args: str) -> dict[str, int]:
+    """Jobs a dry run of the demo target plans: rule -> count."""
+    return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("staleness")
+    for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
+        copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy_(ROOT / name, work / name)
+    (work / "profiles").symlink_to("workflow/profiles")
+    tiny_config(work / "config.yaml")
+    summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
+    for line in summary:
+        out = work / line.split("\t")[0]
+        if out.suffix in ("", ".zarr"):  # directory outputs
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.touch()
+    run(work, "--touch", "--forceall", "--cores", "1", "demo")
+    assert planned(work) == {}
+    return work
+
+
+@contextmanager
+def edited_config(work: Path, edit) -> Iterator[None]:  # noqa: ANN001
+    """The state's config.yaml changed by ``edit(cfg)`` for the duration of the block."""
+    path = work / "config.yaml"
+    original = path.read_text()
+    cfg = yaml.safe_load(original)
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+@contextmanager
+def edited_module(work: Path, module: str) -> Iterator[None]:
+    """A comment appended to one library module of the state for the duration of the block."""
+    path = work / "histodistill" / module
+    original = path.read_text()
+    path.write_text(original + "\n# edited\n")
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+def reversed_keys(section: dict) -> dict:
+    return {k: section[k] for k in reversed(list(section))}
+
+
+def test_evaluate_runs_reruns_evaluate_but_not_the_cached_full_train(state):
+    with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(runs=3)):
+        assert planned(state) == {"evaluate": 3, "demo": 1}
+    # the full-data training reads its own settings: changing them reruns it
+    with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"]["full"].update(epochs=2)):
+        assert planned(state) == {"full_train": 1, "evaluate": 3, "demo": 1}
+
+
+def test_adding_an_architecture_trains_only_the_new_one(state):
+    archs = ["convnet", "lenet"]
+    with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(archs=archs)):
+        proc = run(state, "-n", "demo", *TRIGGERS)
+        assert planned_jobs(proc) == {"full_train": 1, "evaluate": 3, "demo": 1}
+        assert "results/demo/full/lenet.json" in proc.stdout
+        assert "output: results/demo/full/convnet.json" not in proc.stdout
+    # but a changed arch_kwargs of an evaluated architecture retrains it
+    kwargs = {"convnet": {"width": 16, "norm": "batchnorm"}}
+    with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(arch_kwargs=kwargs)):
+        assert planned(state) == {"full_train": 1, "evaluate": 3, "demo": 1}
+
+
+def test_operational_knobs_rerun_nothing(state):
+    knobs = ("distill={checkpoint_every: 3, cache_mb: 64}", "evaluate={cache_mb: 32}")
+    assert planned(state, "--config", *knobs) == {}
+    forced = run(state, "-n", "--forceall", "demo", "--config", *knobs).stdout
+    assert "cache_mb=64, checkpoint_every=3" in forced and "cache_mb=32" in forced  # they apply
+    # while a setting that changes what distillation computes does rerun it
+    assert planned(state, "--config", "distill={max_real_per_class: 50}") == {
+        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "demo": 1}
+
+
+def test_reordering_keys_reruns_nothing(state):
+    def reorder(cfg: dict) -> None:
+        for name in ("stain", "distill", "evaluate", "demo"):
+            cfg[name] = reversed_keys(cfg[name])
+        demo = cfg["datasets"]["demo"]
+        demo["distill"]["methods"] = {m: reversed_keys(s)
+                                      for m, s in reversed_keys(demo["distill"]["methods"]).items()}
+        demo["evaluate"] = reversed_keys(demo["evaluate"])
+    with edited_config(state, reorder):
+        assert planned(state) == {}
+    # the same section with a changed value reruns its stage and below
+    with edited_config(state, lambda c: c.update(stain=reversed_keys({**c["stain"], "beta": 0.2}))):
+        assert planned(state) == BELOW_TEMPLATE
+
+
+def test_library_edit_reruns_the_rules_that_run_it(state):
+    with edited_module(state, "stain.py"):  # the template, and the stages that import it
+        assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1}  # pool training augments with it
+    with edited_module(state, "evaluate.py"):
+        jobs = planned(state)
+        assert jobs["full_train"] == 1 and jobs["evaluate"] == 3
+        assert not {"demo_cohort", "cohort", "stain_template"} & set(jobs)
+    with edited_module(state, "params.py"):  # imported by the Snakefile only, not by a rule
+        assert planned(state) == {}
+    assert planned(state) == {}  # the edit undone: back to up to date
+
+
+def test_library_hash_follows_imports_and_nothing_else(tmp_path):
+    stain = ROOT / "scripts" / "stain_template.py"
+    files = {p.relative_to(params.PACKAGE).as_posix() for p in params.library_files(str(stain))}
+    assert {"stain.py", "store.py", "logs.py", "__init__.py"} <= files
+    assert not {"tiling.py", "evaluate.py", "params.py", "distill/base.py"} & files
+    distill = {p.relative_to(params.PACKAGE).as_posix()
+               for p in params.library_files(str(ROOT / "scripts" / "distill.py"))}
+    assert {"distill/histodd.py", "distill/coreset.py", "data/stream.py", "models.py"} <= distill
+    script = tmp_path / "s.py"
+    script.write_text("import os\nfrom histodistill.logs import rule_logging\n")
+    other = tmp_path / "t.py"
+    other.write_text("from histodistill import logs  # same module, other spelling\n")
+    assert params.library_hash(script) == params.library_hash(other) != params.library_hash(stain)
+
+
+def test_canonical_settings_ignore_order_and_what_the_rule_does_not_read():
+    a = {"b": 1, "a": {"y": [{"q": 1, "p": 2}], "x": 2}}
+    b = copy.deepcopy({"a": {"x": 2, "y": [{"p": 2, "q": 1}]}, "b": 1})
+    assert repr(params.canonical(a)) == repr(params.canonical(b)) != repr(a)
+    evaluate = {"archs": ["convnet", "vit"], "arch_kwargs": {"convnet": {"width": 8}, "lenet": {}},
+                "runs": 5, "seed": 0, "train": {"epochs": 3}, "full": {"epochs": 1},
+                "augment": {}, "stain_norm": True, "boundary": {}, "cache_mb": 64}
+    full = params.full_train_settings(evaluate, "vit")
+    assert full == {"arch_kwargs": {"vit": {}}, "augment": {}, "full": {"epochs": 1}, "seed": 0,
+                    "stain_norm": True}
+    ev = params.evaluate_settings(evaluate)
+    assert "full" not in ev and "cache_mb" not in ev and ev["arch_kwargs"] == {"convnet": {"width": 8}}
+    assert params.without_operational({"checkpoint_every": 5, "lr_img": 0.1}) == {"lr_img": 0.1}
