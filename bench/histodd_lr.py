@@ -6,7 +6,7 @@ Usage: python bench/histodd_lr.py [--dataset pcam] [--lrs 0.5 0.05] [--outer 20]
 Needs the dataset's store, template and full-data result (`make pcam` builds PCam's: real
 Camelyon16 tissue, not shipped; `make demo` the demo's); skipped with a message when missing.
 With the dataset's settings from config.yaml, in one run: the pool,
-Histo-DD once per lr_img (K=--outer, U=--inner), random real patches, each evaluated with the
+Histo-DD once per lr_img (K=--outer, U=--inner), random real patches, each evaluated with
 the dataset's evaluation settings at --epochs. Prints one `name: value` line per figure; the image grids
 and the full results go to --out (default results/bench/histodd_lr_<dataset>). Minutes per lr
 on a GPU at the defaults; hours on 2 CPU cores.
