@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from histodistill.io import atomic_path
+from histodistill.io import InputError, atomic_path
 from histodistill.tables import rows
 
 
@@ -50,8 +50,12 @@ def table_html(result: dict, out: str | os.PathLike) -> None:
 
 def report_result(result_path: str | os.PathLike, curves: str | os.PathLike,
                   table: str | os.PathLike) -> None:
-    """Write the curves PNG and the table HTML of one result JSON."""
+    """Write the curves PNG and the table HTML of one result JSON; a result written before
+    curves were recorded is refused with a message saying how to refresh it."""
     result = json.loads(Path(result_path).read_text())
+    if any("curve" not in summary for summary in result["patch"].values()):
+        raise InputError("report", result_path, "has no training curves (written before they were "
+                         "recorded): rerun it with `snakemake -R evaluate <this file>`")
     plot_curves(result, curves)
     table_html(result, table)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from histodistill.io import InputError
 from histodistill.report import build_report, report_result, report_targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +45,16 @@ def test_result_curves_and_table(finished, tmp_path):
     acc = result["patch"]["convnet"]["acc"]
     assert f"<td>dm</td><td>2</td><td>{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}</td>" in page
     assert "<td>full data</td>" in page and "<th>convnet acc %</th>" in page
+
+
+def test_result_without_curves_is_refused_and_writes_nothing(finished, tmp_path):
+    result = json.loads((finished / "results/demo/dm_ipc2.json").read_text())
+    del result["patch"]["convnet"]["curve"]
+    old = tmp_path / "dm_ipc2.json"
+    old.write_text(json.dumps(result))
+    with pytest.raises(InputError, match=r"\[report\] .*dm_ipc2.json: has no training curves"):
+        report_result(old, tmp_path / "c.png", tmp_path / "t.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dm_ipc2.json"]
 
 
 def test_report_of_a_finished_run_has_grid_table_and_curves(finished):
