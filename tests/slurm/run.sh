@@ -17,8 +17,9 @@ log() { echo "test-slurm: $*"; }
 
 stop() {
   local rc=$?
+  trap '' INT TERM HUP PIPE       # finish the cleanup whatever happens to the terminal
   if [ -n "$WROTE_CONF" ]; then   # jobs left by a failed run: their steps outlive slurmd
-    squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    timeout 10 squeue -h -o %i 2>/dev/null | xargs -r timeout 10 scancel 2>/dev/null || true
   fi
   for pidfile in "${STARTED[@]}"; do
     [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
@@ -39,6 +40,7 @@ stop() {
   exit "$rc"
 }
 trap stop EXIT
+trap 'exit 1' INT TERM HUP PIPE   # through the EXIT trap: the daemons are stopped on signals too
 
 install_missing() {
   local missing=()

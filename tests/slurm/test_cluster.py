@@ -88,5 +88,6 @@ def test_gpu_rules_were_given_the_gpu(slurm_jobs):
     assert "distill" in slurm_jobs.values()
     for job, rule in slurm_jobs.items():
         gpu = rule in GPU_RULES
-        assert env[job] == ({"0"} if gpu else {"none"}), (rule, env[job])
-        assert gpus_requested(job) == gpu, rule
+        why = f"{rule} (SLURM job {job}): GPU rules must declare gpu=1 and get the one GPU"
+        assert env[job] == ({"0"} if gpu else {"none"}), f"{why}; CUDA_VISIBLE_DEVICES {env[job]}"
+        assert gpus_requested(job) == gpu, why
