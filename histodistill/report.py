@@ -1,11 +1,12 @@
 """The Snakemake report: artefacts of each result file (rule report_result: the evaluation's
 training curves and its result table) and `report.html` on any state of the results.
 
-Usage: python -m histodistill.report [report.html] [-- extra snakemake arguments]
+Usage: python -m histodistill.report [report.html]   (`make report`, from the repo root)
 """
 
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import os
@@ -85,7 +86,9 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    extra = args[args.index("--") + 1:] if "--" in args else []
-    own = args[:args.index("--")] if "--" in args else args
-    build_report(*own[:1], snakemake_args=extra)
+    parser = argparse.ArgumentParser(description="report.html of what has been built so far")
+    parser.add_argument("out", nargs="?", default="report.html")
+    try:
+        build_report(parser.parse_args().out)
+    except subprocess.CalledProcessError as err:  # snakemake has printed why
+        sys.exit(err.returncode)
