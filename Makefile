@@ -1,11 +1,12 @@
 # The two commands: `make demo` and `make test`. Both create .venv on first use.
+# CI (.ci/run) adds `make test-slurm` (a real single-node SLURM cluster) and `make lint`.
 PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 REAL    := resources/real/cmu_small_region.svs
 CORES   ?= 2
 TARGET  ?= demo
 
-.PHONY: demo test venv resources bench table pcam clean
+.PHONY: demo test test-slurm lint report venv resources bench table pcam clean
 
 venv: $(VENV_OK)
 
@@ -28,6 +29,19 @@ demo: $(VENV_OK) $(REAL)
 test: $(VENV_OK) $(REAL)
 	$(PY) -m pytest -q tests
 
+# `snakemake --profile slurm` on a tiny demo target through a single-node cluster started here
+# (root; installs Debian's slurm and munge when missing): tests/slurm/run.sh
+test-slurm: $(VENV_OK)
+	tests/slurm/run.sh
+
+lint: $(VENV_OK)
+	$(PY) -m snakemake --lint
+	.venv/bin/snakefmt --check Snakefile workflow/rules
+
+# report.html from whatever has been built (the workflow description alone on a fresh clone)
+report: $(VENV_OK)
+	$(PY) -m histodistill.report report.html
+
 bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py
 	$(PY) bench/distill.py
@@ -47,4 +61,4 @@ table: $(VENV_OK)
 	$(PY) -m histodistill.tables results/demo --readme README.md --bench results/bench
 
 clean:
-	rm -rf results logs benchmarks .snakemake
+	rm -rf results logs benchmarks .snakemake report.html

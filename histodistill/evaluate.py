@@ -128,12 +128,14 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Gene
 
 
 def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.Generator,
-          aug: Augment | None = None, on_epoch: Any = None, progress: bool = False) -> list[float]:
+          aug: Augment | None = None, on_epoch: Any = None, progress: bool = False,
+          curve: dict[str, list[float]] | None = None) -> list[float]:
     """Train ``net`` in place on ``batches(epoch)``; returns seconds per epoch.
 
     Augmentation draws parameters per image. ``on_epoch(epoch, rows, correct)`` is called after
     each epoch with the rows seen and whether the network classified each correctly when it was
-    presented (forgetting uses it).
+    presented (forgetting uses it). ``curve`` gets each epoch's mean training loss and accuracy
+    appended under "loss" and "acc" (the report's training curves).
     """
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -148,6 +150,7 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
     for epoch in tqdm(range(cfg.epochs), desc="epochs", disable=not progress, leave=False):
         start = time.perf_counter()
         rows, correct = [], []
+        loss_sum, hits, seen = 0.0, 0, 0
         for xb, yb, rb in batches(epoch):
             if aug is not None and aug.enabled:
                 xb = aug(xb, gen)
@@ -159,11 +162,18 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if curve is not None:
+                loss_sum += float(loss) * len(yb)
+                hits += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
             if on_epoch is not None:
                 rows.append(rb.cpu())
                 correct.append((logits.argmax(1) == yb).cpu())
         sched.step()
         times.append(time.perf_counter() - start)
+        if curve is not None:
+            curve.setdefault("loss", []).append(loss_sum / max(seen, 1))
+            curve.setdefault("acc", []).append(hits / max(seen, 1))
         if on_epoch is not None:
             on_epoch(epoch, torch.cat(rows), torch.cat(correct))
     return times
@@ -213,14 +223,17 @@ class Inputs:
         return lambda epoch: self.split(split, batch, seed * 100003 + epoch)
 
 
-def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float]) -> dict[str, Any]:
-    """Mean, std and per-run values of each metric, and the mean seconds per epoch."""
+def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float],
+                   curves: list[dict[str, list[float]]]) -> dict[str, Any]:
+    """Mean, std and per-run values of each metric, the mean seconds per epoch, and the
+    training curves (loss and accuracy per epoch) averaged over runs."""
     out: dict[str, Any] = {}
     for key in METRICS:
         values = [r[key] for r in runs]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
     out["epoch_time_s"] = float(np.mean(epoch_times))
     out["train_time_s"] = float(np.sum(epoch_times) / max(len(runs), 1))
+    out["curve"] = {key: np.mean([c[key] for c in curves], axis=0).tolist() for key in ("loss", "acc")}
     return out
 
 
@@ -229,19 +242,20 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
                   seed: int, aug: Augment | None) -> dict[str, Any]:
     """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) on ``batches(gen)`` and test each
     on the real test split."""
-    results, times = [], []
+    results, times, curves = [], [], []
     for run in tqdm(range(runs), desc=f"{arch} runs", disable=runs == 1):
         gen = torch.Generator().manual_seed(seed + run)
         torch.manual_seed(seed + run)
         net = models.build(arch, num_classes, im_size, **arch_kwargs).to(inputs.dev)
-        times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1)
+        curves.append({})
+        times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1])
         prob, y = predict(net, inputs.split("test", 512))
         if len(y) == 0:
             raise ValueError(f"{inputs.store.path} has no test split to evaluate on")
         results.append(metrics(y, prob))
         log.info("%s run %d/%d: acc %.4f, auc %.4f (%.1fs)", arch, run + 1, runs,
                  results[-1]["acc"], results[-1]["auc"], sum(times[-cfg.epochs:]))
-    return summarise_runs(results, times)
+    return summarise_runs(results, times, curves)
 
 
 def _versions() -> dict[str, str]:

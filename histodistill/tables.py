@@ -20,25 +20,35 @@ def _pct(metric: dict) -> str:
     return f"{100 * metric['mean']:.1f} ± {100 * metric['std']:.1f}"
 
 
-def table(folder: str | Path) -> str:
-    """Markdown table: one row per method and ipc, one column group per architecture."""
-    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*_ipc*.json"))]
-    if not results:
-        raise FileNotFoundError(f"no result files (*_ipc*.json) in {folder}")
-    results.sort(key=lambda r: (r["ipc"], ORDER.index(r["method"]) if r["method"] in ORDER else 99))
+def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per method and ipc (sorted), one column group per architecture,
+    and a last "full data" row with the upper bound."""
+    results = sorted(results, key=lambda r: (r["ipc"], ORDER.index(r["method"]) if r["method"] in ORDER else 99))
     archs = list(results[0]["patch"])
     head = ["method", "ipc"] + [f"{a} {m}" for a in archs for m in ("acc %", "AUC %")] + ["saturated %", "distill s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in results:
         cells = [r["method"], str(r["ipc"])]
         for a in archs:
             cells += [_pct(r["patch"][a]["acc"]), _pct(r["patch"][a]["auc"])]
         cells.append(f"{100 * r['saturated_fraction']:.1f}")
         cells.append(f"{r['distill']['seconds']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
     full = results[0]["full"]
-    cells = ["full data", "all"] + [c for a in archs for c in (_pct(full[a]["acc"]), _pct(full[a]["auc"]))] + ["-", "-"]
-    lines.append("| " + " | ".join(cells) + " |")
+    body.append(["full data", "all"] + [c for a in archs for c in (_pct(full[a]["acc"]), _pct(full[a]["auc"]))] + ["-", "-"])
+    return head, body
+
+
+def table(folder: str | Path) -> str:
+    """Markdown table of every result file in ``folder`` (see ``rows``) with a note on how it
+    was measured."""
+    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*_ipc*.json"))]
+    if not results:
+        raise FileNotFoundError(f"no result files (*_ipc*.json) in {folder}")
+    head, body = rows(results)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    archs = list(results[0]["patch"])
     runs = len(results[0]["patch"][archs[0]]["acc"]["runs"])
     lines.append("")
     lines.append(f"Mean ± std over {runs} seeded training runs on the distilled set, tested on the "

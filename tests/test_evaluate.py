@@ -67,10 +67,13 @@ def test_training_learns_a_separable_toy_problem():
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
     cfg = TrainConfig(epochs=15, lr=0.05, batch=16, boundary={"weight": 1.0, "rho": 0.5, "tau": 0.1})
-    seen = []
-    times = train(net, tensor_batches(x, y, 16, gen), cfg, gen,
+    seen, curve = [], {}
+    times = train(net, tensor_batches(x, y, 16, gen), cfg, gen, curve=curve,
                   on_epoch=lambda e, rows, correct: seen.append((sorted(rows.tolist()), correct.float().mean())))
     assert len(times) == 15 and len(seen) == 15 and seen[-1][1] == 1.0
+    # the curve's accuracy is the share classified correctly when presented, as on_epoch sees it
+    assert curve["acc"] == pytest.approx([float(acc) for _, acc in seen])
+    assert len(curve["loss"]) == 15 and curve["loss"][-1] < curve["loss"][0]
     assert seen[0][0] == list(range(64))  # every row once per epoch
     prob, labels = predict(net, tensor_batches(x, y, 16, gen)(0))
     assert metrics(labels, prob)["acc"] == 1.0
@@ -113,6 +116,8 @@ def test_saturated_fraction_counts_pixels_clipped_in_any_channel():
 def test_summary_has_mean_std_and_runs():
     runs = [{"acc": 0.5, "f1": 0.4, "auc": 0.6, "sensitivity": 0.5, "specificity": 0.5},
             {"acc": 0.7, "f1": 0.6, "auc": 0.8, "sensitivity": 0.7, "specificity": 0.7}]
-    out = summarise_runs(runs, [1.0, 3.0])
+    curves = [{"loss": [1.0, 0.5], "acc": [0.5, 0.75]}, {"loss": [3.0, 1.5], "acc": [0.25, 1.0]}]
+    out = summarise_runs(runs, [1.0, 3.0], curves)
     assert out["acc"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "runs": [0.5, 0.7]}
     assert out["epoch_time_s"] == 2.0 and out["train_time_s"] == 2.0
+    assert out["curve"] == {"loss": [2.0, 1.0], "acc": [0.375, 0.875]}  # epoch-wise mean of runs

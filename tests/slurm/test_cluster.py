@@ -1,0 +1,93 @@
+"""`snakemake --profile slurm` through the real single-node cluster of `make test-slurm`
+(tests/slurm/run.sh): every job goes through sbatch, and the GPU rules get the fake GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+STATE = os.environ.get("HISTODISTILL_SLURM_STATE")
+pytestmark = pytest.mark.skipif(not STATE, reason="needs the cluster of `make test-slurm`")
+
+TARGET = "results/demo/dm_ipc2.json"
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}  # declare gpu=1 themselves
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """Rule -> job count from snakemake's 'Job stats' table."""
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def jobcomp_states(path: Path) -> dict[str, str]:
+    """Job id -> final state, from SLURM's job completion records (jobcomp/filetxt)."""
+    records = (dict(re.findall(r"(\w+)=(\S*)", line)) for line in path.read_text().splitlines())
+    return {r["JobId"]: r["JobState"] for r in records}
+
+
+def task_environments(path: Path) -> dict[str, set[str]]:
+    """Job id -> the CUDA_VISIBLE_DEVICES values its tasks started with (the TaskProlog's log)."""
+    seen: dict[str, set[str]] = {}
+    for line in path.read_text().splitlines():
+        job, devices = line.split()
+        seen.setdefault(job, set()).add(devices)
+    return seen
+
+
+def gpus_requested(job: str) -> bool:
+    """Whether the controller's record of a finished job holds a GPU (kept for MinJobAge)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                         check=True).stdout
+    return re.search(r"gres[:/]gpu[:=]1\b", out) is not None
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny demo target built with `--profile slurm`; added only: test-speed polling, no
+    retries, and squeue for job status (this cluster has no accounting database for sacct)."""
+    work = tmp_path_factory.mktemp("slurm")
+    cmd = [sys.executable, "-m", "snakemake", TARGET, "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(work),
+           "--configfile", str(ROOT / "config.yaml"), str(ROOT / "tests/slurm/tiny.yaml"),
+           "--profile", "slurm", "--retries", "0", "--latency-wait", "5",
+           "--slurm-init-seconds-before-status-checks", "2", "--slurm-status-command", "squeue"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        jobs = "".join(f"\n== {p}\n{p.read_text()[-2000:]}"
+                       for p in (work / ".snakemake/slurm_logs").rglob("*.log"))
+        pytest.fail(f"snakemake --profile slurm failed:\n{text[-3000:]}{jobs}")
+    return work, text
+
+
+@pytest.fixture(scope="module")
+def slurm_jobs(run: tuple[Path, str]) -> dict[str, str]:
+    """SLURM job id -> rule, from the plugin's per-job logs (rule_<rule>/.../<jobid>.log)."""
+    logs = run[0] / ".snakemake/slurm_logs"
+    return {p.stem: p.relative_to(logs).parts[0].removeprefix("rule_") for p in logs.rglob("*.log")}
+
+
+def test_every_job_went_through_sbatch(run, slurm_jobs):
+    work, text = run
+    assert (work / TARGET).exists()
+    ran = {rule: list(slurm_jobs.values()).count(rule) for rule in set(slurm_jobs.values())}
+    assert ran == job_stats(text)
+    assert sorted(re.findall(r"submitted with SLURM jobid (\d+)", text)) == sorted(slurm_jobs)
+    states = jobcomp_states(Path(STATE) / "jobcomp.txt")
+    assert {states[job] for job in slurm_jobs} == {"COMPLETED"}
+
+
+def test_gpu_rules_were_given_the_gpu(slurm_jobs):
+    env = task_environments(Path(STATE) / "task_env.txt")
+    assert "distill" in slurm_jobs.values()
+    for job, rule in slurm_jobs.items():
+        gpu = rule in GPU_RULES
+        why = f"{rule} (SLURM job {job}): GPU rules must declare gpu=1 and get the one GPU"
+        assert env[job] == ({"0"} if gpu else {"none"}), f"{why}; CUDA_VISIBLE_DEVICES {env[job]}"
+        assert gpus_requested(job) == gpu, why

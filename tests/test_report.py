@@ -1,0 +1,76 @@
+"""The report: curves and tables of result files, and `report.html` on any state of the results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from histodistill.io import InputError
+from histodistill.report import build_report, report_result, report_targets
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests/slurm/tiny.yaml"  # the demo shrunk to seconds per stage
+
+
+def smk_args(work: Path) -> list[str]:
+    return ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
+            "--configfile", str(ROOT / "config.yaml"), str(TINY)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo run with one finished result file (dm, ipc 2)."""
+    work = tmp_path_factory.mktemp("report")
+    subprocess.run([sys.executable, "-m", "snakemake", "results/demo/dm_ipc2.json", "--cores", "2",
+                    *smk_args(work)], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    return work
+
+
+def embedded(report: Path) -> str:
+    return report.read_text(errors="replace")
+
+
+def test_result_curves_and_table(finished, tmp_path):
+    result = json.loads((finished / "results/demo/dm_ipc2.json").read_text())
+    curve = result["patch"]["convnet"]["curve"]
+    assert len(curve["loss"]) == len(curve["acc"]) == 2  # tiny.yaml: 2 epochs
+    assert all(0 <= a <= 1 for a in curve["acc"]) and all(v > 0 for v in curve["loss"])
+    report_result(finished / "results/demo/dm_ipc2.json", tmp_path / "c.png", tmp_path / "t.html")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "t.html").read_text()
+    acc = result["patch"]["convnet"]["acc"]
+    assert f"<td>dm</td><td>2</td><td>{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}</td>" in page
+    assert "<td>full data</td>" in page and "<th>convnet acc %</th>" in page
+
+
+def test_result_without_curves_is_refused_and_writes_nothing(finished, tmp_path):
+    result = json.loads((finished / "results/demo/dm_ipc2.json").read_text())
+    del result["patch"]["convnet"]["curve"]
+    old = tmp_path / "dm_ipc2.json"
+    old.write_text(json.dumps(result))
+    with pytest.raises(InputError, match=r"\[report\] .*dm_ipc2.json: has no training curves"):
+        report_result(old, tmp_path / "c.png", tmp_path / "t.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dm_ipc2.json"]
+
+
+def test_report_of_a_finished_run_has_grid_table_and_curves(finished):
+    assert report_targets(finished) == ["results/demo/report/dm_ipc2_curves.png"]
+    build_report(finished / "report.html", finished, smk_args(finished))
+    text = embedded(finished / "report.html")
+    for name in ("distilled/dm_ipc2.png", "report/dm_ipc2_curves.png", "report/dm_ipc2_table.html",
+                 "stain/template.png"):
+        assert name in text, name
+    for category in ("Distilled sets", "Evaluation", "Stain template"):
+        assert category in text, category
+    assert "histodistill distils a histopathology cohort" in text  # workflow.rst
+
+
+def test_report_builds_on_a_fresh_state(tmp_path):
+    build_report(tmp_path / "report.html", tmp_path, smk_args(tmp_path))
+    text = embedded(tmp_path / "report.html")
+    assert "histodistill distils a histopathology cohort" in text
+    assert not (tmp_path / "results").exists()  # nothing was built to make it
