@@ -33,4 +33,7 @@ rule demo:
 
 rule demo_pretiled:
     input:
-        [f"results/demo_patches/{m}_ipc10.json" for m in ("histodd", "dsa", "dm", "random")],
+        [
+            f"results/demo_patches/{m}_ipc10.json"
+            for m in ("histodd", "dsa", "dm", "random")
+        ],

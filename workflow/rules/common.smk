@@ -21,13 +21,21 @@ wildcard_constraints:
 ENV = "../../envs/histodistill.yaml"
 
 
-STAGE_OVERRIDES = ("tiling", "distill", "evaluate")  # reach only their own stage's rules
+STAGE_OVERRIDES = (
+    "tiling",
+    "distill",
+    "evaluate",
+)  # reach only their own stage's rules
 
 
 def dataset_cfg(name):
     """A dataset's config entry without its per-stage overrides, so editing those reruns only
     their own stages."""
-    return {k: v for k, v in hdconfig.dataset(config, name).items() if k not in STAGE_OVERRIDES}
+    return {
+        k: v
+        for k, v in hdconfig.dataset(config, name).items()
+        if k not in STAGE_OVERRIDES
+    }
 
 
 def tiling_cfg(name):
@@ -47,7 +55,9 @@ def cohort_input(wildcards):
         return [ds["root"]]
     from histodistill.cohort import resolve_root
 
-    resolve_root(wildcards.dataset, ds)  # clear message naming the key when root is unset
+    resolve_root(
+        wildcards.dataset, ds
+    )  # clear message naming the key when root is unset
     return []
 
 
@@ -66,7 +76,9 @@ def section(name, key):
 
 def method_cfg(wildcards):
     """One method's settings for the dataset and ipc; a missing per-ipc entry fails the DAG."""
-    return hdconfig.method_config(config, wildcards.dataset, wildcards.method, int(wildcards.ipc))
+    return hdconfig.method_config(
+        config, wildcards.dataset, wildcards.method, int(wildcards.ipc)
+    )
 
 
 def setting(name, key):

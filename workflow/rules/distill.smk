@@ -4,23 +4,23 @@ rule pretrain_pool:
         "results/{dataset}/patches.zarr",
     output:
         "results/{dataset}/pool.pt",
-    params:
-        pool=setting("distill", "pool"),
-        seed=setting("distill", "seed"),
-        max_per_class=setting("distill", "max_real_per_class"),
-        code=library("pretrain_pool.py"),
     log:
         "logs/pretrain_pool/{dataset}.log",
     benchmark:
         "benchmarks/pretrain_pool/{dataset}.tsv"
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 240 * attempt,
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
-    conda:
-        ENV
+    params:
+        pool=setting("distill", "pool"),
+        seed=setting("distill", "seed"),
+        max_per_class=setting("distill", "max_real_per_class"),
+        code=library("pretrain_pool.py"),
     script:
         "../../scripts/pretrain_pool.py"
 
@@ -40,16 +40,12 @@ rule distill:
             category="Distilled sets",
             labels={"dataset": "{dataset}", "method": "{method}", "ipc": "{ipc}"},
         ),
-    params:
-        cfg=lambda wc: hdparams.without_operational(method_cfg(wc)),
-        seed=setting("distill", "seed"),
-        max_per_class=setting("distill", "max_real_per_class"),
-        checkpoint="results/{dataset}/distilled/{method}_ipc{ipc}.ckpt",
-        code=library("distill.py"),
     log:
         "logs/distill/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/distill/{dataset}/{method}_ipc{ipc}.tsv"
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
@@ -57,7 +53,11 @@ rule distill:
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
         checkpoint_every=lambda wc: method_cfg(wc)["checkpoint_every"],
-    conda:
-        ENV
+    params:
+        cfg=lambda wc: hdparams.without_operational(method_cfg(wc)),
+        seed=setting("distill", "seed"),
+        max_per_class=setting("distill", "max_real_per_class"),
+        checkpoint="results/{dataset}/distilled/{method}_ipc{ipc}.ckpt",
+        code=library("distill.py"),
     script:
         "../../scripts/distill.py"

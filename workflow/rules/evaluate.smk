@@ -5,21 +5,23 @@ rule full_train:
         template="results/{dataset}/stain/template.json",
     output:
         "results/{dataset}/full/{arch}.json",
-    params:
-        evaluate=lambda wc: hdparams.full_train_settings(section(wc.dataset, "evaluate"), wc.arch),
-        code=library("full_train.py"),
     log:
         "logs/full_train/{dataset}/{arch}.log",
     benchmark:
         "benchmarks/full_train/{dataset}/{arch}.tsv"
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
         runtime=lambda wc, attempt: 1440 * attempt,
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
-    conda:
-        ENV
+    params:
+        evaluate=lambda wc: hdparams.full_train_settings(
+            section(wc.dataset, "evaluate"), wc.arch
+        ),
+        code=library("full_train.py"),
     script:
         "../../scripts/full_train.py"
 
@@ -34,20 +36,20 @@ rule evaluate:
         full=full_results,
     output:
         "results/{dataset}/{method}_ipc{ipc}.json",
-    params:
-        evaluate=lambda wc: hdparams.evaluate_settings(section(wc.dataset, "evaluate")),
-        code=library("evaluate.py"),
     log:
         "logs/evaluate/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/evaluate/{dataset}/{method}_ipc{ipc}.tsv"
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 720 * attempt,
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
-    conda:
-        ENV
+    params:
+        evaluate=lambda wc: hdparams.evaluate_settings(section(wc.dataset, "evaluate")),
+        code=library("evaluate.py"),
     script:
         "../../scripts/evaluate.py"

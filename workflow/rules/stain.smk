@@ -10,18 +10,18 @@ rule stain_template:
             category="Stain template",
             labels={"dataset": "{dataset}"},
         ),
-    params:
-        stain=hdparams.canonical(config["stain"]),
-        code=library("stain_template.py"),
     log:
         "logs/stain_template/{dataset}.log",
     benchmark:
         "benchmarks/stain_template/{dataset}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-    conda:
-        ENV
+    params:
+        stain=hdparams.canonical(config["stain"]),
+        code=library("stain_template.py"),
     script:
         "../../scripts/stain_template.py"
