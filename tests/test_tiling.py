@@ -63,7 +63,7 @@ def test_cap_samples_deterministically(tumour_slide):
 
 def test_tile_cohort_store_layout(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
-    out = tiling.tile_cohort(rows, CFG, tmp_path / "p.zarr", CLASSES, progress=False)
+    out = tiling.tile_cohort(rows, CFG, tmp_path / "p.zarr", CLASSES)
     store = PatchStore(out)
     n = len(store)
     assert store.group["patches"].shape == (n, 3, 32, 32) and store.group["patches"].dtype == np.uint8
@@ -84,8 +84,7 @@ def test_tile_cohort_store_layout(small_cohort, tmp_path):
 
 def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, monkeypatch):
     rows = rows_of(small_cohort)
-    reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES,
-                                              progress=False))
+    reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES))
     real_read, calls = wsi.read_patches, []
 
     def crash_on_third(*args, **kwargs):
@@ -97,10 +96,12 @@ def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, mon
     monkeypatch.setattr(wsi, "read_patches", crash_on_third)
     out = tmp_path / "run.zarr"
     with pytest.raises(RuntimeError):
-        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
-    assert not out.exists()
+        tiling.tile_cohort(rows, CFG, out, CLASSES)
+    assert not out.exists() and not (tmp_path / "run.zarr.slides").exists()
+    assert sorted(p.name for p in (tmp_path / "run.zarr.slides.partial").iterdir()) == [
+        "normal_001.zarr", "tumor_001.zarr"]  # finished slides kept, the crashed one removed
     monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
-    resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False))
+    resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES))
     assert len(calls) == 5  # two slides before the crash, the crashed one again, one more
     for name in ("coords", "slide", "label", "split"):
         np.testing.assert_array_equal(resumed.array(name), reference.array(name))
@@ -118,10 +119,9 @@ def test_slide_without_tissue_names_the_file(tmp_path, small_cohort):
                                          "path": str(blank)}]
     out = tmp_path / "p.zarr"
     with pytest.raises(InputError, match=r"\[tile\] .*blank.tif: no tissue found"):
-        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
+        tiling.tile_cohort(rows, CFG, out, CLASSES)
     assert not out.exists()
-    store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES,
-                                          progress=False))
+    store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES))
     assert store.attrs["skipped_slides"] == ["blank"] and set(store.array("slide")) == {0}
 
 
