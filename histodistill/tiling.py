@@ -29,6 +29,7 @@ SLIDE_SETTINGS = ("magnification", "patch_size", "stride", "tissue_threshold", "
                   "mask_max_size", "min_saturation", "tumour_overlap", "tumour_class",
                   "unannotated_label", "tumour_groups", "exclusion_groups",
                   "max_patches_per_slide", "default_mpp", "skip_empty", "seed")
+CHECK_SETTINGS = ("tumour_class", "unannotated_label")  # what check_cohort reads
 GATHER_ROWS = 1024  # rows copied at a time by the gather (bounded memory per slide)
 
 

@@ -4,7 +4,7 @@
 # only its job, the gather and what follows.
 import histodistill.sources as hdsources
 from histodistill.cohort import build_table, read_table
-from histodistill.tiling import batches, check_cohort, class_names, slide_settings
+from histodistill.tiling import CHECK_SETTINGS, batches, check_cohort, class_names, slide_settings
 
 
 def dataset_classes(name, rows):
@@ -76,7 +76,7 @@ checkpoint cohort:
     params:
         name=lambda wc: wc.dataset,
         dataset=lambda wc: dataset_cfg(wc.dataset),
-        tiling=lambda wc: slide_settings(tiling_cfg(wc.dataset)),
+        tiling=lambda wc: {k: tiling_cfg(wc.dataset)[k] for k in CHECK_SETTINGS},
     wildcard_constraints:
         dataset=datasets_of(["wsi"]),
     log:
