@@ -92,7 +92,8 @@ def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
     """
     seen: set[str] = set()
     slide_label = cfg["unannotated_label"] == "slide"
-    needed = [cfg["tumour_class"]] + ([] if slide_label else [cfg["unannotated_label"]])
+    needed = ([] if slide_label else [cfg["unannotated_label"]]) + (
+        [cfg["tumour_class"]] if any(r["annotation"] for r in rows) else [])
     for label in needed:
         _known(name, f"config datasets.{name}.tiling", label, class_names)
     for row in rows:
@@ -175,30 +176,31 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
-    writer = StoreWriter(tmp, cfg["patch_size"])
     try:
-        coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"],
-                                          row["index"], cfg, class_names)
-    except InputError as err:
-        if not (cfg.get("skip_empty") and "tissue" in str(err)):
-            shutil.rmtree(tmp)
-            raise
-        log.warning("skipping: %s", err)
-        writer.group.attrs.update({"key": key, "skipped": True})
-        os.replace(tmp, target)
-        return
-    try:
-        patches = wsi.read_patches(row["path"], coords, geom, threads=threads)
+        writer = StoreWriter(tmp, cfg["patch_size"])
+        try:
+            coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"],
+                                              row["index"], cfg, class_names)
+        except InputError as err:
+            if not (cfg.get("skip_empty") and "tissue" in str(err)):
+                raise
+            log.warning("skipping: %s", err)
+            writer.group.attrs.update({"key": key, "skipped": True})
+        else:
+            patches = wsi.read_patches(row["path"], coords, geom, threads=threads)
+            n = len(coords)
+            writer.append(patches, coords, np.full(n, row["index"]), labels,
+                          np.full(n, SPLITS.index(row["split"])))
+            writer.group.attrs.update({"key": key, "skipped": False, "meta": {
+                "level": geom.level, "base_mpp": geom.base_mpp,
+                "base_magnification": geom.base_mag, "patches": n, "label": row["label"],
+                "centre": row["centre"]}})
+            log.info("%s: %d patches (level %d, read %d px)", row["slide"], n, geom.level,
+                     geom.read_size)
     except BaseException:
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n = len(coords)
-    writer.append(patches, coords, np.full(n, row["index"]), labels, np.full(n, SPLITS.index(row["split"])))
-    writer.group.attrs.update({"key": key, "skipped": False, "meta": {
-        "level": geom.level, "base_mpp": geom.base_mpp, "base_magnification": geom.base_mag,
-        "patches": n, "label": row["label"], "centre": row["centre"]}})
     os.replace(tmp, target)
-    log.info("%s: %d patches (level %d, read %d px)", row["slide"], n, geom.level, geom.read_size)
 
 
 def gather(rows: list[dict[str, Any]], slide_dirs: list[str | os.PathLike], cfg: dict[str, Any],

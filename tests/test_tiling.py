@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,68 @@ def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
     val = cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
                                      "val_fraction": 1.0})
     assert [r["split"] for r in val] == ["val", "val", "test", "test"]
+
+
+def test_batches_name_jobs_by_first_slide_and_carry_the_table_index():
+    rows = [{"slide": s} for s in ("a", "b", "c", "d", "e")]
+    jobs = tiling.batches(rows, 2)
+    assert list(jobs) == ["a", "c", "e"]
+    assert [[r["index"] for r in b] for b in jobs.values()] == [[0, 1], [2, 3], [4]]
+    assert list(tiling.batches(rows, 1)) == ["a", "b", "c", "d", "e"]
+    with pytest.raises(InputError, match="tiling.slides_per_job: must be >= 1"):
+        tiling.batches(rows, 0)
+
+
+def test_batched_jobs_gather_to_the_one_process_store(small_cohort, tmp_path):
+    rows = rows_of(small_cohort)
+    cfg = CFG | {"max_patches_per_slide": 30}
+    ref = PatchStore(tiling.tile_cohort(rows, cfg, tmp_path / "ref.zarr", CLASSES))
+    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, CLASSES)
+            for name, batch in tiling.batches(rows, 3).items()]
+    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, tmp_path / "got.zarr", CLASSES))
+    for name in ("coords", "slide", "label", "split"):
+        np.testing.assert_array_equal(got.array(name), ref.array(name))
+    np.testing.assert_array_equal(got.patches(), ref.patches())
+    assert got.attrs == ref.attrs
+    with pytest.raises(InputError, match="test_002.tif: no tiled output for this slide"):
+        tiling.gather(rows, dirs[:1], cfg, tmp_path / "bad.zarr", CLASSES)
+    assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
+
+
+def test_finished_slides_are_kept_unless_their_file_or_settings_change(small_cohort, tmp_path,
+                                                                       monkeypatch):
+    rows = [r for b in tiling.batches(rows_of(small_cohort)[:2], 1).values() for r in b]
+    partial = tmp_path / "job.partial"
+    real_read, calls = wsi.read_patches, []
+    monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
+    tiling.tile_slides(rows[:1], CFG, tmp_path / "job", CLASSES)
+    os.replace(tmp_path / "job", partial)  # as if the job died after its first slide
+    tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+    assert calls == [rows[0]["path"], rows[1]["path"]]  # the first slide was not redone
+    os.replace(tmp_path / "job", partial)
+    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job", CLASSES)
+    assert len(calls) == 4  # new settings: both redone
+
+
+def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
+    rows = rows_of(small_cohort)
+    tiling.check_cohort("c16", rows, CFG, CLASSES)
+    no_xml = [{**r, "annotation": ""} if r["slide"] == "tumor_001" else r for r in rows]
+    with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
+                                         "has no annotation"):
+        tiling.check_cohort("c16", no_xml, CFG, CLASSES)
+    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, CLASSES)
+    with pytest.raises(InputError, match=r"ghost.xml: annotation of slide tumor_001 \(dataset 'c16'\)"):
+        tiling.check_cohort("c16", [{**r, "annotation": str(tmp_path / "ghost.xml")}
+                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, CLASSES)
+    with pytest.raises(InputError, match="lists slide 'normal_001' twice"):
+        tiling.check_cohort("c16", rows + rows[:1], CFG, CLASSES)
+    with pytest.raises(InputError, match=r"datasets.c16.tiling: dataset 'c16': label 'normal' is not"):
+        tiling.check_cohort("c16", rows, CFG, ["benign", "tumor"])
+    with pytest.raises(InputError, match=r"label 'tumor' is not one of the classes \['a', 'b'\]"):
+        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, ["a", "b"])
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00garbage")
+    with pytest.raises(InputError, match="broken.tif: cannot be read by OpenSlide"):
+        tiling.check_cohort("c16", rows[:1] + [{**rows[0], "slide": "b", "path": str(broken)}],
+                            CFG, CLASSES)
