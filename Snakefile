@@ -11,6 +11,7 @@ configfile: "config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/tile_inputs.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/distill.smk"
