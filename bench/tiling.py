@@ -7,7 +7,7 @@ On the same slide and settings, in one run, interleaved, best of N:
                patch at the level the tiler chose (plus the resize it needs);
   (b) decode - the decode limit: one ``read_region`` per internal tile of that level,
                tile-aligned, single thread, no processing;
-  (c) tiler  - ``tiling.plan_slide`` + ``wsi.read_patches`` as the pipeline runs them.
+  (c) tiler  - ``tiling.plan_slide`` + ``tiling.read_chunks`` as a tiling job runs them.
 (a) and (c) both include opening the slide and the Otsu mask; ``read_phase_speedup`` compares
 the reads alone (same patches, no mask).
 Slides: the real CMU SVS crop (240 px JPEG tiles, not aligned with 256 px patches) and one demo
@@ -155,8 +155,9 @@ def large_case(base: dict, size: tuple[int, int], repeats: int) -> list[str]:
 
 
 def tiler(path: Path, cfg: dict) -> int:
+    """Plan, then read chunk by chunk into one buffer, as a tiling job does before storing."""
     coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)
-    return len(wsi.read_patches(path, coords, geom, threads=int(cfg["threads"])))
+    return sum(len(p) for _, p in tiling.read_chunks(path, coords, geom, int(cfg["threads"])))
 
 
 def best_of(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ SLIDE_SETTINGS = ("magnification", "patch_size", "stride", "tissue_threshold", "
                   "max_patches_per_slide", "default_mpp", "skip_empty", "seed")
 CHECK_SETTINGS = ("tumour_class", "unannotated_label")  # what check_cohort reads
 GATHER_ROWS = 1024  # rows copied at a time by the gather (bounded memory per slide)
+READ_BYTES = 256 * 2**20  # cap on the patch buffer a slide is read into, chunk by chunk
 
 
 def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index: int,
@@ -137,6 +139,28 @@ def slide_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg.get(k) for k in SLIDE_SETTINGS}
 
 
+def read_chunks(path: str | os.PathLike, coords: np.ndarray, geom: wsi.SlideGeometry,
+                threads: int, buffer: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Read a slide's patches in chunks of ``len(buffer)`` rows into one reused buffer.
+
+    Yields ``(start, patches)``; ``patches`` is a view of the buffer, valid until the next
+    chunk. A job's memory is then the buffer, not the slide's patch count; the buffer defaults
+    to ``READ_BYTES``. Tiles on a chunk boundary may be decoded twice.
+    """
+    if buffer is None:
+        buffer = patch_buffer(geom.patch_size, len(coords))
+    for start in range(0, len(coords), len(buffer)):
+        yield start, wsi.read_patches(path, coords[start:start + len(buffer)], geom,
+                                      threads=threads, out=buffer)
+
+
+def patch_buffer(patch_size: int, n: int) -> np.ndarray:
+    """A (rows, patch_size, patch_size, 3) uint8 buffer of at most ``READ_BYTES``, rows a
+    multiple of 64 (the store's chunk) and no more than ``n`` are needed."""
+    rows = max(64, READ_BYTES // (3 * patch_size ** 2) // 64 * 64)
+    return np.empty((max(1, min(rows, n)), patch_size, patch_size, 3), np.uint8)
+
+
 def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
                 class_names: list[str], threads: int = 1) -> Path:
     """Tile the slides of one batch (rows from :func:`batches`) into ``out/<slide>.zarr`` each.
@@ -187,10 +211,11 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
             log.warning("skipping: %s", err)
             writer.group.attrs.update({"key": key, "skipped": True})
         else:
-            patches = wsi.read_patches(row["path"], coords, geom, threads=threads)
             n = len(coords)
-            writer.append(patches, coords, np.full(n, row["index"]), labels,
-                          np.full(n, SPLITS.index(row["split"])))
+            for start, patches in read_chunks(row["path"], coords, geom, threads):
+                stop = start + len(patches)
+                writer.append(patches, coords[start:stop], np.full(len(patches), row["index"]),
+                              labels[start:stop], np.full(len(patches), SPLITS.index(row["split"])))
             writer.group.attrs.update({"key": key, "skipped": False, "meta": {
                 "level": geom.level, "base_mpp": geom.base_mpp,
                 "base_magnification": geom.base_mag, "patches": n, "label": row["label"],

@@ -226,3 +226,17 @@ def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
     with pytest.raises(InputError, match="broken.tif: cannot be read by OpenSlide"):
         tiling.check_cohort("c16", rows[:1] + [{**rows[0], "slide": "b", "path": str(broken)}],
                             CFG, CLASSES)
+
+
+def test_chunked_reads_into_one_buffer_equal_one_read(cmu_slide):
+    cfg = CFG | {"magnification": 20, "patch_size": 256, "stride": 256}
+    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES)
+    whole = wsi.read_patches(cmu_slide, coords, geom)
+    buffer = np.empty((7, 256, 256, 3), np.uint8)  # 240 px tiles: chunk edges share tiles
+    chunks = [(start, p.copy()) for start, p in tiling.read_chunks(cmu_slide, coords, geom, 2, buffer)]
+    assert [s for s, _ in chunks] == list(range(0, len(coords), 7))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in chunks]), whole)
+    with pytest.raises(ValueError, match="cannot hold uint8 patches"):
+        wsi.read_patches(cmu_slide, coords, geom, out=buffer)
+    assert tiling.patch_buffer(256, 10**6).nbytes <= tiling.READ_BYTES
+    assert len(tiling.patch_buffer(256, 5)) == 5 and len(tiling.patch_buffer(32, 10**6)) % 64 == 0
