@@ -161,6 +161,12 @@ def patch_buffer(patch_size: int, n: int) -> np.ndarray:
     return np.empty((max(1, min(rows, n)), patch_size, patch_size, 3), np.uint8)
 
 
+def store_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiling settings recorded in the store: all but ``threads`` and ``slides_per_job``,
+    which change no patch (so changing them reruns nothing)."""
+    return {k: v for k, v in cfg.items() if k not in ("threads", "slides_per_job")}
+
+
 def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
                 class_names: list[str], threads: int = 1) -> Path:
     """Tile the slides of one batch (rows from :func:`batches`) into ``out/<slide>.zarr`` each.

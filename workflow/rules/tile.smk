@@ -63,7 +63,7 @@ rule tile:
         directory("results/{dataset}/patches.zarr"),
     params:
         rows=lambda wc: cohort_rows(wc.dataset),
-        tiling=lambda wc: store_settings(wc.dataset),
+        tiling=lambda wc: store_settings(tiling_cfg(wc.dataset)),
         classes=lambda wc: dataset_classes(wc.dataset, cohort_rows(wc.dataset)),
     wildcard_constraints:
         dataset=datasets_of(["wsi"]),

@@ -3,7 +3,8 @@
 # tiling job, so replacing one slide reruns only its job, the gather and what follows.
 import histodistill.sources as hdsources
 from histodistill.cohort import build_table, read_table
-from histodistill.tiling import CHECK_SETTINGS, batches, check_cohort, class_names, slide_settings
+from histodistill.tiling import (CHECK_SETTINGS, batches, check_cohort, class_names,
+                                 slide_settings, store_settings)
 
 
 def dataset_classes(name, rows):
@@ -37,7 +38,12 @@ def slide_batches(name):
 
 
 def batch_rows(wildcards):
-    return slide_batches(wildcards.dataset)[wildcards.batch]
+    """The slide rows of one tiling job; an unknown batch name is an error naming it."""
+    jobs = slide_batches(wildcards.dataset)
+    if wildcards.batch not in jobs:
+        raise WorkflowError(f"[tile] results/{wildcards.dataset}/tiles/{wildcards.batch}: no such "
+                            f"batch (batches are named after their first slide: {list(jobs)[:5]}...)")
+    return jobs[wildcards.batch]
 
 
 def batch_input(wildcards):
@@ -50,11 +56,6 @@ def batch_input(wildcards):
 def gather_input(wildcards):
     name = wildcards.dataset
     return [f"results/{name}/tiles/{batch}" for batch in slide_batches(name)]
-
-
-def store_settings(name):
-    """Tiling settings recorded in the store (not threads or job size: they change no patch)."""
-    return {k: v for k, v in tiling_cfg(name).items() if k not in ("threads", "slides_per_job")}
 
 
 def ingest_input(wildcards):
