@@ -1,29 +1,38 @@
-"""Tile a WSI cohort into the patch store: mask, grid, labels, caps, fast reads; resumable.
+"""Tile a WSI cohort into the patch store: one job per slide batch, then a gather.
 
-The store is built in ``<out>.partial`` and renamed onto ``<out>`` only when every slide is
-done, so a crash never leaves a half store at the output path. A state file in the partial
-store records finished slides; a rerun with the same settings resumes after the last one.
+:func:`tile_slides` tiles some slides of the slide table into one small store per slide, built
+in ``<out>.partial`` and renamed onto ``<out>`` when the batch is done; a slide finished before a
+crash is kept there (keyed by its settings and file) and not redone. :func:`gather` concatenates
+the per-slide stores in slide-table order into the dataset's patch store, records the channel
+statistics and renames it into place. :func:`tile_cohort` runs both in one process.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+import zarr
 
 from histodistill import annotations, wsi
 from histodistill.data.stream import record_channel_stats
 from histodistill.io import InputError, settings_hash
-from histodistill.store import SPLITS, StoreWriter
+from histodistill.store import FIELDS, SPLITS, StoreWriter
 
 log = logging.getLogger(__name__)
 STAGE = "tile"
+SLIDE_SETTINGS = ("magnification", "patch_size", "stride", "tissue_threshold", "mask_mpp",
+                  "mask_max_size", "min_saturation", "tumour_overlap", "tumour_class",
+                  "unannotated_label", "tumour_groups", "exclusion_groups",
+                  "max_patches_per_slide", "default_mpp", "skip_empty", "seed")
+CHECK_SETTINGS = ("tumour_class", "unannotated_label")  # what check_cohort reads
+GATHER_ROWS = 1024  # rows copied at a time by the gather (bounded memory per slide)
+READ_BYTES = 256 * 2**20  # cap on the patch buffer a slide is read into, chunk by chunk
 
 
 def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index: int,
@@ -76,65 +85,204 @@ def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
     return list(configured) if configured else sorted({r["label"] for r in rows} | {cfg["tumour_class"]})
 
 
-def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
-                class_names: list[str], attrs: dict[str, Any] | None = None,
-                progress: bool = True) -> Path:
-    """Tile every slide in ``rows`` (a slide table) into a new patch store at ``out``."""
+def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
+                 class_names: list[str]) -> None:
+    """Check a slide table before any tiling job is queued, so a wrong root fails at once.
+
+    Slide names are unique, every slide file opens with OpenSlide, every label the tiler will
+    assign is a class, and every annotation listed exists. Slides labelled with the tumour class
+    need an annotation unless ``unannotated_label`` is ``slide`` (else they would silently give
+    no tumour patches). Raises :class:`InputError` naming the dataset and the file or key.
+    """
+    seen: set[str] = set()
+    slide_label = cfg["unannotated_label"] == "slide"
+    needed = ([] if slide_label else [cfg["unannotated_label"]]) + (
+        [cfg["tumour_class"]] if any(r["annotation"] for r in rows) else [])
+    for label in needed:
+        _known(name, f"config datasets.{name}.tiling", label, class_names)
+    for row in rows:
+        if row["slide"] in seen:
+            raise InputError(STAGE, row["path"], f"dataset {name!r} lists slide {row['slide']!r} twice")
+        seen.add(row["slide"])
+        if slide_label:
+            _known(name, row["path"], row["label"], class_names)
+        if row["annotation"] and not Path(row["annotation"]).is_file():
+            raise InputError(STAGE, row["annotation"], f"annotation of slide {row['slide']} "
+                             f"(dataset {name!r}) does not exist")
+        if row["label"] == cfg["tumour_class"] and not row["annotation"] and not slide_label:
+            raise InputError(STAGE, row["path"], f"dataset {name!r}: slide labelled "
+                             f"{row['label']!r} has no annotation, so it would give no tumour "
+                             "patches (add its XML or set tiling.unannotated_label: slide)")
+        wsi.open_slide(row["path"], STAGE).close()
+
+
+def _known(name: str, where: str, label: str, class_names: list[str]) -> None:
+    if label not in class_names:
+        raise InputError(STAGE, where, f"dataset {name!r}: label {label!r} is not one of the "
+                         f"classes {class_names}")
+
+
+def batches(rows: list[dict[str, Any]], slides_per_job: int) -> dict[str, list[dict[str, Any]]]:
+    """Split the slide table into jobs of ``slides_per_job`` consecutive slides.
+
+    Returns batch name -> rows, each with its table position as ``index`` (it seeds the
+    ``max_patches_per_slide`` sample and is the patch's ``slide`` value). A batch is named after
+    its first slide, so with one slide per job adding a slide renames no other job.
+    """
+    if slides_per_job < 1:
+        raise InputError(STAGE, "config tiling.slides_per_job", f"must be >= 1, got {slides_per_job}")
+    indexed = [{**row, "index": i} for i, row in enumerate(rows)]
+    return {indexed[i]["slide"]: indexed[i:i + slides_per_job]
+            for i in range(0, len(rows), slides_per_job)}
+
+
+def slide_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiling settings that change a slide's patches (not threads or the job size)."""
+    return {k: cfg.get(k) for k in SLIDE_SETTINGS}
+
+
+def read_chunks(path: str | os.PathLike, coords: np.ndarray, geom: wsi.SlideGeometry,
+                threads: int, buffer: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Read a slide's patches in chunks of ``len(buffer)`` rows into one reused buffer.
+
+    Yields ``(start, patches)``; ``patches`` is a view of the buffer, valid until the next
+    chunk. A job's memory is then the buffer, not the slide's patch count; the buffer defaults
+    to ``READ_BYTES``. Tiles on a chunk boundary may be decoded twice.
+    """
+    if buffer is None:
+        buffer = patch_buffer(geom.patch_size, len(coords))
+    for start in range(0, len(coords), len(buffer)):
+        yield start, wsi.read_patches(path, coords[start:start + len(buffer)], geom,
+                                      threads=threads, out=buffer)
+
+
+def patch_buffer(patch_size: int, n: int) -> np.ndarray:
+    """A (rows, patch_size, patch_size, 3) uint8 buffer of at most ``READ_BYTES``, rows a
+    multiple of 64 (the store's chunk) and no more than ``n`` are needed."""
+    rows = max(64, READ_BYTES // (3 * patch_size ** 2) // 64 * 64)
+    return np.empty((max(1, min(rows, n)), patch_size, patch_size, 3), np.uint8)
+
+
+def store_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiling settings recorded in the store: all but ``threads`` and ``slides_per_job``,
+    which change no patch (so changing them reruns nothing)."""
+    return {k: v for k, v in cfg.items() if k not in ("threads", "slides_per_job")}
+
+
+def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
+                class_names: list[str], threads: int = 1) -> Path:
+    """Tile the slides of one batch (rows from :func:`batches`) into ``out/<slide>.zarr`` each.
+
+    Slides are done one at a time into ``<out>.partial``; a slide already finished there with the
+    same settings, table row and file is kept, so a rerun after a crash resumes. ``out`` appears
+    only when every slide is done. A slide without tissue is recorded as skipped (no rows) when
+    ``skip_empty`` is set, else it fails the job.
+    """
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    state_file = partial / "tiling_state.json"
-    key = settings_hash({"rows": rows, "cfg": cfg, "classes": class_names})
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("key") != key:
-        shutil.rmtree(partial, ignore_errors=True)
-        state = {"key": key, "done": [], "n": 0, "skipped": []}
-    elif state["done"]:
-        log.info("resuming tiling after %d finished slides", len(state["done"]))
-    meta = {"class_names": class_names, "split_names": list(SPLITS),
-            "slides": [r["slide"] for r in rows], "source": "wsi",
-            "magnification": cfg["magnification"], "patch_size": cfg["patch_size"],
-            "stride": cfg["stride"], "tiling": cfg, **(attrs or {})}
-    writer = StoreWriter(partial, cfg["patch_size"], attrs=meta)
-    writer.truncate(state["n"])  # drop a slide left half-written by a crash
-    slide_meta = dict(writer.group.attrs.get("slide_meta", {}))
-    bar = tqdm(total=len(rows), desc="tiling slides", disable=not progress, unit="slide")
-    for i, row in enumerate(rows):
-        bar.update(1)
-        if row["slide"] in state["done"] or row["slide"] in state["skipped"]:
+    partial.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        target = partial / f"{row['slide']}.zarr"
+        key = _slide_key(row, cfg, class_names)
+        if target.exists() and zarr.open_group(str(target), mode="r").attrs.get("key") == key:
+            log.info("%s: already tiled, kept", row["slide"])
             continue
-        try:
-            coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"], i,
-                                              cfg, class_names)
-        except InputError as err:
-            if cfg.get("skip_empty") and "tissue" in str(err):
-                log.warning("skipping: %s", err)
-                state["skipped"].append(row["slide"])
-                _save_state(state_file, state)
-                continue
-            raise
-        patches = wsi.read_patches(row["path"], coords, geom, threads=int(cfg["threads"]))
-        n = len(coords)
-        writer.append(patches, coords, np.full(n, i), labels,
-                      np.full(n, SPLITS.index(row["split"])))
-        slide_meta[row["slide"]] = {"level": geom.level, "base_mpp": geom.base_mpp,
-                                    "base_magnification": geom.base_mag, "patches": n,
-                                    "label": row["label"], "centre": row["centre"]}
-        writer.group.attrs["slide_meta"] = slide_meta
-        state["done"].append(row["slide"])
-        state["n"] = writer.n
-        _save_state(state_file, state)
-        log.info("%s: %d patches (level %d, read %d px)", row["slide"], n, geom.level,
-                 geom.read_size)
-    bar.close()
-    writer.group.attrs["skipped_slides"] = state["skipped"]
-    record_channel_stats(partial)
-    state_file.unlink()
+        _tile_one(row, cfg, class_names, target, key, threads)
+    wanted = {f"{row['slide']}.zarr" for row in rows}
+    for stale in set(os.listdir(partial)) - wanted:  # slides no longer in this batch
+        shutil.rmtree(partial / stale)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+def _slide_key(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str]) -> str:
+    files = [row["path"]] + ([row["annotation"]] if row["annotation"] else [])
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return settings_hash({"row": row, "cfg": slide_settings(cfg),
+                          "classes": class_names, "files": stats})
+
+
+def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], target: Path,
+              key: str, threads: int) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        writer = StoreWriter(tmp, cfg["patch_size"])
+        try:
+            coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"],
+                                              row["index"], cfg, class_names)
+        except InputError as err:
+            if not (cfg.get("skip_empty") and "tissue" in str(err)):
+                raise
+            log.warning("skipping: %s", err)
+            writer.group.attrs.update({"key": key, "skipped": True})
+        else:
+            n = len(coords)
+            for start, patches in read_chunks(row["path"], coords, geom, threads):
+                stop = start + len(patches)
+                writer.append(patches, coords[start:stop], np.full(len(patches), row["index"]),
+                              labels[start:stop], np.full(len(patches), SPLITS.index(row["split"])))
+            writer.group.attrs.update({"key": key, "skipped": False, "meta": {
+                "level": geom.level, "base_mpp": geom.base_mpp,
+                "base_magnification": geom.base_mag, "patches": n, "label": row["label"],
+                "centre": row["centre"]}})
+            log.info("%s: %d patches (level %d, read %d px)", row["slide"], n, geom.level,
+                     geom.read_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, target)
+
+
+def gather(rows: list[dict[str, Any]], slide_dirs: list[str | os.PathLike], cfg: dict[str, Any],
+           out: str | os.PathLike, class_names: list[str],
+           attrs: dict[str, Any] | None = None) -> Path:
+    """Concatenate the per-slide stores of every row (found in ``slide_dirs``, the outputs of
+    :func:`tile_slides`) in slide-table order into a new patch store at ``out``, atomically."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    found = {p.name[:-5]: p for d in slide_dirs for p in Path(d).glob("*.zarr")}
+    meta = {"class_names": class_names, "split_names": list(SPLITS),
+            "slides": [r["slide"] for r in rows], "source": "wsi",
+            "magnification": cfg["magnification"], "patch_size": cfg["patch_size"],
+            "stride": cfg["stride"], "tiling": cfg, **(attrs or {})}
+    try:
+        writer = StoreWriter(partial, cfg["patch_size"], attrs=meta)
+        slide_meta, skipped = {}, []
+        for row in rows:
+            if row["slide"] not in found:
+                raise InputError(STAGE, row["path"], "no tiled output for this slide among "
+                                 f"{[str(d) for d in slide_dirs]}")
+            group = zarr.open_group(str(found[row["slide"]]), mode="r")
+            if group.attrs["skipped"]:
+                skipped.append(row["slide"])
+                continue
+            slide_meta[row["slide"]] = group.attrs["meta"]
+            for start in range(0, group["patches"].shape[0], GATHER_ROWS):
+                stop = start + GATHER_ROWS
+                writer.append(*(group[name][start:stop] for name in ("patches", *FIELDS)))
+        writer.group.attrs.update({"slide_meta": slide_meta, "skipped_slides": skipped})
+        record_channel_stats(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info("gathered %d patches from %d slides (%d skipped)", writer.n, len(rows), len(skipped))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
+def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
+                class_names: list[str], attrs: dict[str, Any] | None = None) -> Path:
+    """Tile every slide in ``rows`` and gather them into a new patch store at ``out`` (one
+    process; per-slide stores go to ``<out>.slides``, which resumes a crashed run)."""
+    out = Path(out)
+    slides = out.with_name(out.name + ".slides")
+    indexed = [row for batch in batches(rows, 1).values() for row in batch]
+    tile_slides(indexed, cfg, slides, class_names, int(cfg["threads"]))
+    gather(rows, [slides], cfg, out, class_names, attrs)
+    shutil.rmtree(slides)
+    return out

@@ -322,11 +322,11 @@ class _TiffLevel:
 
 
 def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
-               progress: Callable[[int], None] | None, band_rows: int = 4) -> np.ndarray:
+               progress: Callable[[int], None] | None, out: np.ndarray, band_rows: int = 4
+               ) -> np.ndarray:
     """Patches from decoded tiles, a band of tile rows at a time; each tile is decoded once."""
     r = geom.read_size
     lxy = np.round(coords / geom.level_downsample).astype(np.int64)
-    out = np.empty((len(coords), geom.patch_size, geom.patch_size, 3), np.uint8)
     order = np.lexsort((lxy[:, 0], lxy[:, 1]))
     band = lxy[order, 1] // (level.th * band_rows)
     cache: dict[int, np.ndarray] = {}
@@ -354,11 +354,10 @@ def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threa
 
 
 def _read_openslide(slide_path: str | os.PathLike, coords: np.ndarray, geom: SlideGeometry,
-                    threads: int, progress: Callable[[int], None] | None,
+                    threads: int, progress: Callable[[int], None] | None, out: np.ndarray,
                     block: int = 1024) -> np.ndarray:
     """Fallback for formats without a plain tile grid: one ``read_region`` per block of
     neighbouring patches in worker threads, each thread with its own OpenSlide handle."""
-    out = np.empty((len(coords), geom.patch_size, geom.patch_size, 3), np.uint8)
     local = threading.local()
     opened: list[openslide.OpenSlide] = []
     r, ds = geom.read_size, geom.level_downsample
@@ -400,22 +399,31 @@ def read_patches(
     threads: int = 2,
     progress: Callable[[int], None] | None = None,
     direct: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read the patches at ``coords`` (level-0 corners) as (N, H, W, 3) uint8, fast.
 
     Pyramidal TIFF and Aperio SVS levels are read by decoding each needed tile once, in
     ``threads`` threads; other formats (or ``direct=False``) use batched OpenSlide reads.
-    Either way the pixels equal :func:`read_patch` at the same corners.
+    Either way the pixels equal :func:`read_patch` at the same corners. ``out`` (at least N
+    rows) is a buffer to fill and reuse across calls: a fresh multi-GB array costs seconds of
+    page faults, more than decoding its tiles.
     """
+    shape = (len(coords), geom.patch_size, geom.patch_size, 3)
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    elif out.dtype != np.uint8 or out.shape[1:] != shape[1:] or len(out) < len(coords):
+        raise ValueError(f"out buffer {out.shape} {out.dtype} cannot hold uint8 patches {shape}")
+    out = out[:len(coords)]
     if len(coords) == 0:
-        return np.empty((0, geom.patch_size, geom.patch_size, 3), np.uint8)
+        return out
     level = None
     if direct:
         level = _TiffLevel.open(slide_path, geom.vendor, geom.level, geom.level_dims)
     if level is None:
-        return _read_openslide(slide_path, coords, geom, threads, progress)
+        return _read_openslide(slide_path, coords, geom, threads, progress, out)
     try:
-        return _read_tiff(level, coords, geom, threads, progress)
+        return _read_tiff(level, coords, geom, threads, progress, out)
     finally:
         level.close()
 

@@ -1,7 +1,11 @@
-"""Rule cohort: write the slide table of a WSI dataset."""
+"""Rule cohort: write the checked slide table of a WSI dataset."""
 from histodistill.cohort import build_table, write_table
 from histodistill.logs import rule_logging
+from histodistill.tiling import check_cohort, class_names
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
-    write_table(build_table(sm.params.name, sm.params.dataset), sm.output[0])
+    rows = build_table(sm.params.name, sm.params.dataset)
+    check_cohort(sm.params.name, rows, sm.params.tiling,
+                 class_names(rows, sm.params.tiling, sm.params.dataset.get("classes")))
+    write_table(rows, sm.output[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -63,7 +65,7 @@ def test_cap_samples_deterministically(tumour_slide):
 
 def test_tile_cohort_store_layout(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
-    out = tiling.tile_cohort(rows, CFG, tmp_path / "p.zarr", CLASSES, progress=False)
+    out = tiling.tile_cohort(rows, CFG, tmp_path / "p.zarr", CLASSES)
     store = PatchStore(out)
     n = len(store)
     assert store.group["patches"].shape == (n, 3, 32, 32) and store.group["patches"].dtype == np.uint8
@@ -84,8 +86,7 @@ def test_tile_cohort_store_layout(small_cohort, tmp_path):
 
 def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, monkeypatch):
     rows = rows_of(small_cohort)
-    reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES,
-                                              progress=False))
+    reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES))
     real_read, calls = wsi.read_patches, []
 
     def crash_on_third(*args, **kwargs):
@@ -97,10 +98,12 @@ def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, mon
     monkeypatch.setattr(wsi, "read_patches", crash_on_third)
     out = tmp_path / "run.zarr"
     with pytest.raises(RuntimeError):
-        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
-    assert not out.exists()
+        tiling.tile_cohort(rows, CFG, out, CLASSES)
+    assert not out.exists() and not (tmp_path / "run.zarr.slides").exists()
+    assert sorted(p.name for p in (tmp_path / "run.zarr.slides.partial").iterdir()) == [
+        "normal_001.zarr", "tumor_001.zarr"]  # finished slides kept, the crashed one removed
     monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
-    resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False))
+    resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES))
     assert len(calls) == 5  # two slides before the crash, the crashed one again, one more
     for name in ("coords", "slide", "label", "split"):
         np.testing.assert_array_equal(resumed.array(name), reference.array(name))
@@ -118,10 +121,9 @@ def test_slide_without_tissue_names_the_file(tmp_path, small_cohort):
                                          "path": str(blank)}]
     out = tmp_path / "p.zarr"
     with pytest.raises(InputError, match=r"\[tile\] .*blank.tif: no tissue found"):
-        tiling.tile_cohort(rows, CFG, out, CLASSES, progress=False)
+        tiling.tile_cohort(rows, CFG, out, CLASSES)
     assert not out.exists()
-    store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES,
-                                          progress=False))
+    store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES))
     assert store.attrs["skipped_slides"] == ["blank"] and set(store.array("slide")) == {0}
 
 
@@ -159,3 +161,82 @@ def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
     val = cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
                                      "val_fraction": 1.0})
     assert [r["split"] for r in val] == ["val", "val", "test", "test"]
+
+
+def test_batches_name_jobs_by_first_slide_and_carry_the_table_index():
+    rows = [{"slide": s} for s in ("a", "b", "c", "d", "e")]
+    jobs = tiling.batches(rows, 2)
+    assert list(jobs) == ["a", "c", "e"]
+    assert [[r["index"] for r in b] for b in jobs.values()] == [[0, 1], [2, 3], [4]]
+    assert list(tiling.batches(rows, 1)) == ["a", "b", "c", "d", "e"]
+    with pytest.raises(InputError, match="tiling.slides_per_job: must be >= 1"):
+        tiling.batches(rows, 0)
+
+
+def test_batched_jobs_gather_to_the_one_process_store(small_cohort, tmp_path):
+    rows = rows_of(small_cohort)
+    cfg = CFG | {"max_patches_per_slide": 30}
+    ref = PatchStore(tiling.tile_cohort(rows, cfg, tmp_path / "ref.zarr", CLASSES))
+    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, CLASSES)
+            for name, batch in tiling.batches(rows, 3).items()]
+    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, tmp_path / "got.zarr", CLASSES))
+    for name in ("coords", "slide", "label", "split"):
+        np.testing.assert_array_equal(got.array(name), ref.array(name))
+    np.testing.assert_array_equal(got.patches(), ref.patches())
+    assert got.attrs == ref.attrs
+    with pytest.raises(InputError, match="test_002.tif: no tiled output for this slide"):
+        tiling.gather(rows, dirs[:1], cfg, tmp_path / "bad.zarr", CLASSES)
+    assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
+
+
+def test_finished_slides_are_kept_unless_their_file_or_settings_change(small_cohort, tmp_path,
+                                                                       monkeypatch):
+    rows = [r for b in tiling.batches(rows_of(small_cohort)[:2], 1).values() for r in b]
+    partial = tmp_path / "job.partial"
+    real_read, calls = wsi.read_patches, []
+    monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
+    tiling.tile_slides(rows[:1], CFG, tmp_path / "job", CLASSES)
+    os.replace(tmp_path / "job", partial)  # as if the job died after its first slide
+    tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+    assert calls == [rows[0]["path"], rows[1]["path"]]  # the first slide was not redone
+    os.replace(tmp_path / "job", partial)
+    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job", CLASSES)
+    assert len(calls) == 4  # new settings: both redone
+
+
+def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
+    rows = rows_of(small_cohort)
+    tiling.check_cohort("c16", rows, CFG, CLASSES)
+    no_xml = [{**r, "annotation": ""} if r["slide"] == "tumor_001" else r for r in rows]
+    with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
+                                         "has no annotation"):
+        tiling.check_cohort("c16", no_xml, CFG, CLASSES)
+    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, CLASSES)
+    with pytest.raises(InputError, match=r"ghost.xml: annotation of slide tumor_001 \(dataset 'c16'\)"):
+        tiling.check_cohort("c16", [{**r, "annotation": str(tmp_path / "ghost.xml")}
+                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, CLASSES)
+    with pytest.raises(InputError, match="lists slide 'normal_001' twice"):
+        tiling.check_cohort("c16", rows + rows[:1], CFG, CLASSES)
+    with pytest.raises(InputError, match=r"datasets.c16.tiling: dataset 'c16': label 'normal' is not"):
+        tiling.check_cohort("c16", rows, CFG, ["benign", "tumor"])
+    with pytest.raises(InputError, match=r"label 'tumor' is not one of the classes \['a', 'b'\]"):
+        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, ["a", "b"])
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00garbage")
+    with pytest.raises(InputError, match="broken.tif: cannot be read by OpenSlide"):
+        tiling.check_cohort("c16", rows[:1] + [{**rows[0], "slide": "b", "path": str(broken)}],
+                            CFG, CLASSES)
+
+
+def test_chunked_reads_into_one_buffer_equal_one_read(cmu_slide):
+    cfg = CFG | {"magnification": 20, "patch_size": 256, "stride": 256}
+    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES)
+    whole = wsi.read_patches(cmu_slide, coords, geom)
+    buffer = np.empty((7, 256, 256, 3), np.uint8)  # 240 px tiles: chunk edges share tiles
+    chunks = [(start, p.copy()) for start, p in tiling.read_chunks(cmu_slide, coords, geom, 2, buffer)]
+    assert [s for s, _ in chunks] == list(range(0, len(coords), 7))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in chunks]), whole)
+    with pytest.raises(ValueError, match="cannot hold uint8 patches"):
+        wsi.read_patches(cmu_slide, coords, geom, out=buffer)
+    assert tiling.patch_buffer(256, 10**6).nbytes <= tiling.READ_BYTES
+    assert len(tiling.patch_buffer(256, 5)) == 5 and len(tiling.patch_buffer(32, 10**6)) % 64 == 0

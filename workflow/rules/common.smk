@@ -48,27 +48,6 @@ def datasets_of(formats):
     return "|".join(names) if names else "(?!)"
 
 
-def cohort_input(wildcards):
-    """The generated demo cohort for synthetic datasets; real roots are checked here, early."""
-    ds = hdconfig.dataset(config, wildcards.dataset)
-    if ds.get("synthetic"):
-        return [ds["root"]]
-    from histodistill.cohort import resolve_root
-
-    resolve_root(
-        wildcards.dataset, ds
-    )  # clear message naming the key when root is unset
-    return []
-
-
-def ingest_input(wildcards):
-    """The rendered file of a synthetic pre-tiled dataset (rule demo_patches)."""
-    ds = hdconfig.dataset(config, wildcards.dataset)
-    if ds.get("synthetic"):
-        return [str(ds["file"]).format(root=ds["root"])]
-    return []
-
-
 def section(name, key):
     """A stage's config section for one dataset (global, deep-merged with dataset overrides)."""
     return hdconfig.section(config, name, key)

@@ -1,0 +1,74 @@
+"""Raw data as rule inputs: the files a cohort or ingest job reads, known at DAG time.
+
+Snakemake reruns a job when an input changes, so the label tables a job reads are inputs
+directly. File sets that can hold thousands of files (a cohort's slide and annotation names, an
+ImageFolder tree) are summarised in a listing file instead: one line per file, rewritten only
+when its text changes, so its mtime moves exactly when a file is added, removed or (for image
+patches, by size or mtime) replaced. Listing thousands of files costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from histodistill.cohort import resolve_root
+from histodistill.ingest import IMAGE_EXTS, csv_items
+
+
+def write_if_changed(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` unless it already holds exactly that; return the path."""
+    path = Path(path)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def cohort_tables(name: str, dataset: dict[str, Any]) -> list[str]:
+    """The label tables the cohort rule reads for a real WSI root (``labels.csv``-style table,
+    or Camelyon16's ``testing/reference.csv`` when test images exist)."""
+    root = resolve_root(name, dataset)
+    if dataset.get("layout", "table") == "camelyon16":
+        reference = root / "testing" / "reference.csv"
+        return [str(reference)] if any((root / "testing" / "images").glob("*.tif")) else []
+    return [str(dataset.get("table", "{root}/slides.csv")).format(root=root)]
+
+
+def cohort_listing(rows: list[dict[str, Any]]) -> str:
+    """Slide and annotation file names of a slide table, one per line: the cohort rule reruns
+    when a slide or annotation appears or disappears (contents are the tiling jobs' inputs)."""
+    return "".join(f"{r['slide']}\t{r['path']}\t{r['annotation']}\n" for r in rows)
+
+
+def ingest_inputs(name: str, dataset: dict[str, Any]) -> tuple[list[str], str | None]:
+    """Files an ingest job reads: (direct inputs, listing text or None).
+
+    ``npz``: the file. ``csv``: the label CSVs, plus a listing of the images they name.
+    ``imagefolder``: a listing of every image under the root. Listing lines hold path, size and
+    mtime, so replacing one image reruns the ingest.
+    """
+    if dataset.get("synthetic"):
+        return [str(dataset["file"]).format(root=dataset["root"])], None
+    root = resolve_root(name, dataset)
+    fmt = dataset["format"]
+    if fmt == "npz":
+        return [str(dataset.get("file", "{root}")).format(root=root)], None
+    if fmt == "csv":
+        tables = [str(rel).format(root=root) for rel in dataset["csv"].values()]
+        files = sorted(p for p, _, _ in csv_items(root, dataset)[0])
+    else:
+        tables = []
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return tables, "".join(_stat_line(p) for p in files)
+
+
+def _stat_line(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{path}\tmissing\n"  # the ingest job reports it, naming the file
+    return f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n"
