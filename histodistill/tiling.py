@@ -26,10 +26,7 @@ from histodistill.store import FIELDS, SPLITS, StoreWriter
 
 log = logging.getLogger(__name__)
 STAGE = "tile"
-SLIDE_SETTINGS = ("magnification", "patch_size", "stride", "tissue_threshold", "mask_mpp",
-                  "mask_max_size", "min_saturation", "tumour_overlap", "tumour_class",
-                  "unannotated_label", "tumour_groups", "exclusion_groups",
-                  "max_patches_per_slide", "default_mpp", "skip_empty", "seed")
+OPERATIONAL = ("threads", "slides_per_job")  # change how tiling runs, never a patch
 CHECK_SETTINGS = ("tumour_class", "unannotated_label")  # what check_cohort reads
 GATHER_ROWS = 1024  # rows copied at a time by the gather (bounded memory per slide)
 READ_BYTES = 256 * 2**20  # cap on the patch buffer a slide is read into, chunk by chunk
@@ -137,8 +134,8 @@ def batches(rows: list[dict[str, Any]], slides_per_job: int) -> dict[str, list[d
 
 
 def slide_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The tiling settings that change a slide's patches (not threads or the job size)."""
-    return {k: cfg.get(k) for k in SLIDE_SETTINGS}
+    """The tiling settings that can change a slide's patches: all but the operational ones."""
+    return {k: v for k, v in cfg.items() if k not in OPERATIONAL}
 
 
 def read_chunks(path: str | os.PathLike, coords: np.ndarray, geom: wsi.SlideGeometry,
@@ -164,9 +161,9 @@ def patch_buffer(patch_size: int, n: int) -> np.ndarray:
 
 
 def store_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The tiling settings recorded in the store: all but ``threads`` and ``slides_per_job``,
-    which change no patch (so changing them reruns nothing)."""
-    return {k: v for k, v in cfg.items() if k not in ("threads", "slides_per_job")}
+    """The tiling settings recorded in the store: those of every slide (``threads`` and
+    ``slides_per_job`` change no patch, so changing them reruns nothing)."""
+    return slide_settings(cfg)
 
 
 def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
