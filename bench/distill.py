@@ -33,7 +33,7 @@ from histodistill.distill import Context, build
 from histodistill.distill.matching import match_loss, matched_params
 from histodistill.io import save_figures
 from histodistill.stain import StainTemplate
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -45,7 +45,7 @@ EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}}, "ru
 def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     """Three classes of textured patches, 80 % train and 20 % test, interleaved."""
     from histodistill.data import record_channel_stats
-    from histodistill.store import SPLITS, StoreWriter
+    from histodistill.data.store import SPLITS, StoreWriter
 
     rng = np.random.default_rng(seed)
     writer = StoreWriter(path, size, attrs={"class_names": ["a", "b", "c"], "slides": [],
@@ -100,7 +100,7 @@ def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, floa
     from histodistill import models
     from histodistill.data import RealData
     from histodistill.distill import Context, build
-    from histodistill.store import PatchStore
+    from histodistill.data.store import PatchStore
 
     torch.set_num_threads(2)
     ps = PatchStore(store)

@@ -36,7 +36,8 @@ import openslide
 
 import tifffile
 
-from histodistill import config, tiling, wsi
+from histodistill import config
+from histodistill.slides import tiling, wsi
 from histodistill.io import atomic_path, save_figures
 from histodistill.synth import DemoSpec, render_slide
 

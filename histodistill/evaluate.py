@@ -33,7 +33,7 @@ from histodistill.data.real import Stats
 from histodistill.data.stream import iterate
 from histodistill.io import write_json
 from histodistill.stain import MacenkoNormaliser, StainTemplate
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 log = logging.getLogger(__name__)
 METRICS = ("acc", "f1", "auc", "sensitivity", "specificity")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from histodistill.io import InputError, atomic_path, write_json
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 IO = 240.0  # transmitted light intensity (0-255 scale), as in Macenko's reference code
 BETA = 0.15

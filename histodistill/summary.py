@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histodistill.store import SPLITS, PatchStore
+from histodistill.data.store import SPLITS, PatchStore
 
 
 def summarise(folder: str | Path) -> str:

@@ -29,9 +29,9 @@ from scipy import ndimage
 from skimage import measure
 from tqdm import tqdm
 
-from histodistill.annotations import write_asap_xml
+from histodistill.slides.annotations import write_asap_xml
 from histodistill.io import atomic_path
-from histodistill.store import SPLITS
+from histodistill.data.store import SPLITS
 
 # Per-centre stain matrices (rows: hematoxylin, eosin; OD per unit concentration) and
 # intensity. Centre 0 uses a typical Macenko estimate of H&E; centre 1 is bluer, with paler

@@ -1,7 +1,7 @@
 """Rule cohort: write the checked slide table of a WSI dataset."""
-from histodistill.cohort import build_table, write_table
+from histodistill.slides.cohort import build_table, write_table
 from histodistill.logs import rule_logging
-from histodistill.tiling import check_cohort, class_names
+from histodistill.slides.tiling import check_cohort, class_names
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):

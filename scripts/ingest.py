@@ -1,5 +1,5 @@
 """Rule ingest: bring a pre-tiled dataset into the patch-store layout."""
-from histodistill.ingest import ingest_dataset
+from histodistill.data.ingest import ingest_dataset
 from histodistill.logs import rule_logging
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)

@@ -1,6 +1,6 @@
 """Rule tile: gather the per-slide stores of a WSI dataset into its patch store."""
 from histodistill.logs import rule_logging
-from histodistill.tiling import gather
+from histodistill.slides.tiling import gather
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):

@@ -1,6 +1,6 @@
 """Rule tile_slides: tile one batch of slides into one store per slide (resumable)."""
 from histodistill.logs import rule_logging
-from histodistill.tiling import tile_slides
+from histodistill.slides.tiling import tile_slides
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):

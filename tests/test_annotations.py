@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histodistill import annotations
+from histodistill.slides import annotations
 from histodistill.io import InputError
 
 SQUARE = np.array([[256, 256], [512, 256], [512, 512], [256, 512]], float)

@@ -13,9 +13,11 @@ import tifffile
 import yaml
 from PIL import Image
 
-from histodistill import annotations, cohort, config, ingest, tiling, wsi
+from histodistill import config
+from histodistill.data import ingest
+from histodistill.slides import annotations, cohort, tiling, wsi
 from histodistill.io import InputError
-from histodistill.store import PatchStore, StoreWriter
+from histodistill.data.store import PatchStore, StoreWriter
 
 CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
 TILING = config.validate({"datasets": {}})["tiling"] | {"magnification": 10, "patch_size": 32,

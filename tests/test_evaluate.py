@@ -14,7 +14,7 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.evaluate import (Inputs, TrainConfig, boundary_loss, metrics, predict,
                                    saturated_fraction, summarise_runs, tensor_batches, train)
 from histodistill.stain import fit
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 
 def test_binary_metrics_match_sklearn_with_ties():

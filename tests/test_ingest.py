@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histodistill import ingest
+from histodistill.data import ingest
 from histodistill.io import InputError
-from histodistill.store import SPLITS, PatchStore
+from histodistill.data.store import SPLITS, PatchStore
 
 
 def images(seed: int, n: int, size: int = 16) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histodistill import ingest
-from histodistill.store import SPLITS, PatchStore
+from histodistill.data import ingest
+from histodistill.data.store import SPLITS, PatchStore
 from histodistill.synth import CENTRES, PATCH_CLASSES, PatchDemoSpec, _unit, make_patch_demo
 
 SPEC = PatchDemoSpec(n_train=30, n_val=2, n_test=3, seed=5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histodistill import cohort, sources
+from histodistill.slides import cohort, sources
 from histodistill.io import InputError
 
 

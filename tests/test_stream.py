@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from histodistill.data import ClassSampler, channel_stats, iterate, read_rows
-from histodistill.store import SPLITS, PatchStore, StoreWriter
+from histodistill.data.store import SPLITS, PatchStore, StoreWriter
 
 N, SIZE, CHUNK = 600, 8, 16
 ROW_MB = 3 * SIZE * SIZE / 2**20

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from histodistill import cohort, tiling
-from histodistill.store import PatchStore
+from histodistill.slides import cohort, tiling
+from histodistill.data.store import PatchStore
 from test_workflow import planned_jobs, snakemake, tiny_config
 
 pytestmark = pytest.mark.slow

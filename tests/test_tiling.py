@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from histodistill import annotations, cohort, config, tiling, wsi
+from histodistill import config
+from histodistill.slides import annotations, cohort, tiling, wsi
 from histodistill.io import InputError
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 CFG = config.validate({"datasets": {}})["tiling"] | {
     "magnification": 10, "patch_size": 32, "stride": 32, "max_patches_per_slide": 0}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 from histodistill.summary import summarise
 
 ROOT = Path(__file__).resolve().parent.parent

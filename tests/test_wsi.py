@@ -9,7 +9,7 @@ import openslide
 import pytest
 import tifffile
 
-from histodistill import wsi
+from histodistill.slides import wsi
 from histodistill.io import InputError
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from histodistill.data.stream import ClassSampler, channel_stats, iterate
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from histodistill.store import SPLITS, PatchStore
+from histodistill.data.store import SPLITS, PatchStore
 
 _MIB = 2**20
 _SQUARES = (np.arange(256, dtype=np.uint16) ** 2).astype(np.uint16)

@@ -23,7 +23,7 @@ from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
 from histodistill.io import atomic_path, settings_hash, write_json
 from histodistill.stain import StainTemplate
-from histodistill.store import PatchStore
+from histodistill.data.store import PatchStore
 
 log = logging.getLogger(__name__)
 

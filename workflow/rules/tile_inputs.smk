@@ -1,9 +1,9 @@
 # Inputs of the WSI and ingest rules (tile.smk). Raw data are inputs: label tables and a listing
 # of slide/annotation names feed the cohort rule, each slide and its annotation feed its own
 # tiling job, so replacing one slide reruns only its job, the gather and what follows.
-import histodistill.sources as hdsources
-from histodistill.cohort import build_table, read_table
-from histodistill.tiling import (
+import histodistill.slides.sources as hdsources
+from histodistill.slides.cohort import build_table, read_table
+from histodistill.slides.tiling import (
     CHECK_SETTINGS,
     batches,
     check_cohort,

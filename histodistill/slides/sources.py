@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from histodistill.cohort import resolve_root
-from histodistill.ingest import IMAGE_EXTS, csv_items
+from histodistill.slides.cohort import resolve_root
+from histodistill.data.ingest import IMAGE_EXTS, csv_items
 
 
 def write_if_changed(path: str | os.PathLike, text: str) -> str:

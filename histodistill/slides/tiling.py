@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from histodistill import annotations, wsi
+from histodistill.slides import annotations, wsi
 from histodistill.data.stream import record_channel_stats
 from histodistill.io import InputError, settings_hash
-from histodistill.store import FIELDS, SPLITS, StoreWriter
+from histodistill.data.store import FIELDS, SPLITS, StoreWriter
 
 log = logging.getLogger(__name__)
 STAGE = "tile"

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from histodistill.cohort import resolve_root
+from histodistill.slides.cohort import resolve_root
 from histodistill.data.stream import record_channel_stats
 from histodistill.io import InputError, atomic_path
-from histodistill.store import SPLITS, StoreWriter
+from histodistill.data.store import SPLITS, StoreWriter
 
 STAGE = "ingest"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
