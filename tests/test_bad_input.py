@@ -191,15 +191,19 @@ def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_pat
     assert len(labels) and (labels == 1).all()
 
 
+CHECK = {"unannotated_label": "normal", "tumour_class": "tumor"}  # what check_cohort reads
+
+
 def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_path):
     (tmp_path / "c16" / "training" / "tumor").mkdir(parents=True)
     shutil.copy(tumour_slide, tmp_path / "c16" / "training" / "tumor" / "tumor_001.tif")
     dataset = {"format": "wsi", "layout": "camelyon16", "root": str(tmp_path / "c16")}
-    with pytest.raises(InputError, match=r"\[cohort\] .*training/lesion_annotations/tumor_001.xml: "
-                                         r"tumour slide tumor_001 has no lesion annotation"):
-        cohort.build_table("c16", dataset)
-    rows = cohort.build_table("c16", {**dataset, "unannotated_slides": ["tumor_001"]})  # opt-in
+    rows = cohort.build_table("c16", dataset)
     assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
+    with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
+                                         r"has no annotation"):
+        tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"])
+    tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"], ["tumor_001"])  # opt-in
 
 
 def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, tmp_path):

@@ -59,8 +59,8 @@ def _slide_number(name: str) -> int:
 
 
 def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows of the official layout; a tumour slide without its lesion XML is an error unless
-    listed in ``unannotated_slides`` (else all its patches would silently count as normal)."""
+    """Rows of the official layout (a tumour slide without its XML gets an empty annotation,
+    which :func:`histodistill.slides.tiling.check_cohort` refuses unless opted in)."""
     centre_split = dataset.get("centre_split", {"normal": 100, "tumor": 70})
     rows = []
     for label in ("normal", "tumor"):
@@ -80,14 +80,6 @@ def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"slide": path.stem, "path": str(path), "label": labels[path.stem.lower()],
                          "split": "test", "centre": -1,
                          "annotation": str(ann) if ann.exists() else ""})
-    allowed = set(dataset.get("unannotated_slides", []))
-    for row in rows:
-        if row["label"] == "tumor" and not row["annotation"] and row["slide"] not in allowed:
-            folder = "training" if row["split"] == "train" else "testing"
-            raise InputError(STAGE, root / folder / "lesion_annotations" / f"{row['slide']}.xml",
-                             f"tumour slide {row['slide']} has no lesion annotation, so none of "
-                             "its patches would be labelled tumour; add the XML or list the slide "
-                             "in datasets.<name>.unannotated_slides")
     return rows
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,14 @@ def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
 
 
 def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
-                 class_names: list[str]) -> None:
+                 class_names: list[str], unannotated: Collection[str] = ()) -> None:
     """Check a slide table before any tiling job is queued, so a wrong root fails at once.
 
     Slide names are unique, every slide file opens with OpenSlide, every label the tiler will
     assign is a class, and every annotation listed exists. Slides labelled with the tumour class
-    need an annotation unless ``unannotated_label`` is ``slide`` (else they would silently give
-    no tumour patches). Raises :class:`InputError` naming the dataset and the file or key.
+    need an annotation unless ``unannotated_label`` is ``slide`` or the slide is listed in
+    ``unannotated`` (``datasets.<name>.unannotated_slides``; else they would silently give no
+    tumour patches). Raises :class:`InputError` naming the dataset and the file or key.
     """
     seen: set[str] = set()
     slide_label = cfg["unannotated_label"] == "slide"
@@ -106,10 +107,12 @@ def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
         if row["annotation"] and not Path(row["annotation"]).is_file():
             raise InputError(STAGE, row["annotation"], f"annotation of slide {row['slide']} "
                              f"(dataset {name!r}) does not exist")
-        if row["label"] == cfg["tumour_class"] and not row["annotation"] and not slide_label:
+        if (row["label"] == cfg["tumour_class"] and not row["annotation"] and not slide_label
+                and row["slide"] not in unannotated):
             raise InputError(STAGE, row["path"], f"dataset {name!r}: slide labelled "
                              f"{row['label']!r} has no annotation, so it would give no tumour "
-                             "patches (add its XML or set tiling.unannotated_label: slide)")
+                             "patches (add its XML, list the slide in datasets.<name>."
+                             "unannotated_slides, or set tiling.unannotated_label: slide)")
         wsi.open_slide(row["path"], STAGE).close()
 
 

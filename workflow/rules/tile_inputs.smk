@@ -27,7 +27,13 @@ def cohort_input(wildcards):
     if ds.get("synthetic"):
         return [ds["root"]]
     rows = build_table(name, ds)
-    check_cohort(name, rows, tiling_cfg(name), dataset_classes(name, rows))
+    check_cohort(
+        name,
+        rows,
+        tiling_cfg(name),
+        dataset_classes(name, rows),
+        ds.get("unannotated_slides", ()),
+    )
     listing = hdsources.write_if_changed(
         f"results/{name}/sources/cohort.txt", hdsources.cohort_listing(rows)
     )
