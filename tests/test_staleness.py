@@ -154,7 +154,7 @@ def test_library_edit_reruns_the_rules_that_run_it(state):
 def test_library_hash_follows_imports_and_nothing_else(tmp_path):
     stain = ROOT / "scripts" / "stain_template.py"
     files = {p.relative_to(params.PACKAGE).as_posix() for p in params.library_files(str(stain))}
-    assert {"stain.py", "store.py", "logs.py", "__init__.py"} <= files
+    assert {"stain.py", "data/store.py", "logs.py", "__init__.py"} <= files
     assert not {"tiling.py", "evaluate.py", "params.py", "distill/base.py"} & files
     distill = {p.relative_to(params.PACKAGE).as_posix()
                for p in params.library_files(str(ROOT / "scripts" / "distill.py"))}
