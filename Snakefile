@@ -17,8 +17,10 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile_inputs.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/stain.smk"
+include: "workflow/rules/encoders.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/result.smk"
 include: "workflow/rules/report.smk"
 
 
