@@ -10,7 +10,10 @@ and runs each stage in a fresh process on each, reading the child's peak residen
                     the streamed test split.
 ``peak_rss_ratio_*`` is 4N over N (1.0: flat). ``distill_step_ratio`` times Histo-DD and DM
 steps on the 4N store with the real patches streamed through a ``cache_mb`` reservoir against
-the whole split held in memory (same process, same seeds, interleaved, best of 5).
+the whole split held in memory (same process, same seeds, interleaved, best of 5). Each child
+starts the allocator trimmer as every rule does (histodistill.memory); the Histo-DD stage is also
+run without it to show why (``..._untrimmed``), and ``trimmer_time_ratio`` is its time with the
+trimmer over without (4N).
 """
 
 from __future__ import annotations
@@ -60,9 +63,16 @@ def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def stage(name: str, store: str, work: str, cache_mb: float) -> None:
-    """Run one stage in this (child) process and print its peak RSS in MB."""
+def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) -> None:
+    """Run one stage in this (child) process and print its peak RSS in MB and its seconds. Like
+    every rule, it starts the allocator trimmer first, unless ``untrimmed``."""
     import torch
+
+    from histodistill.memory import start_trimmer
+
+    if not untrimmed:
+        start_trimmer()
+    start = time.perf_counter()
 
     from histodistill.distill.run import distill, pretrain_pool
     from histodistill.evaluate import evaluate_distilled, full_train
@@ -82,15 +92,19 @@ def stage(name: str, store: str, work: str, cache_mb: float) -> None:
                 None, cache_mb, progress=False)
         evaluate_distilled(w / "r.zarr", w / "r.json", store, None, {"convnet": w / "full.json"},
                            EVALUATE, "bench", w / "result.json")
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "seconds": time.perf_counter() - start}))
 
 
-def peak_rss(name: str, store: Path, cache_mb: float) -> float:
+def run_stage(name: str, store: Path, cache_mb: float, untrimmed: bool = False
+              ) -> dict[str, float]:
+    """Peak RSS (MB) and seconds of one stage in a fresh process."""
+    flag = ["--untrimmed"] if untrimmed else []
     with tempfile.TemporaryDirectory() as work:
         out = subprocess.run([sys.executable, __file__, "--stage", name, "--store", str(store),
-                              "--work", work, "--cache-mb", str(cache_mb)],
+                              "--work", work, "--cache-mb", str(cache_mb), *flag],
                              check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, float]:
@@ -131,9 +145,10 @@ def main() -> None:
     parser.add_argument("--stage")
     parser.add_argument("--store")
     parser.add_argument("--work")
+    parser.add_argument("--untrimmed", action="store_true")
     args = parser.parse_args()
     if args.stage:
-        stage(args.stage, args.store, args.work, args.cache_mb)
+        stage(args.stage, args.store, args.work, args.cache_mb, args.untrimmed)
         return
     from histodistill.io import save_figures
 
@@ -145,9 +160,20 @@ def main() -> None:
               f"{4 * args.n * mb:.0f} MB of pixels); cache_mb {args.cache_mb}")
         ratios = {}
         for name in ("distill_histodd", "distill_dm", "evaluate"):
-            a, b = peak_rss(name, small, args.cache_mb), peak_rss(name, large, args.cache_mb)
+            a, b = (run_stage(name, small, args.cache_mb)["peak_rss_mb"],
+                    run_stage(name, large, args.cache_mb)["peak_rss_mb"])
             print(f"{name}: peak RSS {a:.0f} MB (N) vs {b:.0f} MB (4N)")
             ratios[name] = b / a
+        # the same Histo-DD stage without the trimmer (glibc keeps freed heap), and the time the
+        # trimmer costs, on the 4N store
+        trimmed = run_stage("distill_histodd", large, args.cache_mb)
+        untrimmed = [run_stage("distill_histodd", s, args.cache_mb, untrimmed=True)
+                     for s in (small, large)]
+        print(f"distill_histodd, untrimmed: peak RSS {untrimmed[0]['peak_rss_mb']:.0f} MB (N) "
+              f"vs {untrimmed[1]['peak_rss_mb']:.0f} MB (4N); {untrimmed[1]['seconds']:.1f} s vs "
+              f"{trimmed['seconds']:.1f} s with the trimmer (4N)")
+        ratios["untrimmed"] = untrimmed[1]["peak_rss_mb"] / untrimmed[0]["peak_rss_mb"]
+        time_ratio = trimmed["seconds"] / untrimmed[1]["seconds"]
         steps = step_ratio(large, args.cache_mb)
     figures = [
         f"peak_rss_ratio_distill_histodd: {ratios['distill_histodd']:.3f}",
@@ -157,6 +183,8 @@ def main() -> None:
         f"distill_step_ratio_histodd: {steps['histodd']:.3f}",
         f"distill_step_ratio_dm: {steps['dm']:.3f}",
         f"distill_step_ratio: {max(steps.values()):.3f}",
+        f"peak_rss_ratio_distill_histodd_untrimmed: {ratios['untrimmed']:.3f}",
+        f"trimmer_time_ratio: {time_ratio:.3f}",
     ]
     save_figures(figures, ROOT / "results/bench/memory.txt")
 

@@ -11,11 +11,14 @@ from collections.abc import Iterator
 
 from histodistill.config import ConfigError
 from histodistill.io import InputError
+from histodistill.memory import start_trimmer
 
 
 @contextlib.contextmanager
 def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
-    """Send logging and stderr to ``log_path``; turn InputError/ConfigError into exit code 1."""
+    """Send logging and stderr to ``log_path``; turn InputError/ConfigError into exit code 1.
+    Also starts the allocator trimmer, so memory does not grow with the job's length."""
+    start_trimmer()
     console = sys.stderr
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "w", buffering=1) as log_file:
