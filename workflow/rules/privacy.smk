@@ -28,7 +28,9 @@ rule privacy_audit:
         gpu=1,
         batch=setting("privacy", "batch"),
     params:
-        privacy=lambda wc: hdparams.privacy_audit_settings(section(wc.dataset, "privacy")),
+        privacy=lambda wc: hdparams.privacy_audit_settings(
+            section(wc.dataset, "privacy")
+        ),
         code=library("privacy_audit.py"),
     script:
         "../../scripts/privacy_audit.py"
