@@ -36,12 +36,14 @@ def tiles(target_image: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train and test splits of disjoint real tiles; the class is the tile's darkness (above or
-    below the median), the rest of the tiles are left out of the store."""
+    below its split's median: balanced classes), the rest of the tiles are left out of the store."""
     from histodistill.data import record_channel_stats
 
     path = tmp_path_factory.mktemp("priv") / "p.zarr"
     x = tiles[:N_TRAIN + N_TEST]
-    y = (x.reshape(len(x), -1).mean(1) < np.median(x.reshape(len(x), -1).mean(1))).astype(np.int64)
+    mean = x.reshape(len(x), -1).mean(1)
+    y = np.r_[mean[:N_TRAIN] < np.median(mean[:N_TRAIN]),
+              mean[N_TRAIN:] < np.median(mean[N_TRAIN:])].astype(np.int64)
     split = np.r_[np.zeros(N_TRAIN), np.full(N_TEST, SPLITS.index("test"))].astype(np.int8)
     writer = StoreWriter(path, SIZE, chunk=64, attrs={"class_names": ["pale", "dark"],
                                                        "split_names": list(SPLITS), "slides": [],
@@ -84,7 +86,7 @@ def test_attack_auc_is_one_half_for_an_unrelated_real_set(store, tiles, tmp_path
     other = distilled(tmp_path / "other.zarr", tiles[N_TRAIN + N_TEST:][:200])
     section, _ = audit(other, store, None, CFG)
     attack = section["spaces"]["pixel"]["attack"]["random"]
-    assert attack["members"] == attack["nonmembers"] == N_TEST  # balanced samples
+    assert attack["members"] == attack["nonmembers"] == N_TEST  # balanced samples, same classes
     assert 0.44 < attack["auc"] < 0.56 and attack["ci"][0] < 0.5 < attack["ci"][1]
     assert section["attack_members"] == "random" and not section["sources_recorded"]
     assert section["heldout_split"] == "test"

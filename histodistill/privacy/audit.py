@@ -130,6 +130,18 @@ def heldout_split(store: PatchStore, wanted: str) -> str:
     return name
 
 
+def _members_like(train_rows: np.ndarray, held_rows: np.ndarray, labels: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Random training rows with the held-out sample's class counts (as many as the class has),
+    so the attack compares members and non-members of the same class mix."""
+    picked = []
+    for c in np.unique(labels[held_rows]):
+        pool = train_rows[labels[train_rows] == c]
+        n = min(int((labels[held_rows] == c).sum()), len(pool))
+        picked.append(rng.choice(pool, n, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 @dataclass
 class _Running:
     """Running minima of one space over the streamed training split."""
@@ -192,8 +204,7 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
     held_all = np.flatnonzero(split == SPLITS.index(held_name))
     rng = np.random.default_rng(cfg.seed)
     held_rows = np.sort(rng.choice(held_all, min(cfg.samples, len(held_all)), replace=False))
-    random_members = np.sort(rng.choice(train_rows, min(len(held_rows), len(train_rows)),
-                                        replace=False))
+    random_members = _members_like(train_rows, held_rows, store.array("label"), rng)
     if sources is not None and not np.isin(sources, train_rows).all():
         raise InputError("privacy_audit", distilled, "its 'sources' are not all training rows "
                          f"of {store_path}: it was distilled from another store")
