@@ -211,6 +211,28 @@ def test_every_method_builds(built):
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
 
 
+def test_package_builds_and_a_coreset_is_refused(built):
+    from histodistill.privacy.package import verify_package
+
+    snakemake(built, "--cores", "1", "results/demo/histodd_ipc10.share")
+    share = built / "results/demo/histodd_ipc10.share"
+    verify_package(share)
+    sheet = (share / "DATASHEET.md").read_text()
+    assert "## Privacy audit" in sheet and "Synthetic demo cohort" in sheet
+    assert (built / "results/demo/report/histodd_ipc10_datasheet.html").stat().st_size > 0
+    proc = snakemake(built, "--cores", "1", "results/demo/random_ipc10.share", check=False)
+    assert proc.returncode != 0
+    assert "random_ipc10 is a coreset" in proc.stdout + proc.stderr
+    assert "allow_real_patches: true" in proc.stdout + proc.stderr
+    assert not (built / "results/demo/random_ipc10.share").exists()
+    try:  # the package's texts rerun the package alone
+        tiny_config(built / "config.yaml", privacy={"package": {"licence": "CC-BY-4.0"}})
+        assert planned_jobs(snakemake(built, "-n", "results/demo/histodd_ipc10.share")) == {"package": 1}
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {}
+    finally:
+        tiny_config(built / "config.yaml")
+
+
 def test_missing_per_ipc_entry_names_the_key(tmp_path):
     tiny_config(tmp_path / "config.yaml")
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
