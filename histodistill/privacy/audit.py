@@ -229,30 +229,13 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
         "n_synthetic": len(images), "n_train": len(train_rows), "n_heldout": len(held_rows),
         "heldout_total": len(held_all), "percentile": cfg.percentile,
         "sources_recorded": sources is not None, "spaces": {}}
+    members = {"random": random_members}
+    if sources is not None:
+        members["sources"] = np.unique(sources)
     pairs: dict[str, np.ndarray] = {}
     for i, s in enumerate(spaces):
-        r = run[s.name]
-        syn_d = _exact(s, images, store, r.syn_arg)  # exact zeros for copies
-        held_d = r.held_min.sqrt().cpu().numpy().astype(np.float64)
-        nonmember_d = sq_distances(r.syn, r.held).min(0).values.sqrt().cpu().numpy()
-        member_d = np.sqrt(r.member_min)
-        threshold = float(np.percentile(held_d, cfg.percentile))
-        memorised = syn_d <= threshold
-        attack = {"random": _attack(member_d[np.searchsorted(watched, random_members)],
-                                    nonmember_d, cfg, cfg.seed + 10 * i)}
-        if sources is not None:
-            attack["sources"] = _attack(member_d[np.searchsorted(watched, np.unique(sources))],
-                                        nonmember_d, cfg, cfg.seed + 10 * i + 1)
-        order = np.argsort(syn_d, kind="stable")[:cfg.grid_pairs]
-        section["spaces"][s.name] = {
-            "synthetic_median": float(np.median(syn_d)), "heldout_median": float(np.median(held_d)),
-            "median_ratio": float(np.median(syn_d) / max(np.median(held_d), 1e-12)),
-            "threshold": threshold, "memorised": float(memorised.mean()),
-            "memorised_count": int(memorised.sum()), "attack": attack,
-            "closest": [{"synthetic": int(j), "train_row": int(r.syn_arg[j]),
-                         "distance": float(syn_d[j]), "memorised": bool(memorised[j])}
-                        for j in order]}
-        pairs[s.name] = np.stack([images[order], read_rows(store, r.syn_arg[order])])
+        section["spaces"][s.name], pairs[s.name] = _summary(
+            s, run[s.name], images, store, members, watched, cfg, cfg.seed + 10 * i)
     headline = section["spaces"][cfg.attack_space if encoder_path else "pixel"]["attack"]
     which = "sources" if "sources" in headline else "random"
     section.update({
@@ -264,6 +247,30 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
              distilled, section["memorised"], section["attack_auc"], which,
              section["attack_space"], section["seconds"])
     return section, pairs
+
+
+def _summary(space: Space, r: _Running, images: np.ndarray, store: PatchStore,
+             members: dict[str, np.ndarray], watched: np.ndarray, cfg: AuditConfig, seed: int
+             ) -> tuple[dict[str, Any], np.ndarray]:
+    """One space's figures from its running minima (``members``: member rows per attack), and
+    its closest pairs' images (2, k, 3, H, W)."""
+    syn_d = _exact(space, images, store, r.syn_arg)  # exact zeros for copies
+    held_d = r.held_min.sqrt().cpu().numpy().astype(np.float64)
+    nonmember_d = sq_distances(r.syn, r.held).min(0).values.sqrt().cpu().numpy()
+    watched_d = np.sqrt(r.member_min)
+    threshold = float(np.percentile(held_d, cfg.percentile))
+    memorised = syn_d <= threshold
+    attack = {name: _attack(watched_d[np.searchsorted(watched, rows)], nonmember_d, cfg, seed + k)
+              for k, (name, rows) in enumerate(members.items())}
+    order = np.argsort(syn_d, kind="stable")[:cfg.grid_pairs]
+    summary = {
+        "synthetic_median": float(np.median(syn_d)), "heldout_median": float(np.median(held_d)),
+        "median_ratio": float(np.median(syn_d) / max(np.median(held_d), 1e-12)),
+        "threshold": threshold, "memorised": float(memorised.mean()),
+        "memorised_count": int(memorised.sum()), "attack": attack,
+        "closest": [{"synthetic": int(j), "train_row": int(r.syn_arg[j]),
+                     "distance": float(syn_d[j]), "memorised": bool(memorised[j])} for j in order]}
+    return summary, np.stack([images[order], read_rows(store, r.syn_arg[order])])
 
 
 def _exact(space: Space, images: np.ndarray, store: PatchStore, rows: np.ndarray) -> np.ndarray:
