@@ -112,6 +112,7 @@ def test_demo_target_builds_every_stage(built):
     assert f"{len(store)} patches of 32 px" in text and "template patch" in text
     assert "histodd_ipc10.json" in text and "random_ipc10.json" in text
     assert "distilled/histodd_ipc10.png" in text and "convnet acc" in text
+    assert "privacy/histodd_ipc10_pairs.png" in text and "attack AUC" in text
 
 
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
