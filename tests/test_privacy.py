@@ -151,7 +151,35 @@ def test_bootstrap_rank_auc_agrees_with_scikit_learn():
     assert bootstrap_auc(np.zeros(1), np.ones(1), 50, seed=0) == [1.0, 1.0]
 
 
-def test_heldout_split_prefers_val_and_bad_inputs_are_named(store, tiles, tmp_path):
+def test_pixel_distance_is_the_rms_difference_and_blocks_match_brute_force():
+    import torch
+
+    from histodistill.privacy.audit import Space, sq_distances
+
+    pixel = Space("pixel", None, torch.device("cpu"))
+    black, white = np.zeros((1, 3, 4, 4), np.uint8), np.full((1, 3, 4, 4), 255, np.uint8)
+    v = pixel.vectors(np.concatenate([black, white]))
+    assert sq_distances(v[:1], v[1:]).sqrt().item() == pytest.approx(1.0)  # RMS of 1.0
+    a, b = noise(5), noise(7, seed=2)
+    diff = (a[:, None].astype(float) - b[None].astype(float)) / 255
+    brute = np.sqrt((diff ** 2).mean((2, 3, 4)))
+    np.testing.assert_allclose(sq_distances(pixel.vectors(a), pixel.vectors(b)).sqrt().numpy(),
+                               brute, atol=1e-5)
+
+
+def test_heldout_split_is_val_when_the_store_has_one(tiles, tmp_path):
+    path = tmp_path / "v.zarr"
+    writer = StoreWriter(path, SIZE, chunk=16, attrs={"class_names": ["a", "b"], "slides": [],
+                                                       "split_names": list(SPLITS), "patch_size": SIZE})
+    split = np.repeat([0, 1, 2], 40).astype(np.int8)  # train, val, test
+    writer.append(tiles[:120], np.full((120, 2), -1), np.full(120, -1), np.arange(120) % 2, split)
+    section, _ = audit(distilled(tmp_path / "s.zarr", tiles[200:204]), path, None, CFG)
+    assert section["heldout_split"] == "val" and section["heldout_total"] == 40
+    forced = AuditConfig(**{**CFG.__dict__, "heldout_split": "test"})
+    assert audit(tmp_path / "s.zarr", path, None, forced)[0]["heldout_split"] == "test"
+
+
+def test_bad_inputs_are_named(store, tiles, tmp_path):
     wrong = distilled(tmp_path / "wrong.zarr", np.zeros((4, 3, 8, 8), np.uint8))
     with pytest.raises(InputError, match="cannot be compared"):
         audit(wrong, store, None, CFG)
@@ -234,6 +262,15 @@ def test_manifest_catches_a_changed_missing_or_extra_file(store, encoder, tmp_pa
     (share / "extra.txt").write_text("x")
     with pytest.raises(InputError, match="extra.txt: not in the manifest"):
         verify_package(share)
+
+
+def test_a_set_without_an_audit_is_not_packaged(store, tmp_path):
+    result = tmp_path / "dm_ipc10.json"
+    result.write_text(json.dumps({**_result({}, "dm"), "privacy": None}))
+    with pytest.raises(InputError, match="has no privacy audit"):
+        write_package(distilled(tmp_path / "d.zarr", noise(20)), result, store,
+                      tmp_path / "out.share", tmp_path / "d.html", PACKAGE)
+    assert not (tmp_path / "out.share").exists()
 
 
 def test_coreset_package_is_refused_without_the_opt_in(store, tiles, encoder, tmp_path):
