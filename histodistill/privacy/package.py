@@ -35,6 +35,9 @@ from histodistill.distill import METHODS
 from histodistill.io import InputError, atomic_path, write_json
 
 FORMAT = "histodistill-share/1"
+# Files a package holds beside those its manifest lists: the checksum files themselves, and the
+# empty marker Snakemake puts into every directory output.
+UNLISTED = {"manifest.json", "SHA256SUMS", ".snakemake_timestamp"}
 Block = tuple[str, Any]  # ("h1" | "h2" | "p" | "ul" | "table" | "code", content)
 
 
@@ -292,14 +295,13 @@ def write_package(distilled: str | os.PathLike, result_path: str | os.PathLike,
 
 
 def verify_package(path: str | os.PathLike) -> None:
-    """Check every file the manifest lists against its size and sha256, and that no file is
-    unlisted; raises InputError naming the first mismatching files."""
+    """Check every file the manifest lists against its size and sha256, and that no other file
+    is there (but :data:`UNLISTED`); raises InputError naming the first mismatching files."""
     root = Path(path)
     manifest = json.loads((root / "manifest.json").read_text())
     listed = {e["path"]: e for e in manifest["files"]}
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    problems = [f"{p}: not in the manifest" for p in sorted(present - set(listed)
-                                                              - {"manifest.json", "SHA256SUMS"})]
+    problems = [f"{p}: not in the manifest" for p in sorted(present - set(listed) - UNLISTED)]
     for rel, entry in listed.items():
         f = root / rel
         if not f.is_file():
