@@ -86,8 +86,12 @@ def test_attack_auc_is_one_half_for_an_unrelated_real_set(store, tiles, tmp_path
     other = distilled(tmp_path / "other.zarr", tiles[N_TRAIN + N_TEST:][:200])
     section, _ = audit(other, store, None, CFG)
     attack = section["spaces"]["pixel"]["attack"]["random"]
-    assert attack["members"] == attack["nonmembers"] == N_TEST  # balanced samples, same classes
+    # balanced samples, same classes; the control set is taken out of the test split first
+    assert attack["members"] == attack["nonmembers"] == section["n_heldout"]
+    assert section["n_heldout"] + section["n_null"] == N_TEST and section["null_splits"] == ["test"]
     assert 0.44 < attack["auc"] < 0.56 and attack["ci"][0] < 0.5 < attack["ci"][1]
+    null = section["spaces"]["pixel"]["attack"]["null"]  # the control reads the same
+    assert 0.44 < null["auc"] < 0.56 and null["ci"][0] < 0.5 < null["ci"][1]
     assert section["attack_members"] == "random" and not section["sources_recorded"]
     assert section["heldout_split"] == "test"
     # unrelated real tiles are as far from the training split as held-out ones
@@ -100,6 +104,8 @@ def test_attack_auc_is_one_when_the_set_is_the_training_split(store, tiles, tmp_
     attack = section["spaces"]["pixel"]["attack"]["random"]
     assert attack["auc"] == 1.0 and attack["ci"] == [1.0, 1.0]
     assert section["memorised"] == 1.0 and section["spaces"]["pixel"]["synthetic_median"] == 0.0
+    null = section["spaces"]["pixel"]["attack"]["null"]  # unseen real patches: no such signal
+    assert null["ci"][0] < 0.5 < null["ci"][1]
 
 
 def test_coreset_is_memorised_with_sources_found_and_noise_is_not(store, tiles, encoder, tmp_path):

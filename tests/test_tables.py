@@ -58,7 +58,7 @@ def test_privacy_table_and_readme_block(tmp_path):
     (folder / "dm_ipc10.json").write_text(json.dumps(result("dm", 0.6)))  # no audit: no row
     text = tables.privacy_table(folder)
     assert text.splitlines()[2] == ("| histodd | 10 | 0.25 / 0.10 | 0.50 / 0.50 | 0.97 [0.90, 1.00] | "
-                                    "0.51 [0.45, 0.57] | 3 |")
+                                    "0.51 [0.45, 0.57] | - | 3 |")
     assert len([l for l in text.splitlines() if l.startswith("| ")]) == 2 and "test" in text
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:toy:start -->\n<!-- results:toy:end -->\n"

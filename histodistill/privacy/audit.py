@@ -18,7 +18,10 @@ Two figures per space (pixels, and the features of an encoder trained in the pip
   seeded random training patches as held-out ones: the average patient) and ``sources`` (the
   training patches the images were made from, recorded by the distillation: a coreset's picks,
   the real patches a method starts from), the patients most exposed (Carlini et al., "No free
-  lunch in 'privacy for free'", 2022).
+  lunch in 'privacy for free'", 2022). A control, ``null``: the random-member attack with the
+  set replaced by as many real held-out patches of the same classes, which the training never
+  saw. It is what the attack reads when nothing leaks; it departs from 0.5 when the held-out
+  split is not distributed like the training split (other centres, other slides).
 
 Pixel distances are root-mean-square differences of pixels in [0, 1]; feature distances are
 Euclidean between L2-normalised features. The training split is streamed from the store in
@@ -142,23 +145,45 @@ def _members_like(train_rows: np.ndarray, held_rows: np.ndarray, labels: np.ndar
     return np.sort(np.concatenate(picked))
 
 
+def _null_rows(split: np.ndarray, labels: np.ndarray, held_name: str, set_labels: np.ndarray,
+               rng: np.random.Generator) -> np.ndarray:
+    """The control set: real patches nothing was trained on, with the set's class counts, from
+    the other unseen split (test when the held-out split is val) when it has enough, else from
+    the held-out split itself (at most half of it; the held-out sample is then drawn from the
+    rest)."""
+    other = "test" if held_name == "val" else "val"
+    counts = dict(zip(*np.unique(set_labels, return_counts=True)))
+    rows = {name: np.flatnonzero(split == SPLITS.index(name)) for name in (other, held_name)}
+    enough = all((labels[rows[other]] == c).sum() >= n for c, n in counts.items())
+    pool = rows[other] if enough else rows[held_name]
+    picked = []
+    for c, n in counts.items():
+        candidates = pool[labels[pool] == c]
+        take = int(n) if enough else min(int(n), len(candidates) // 2)
+        picked.append(rng.choice(candidates, take, replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 @dataclass
 class _Running:
     """Running minima of one space over the streamed training split."""
 
     syn: torch.Tensor  # (S, D) synthetic vectors
     held: torch.Tensor  # (H, D) held-out vectors
+    null: torch.Tensor  # (S0, D) the control set's vectors
     syn_min: torch.Tensor
     syn_arg: np.ndarray  # store row of each synthetic image's nearest training patch
     held_min: torch.Tensor
-    member_min: np.ndarray  # each watched training row's distance to the nearest synthetic image
+    member_min: np.ndarray  # each watched training row's squared distance to the set
+    member_null: np.ndarray  # ... and to the control set
 
     @classmethod
-    def start(cls, syn: torch.Tensor, held: torch.Tensor, watched: int) -> "_Running":
+    def start(cls, syn: torch.Tensor, held: torch.Tensor, null: torch.Tensor, watched: int
+              ) -> "_Running":
         inf = float("inf")
-        return cls(syn, held, torch.full((len(syn),), inf, device=syn.device),
+        return cls(syn, held, null, torch.full((len(syn),), inf, device=syn.device),
                    np.full(len(syn), -1, np.int64), torch.full((len(held),), inf, device=syn.device),
-                   np.full(watched, np.inf))
+                   np.full(watched, np.inf), np.full(watched, np.inf))
 
     def update(self, x: torch.Tensor, rows: np.ndarray, watch_pos: np.ndarray,
                watch_hit: np.ndarray) -> None:
@@ -170,6 +195,10 @@ class _Running:
         self.syn_arg[take] = rows[arg.cpu().numpy()[take]]
         if watch_hit.any():
             self.member_min[watch_pos[watch_hit]] = d.min(0).values.cpu().numpy()[watch_hit]
+            if len(self.null):
+                hit = torch.from_numpy(watch_hit).to(x.device)
+                near = sq_distances(self.null, x[hit]).min(0).values.cpu().numpy()
+                self.member_null[watch_pos[watch_hit]] = near
         self.held_min = torch.minimum(self.held_min, sq_distances(self.held, x).min(1).values)
 
 
@@ -203,8 +232,11 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
     held_name = heldout_split(store, cfg.heldout_split)
     held_all = np.flatnonzero(split == SPLITS.index(held_name))
     rng = np.random.default_rng(cfg.seed)
-    held_rows = np.sort(rng.choice(held_all, min(cfg.samples, len(held_all)), replace=False))
-    random_members = _members_like(train_rows, held_rows, store.array("label"), rng)
+    labels = store.array("label")
+    null_rows = _null_rows(split, labels, held_name, group["labels"][:], rng)
+    held_free = np.setdiff1d(held_all, null_rows)
+    held_rows = np.sort(rng.choice(held_free, min(cfg.samples, len(held_free)), replace=False))
+    random_members = _members_like(train_rows, held_rows, labels, rng)
     if sources is not None and not np.isin(sources, train_rows).all():
         raise InputError("privacy_audit", distilled, "its 'sources' are not all training rows "
                          f"of {store_path}: it was distilled from another store")
@@ -214,9 +246,9 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
     spaces = [Space("pixel", None, dev)]
     if encoder_path:
         spaces.append(Space("feature", load_encoder(encoder_path, dev), dev))
-    held_pixels = read_rows(store, held_rows)
-    run = {s.name: _Running.start(s.vectors(images), s.vectors(held_pixels), len(watched))
-           for s in spaces}
+    held_pixels, null_pixels = read_rows(store, held_rows), read_rows(store, null_rows)
+    run = {s.name: _Running.start(s.vectors(images), s.vectors(held_pixels),
+                                  s.vectors(null_pixels), len(watched)) for s in spaces}
     for x, _, rows in tqdm(iterate(store, "train", cfg.batch, None), desc="audit train split",
                            total=-(-len(train_rows) // cfg.batch), disable=not progress):
         pos = np.searchsorted(watched, rows).clip(max=len(watched) - 1)
@@ -228,7 +260,8 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
         "heldout_split": held_name, "encoder": cfg.encoder if encoder_path else None,
         "n_synthetic": len(images), "n_train": len(train_rows), "n_heldout": len(held_rows),
         "heldout_total": len(held_all), "percentile": cfg.percentile,
-        "sources_recorded": sources is not None, "spaces": {}}
+        "sources_recorded": sources is not None, "n_null": len(null_rows),
+        "null_splits": sorted({SPLITS[i] for i in split[null_rows]}), "spaces": {}}
     members = {"random": random_members}
     if sources is not None:
         members["sources"] = np.unique(sources)
@@ -262,6 +295,10 @@ def _summary(space: Space, r: _Running, images: np.ndarray, store: PatchStore,
     memorised = syn_d <= threshold
     attack = {name: _attack(watched_d[np.searchsorted(watched, rows)], nonmember_d, cfg, seed + k)
               for k, (name, rows) in enumerate(members.items())}
+    if len(r.null):  # the control: the random members against a set of unseen real patches
+        null_nonmember = sq_distances(r.null, r.held).min(0).values.sqrt().cpu().numpy()
+        null_member = np.sqrt(r.member_null[np.searchsorted(watched, members["random"])])
+        attack["null"] = _attack(null_member, null_nonmember, cfg, seed + len(members))
     order = np.argsort(syn_d, kind="stable")[:cfg.grid_pairs]
     summary = {
         "synthetic_median": float(np.median(syn_d)), "heldout_median": float(np.median(held_d)),

@@ -129,7 +129,7 @@ def _privacy(privacy: dict[str, Any], statements: list[str]) -> list[Block]:
         attack = s["attack"]
         rows.append([space, f"{s['synthetic_median']:.4g}", f"{s['heldout_median']:.4g}",
                      f"{s['median_ratio']:.3f}", f"{s['memorised']:.3f}",
-                     _ci(attack["sources"]) if "sources" in attack else "-", _ci(attack["random"])])
+                     *(_ci(attack[k]) if k in attack else "-" for k in ("sources", "random", "null"))])
     held = privacy["heldout_split"]
     return [("h2", "Privacy audit"),
             ("p", f"Each image's distance to its nearest real training patch ({privacy['n_train']} "
@@ -141,10 +141,13 @@ def _privacy(privacy: dict[str, Any], statements: list[str]) -> list[Block]:
                   "patches from held-out ones (0.5: nothing leaks; 1.0: every member found), with "
                   "a 95 % bootstrap interval; 'sources' are the training patches the images were "
                   "made from (coreset picks, real initialisations), 'random' random training "
-                  "patches. Pixel distance: RMS difference in [0, 1]; feature distance: Euclidean "
-                  f"between normalised features of the '{privacy['encoder']}' encoder."),
+                  "patches; 'control' is the random attack against unseen real patches in place "
+                  "of this set: what the attack reads on this cohort when nothing leaks. Pixel "
+                  "distance: RMS difference in [0, 1]; feature distance: Euclidean between "
+                  f"normalised features of the '{privacy['encoder']}' encoder."),
             ("table", (["space", "median distance (set)", f"median distance ({held})",
-                        "ratio", "memorised", "attack AUC (sources)", "attack AUC (random)"], rows)),
+                        "ratio", "memorised", "attack AUC (sources)", "attack AUC (random)",
+                        "attack AUC (control)"], rows)),
             ("p", f"Headline: memorised {privacy['memorised']:.3f}, attack AUC "
                   f"{privacy['attack_auc']:.3f} [{privacy['attack_ci'][0]:.3f}, "
                   f"{privacy['attack_ci'][1]:.3f}] ({privacy['attack_members']} members, "
