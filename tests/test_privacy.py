@@ -185,6 +185,27 @@ def test_heldout_split_is_val_when_the_store_has_one(tiles, tmp_path):
     assert audit(tmp_path / "s.zarr", path, None, forced)[0]["heldout_split"] == "test"
 
 
+def test_control_set_keeps_apart_from_the_heldout_sample():
+    from histodistill.privacy.audit import _null_rows
+
+    rng = np.random.default_rng(0)
+    split = np.r_[np.zeros(40), np.full(60, 2)].astype(np.int8)  # train, test
+    labels = np.arange(100) % 2
+    slides = np.r_[np.repeat(np.arange(4), 10), np.repeat(np.arange(4, 10), 10)]
+    set_labels = np.array([0, 0, 0, 1, 1, 1])
+    null, apart = _null_rows(split, labels, slides, "test", set_labels, rng)
+    assert (split[null] == 2).all() and np.bincount(labels[null]).tolist() == [3, 3]
+    assert set(null) <= set(apart) and len(set(slides[apart])) == 1  # one whole test slide
+    assert set(slides[np.setdiff1d(np.flatnonzero(split == 2), apart)]).isdisjoint(slides[null])
+    # without slide ids: rows, at most half of each class
+    null, apart = _null_rows(split, labels, np.full(100, -1), "test", np.zeros(50, int), rng)
+    assert len(null) == 15 and np.array_equal(null, apart)
+    # val held out and test large enough: the control is test patches, nothing kept apart
+    split = np.r_[np.zeros(40), np.ones(20), np.full(40, 2)].astype(np.int8)
+    null, apart = _null_rows(split, labels, slides, "val", set_labels, rng)
+    assert (split[null] == 2).all() and not np.isin(apart, np.flatnonzero(split == 1)).any()
+
+
 def test_bad_inputs_are_named(store, tiles, tmp_path):
     wrong = distilled(tmp_path / "wrong.zarr", np.zeros((4, 3, 8, 8), np.uint8))
     with pytest.raises(InputError, match="cannot be compared"):

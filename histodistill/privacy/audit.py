@@ -145,23 +145,39 @@ def _members_like(train_rows: np.ndarray, held_rows: np.ndarray, labels: np.ndar
     return np.sort(np.concatenate(picked))
 
 
-def _null_rows(split: np.ndarray, labels: np.ndarray, held_name: str, set_labels: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
-    """The control set: real patches nothing was trained on, with the set's class counts, from
-    the other unseen split (test when the held-out split is val) when it has enough, else from
-    the held-out split itself (at most half of it; the held-out sample is then drawn from the
-    rest)."""
+def _null_rows(split: np.ndarray, labels: np.ndarray, slides: np.ndarray, held_name: str,
+               set_labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The control set: real patches nothing was trained on, with the set's class counts.
+
+    From the other unseen split (test when the held-out split is val) when it has enough; else
+    from the held-out split itself, kept apart from the held-out sample: whole slides (seeded
+    order, at most half of them) when the store knows its slides, since patches of one slide
+    resemble each other, otherwise rows (at most half of each class). Returns the control rows
+    and the held-out rows the sample must leave out."""
     other = "test" if held_name == "val" else "val"
     counts = dict(zip(*np.unique(set_labels, return_counts=True)))
     rows = {name: np.flatnonzero(split == SPLITS.index(name)) for name in (other, held_name)}
-    enough = all((labels[rows[other]] == c).sum() >= n for c, n in counts.items())
-    pool = rows[other] if enough else rows[held_name]
+    if all((labels[rows[other]] == c).sum() >= n for c, n in counts.items()):
+        pool, excluded, cap = rows[other], np.zeros(0, np.int64), None
+    else:
+        held = rows[held_name]
+        excluded, cap = np.zeros(0, np.int64), 0.5
+        if len(held) and (slides[held] >= 0).all():
+            ids = rng.permutation(np.unique(slides[held]))
+            for sid in ids[:max(1, len(ids) // 2)]:
+                excluded = np.r_[excluded, held[slides[held] == sid]]
+                if all((labels[excluded] == c).sum() >= n for c, n in counts.items()):
+                    break
+            pool, cap = np.sort(excluded), None
+        else:
+            pool = held
     picked = []
     for c, n in counts.items():
         candidates = pool[labels[pool] == c]
-        take = int(n) if enough else min(int(n), len(candidates) // 2)
+        take = min(int(n), len(candidates) if cap is None else int(len(candidates) * cap))
         picked.append(rng.choice(candidates, take, replace=False))
-    return np.sort(np.concatenate(picked)).astype(np.int64)
+    null = np.sort(np.concatenate(picked)).astype(np.int64)
+    return null, (np.sort(excluded) if len(excluded) else null)
 
 
 @dataclass
@@ -233,8 +249,9 @@ def audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
     held_all = np.flatnonzero(split == SPLITS.index(held_name))
     rng = np.random.default_rng(cfg.seed)
     labels = store.array("label")
-    null_rows = _null_rows(split, labels, held_name, group["labels"][:], rng)
-    held_free = np.setdiff1d(held_all, null_rows)
+    null_rows, kept_apart = _null_rows(split, labels, store.array("slide"), held_name,
+                                       group["labels"][:], rng)
+    held_free = np.setdiff1d(held_all, kept_apart)
     held_rows = np.sort(rng.choice(held_free, min(cfg.samples, len(held_free)), replace=False))
     random_members = _members_like(train_rows, held_rows, labels, rng)
     if sources is not None and not np.isin(sources, train_rows).all():
