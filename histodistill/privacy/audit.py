@@ -52,7 +52,6 @@ from histodistill.evaluate import device
 from histodistill.io import InputError, atomic_path, write_json
 
 log = logging.getLogger(__name__)
-SPACES = ("pixel", "feature")
 
 
 @dataclass(frozen=True)
@@ -91,12 +90,9 @@ class Space:
         return torch.nn.functional.normalize(self.encoder.embed(x).float(), dim=1)
 
 
-def sq_distances(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """(m, n) squared Euclidean distances between rows of ``a`` and ``b`` by one matrix product
-    (``a_sq``: precomputed squared norms of ``a``)."""
-    a_sq = (a * a).sum(1) if a_sq is None else a_sq
-    return (a_sq[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
+def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(m, n) squared Euclidean distances between rows of ``a`` and ``b`` by one matrix product."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp_min_(0)
 
 
 def auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
@@ -112,10 +108,14 @@ def bootstrap_auc(members: np.ndarray, nonmembers: np.ndarray, resamples: int, s
     AUC = (rank sum of members - n1 (n1 + 1) / 2) / (n1 n0), ties averaged (as sklearn)."""
     rng = np.random.default_rng(seed)
     n1, n0 = len(members), len(nonmembers)
-    m = members[rng.integers(0, n1, (resamples, n1))]
-    h = nonmembers[rng.integers(0, n0, (resamples, n0))]
-    ranks = rankdata(-np.concatenate([m, h], 1), axis=1)  # higher rank = closer
-    values = (ranks[:, :n1].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    values = []
+    for start in range(0, resamples, 100):  # blocks of resamples: bounded memory
+        k = min(100, resamples - start)
+        m = members[rng.integers(0, n1, (k, n1))]
+        h = nonmembers[rng.integers(0, n0, (k, n0))]
+        ranks = rankdata(-np.concatenate([m, h], 1), axis=1)  # higher rank = closer
+        values.append((ranks[:, :n1].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0))
+    values = np.concatenate(values)
     tail = (1 - level) / 2 * 100
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
