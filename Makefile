@@ -46,6 +46,7 @@ bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py
 	$(PY) bench/distill.py
 	$(PY) bench/memory.py
+	$(PY) bench/privacy.py
 
 # Real-tissue check on the PCam subset beside the project (not shipped: skipped when missing)
 PCAM := ../shared/data/pcam

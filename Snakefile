@@ -21,6 +21,7 @@ include: "workflow/rules/encoders.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/result.smk"
+include: "workflow/rules/privacy.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -49,7 +49,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
-OVERRIDES = ("tiling", "distill", "evaluate", "encoders")  # sections a dataset entry may override
+OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "privacy")  # sections a dataset entry may override
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -76,16 +76,20 @@ def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict
 
 
 def _typed(value: Any) -> Any:
-    """A ``--config`` value with every string leaf read as YAML ('1' -> 1, 'null' -> None)."""
+    """A ``--config`` value with every string leaf read as a YAML scalar ('1' -> 1, 'null' ->
+    None). A leaf that reads as a mapping or list stays the string it is: Snakemake has parsed
+    the structure already, and these values also hold the ``--configfile`` files' own strings
+    (a description such as "cohort: 40 slides" must not turn into a mapping)."""
     if isinstance(value, dict):
         return {k: _typed(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_typed(v) for v in value]
     if isinstance(value, str):
         try:
-            return yaml.safe_load(value)
+            typed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
+        return value if isinstance(typed, (dict, list)) else typed
     return value
 
 

@@ -109,3 +109,10 @@ def library_hash(script: str | os.PathLike) -> str:
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def privacy_audit_settings(privacy: dict[str, Any]) -> dict[str, Any]:
+    """What ``privacy_audit`` reads: the ``privacy`` section without ``package`` (the package's
+    opt-ins, licence and texts rerun only the package) and without the block size ``batch``
+    (a resource: it changes how the distances are computed, not what they are)."""
+    return canonical({k: v for k, v in privacy.items() if k not in ("package", "batch")})

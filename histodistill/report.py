@@ -1,5 +1,6 @@
 """The Snakemake report: artefacts of each result file (rule report_result: the evaluation's
-training curves and its result table) and `report.html` on any state of the results.
+training curves and its result table; the privacy audit's closest pairs; a shareable package's
+datasheet) and `report.html` on any state of the results.
 
 Usage: python -m histodistill.report [report.html]   (`make report`, from the repo root)
 """
@@ -62,9 +63,14 @@ def report_result(result_path: str | os.PathLike, curves: str | os.PathLike,
 
 
 def report_targets(workdir: str | os.PathLike) -> list[str]:
-    """The report artefacts of every finished result file under ``workdir``/results."""
-    return sorted(f"results/{p.parent.name}/report/{p.stem}_curves.png"
-                  for p in Path(workdir).glob("results/*/*_ipc*.json"))
+    """The report artefacts of every finished result file and shareable package (its rendered
+    datasheet) under ``workdir``/results."""
+    root = Path(workdir)
+    curves = [f"results/{p.parent.name}/report/{p.stem}_curves.png"
+              for p in root.glob("results/*/*_ipc*.json")]
+    sheets = [f"results/{p.parent.name}/report/{p.name.removesuffix('.share')}_datasheet.html"
+              for p in root.glob("results/*/*_ipc*.share")]
+    return sorted(curves + sheets)
 
 
 def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathLike = ".",

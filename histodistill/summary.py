@@ -41,6 +41,11 @@ def summarise(folder: str | Path) -> str:
         grid = folder / "distilled" / f"{result.stem}.png"
         if grid.exists():
             lines.append(f"  images    {grid}")
+        if "privacy" in info:
+            p = info["privacy"]
+            lines.append(f"  privacy   {folder / 'privacy' / (result.stem + '_pairs.png')}  "
+                         f"(memorised {p['memorised']:.2f}, attack AUC {p['attack_auc']:.2f} "
+                         f"with {p['attack_members']} members)")
     return "\n".join(lines)
 
 

@@ -72,6 +72,9 @@ def test_config_overrides_from_the_command_line_are_typed():
     assert config.tiling(cfg, "demo")["magnification"] == 10  # the dataset's own override wins
     assert cfg["tiling"]["magnification"] == 5 and cfg["evaluate"]["runs"] == 5  # rest kept
     assert cfg["datasets"]["demo"]["root"] == "/d" and cfg["datasets"]["demo"]["synthetic"]
+    # a --configfile's free text that happens to read as YAML structure stays text
+    text = {"privacy": {"package": {"cohort": "Demo cohort: 40 slides", "licence": "[CC-BY]"}}}
+    assert config.parse_overrides(text) == text
 
 
 @pytest.mark.parametrize("given, message", [

@@ -276,6 +276,26 @@ def test_histodd_starts_from_the_random_coreset(store):
     torch.testing.assert_close(images, start)
 
 
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_every_set_records_the_real_rows_it_was_made_from(method, store, tmp_path):
+    """The privacy audit's most exposed members: a coreset's picks, a real initialisation."""
+    from histodistill.distill.run import distill
+
+    out, pool_file = tmp_path / "d.zarr", tmp_path / "pool.pt"
+    torch.save(pool(), pool_file)
+    distill(store.path, None, pool_file, method, 3, SETTINGS[method], 0, out, tmp_path / "d.png",
+            tmp_path / "d.json", None, progress=False)
+    group = zarr.open_group(str(out), mode="r")
+    sources, labels = group["sources"][:], group["labels"][:]
+    assert len(sources) == 6 and (store.array("split")[sources] == 0).all()  # training rows
+    assert (store.array("label")[sources] == labels).all()  # each image's own class
+    if METHODS[method].real_patches:  # coresets are exactly those patches
+        assert np.array_equal(group["images"][:], store.patches()[sources])
+    else:  # the rest start from the random coreset
+        assert np.array_equal(sources, build("random", {}, 3, context(store)).random_rows())
+    assert METHODS[method].real_patches == (method in ("random", "herding", "forgetting"))
+
+
 def test_histodd_without_pool_and_too_few_patches_are_clear_errors(store):
     ctx = context(store)
     ctx.pool = {}

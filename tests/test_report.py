@@ -67,6 +67,19 @@ def test_report_of_a_finished_run_has_grid_table_and_curves(finished):
     for category in ("Distilled sets", "Evaluation", "Stain template"):
         assert category in text, category
     assert "histodistill distils a histopathology cohort" in text  # workflow.rst
+    assert "privacy/dm_ipc2_pairs.png" in text and "Privacy" in text  # the closest pairs
+
+
+def test_report_shows_the_datasheet_of_a_package(finished, tmp_path):
+    optin = tmp_path / "optin.yaml"  # the tiny DM may stay close to its real start: opt in
+    optin.write_text("privacy: {package: {allow_memorised: true, licence: CC-BY-4.0}}\n")
+    args = [*smk_args(finished), str(optin)]
+    subprocess.run([sys.executable, "-m", "snakemake", "results/demo/dm_ipc2.share", "--cores",
+                    "1", *args], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    assert "results/demo/report/dm_ipc2_datasheet.html" in report_targets(finished)
+    build_report(finished / "report.html", finished, args)
+    text = embedded(finished / "report.html")
+    assert "report/dm_ipc2_datasheet.html" in text and "Shareable packages" in text
 
 
 def test_report_builds_on_a_fresh_state(tmp_path):

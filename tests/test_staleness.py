@@ -25,8 +25,8 @@ from test_workflow import planned_jobs, tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
-BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3, "result": 3,
-                  "demo": 1}
+BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3,
+                  "privacy_audit": 3, "result": 3, "demo": 1}
 
 
 def run(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -122,7 +122,7 @@ def test_operational_knobs_rerun_nothing(state):
     assert "cache_mb=64, checkpoint_every=3" in forced and "cache_mb=32" in forced  # they apply
     # while a setting that changes what distillation computes does rerun it
     assert planned(state, "--config", "distill={max_real_per_class: 50}") == {
-        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "result": 3, "demo": 1}
+        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "privacy_audit": 3, "result": 3, "demo": 1}
 
 
 def test_reordering_keys_reruns_nothing(state):
@@ -142,7 +142,8 @@ def test_reordering_keys_reruns_nothing(state):
 
 def test_library_edit_reruns_the_rules_that_run_it(state):
     with edited_module(state, "stain.py"):  # the template, and the stages that import it
-        assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1}  # pool training augments with it
+        # pool and encoder training augment with it
+        assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1, "train_encoder": 1}
     with edited_module(state, "evaluate.py"):
         jobs = planned(state)
         assert jobs["full_train"] == 1 and jobs["evaluate"] == 3

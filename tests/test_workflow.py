@@ -55,6 +55,8 @@ TINY_DISTILL = {
 }
 TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
                  "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
+TINY_ENCODERS = {"supervised": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "batchnorm"},
+                                "train": {"epochs": 1}}}
 
 
 def tiny_config(path: Path, **edits: dict) -> None:
@@ -65,7 +67,7 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo = cfg["datasets"]["demo"]
     demo["centre_split"] = {"normal": 1, "tumor": 1}
     demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
-    demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
+    demo["distill"], demo["evaluate"], demo["encoders"] = TINY_DISTILL, TINY_EVALUATE, TINY_ENCODERS
     for section, values in edits.items():
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -89,6 +91,12 @@ def test_demo_target_builds_every_stage(built):
     assert set(result["patch"]["convnet"]) >= {"acc", "f1", "auc", "epoch_time_s"}
     assert len(result["patch"]["convnet"]["acc"]["runs"]) == 2
     assert result["full"]["convnet"]["acc"]["mean"] > 0 and result["distill"]["seconds"] > 0
+    privacy = result["privacy"]  # joined from rule privacy_audit
+    assert privacy["heldout_split"] == "test" and privacy["encoder"] == "supervised"
+    assert set(privacy["spaces"]) == {"pixel", "feature"} and privacy["attack_members"] == "sources"
+    assert (built / "results/demo/privacy/histodd_ipc10_pairs.png").stat().st_size > 0
+    coreset = json.loads((built / "results/demo/random_ipc10.json").read_text())["privacy"]
+    assert coreset["memorised"] == 1.0 and coreset["attack_auc"] == 1.0  # real patches, shared
     assert (built / "results/demo/distilled/histodd_ipc10.png").stat().st_size > 0
     assert not (built / "results/demo/distilled/histodd_ipc10.ckpt").exists()
     store = PatchStore(built / "results/demo/patches.zarr")
@@ -104,18 +112,25 @@ def test_demo_target_builds_every_stage(built):
     assert f"{len(store)} patches of 32 px" in text and "template patch" in text
     assert "histodd_ipc10.json" in text and "random_ipc10.json" in text
     assert "distilled/histodd_ipc10.png" in text and "convnet acc" in text
+    assert "privacy/histodd_ipc10_pairs.png" in text and "attack AUC" in text
 
 
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
-    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "result": 3, "demo": 1}  # histodd, dm, random
+    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "privacy_audit": 3, "result": 3,
+                   "demo": 1}  # histodd, dm, random
     try:
         tiny_config(built / "config.yaml", stain={"beta": 0.2})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
-            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain}
+            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1,
+            "train_encoder": 1, **below_stain}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
+        tiny_config(built / "config.yaml", privacy={"percentile": 10})
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {"privacy_audit": 3, "result": 3, "demo": 1}
+        tiny_config(built / "config.yaml", privacy={"batch": 7})  # block size: a resource
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {}
     finally:
         tiny_config(built / "config.yaml")
 
@@ -127,7 +142,7 @@ def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str
     return [(rule, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res in jobs]
 
 
-GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder", "privacy_audit"}
 
 
 def test_slurm_profile_dry_runs_from_the_repo_root(built):
@@ -195,6 +210,28 @@ def test_every_method_builds(built):
     for target in targets:
         result = json.loads((built / target).read_text())
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
+
+
+def test_package_builds_and_a_coreset_is_refused(built):
+    from histodistill.privacy.package import verify_package
+
+    snakemake(built, "--cores", "1", "results/demo/histodd_ipc10.share")
+    share = built / "results/demo/histodd_ipc10.share"
+    verify_package(share)
+    sheet = (share / "DATASHEET.md").read_text()
+    assert "## Privacy audit" in sheet and "Synthetic demo cohort" in sheet
+    assert (built / "results/demo/report/histodd_ipc10_datasheet.html").stat().st_size > 0
+    proc = snakemake(built, "--cores", "1", "results/demo/random_ipc10.share", check=False)
+    assert proc.returncode != 0
+    assert "random_ipc10 is a coreset" in proc.stdout + proc.stderr
+    assert "allow_real_patches: true" in proc.stdout + proc.stderr
+    assert not (built / "results/demo/random_ipc10.share").exists()
+    try:  # the package's texts rerun the package alone
+        tiny_config(built / "config.yaml", privacy={"package": {"licence": "CC-BY-4.0"}})
+        assert planned_jobs(snakemake(built, "-n", "results/demo/histodd_ipc10.share")) == {"package": 1}
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {}
+    finally:
+        tiny_config(built / "config.yaml")
 
 
 def test_missing_per_ipc_entry_names_the_key(tmp_path):

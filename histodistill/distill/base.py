@@ -85,6 +85,11 @@ class Distiller(ABC):
     name = ""
     iterations = 0
     space = "normalised"  # where the synthetic images live: "normalised" or "pixel"
+    real_patches = False  # the result is real patients' patches (coresets), not synthetic
+    # Store rows of the real patches the images were made from (a coreset's picks, a real
+    # initialisation), one per image, set by run(); None when no image starts from a real patch.
+    # The privacy audit's most exposed members (written to the distilled set as ``sources``).
+    source_rows: np.ndarray | None = None
 
     def __init__(self, cfg: dict[str, Any], ipc: int, ctx: Context) -> None:
         self.cfg, self.ipc, self.ctx = cfg, ipc, ctx
@@ -121,7 +126,8 @@ class Distiller(ABC):
     # synthetic images ----------------------------------------------------------------------
     def init_from_real(self) -> None:
         """Synthetic images start as the random coreset; SGD on them with momentum 0.5."""
-        pixels = self.ctx.real.pixels_of(self.random_rows())
+        self.source_rows = self.random_rows()
+        pixels = self.ctx.real.pixels_of(self.source_rows)
         start = pixels if self.space == "pixel" else self.ctx.stats.normalise(pixels)
         self.images = start.clone().requires_grad_(True)
         self.opt = torch.optim.SGD([self.images], lr=float(self.cfg["lr_img"]), momentum=0.5)

@@ -19,11 +19,14 @@ from histodistill.evaluate import TrainConfig, train
 class _Coreset(Distiller):
     """Coresets return real store rows: ``select`` picks them, class by class."""
 
+    real_patches = True
+
     def select(self) -> np.ndarray:
         raise NotImplementedError
 
     def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ctx.real.pixels_of(self.select()), self.labels()
+        self.source_rows = self.select()
+        return self.ctx.real.pixels_of(self.source_rows), self.labels()
 
 
 @register("random")

@@ -83,7 +83,8 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     ctx = Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool, progress,
                   fingerprint(real.store, pool_path, template_path))
     start = time.perf_counter()
-    images, labels = build(method, cfg, ipc, ctx).run()
+    distiller = build(method, cfg, ipc, ctx)
+    images, labels = distiller.run()
     seconds = time.perf_counter() - start
     images8 = (images.detach().cpu().clamp(0, 1) * 255).round().byte().numpy()
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
@@ -93,6 +94,8 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
         group = zarr.open_group(str(tmp), mode="w")
         group.create_array("images", data=images8, chunks=images8.shape)
         group.create_array("labels", data=labels.cpu().numpy().astype(np.int64))
+        if distiller.source_rows is not None:  # provenance for the privacy audit, never shared
+            group.create_array("sources", data=np.asarray(distiller.source_rows, np.int64))
         group.attrs.update(attrs)
     save_grid(images8, labels.cpu().numpy(), real.store.class_names, out_png)
     write_json(out_json, {"seconds": seconds, "peak_mem_mb": peak_memory_mb(),

@@ -27,6 +27,7 @@ STAGE_OVERRIDES = (
     "distill",
     "evaluate",
     "encoders",
+    "privacy",
 )  # reach only their own stage's rules
 
 
@@ -107,4 +108,13 @@ def result_parts(wildcards):
     stem = (
         f"results/{wildcards.dataset}/{{}}/{wildcards.method}_ipc{wildcards.ipc}.json"
     )
-    return {"patch": stem.format("patch_eval")}
+    return {"patch": stem.format("patch_eval"), "privacy": stem.format("privacy")}
+
+
+def privacy_encoder(wildcards):
+    """The encoder of the privacy audit's feature space (none when privacy.encoder is null)."""
+    name = section(wildcards.dataset, "privacy")["encoder"]
+    if name is None:
+        return []
+    encoder_cfg(wildcards.dataset, name)  # an unknown name fails the DAG naming the key
+    return [f"results/{wildcards.dataset}/encoders/{name}.pt"]
