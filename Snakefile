@@ -20,6 +20,8 @@ include: "workflow/rules/stain.smk"
 include: "workflow/rules/encoders.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/mil_inputs.smk"
+include: "workflow/rules/mil.smk"
 include: "workflow/rules/result.smk"
 include: "workflow/rules/report.smk"
 

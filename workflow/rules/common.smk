@@ -27,6 +27,7 @@ STAGE_OVERRIDES = (
     "distill",
     "evaluate",
     "encoders",
+    "mil",
 )  # reach only their own stage's rules
 
 
@@ -107,4 +108,9 @@ def result_parts(wildcards):
     stem = (
         f"results/{wildcards.dataset}/{{}}/{wildcards.method}_ipc{wildcards.ipc}.json"
     )
-    return {"patch": stem.format("patch_eval")}
+    parts = {"patch": stem.format("patch_eval")}
+    if hdconfig.dataset(config, wildcards.dataset)["format"] == "wsi" and (
+        wildcards.method not in hdconfig.PER_SLIDE_UNSUPPORTED
+    ):  # slide level: WSI datasets, methods that can distil one slide at a time
+        parts["slide"] = stem.format("slide_eval")
+    return parts
