@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from histodistill.io import InputError, atomic_path
-from histodistill.tables import rows
+from histodistill.tables import result_files, rows, slide_rows
 
 
 def plot_curves(result: dict, out: str | os.PathLike) -> None:
@@ -38,13 +38,20 @@ def plot_curves(result: dict, out: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def table_html(result: dict, out: str | os.PathLike) -> None:
-    """The result's row of the results table (histodistill.tables) as a small HTML page."""
-    head, body = rows([result])
+def _html_table(head: list[str], body: list[list[str]]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table border='1' cellpadding='4'><tr>{cells}</tr>{lines}</table>"
+
+
+def table_html(result: dict, out: str | os.PathLike) -> None:
+    """The result's row of the results table (histodistill.tables) as a small HTML page, and
+    its slide-level table when it has a ``slide`` section."""
+    tables = [_html_table(*rows([result]))]
+    if "slide" in result:
+        tables.append("<h4>Slide level (MIL)</h4>" + _html_table(*slide_rows([result])))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
-            f"<table border='1' cellpadding='4'><tr>{cells}</tr>{lines}</table></body></html>\n")
+            f"{''.join(tables)}</body></html>\n")
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page)
 
@@ -64,7 +71,7 @@ def report_result(result_path: str | os.PathLike, curves: str | os.PathLike,
 def report_targets(workdir: str | os.PathLike) -> list[str]:
     """The report artefacts of every finished result file under ``workdir``/results."""
     return sorted(f"results/{p.parent.name}/report/{p.stem}_curves.png"
-                  for p in Path(workdir).glob("results/*/*_ipc*.json"))
+                  for d in Path(workdir).glob("results/*/") for p in result_files(d))
 
 
 def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathLike = ".",

@@ -2,8 +2,10 @@
 
 Usage: python -m histodistill.tables results/<dataset> [--readme README.md]
 With ``--readme`` the table replaces the text between ``<!-- results:<dataset>:start -->`` and
-``<!-- results:<dataset>:end -->``; with ``--bench results/bench`` each ``<!-- bench:<name> -->``
-block gets the figures of ``results/bench/<name>.txt``.
+``<!-- results:<dataset>:end -->`` (and, for results with a ``slide`` section, the slide-level
+table the block ``<!-- slide:<dataset> -->``, and transfer results ``<!-- transfer:<dataset> -->``);
+with ``--bench results/bench`` each ``<!-- bench:<name> -->`` block gets the figures of
+``results/bench/<name>.txt``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ ORDER = ["histodd", "dsa", "dc", "dm", "herding", "forgetting", "random"]
 
 def _pct(metric: dict) -> str:
     return f"{100 * metric['mean']:.1f} ± {100 * metric['std']:.1f}"
+
+
+def result_files(folder: str | Path) -> list[Path]:
+    """The result files (``<method>_ipc<N>.json``) in ``folder``, without transfer results."""
+    return [p for p in sorted(Path(folder).glob("*_ipc*.json")) if not p.name.startswith("transfer_")]
 
 
 def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -42,7 +49,7 @@ def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
 def table(folder: str | Path) -> str:
     """Markdown table of every result file in ``folder`` (see ``rows``) with a note on how it
     was measured."""
-    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*_ipc*.json"))]
+    results = [json.loads(p.read_text()) for p in result_files(folder)]
     if not results:
         raise FileNotFoundError(f"no result files (*_ipc*.json) in {folder}")
     head, body = rows(results)
@@ -58,6 +65,76 @@ def table(folder: str | Path) -> str:
     return "\n".join(lines)
 
 
+def slide_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the slide level: per result with a ``slide`` section and per MIL
+    model, accuracy and AUC on synthetic and on full bags, seconds per epoch and bag storage."""
+    head = ["method", "ipc", "model", "synthetic acc %", "full acc %", "synthetic AUC %",
+            "full AUC %", "epoch s syn / full", "bags MB syn / full"]
+    body = []
+    for r in sorted((r for r in results if "slide" in r), key=lambda r: (r["ipc"], r["method"])):
+        bags = r["slide"]["bags"]
+        size = f"{1e3 * bags['synthetic']['bag_gb']:.2f} / {1e3 * bags['full']['bag_gb']:.2f}"
+        for model, m in r["slide"]["models"].items():
+            syn, full = m["synthetic"], m["full"]
+            body.append([r["method"], str(r["ipc"]), model, _pct(syn["acc"]), _pct(full["acc"]),
+                         _pct(syn["auc"]), _pct(full["auc"]),
+                         f"{syn['epoch_time_s']:.3f} / {full['epoch_time_s']:.3f}", size])
+    return head, body
+
+
+def transfer_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of cross-centre transfer: per direction and level, accuracy of the
+    pre-trained model and after fine-tuning on synthetic or full source data, with time and
+    storage."""
+    head = ["method", "ipc", "target <- source", "level", "pre-trained acc %", "synthetic acc %",
+            "full acc %", "fine-tune s syn / full", "storage MB syn / full"]
+    body = []
+    for r in sorted(results, key=lambda r: (r["ipc"], r["method"])):
+        for d in r["directions"]:
+            for level, key, size in (("patch", "patch", "storage_gb"), ("slide", "slide", "bag_gb")):
+                x = d[key]
+                name = x.get("arch") or x.get("model")
+                body.append([r["method"], str(r["ipc"]), f"{d['target']} <- {d['source']}",
+                             f"{level} ({name})", _pct(x["pretrained"]["acc"]),
+                             _pct(x["synthetic"]["acc"]), _pct(x["full"]["acc"]),
+                             f"{x['synthetic']['train_time_s']:.1f} / {x['full']['train_time_s']:.1f}",
+                             f"{1e3 * x['synthetic'][size]:.2f} / {1e3 * x['full'][size]:.2f}"])
+    return head, body
+
+
+def _markdown(head: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def slide_table(folder: str | Path) -> str:
+    """Markdown table of the slide level of every result file in ``folder`` that has one."""
+    results = [json.loads(p.read_text()) for p in result_files(folder)]
+    head, body = slide_rows(results)
+    if not body:
+        raise FileNotFoundError(f"no result file with a slide section in {folder}")
+    slide = next(r["slide"] for r in results if "slide" in r)
+    runs = len(next(iter(slide["models"].values()))["synthetic"]["acc"]["runs"])
+    return "\n".join(_markdown(head, body) + ["", (
+        f"Mean ± std over {runs} seeded training runs per model, on the per-slide synthetic bags "
+        f"and on the full real bags of the training slides ({slide['encoder']} features), tested "
+        f"on the {slide['test_slides']} real test slides. Generated by `python -m "
+        f"histodistill.tables {Path(folder).as_posix()}` from the result JSON files.")])
+
+
+def transfer_table(folder: str | Path) -> str:
+    """Markdown table of every cross-centre transfer result in ``folder``."""
+    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("transfer_*.json"))]
+    if not results:
+        raise FileNotFoundError(f"no transfer results (transfer_*.json) in {folder}")
+    runs = results[0]["config"]["transfer"]["runs"]
+    return "\n".join(_markdown(*transfer_rows(results)) + ["", (
+        f"Mean ± std over {runs} runs; pre-trained on the target centre's real data, fine-tuned "
+        f"{results[0]['config']['transfer']['finetune']['epochs']} epochs on the source centre's "
+        f"synthetic or full data, tested on the real test split. Generated by `python -m "
+        f"histodistill.tables {Path(folder).as_posix()}`.")])
+
+
 def update_block(readme: str | Path, name: str, body: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``readme``."""
     text = Path(readme).read_text()
@@ -71,6 +148,9 @@ def update_readme(readme: str | Path, folder: str | Path, bench: str | Path | No
     """Refresh the dataset's results table and, when ``bench`` is given, every benchmark block
     ``<!-- bench:<name> -->`` from ``<bench>/<name>.txt``."""
     update_block(readme, f"results:{Path(folder).name}", table(folder))
+    for kind, make in (("slide", slide_table), ("transfer", transfer_table)):
+        if f"<!-- {kind}:{Path(folder).name}:start -->" in Path(readme).read_text():
+            update_block(readme, f"{kind}:{Path(folder).name}", make(folder))
     if bench is not None:
         for path in sorted(Path(bench).glob("*.txt")):
             if f"<!-- bench:{path.stem}:start -->" in Path(readme).read_text():

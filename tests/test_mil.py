@@ -354,3 +354,39 @@ def test_transfer_needs_two_centres(store, tmp_path):
 
     with pytest.raises(InputError, match="records no slides"):
         centres(PatchStore(make_toy_store(tmp_path / "t.zarr")))
+
+
+# ---- tables and report --------------------------------------------------------------------------
+def _metric(acc: float) -> dict:
+    return {"mean": acc, "std": 0.0, "runs": [acc]}
+
+
+def test_slide_and_transfer_tables_come_from_the_result_files(tmp_path):
+    import json
+
+    from histodistill import tables
+    from histodistill.report import report_targets
+
+    run = {"acc": _metric(0.75), "auc": _metric(0.8), "epoch_time_s": 0.01, "train_time_s": 1.0}
+    full = {**run, "acc": _metric(0.9), "epoch_time_s": 0.1}
+    slide = {"encoder": "simclr", "test_slides": 12,
+             "bags": {"synthetic": {"bag_gb": 1e-4}, "full": {"bag_gb": 1e-3}},
+             "models": {"clam_sb": {"synthetic": run, "full": full}}}
+    folder = tmp_path / "results" / "toy"
+    folder.mkdir(parents=True)
+    (folder / "histodd_ipc10.json").write_text(json.dumps({"method": "histodd", "ipc": 10,
+                                                          "slide": slide}))
+    level = {"pretrained": {"acc": _metric(0.5)}, "synthetic": {**run, "storage_gb": 1e-3,
+             "bag_gb": 1e-4}, "full": {**full, "storage_gb": 1e-2, "bag_gb": 1e-3}}
+    transfer = {"method": "histodd", "ipc": 10, "config": {"transfer": {"runs": 2, "finetune": {"epochs": 5}}},
+                "directions": [{"target": 0, "source": 1, "patch": {**level, "arch": "convnet"},
+                                "slide": {**level, "model": "clam_sb"}}]}
+    (folder / "transfer_histodd_ipc10.json").write_text(json.dumps(transfer))
+    assert [p.name for p in tables.result_files(folder)] == ["histodd_ipc10.json"]
+    assert report_targets(tmp_path) == ["results/toy/report/histodd_ipc10_curves.png"]
+    text = tables.slide_table(folder)
+    assert "| histodd | 10 | clam_sb | 75.0 ± 0.0 | 90.0 ± 0.0 | 80.0 ± 0.0 |" in text
+    assert "| 0.010 / 0.100 | 0.10 / 1.00 |" in text and "12 real test slides" in text
+    text = tables.transfer_table(folder)
+    assert "| histodd | 10 | 0 <- 1 | patch (convnet) | 50.0 ± 0.0 | 75.0 ± 0.0 | 90.0 ± 0.0 |" in text
+    assert "| slide (clam_sb) |" in text and "| 1.00 / 10.00 |" in text

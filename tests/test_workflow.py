@@ -55,6 +55,16 @@ TINY_DISTILL = {
 }
 TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
                  "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
+TINY_ENCODERS = {"simclr": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1, "batch": 32}}}
+TINY_MIL = {
+    "runs": 1,
+    "distill": {"histodd": {"outer_loop": 1, "inner_loop": 1, "n_data": 16},
+                "dm": {"iterations": 2}},
+    "settings": {"clam_sb": {"epochs": 2}, "clam_mb": {"epochs": 2}, "dsmil": {"epochs": 2},
+                 "transmil": {"epochs": 2, "dim": 16, "landmarks": 4}},
+    "transfer": {"patch_arch": "convnet", "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+                 "runs": 1},
+}
 
 
 def tiny_config(path: Path, **edits: dict) -> None:
@@ -66,6 +76,7 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo["centre_split"] = {"normal": 1, "tumor": 1}
     demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
     demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
+    demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
     for section, values in edits.items():
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -107,13 +118,15 @@ def test_demo_target_builds_every_stage(built):
 
 
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
-    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "result": 3, "demo": 1}  # histodd, dm, random
+    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "result": 3, "demo": 1,  # histodd, dm, random
+                   "distill_slides": 3, "extract_features": 3, "evaluate_mil": 3}  # synthetic bags
     try:
         tiny_config(built / "config.yaml", stain={"beta": 0.2})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
-            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain}
+            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain,
+            "train_encoder": 1, "extract_features": 4, "full_mil": 4}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
     finally:
@@ -127,7 +140,8 @@ def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str
     return [(rule, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res in jobs]
 
 
-GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder", "distill_slides",
+             "extract_features", "full_mil", "evaluate_mil"}
 
 
 def test_slurm_profile_dry_runs_from_the_repo_root(built):

@@ -16,7 +16,8 @@ STATE = os.environ.get("HISTODISTILL_SLURM_STATE")
 pytestmark = pytest.mark.skipif(not STATE, reason="needs the cluster of `make test-slurm`")
 
 TARGET = "results/demo/dm_ipc2.json"
-GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}  # declare gpu=1 themselves
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder",  # declare
+             "distill_slides", "extract_features", "full_mil", "evaluate_mil"}  # gpu=1
 
 
 def job_stats(text: str) -> dict[str, int]:
