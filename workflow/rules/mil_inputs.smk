@@ -90,7 +90,8 @@ def mil_input(wildcards):
         "real": bags_dir(wildcards, "real"),
         "store": f"results/{name}/patches.zarr",
         "full": [
-            f"results/{name}/slide_full/{cfg['encoder']}/{m}.json" for m in cfg["models"]
+            f"results/{name}/slide_full/{cfg['encoder']}/{m}.json"
+            for m in cfg["models"]
         ],
     }
 
