@@ -390,3 +390,24 @@ def test_slide_and_transfer_tables_come_from_the_result_files(tmp_path):
     text = tables.transfer_table(folder)
     assert "| histodd | 10 | 0 <- 1 | patch (convnet) | 50.0 ± 0.0 | 75.0 ± 0.0 | 90.0 ± 0.0 |" in text
     assert "| slide (clam_sb) |" in text and "| 1.00 / 10.00 |" in text
+
+
+def test_transfer_runs_both_directions_and_records_storage(store, bags, tmp_path):
+    from histodistill.mil.transfer import transfer
+
+    real, syn, distilled = bags
+    cfg = {"transfer": {"patch_arch": "convnet", "model": "clam_sb", "runs": 1, "seed": 0,
+                        "pretrain": {"epochs": 1, "batch": 16},
+                        "finetune": {"epochs": 2, "batch": 16, "lr": 0.001}},
+           "model_settings": CFG, "arch_kwargs": {"width": 8, "norm": "batchnorm"},
+           "augment": {"preset": "none"}, "stain_norm": False}
+    out = transfer(store.path, None, [distilled], real, syn, cfg, "toy", "random", 5,
+                   tmp_path / "t.json")
+    assert [(d["target"], d["source"]) for d in out["directions"]] == [(0, 1), (1, 0)]
+    d = out["directions"][0]  # fine-tuned on centre 1: slides n2 (5 synthetic) and t2 (5 + 2)
+    assert d["patch"]["synthetic"]["patches"] == 12 and d["patch"]["full"]["patches"] == 16
+    assert d["patch"]["synthetic"]["epochs"] == 2 and d["slide"]["synthetic"]["epochs"] == 2
+    assert d["slide"]["synthetic"]["patches"] == 12 and d["slide"]["full"]["slides"] == 2
+    assert d["patch"]["synthetic"]["storage_gb"] == 12 * 3 * 8 * 8 / 1e9
+    assert 0 <= d["slide"]["pretrained"]["acc"]["mean"] <= 1
+    assert (tmp_path / "t.json").exists()
