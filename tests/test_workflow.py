@@ -117,6 +117,33 @@ def test_demo_target_builds_every_stage(built):
     assert "distilled/histodd_ipc10.png" in text and "convnet acc" in text
 
 
+def test_slide_section_holds_every_model_beside_its_cached_full_bags(built):
+    import h5py
+
+    slide = json.loads((built / "results/demo/histodd_ipc10.json").read_text())["slide"]
+    assert set(slide["models"]) == {"clam_sb", "clam_mb", "dsmil", "transmil"}
+    for name, m in slide["models"].items():
+        assert len(m["synthetic"]["acc"]["runs"]) == 1 and 0 <= m["synthetic"]["auc"]["mean"] <= 1
+        cached = json.loads((built / f"results/demo/slide_full/simclr/{name}.json").read_text())
+        assert m["full"]["acc"] == cached["acc"] and m["full"]["epochs"] == 2
+    syn, full = slide["bags"]["synthetic"], slide["bags"]["full"]
+    assert syn["slides"] == full["slides"] == 2 and syn["patches"] <= 3 * 10  # m per class per slide
+    assert full["patches"] == 120 and slide["storage_ratio"] < 1
+    for bag in (built / "results/demo/bags/simclr").glob("*/*.h5"):
+        with h5py.File(bag, "r") as f:
+            assert f["features"].shape[0] == f["coords"].shape[0] > 0
+    assert "slides    clam_sb" in summarise(built / "results/demo")
+
+
+def test_slide_stage_refuses_at_dag_time_what_it_cannot_do(built):
+    proc = snakemake(built, "-n", "results/demo/slide_eval/herding_ipc10.json", check=False)
+    assert proc.returncode != 0
+    assert "[distill_slides] distillation method 'herding' cannot run per slide" in proc.stderr
+    proc = snakemake(built, "-n", "results/demo/transfer_histodd_ipc10.json", check=False)
+    assert proc.returncode != 0  # the tiny demo's two training slides are both of centre 0
+    assert "cross-centre transfer needs training slides of two or more centres" in proc.stderr
+
+
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
     below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "result": 3, "demo": 1,  # histodd, dm, random
                    "distill_slides": 3, "extract_features": 3, "evaluate_mil": 3}  # synthetic bags
@@ -209,6 +236,7 @@ def test_every_method_builds(built):
     for target in targets:
         result = json.loads((built / target).read_text())
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
+        assert ("slide" in result) == ("herding" not in target and "forgetting" not in target)
 
 
 def test_missing_per_ipc_entry_names_the_key(tmp_path):

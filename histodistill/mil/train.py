@@ -217,8 +217,8 @@ def evaluate_mil(synthetic_bags: str | os.PathLike, real_bags: str | os.PathLike
                               int(settings["seed"]), _resume(out, name))
         reference = json.loads(Path(full[name]).read_text())
         full_bags = reference.pop("bags")
-        models[name] = {"synthetic": synthetic, "full": reference,
-                        "epoch_time_ratio": reference["epoch_time_s"] / max(synthetic["epoch_time_s"], 1e-12),
+        ratio = reference["epoch_time_s"] / max(synthetic["epoch_time_s"], 1e-12)
+        models[name] = {"synthetic": synthetic, "full": reference, "epoch_time_ratio": ratio,
                         "acc_gap": reference["acc"]["mean"] - synthetic["acc"]["mean"]}
     storage = bag_storage(train)
     result = {"encoder": settings["encoder"], "models": models,
