@@ -56,7 +56,8 @@ TINY_DISTILL = {
 TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
                  "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
 TINY_ENCODERS = {"simclr": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1, "batch": 32}}}
-TINY_MIL = {
+TINY_MIL = {  # two of the four models (each is unit-tested; CI time)
+    "models": ["clam_sb", "dsmil"],
     "runs": 1,
     "distill": {"histodd": {"outer_loop": 1, "inner_loop": 1, "n_data": 16},
                 "dm": {"iterations": 2}},
@@ -121,14 +122,15 @@ def test_slide_section_holds_every_model_beside_its_cached_full_bags(built):
     import h5py
 
     slide = json.loads((built / "results/demo/histodd_ipc10.json").read_text())["slide"]
-    assert set(slide["models"]) == {"clam_sb", "clam_mb", "dsmil", "transmil"}
+    assert set(slide["models"]) == {"clam_sb", "dsmil"}
     for name, m in slide["models"].items():
         assert len(m["synthetic"]["acc"]["runs"]) == 1 and 0 <= m["synthetic"]["auc"]["mean"] <= 1
         cached = json.loads((built / f"results/demo/slide_full/simclr/{name}.json").read_text())
         assert m["full"]["acc"] == cached["acc"] and m["full"]["epochs"] == 2
     syn, full = slide["bags"]["synthetic"], slide["bags"]["full"]
     assert syn["slides"] == full["slides"] == 2 and syn["patches"] <= 3 * 10  # m per class per slide
-    assert full["patches"] == 120 and slide["storage_ratio"] < 1
+    store = PatchStore(built / "results/demo/patches.zarr")
+    assert full["patches"] == int((store.array("split") == 0).sum()) and slide["storage_ratio"] < 1
     for bag in (built / "results/demo/bags/simclr").glob("*/*.h5"):
         with h5py.File(bag, "r") as f:
             assert f["features"].shape[0] == f["coords"].shape[0] > 0
@@ -138,10 +140,11 @@ def test_slide_section_holds_every_model_beside_its_cached_full_bags(built):
 def test_slide_stage_refuses_at_dag_time_what_it_cannot_do(built):
     proc = snakemake(built, "-n", "results/demo/slide_eval/herding_ipc10.json", check=False)
     assert proc.returncode != 0
-    assert "[distill_slides] distillation method 'herding' cannot run per slide" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "[distill_slides] distillation method 'herding' cannot run per slide" in out
     proc = snakemake(built, "-n", "results/demo/transfer_histodd_ipc10.json", check=False)
     assert proc.returncode != 0  # the tiny demo's two training slides are both of centre 0
-    assert "cross-centre transfer needs training slides of two or more centres" in proc.stderr
+    assert "cross-centre transfer needs training slides of two or more centres" in proc.stdout + proc.stderr
 
 
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
@@ -153,7 +156,7 @@ def test_editing_a_section_reruns_only_its_stage_and_below(built):
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
             "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain,
-            "train_encoder": 1, "extract_features": 4, "full_mil": 4}
+            "train_encoder": 1, "extract_features": 4, "full_mil": 2}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
     finally:
@@ -169,6 +172,7 @@ def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str
 
 GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder", "distill_slides",
              "extract_features", "full_mil", "evaluate_mil"}
+AFTER_COHORT = {"distill_slides"}  # planned from the slide table: not in a dry run before it exists
 
 
 def test_slurm_profile_dry_runs_from_the_repo_root(built):
@@ -177,7 +181,7 @@ def test_slurm_profile_dry_runs_from_the_repo_root(built):
     assert "Using profiles slurm and workflow specific profile profiles/default" in text
     jobs = dict(job_resources(proc))
     assert jobs["distill"]["mem_mb"] == "32000" and jobs["distill"]["runtime"] == "2880"
-    assert {r for r, res in jobs.items() if res.get("gpu") == "1"} == GPU_RULES
+    assert {r for r, res in jobs.items() if res.get("gpu") == "1"} == GPU_RULES - AFTER_COHORT
     assert planned_jobs(proc)["tile"] == 1
 
 
@@ -195,7 +199,7 @@ def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_c
                      f"datasets={{camelyon16: {{root: {small_cohort}, "
                      "centre_split: {normal: 1, tumor: 1}}}")
     jobs = job_resources(proc)
-    assert {rule for rule, _ in jobs} >= GPU_RULES | {"stain_template"}
+    assert {rule for rule, _ in jobs} >= (GPU_RULES - AFTER_COHORT) | {"stain_template"}
     for rule, res in jobs:
         assert res["slurm_account"] == "mylab", rule
         assert res["slurm_partition"] == ("gpu" if rule == "distill" else "cpu"), rule
