@@ -49,7 +49,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
-OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "privacy")  # sections a dataset entry may override
+OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "privacy", "mil")  # sections a dataset entry may override
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -177,4 +177,52 @@ def method_config(config: dict[str, Any], name: str, method: str, ipc: int) -> d
     cfg = {k: per_ipc(v, ipc, f"distill.methods.{method}.{k}") if k in PER_IPC else v
            for k, v in dist["methods"][method].items()}
     cfg.setdefault("checkpoint_every", dist["checkpoint_every"])
+    return cfg
+
+
+# Distillation methods that cannot distil one slide at a time (rule distill_slides), and why.
+PER_SLIDE_UNSUPPORTED = {
+    "herding": "its feature network would be trained on one slide's patches, mostly of one class, "
+               "so the features it herds in carry no class information",
+    "forgetting": "forgetting events need a network trained on several classes; on one slide's "
+                  "patches (mostly one class) nothing is ever forgotten and the ranking is random",
+}
+
+
+def check_per_slide(method: str) -> None:
+    """Raise ConfigError when ``method`` cannot be applied to each slide separately."""
+    if method in PER_SLIDE_UNSUPPORTED:
+        raise ConfigError(f"distillation method {method!r} cannot run per slide (slide-level "
+                          f"evaluation distils each slide separately): "
+                          f"{PER_SLIDE_UNSUPPORTED[method]}; every method not in "
+                          f"{sorted(PER_SLIDE_UNSUPPORTED)} can")
+
+
+def slide_method_config(config: dict[str, Any], name: str, method: str, ipc: int
+                        ) -> dict[str, Any]:
+    """Settings of ``method`` applied to one slide: its distillation settings for the dataset and
+    ipc, overridden by ``mil.distill.<method>`` (per-slide sets are small: fewer iterations
+    may do). A method that cannot run per slide is a ConfigError naming it."""
+    check_per_slide(method)
+    cfg = method_config(config, name, method, ipc)
+    override = mil(config, name)["distill"].get(method, {})
+    return merge(cfg, {k: per_ipc(v, ipc, f"mil.distill.{method}.{k}") if k in PER_IPC else v
+                       for k, v in override.items()})
+
+
+MIL_REQUIRED = ("epochs", "lr", "weight_decay")  # every mil.settings.<model> must give these
+
+
+def mil(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``mil`` section for a dataset; a model it trains (``models``, ``transfer.model``)
+    without its ``settings`` entry, or missing one of :data:`MIL_REQUIRED`, names the key."""
+    cfg = section(config, name, "mil")
+    for model in [*cfg["models"], cfg["transfer"]["model"]]:
+        have = cfg["settings"].get(model)
+        if have is None:
+            raise ConfigError(f"config key 'mil.settings.{model}' is missing (model {model!r} "
+                              f"is trained for dataset {name!r})")
+        missing = [k for k in MIL_REQUIRED if k not in have]
+        if missing:
+            raise ConfigError(f"config key 'mil.settings.{model}' lacks {missing}")
     return cfg

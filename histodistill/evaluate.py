@@ -282,16 +282,18 @@ class Inputs:
 
 
 def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float],
-                   curves: list[dict[str, list[float]]]) -> dict[str, Any]:
-    """Mean, std and per-run values of each metric, the mean seconds per epoch, and the
-    training curves (loss and accuracy per epoch) averaged over runs."""
+                   curves: list[dict[str, list[float]]] | None = None) -> dict[str, Any]:
+    """Mean, std and per-run values of each metric, the mean seconds per epoch, and (when
+    given) the training curves (loss and accuracy per epoch) averaged over runs."""
     out: dict[str, Any] = {}
     for key in METRICS:
         values = [r[key] for r in runs]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
     out["epoch_time_s"] = float(np.mean(epoch_times))
     out["train_time_s"] = float(np.sum(epoch_times) / max(len(runs), 1))
-    out["curve"] = {key: np.mean([c[key] for c in curves], axis=0).tolist() for key in ("loss", "acc")}
+    if curves is not None:
+        out["curve"] = {key: np.mean([c[key] for c in curves], axis=0).tolist()
+                        for key in ("loss", "acc")}
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from histodistill.io import InputError, atomic_path
-from histodistill.tables import rows
+from histodistill.tables import result_files, rows, slide_rows
 
 
 def plot_curves(result: dict, out: str | os.PathLike) -> None:
@@ -39,13 +39,20 @@ def plot_curves(result: dict, out: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def table_html(result: dict, out: str | os.PathLike) -> None:
-    """The result's row of the results table (histodistill.tables) as a small HTML page."""
-    head, body = rows([result])
+def _html_table(head: list[str], body: list[list[str]]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table border='1' cellpadding='4'><tr>{cells}</tr>{lines}</table>"
+
+
+def table_html(result: dict, out: str | os.PathLike) -> None:
+    """The result's row of the results table (histodistill.tables) as a small HTML page, and
+    its slide-level table when it has a ``slide`` section."""
+    tables = [_html_table(*rows([result]))]
+    if "slide" in result:
+        tables.append("<h4>Slide level (MIL)</h4>" + _html_table(*slide_rows([result])))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
-            f"<table border='1' cellpadding='4'><tr>{cells}</tr>{lines}</table></body></html>\n")
+            f"{''.join(tables)}</body></html>\n")
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page)
 
@@ -67,7 +74,7 @@ def report_targets(workdir: str | os.PathLike) -> list[str]:
     datasheet) under ``workdir``/results."""
     root = Path(workdir)
     curves = [f"results/{p.parent.name}/report/{p.stem}_curves.png"
-              for p in root.glob("results/*/*_ipc*.json")]
+              for d in root.glob("results/*/") for p in result_files(d)]
     sheets = [f"results/{p.parent.name}/report/{p.name.removesuffix('.share')}_datasheet.html"
               for p in root.glob("results/*/*_ipc*.share")]
     return sorted(curves + sheets)

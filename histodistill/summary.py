@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from histodistill.data.store import SPLITS, PatchStore
+from histodistill.tables import result_files
 
 
 def summarise(folder: str | Path) -> str:
@@ -33,11 +34,16 @@ def summarise(folder: str | Path) -> str:
         info = json.loads(template.read_text())
         lines.append(f"  stain     {template}  template patch {info['index']} "
                      f"(slide {info['slide'] or '-'}), image {template.with_suffix('.png')}")
-    for result in sorted(folder.glob("*_ipc*.json")):
+    for result in result_files(folder):
         info = json.loads(result.read_text())
         accs = ", ".join(f"{arch} acc {100 * m['acc']['mean']:.1f} ± {100 * m['acc']['std']:.1f}%"
                          for arch, m in info["patch"].items())
         lines.append(f"  result    {result}  ({accs})")
+        if "slide" in info:
+            mil = ", ".join(f"{name} {100 * m['synthetic']['acc']['mean']:.1f}% "
+                            f"(full bags {100 * m['full']['acc']['mean']:.1f}%)"
+                            for name, m in info["slide"]["models"].items())
+            lines.append(f"  slides    {mil}")
         grid = folder / "distilled" / f"{result.stem}.png"
         if grid.exists():
             lines.append(f"  images    {grid}")

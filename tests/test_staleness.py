@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3,
-                  "privacy_audit": 3, "result": 3, "demo": 1}
+                  "privacy_audit": 3, "result": 3, "demo": 1, "distill_slides": 3,
+                  "extract_features": 3, "evaluate_mil": 3}
 
 
 def run(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -51,6 +52,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
         copy_(ROOT / name, work / name)
     (work / "profiles").symlink_to("workflow/profiles")
     tiny_config(work / "config.yaml")
+    slide_table(work)
     summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
     for line in summary:
         out = work / line.split("\t")[0]
@@ -62,6 +64,21 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(work, "--touch", "--forceall", "--cores", "1", "demo")
     assert planned(work) == {}
     return work
+
+
+def slide_table(work: Path) -> None:
+    """The tiny demo's slide table (the cohort checkpoint's output) and empty slide files, so
+    the jobs planned from the table (tiling, per-slide distillation) are part of the state."""
+    cohort = work / "results/demo/cohort"
+    rows = ["slide,path,label,split,centre,annotation"]
+    for name, label, split in (("normal_001", "normal", "train"), ("tumor_001", "tumor", "train"),
+                               ("test_001", "normal", "test"), ("test_002", "tumor", "test")):
+        folder = f"training/{label}" if split == "train" else "testing/images"
+        slide = cohort / folder / f"{name}.tif"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        slide.touch()
+        rows.append(f"{name},{slide.relative_to(work)},{label},{split},{-1 if split == 'test' else 0},")
+    (work / "results/demo/slides.csv").write_text("\n".join(rows) + "\n")
 
 
 @contextmanager
@@ -116,13 +133,30 @@ def test_adding_an_architecture_trains_only_the_new_one(state):
 
 
 def test_operational_knobs_rerun_nothing(state):
-    knobs = ("distill={checkpoint_every: 3, cache_mb: 64}", "evaluate={cache_mb: 32}")
+    knobs = ("distill={checkpoint_every: 3, cache_mb: 64}", "evaluate={cache_mb: 32}",
+             "mil={batch: 64, cache_mb: 32}")
     assert planned(state, "--config", *knobs) == {}
     forced = run(state, "-n", "--forceall", "demo", "--config", *knobs).stdout
     assert "cache_mb=64, checkpoint_every=3" in forced and "cache_mb=32" in forced  # they apply
     # while a setting that changes what distillation computes does rerun it
     assert planned(state, "--config", "distill={max_real_per_class: 50}") == {
-        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "privacy_audit": 3, "result": 3, "demo": 1}
+        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "privacy_audit": 3, "result": 3, "demo": 1,
+        "distill_slides": 1, "extract_features": 1, "evaluate_mil": 1}  # histodd's pool
+
+
+def test_slide_settings_rerun_only_the_slide_stage(state):
+    mil = lambda c: c["datasets"]["demo"]["mil"]  # noqa: E731
+    with edited_config(state, lambda c: mil(c)["settings"]["clam_sb"].update(epochs=3)):
+        assert planned(state) == {"full_mil": 1, "evaluate_mil": 3, "result": 3, "demo": 1}
+    with edited_config(state, lambda c: mil(c).update(runs=2)):  # every cached full bag too
+        assert planned(state) == {"full_mil": 2, "evaluate_mil": 3, "result": 3, "demo": 1}
+    with edited_config(state, lambda c: mil(c)["distill"]["histodd"].update(outer_loop=2)):
+        assert planned(state) == {"distill_slides": 1, "extract_features": 1, "evaluate_mil": 1,
+                                  "result": 1, "demo": 1}
+    with edited_config(state, lambda c: mil(c).update(models=["dsmil"])):  # cached bounds kept
+        assert planned(state) == {"evaluate_mil": 3, "result": 3, "demo": 1}
+    with edited_config(state, lambda c: mil(c)["transfer"].update(runs=2)):  # not in the demo
+        assert planned(state) == {}
 
 
 def test_reordering_keys_reruns_nothing(state):
@@ -142,8 +176,9 @@ def test_reordering_keys_reruns_nothing(state):
 
 def test_library_edit_reruns_the_rules_that_run_it(state):
     with edited_module(state, "stain.py"):  # the template, and the stages that import it
-        # pool and encoder training augment with it
-        assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1, "train_encoder": 1}
+        assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1,  # pool training augments
+                                  "train_encoder": 1, "extract_features": 4,  # with it, as do the
+                                  "full_mil": 2}  # encoders; MIL imports evaluate, which imports it
     with edited_module(state, "evaluate.py"):
         jobs = planned(state)
         assert jobs["full_train"] == 1 and jobs["evaluate"] == 3

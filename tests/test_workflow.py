@@ -57,6 +57,17 @@ TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "
                  "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
 TINY_ENCODERS = {"supervised": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "batchnorm"},
                                 "train": {"epochs": 1}}}
+TINY_MIL = {  # two of the four models (each is unit-tested; CI time)
+    "encoder": "supervised",  # the privacy audit's encoder: one encoder to train
+    "models": ["clam_sb", "dsmil"],
+    "runs": 1,
+    "distill": {"histodd": {"outer_loop": 1, "inner_loop": 1, "n_data": 16},
+                "dm": {"iterations": 2}},
+    "settings": {"clam_sb": {"epochs": 2}, "clam_mb": {"epochs": 2}, "dsmil": {"epochs": 2},
+                 "transmil": {"epochs": 2, "dim": 16, "landmarks": 4}},
+    "transfer": {"patch_arch": "convnet", "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+                 "runs": 1},
+}
 
 
 def tiny_config(path: Path, **edits: dict) -> None:
@@ -67,7 +78,8 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo = cfg["datasets"]["demo"]
     demo["centre_split"] = {"normal": 1, "tumor": 1}
     demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
-    demo["distill"], demo["evaluate"], demo["encoders"] = TINY_DISTILL, TINY_EVALUATE, TINY_ENCODERS
+    demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
+    demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
     for section, values in edits.items():
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -115,16 +127,46 @@ def test_demo_target_builds_every_stage(built):
     assert "privacy/histodd_ipc10_pairs.png" in text and "attack AUC" in text
 
 
+def test_slide_section_holds_every_model_beside_its_cached_full_bags(built):
+    import h5py
+
+    slide = json.loads((built / "results/demo/histodd_ipc10.json").read_text())["slide"]
+    assert set(slide["models"]) == {"clam_sb", "dsmil"}
+    for name, m in slide["models"].items():
+        assert len(m["synthetic"]["acc"]["runs"]) == 1 and 0 <= m["synthetic"]["auc"]["mean"] <= 1
+        cached = json.loads((built / f"results/demo/slide_full/supervised/{name}.json").read_text())
+        assert m["full"]["acc"] == cached["acc"] and m["full"]["epochs"] == 2
+    syn, full = slide["bags"]["synthetic"], slide["bags"]["full"]
+    assert syn["slides"] == full["slides"] == 2 and syn["patches"] <= 3 * 10  # m per class per slide
+    store = PatchStore(built / "results/demo/patches.zarr")
+    assert full["patches"] == int((store.array("split") == 0).sum()) and slide["storage_ratio"] < 1
+    for bag in (built / "results/demo/bags/supervised").glob("*/*.h5"):
+        with h5py.File(bag, "r") as f:
+            assert f["features"].shape[0] == f["coords"].shape[0] > 0
+    assert "slides    clam_sb" in summarise(built / "results/demo")
+
+
+def test_slide_stage_refuses_at_dag_time_what_it_cannot_do(built):
+    proc = snakemake(built, "-n", "results/demo/slide_eval/herding_ipc10.json", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "[distill_slides] distillation method 'herding' cannot run per slide" in out
+    proc = snakemake(built, "-n", "results/demo/transfer_histodd_ipc10.json", check=False)
+    assert proc.returncode != 0  # the tiny demo's two training slides are both of centre 0
+    assert "cross-centre transfer needs training slides of two or more centres" in proc.stdout + proc.stderr
+
+
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
     below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "privacy_audit": 3, "result": 3,
-                   "demo": 1}  # histodd, dm, random
+                   "demo": 1,  # histodd, dm, random
+                   "distill_slides": 3, "extract_features": 3, "evaluate_mil": 3}  # synthetic bags
     try:
         tiny_config(built / "config.yaml", stain={"beta": 0.2})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
-            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1,
-            "train_encoder": 1, **below_stain}
+            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain,
+            "train_encoder": 1, "extract_features": 4, "full_mil": 2}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
         tiny_config(built / "config.yaml", privacy={"percentile": 10})
@@ -142,7 +184,9 @@ def job_resources(proc: subprocess.CompletedProcess) -> list[tuple[str, dict[str
     return [(rule, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res in jobs]
 
 
-GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder", "privacy_audit"}
+GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate", "train_encoder", "privacy_audit",
+             "distill_slides", "extract_features", "full_mil", "evaluate_mil"}
+AFTER_COHORT = {"distill_slides"}  # planned from the slide table: not in a dry run before it exists
 
 
 def test_slurm_profile_dry_runs_from_the_repo_root(built):
@@ -151,7 +195,7 @@ def test_slurm_profile_dry_runs_from_the_repo_root(built):
     assert "Using profiles slurm and workflow specific profile profiles/default" in text
     jobs = dict(job_resources(proc))
     assert jobs["distill"]["mem_mb"] == "32000" and jobs["distill"]["runtime"] == "2880"
-    assert {r for r, res in jobs.items() if res.get("gpu") == "1"} == GPU_RULES
+    assert {r for r, res in jobs.items() if res.get("gpu") == "1"} == GPU_RULES - AFTER_COHORT
     assert planned_jobs(proc)["tile"] == 1
 
 
@@ -169,7 +213,7 @@ def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_c
                      f"datasets={{camelyon16: {{root: {small_cohort}, "
                      "centre_split: {normal: 1, tumor: 1}}}")
     jobs = job_resources(proc)
-    assert {rule for rule, _ in jobs} >= GPU_RULES | {"stain_template"}
+    assert {rule for rule, _ in jobs} >= (GPU_RULES - AFTER_COHORT) | {"stain_template"}
     for rule, res in jobs:
         assert res["slurm_account"] == "mylab", rule
         assert res["slurm_partition"] == ("gpu" if rule == "distill" else "cpu"), rule
@@ -210,6 +254,7 @@ def test_every_method_builds(built):
     for target in targets:
         result = json.loads((built / target).read_text())
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
+        assert ("slide" in result) == ("herding" not in target and "forgetting" not in target)
 
 
 def test_package_builds_and_a_coreset_is_refused(built):

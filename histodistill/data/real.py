@@ -61,14 +61,15 @@ class Stats:
 
 
 class RealData:
-    """One split of a patch store as normalised tensors on ``device``, drawn through a bounded
-    class-balanced cache (``cache_mb``)."""
+    """One split of a patch store (or the ``rows`` of it, e.g. one slide's) as normalised
+    tensors on ``device``, drawn through a bounded class-balanced cache (``cache_mb``)."""
 
     def __init__(self, store: PatchStore, split: str, cache_mb: float, seed: int,
-                 device: torch.device, max_per_class: int = 0) -> None:
+                 device: torch.device, max_per_class: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         self.store, self.split, self.device, self.cache_mb = store, split, device, cache_mb
         self.stats = Stats.from_store(store)
-        self.sampler = ClassSampler(store, split, cache_mb, seed, max_per_class)
+        self.sampler = ClassSampler(store, split, cache_mb, seed, max_per_class, rows=rows)
 
     @property
     def num_classes(self) -> int:
@@ -94,10 +95,13 @@ class RealData:
         x, y = self.sampler.mixed(n)
         return self._net(x), torch.from_numpy(y).to(self.device)
 
-    def initial_rows(self, ipc: int, seed: int) -> np.ndarray:
-        """``ipc`` seeded random store rows per class, class by class: the random coreset and
-        the starting point of methods initialised from real patches."""
-        return np.concatenate([self.sampler.first(c, ipc, seed) for c in range(self.num_classes)])
+    def initial_rows(self, ipc: int | list[int], seed: int) -> np.ndarray:
+        """``ipc`` seeded random store rows per class (or ``ipc[c]`` of class ``c``), class by
+        class: the random coreset and the starting point of methods initialised from real
+        patches."""
+        counts = [ipc] * self.num_classes if isinstance(ipc, int) else list(ipc)
+        return np.concatenate([self.sampler.first(c, k, seed) for c, k in enumerate(counts) if k]
+                              or [np.empty(0, np.int64)])
 
     def pixels_of(self, rows: np.ndarray) -> torch.Tensor:
         """Store rows as float pixels in [0, 1] on the device."""
@@ -107,7 +111,7 @@ class RealData:
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One pass over the split (or ``rows``): normalised patches, labels and store rows,
         shuffled through a buffer of ``cache_mb`` when seeded."""
-        if rows is None and self.sampler.max_per_class:
+        if rows is None and self.sampler.restricted:
             rows = self.sampler.selected_rows
         for x, y, r in iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows):
             yield self._net(x), torch.from_numpy(y).to(self.device), torch.from_numpy(r)

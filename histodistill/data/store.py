@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from histodistill.io import settings_hash
+from histodistill.io import InputError, settings_hash
 
 SPLITS = ("train", "val", "test")
 FIELDS = {"coords": (np.int64, (2,)), "slide": (np.int32, ()), "label": (np.int64, ()),
@@ -136,3 +136,45 @@ def fingerprint(store: PatchStore, *files: str | os.PathLike | None) -> str:
         if f:
             parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
     return settings_hash(parts)
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One slide of a WSI patch store: its table position (the ``slide`` value of its rows),
+    slide-level label, split, centre (-1 when unknown) and store rows."""
+
+    name: str
+    index: int
+    label: str
+    split: str
+    centre: int
+    rows: np.ndarray
+
+
+def store_slides(store: PatchStore) -> list[Slide]:
+    """The slides of a tiled store that have patches, in slide-table order.
+
+    Slides the tiler skipped (no tissue, ``skip_empty``) have no rows and are left out. A store
+    without slides (pre-tiled patches) is an :class:`~histodistill.io.InputError` naming it.
+    """
+    names = store.attrs.get("slides")
+    if not names:
+        raise InputError("slides", store.path, "the store records no slides (pre-tiled patches "
+                         "have no slide-level labels)")
+    meta = store.attrs.get("slide_meta", {})
+    slide, split = store.array("slide"), store.array("split")
+    order = np.argsort(slide, kind="stable")
+    bounds = np.searchsorted(slide[order], np.arange(len(names) + 1))
+    out = []
+    for i, name in enumerate(names):
+        rows = np.sort(order[bounds[i]:bounds[i + 1]]).astype(np.int64)
+        if not len(rows):
+            continue
+        if name not in meta:
+            raise InputError("slides", store.path, f"slide {name!r} has patches but no slide_meta")
+        splits = np.unique(split[rows])
+        if len(splits) != 1:
+            raise InputError("slides", store.path, f"slide {name!r} has patches in several splits")
+        out.append(Slide(name, i, str(meta[name]["label"]), SPLITS[int(splits[0])],
+                         int(meta[name].get("centre", -1)), rows))
+    return out

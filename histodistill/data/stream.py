@@ -201,12 +201,18 @@ class ClassSampler:
     every draw ``refresh_chunks`` random chunks are decoded and their rows of this split replace
     random reservoir slots of their classes, so I/O per draw is a few chunks and memory is the
     budget plus one chunk while, over many draws, every row gets its turn.
+
+    ``rows`` restricts the sampler to a subset of the split (e.g. one slide's rows, for per-slide
+    distillation); a subset may lack classes (their count is 0 and drawing from them is an
+    error), while the whole split must hold every class.
     """
 
     def __init__(self, store: PatchStore, split: str, cache_mb: float, seed: int,
-                 max_per_class: int = 0, refresh_chunks: int = 1) -> None:
+                 max_per_class: int = 0, refresh_chunks: int = 1,
+                 rows: np.ndarray | None = None) -> None:
         self.store, self.split, self.seed = store, split, seed
         self.max_per_class, self.refresh_chunks = max_per_class, refresh_chunks
+        self.subset = rows is not None
         self._arr = store.group["patches"]
         self._chunk = int(self._arr.chunks[0])
         self.patch_shape: tuple[int, ...] = tuple(self._arr.shape[1:])
@@ -215,13 +221,21 @@ class ClassSampler:
         self.num_classes = len(names)
 
         labels = store.array("label")
-        rows = np.flatnonzero(store.array("split") == _split_index(store, split))
+        in_split = store.array("split") == _split_index(store, split)
+        if rows is None:
+            rows = np.flatnonzero(in_split)
+        else:
+            rows = np.unique(np.asarray(rows, dtype=np.int64))
+            if len(rows) == 0:
+                raise ValueError(f"{store.path}: the requested subset of split {split!r} is empty")
+            if rows[0] < 0 or rows[-1] >= len(in_split) or not in_split[rows].all():
+                raise ValueError(f"{store.path}: some requested rows are not in split {split!r}")
         # A seeded subset per class when capped.
         subset = np.random.default_rng(seed)
         self._class_rows: list[np.ndarray] = []
         for c in range(self.num_classes):
             r = rows[labels[rows] == c].astype(np.int64)
-            if len(r) == 0:
+            if len(r) == 0 and not self.subset:
                 raise ValueError(f"{store.path}: class {names[c]!r} ({c}) has no patches in "
                                  f"split {split!r}")
             if max_per_class:
@@ -258,8 +272,14 @@ class ClassSampler:
     # ---- public ---------------------------------------------------------------------------
     @property
     def selected_rows(self) -> np.ndarray:
-        """Every store row this sampler draws from (the ``max_per_class`` subset), sorted."""
+        """Every store row this sampler draws from (``rows`` and the ``max_per_class``
+        subset), sorted."""
         return self._rows
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the sampler draws from less than the whole split."""
+        return self.subset or bool(self.max_per_class)
 
     @property
     def cache_bytes(self) -> int:
@@ -324,6 +344,9 @@ class ClassSampler:
     def _check_class(self, c: int) -> None:
         if not 0 <= c < self.num_classes:
             raise ValueError(f"{self.store.path}: class index {c} outside [0, {self.num_classes})")
+        if self.counts[c] == 0:
+            raise ValueError(f"{self.store.path}: class {self.store.class_names[c]!r} ({c}) has "
+                             "no patches in the sampled rows")
 
     def _draw(self, c: int, n: int) -> np.ndarray:
         held = len(self._held[c])
@@ -370,7 +393,7 @@ class ClassSampler:
                 self._cache[c][start:start + len(pos)] = block[pos]
                 held[c].append(rows[pos])
                 need[c] -= len(pos)
-        self._held = [np.concatenate(h) for h in held]
+        self._held = [np.concatenate(h) if h else np.empty(0, np.int64) for h in held]
 
     def _refresh(self) -> None:
         """Replace random reservoir slots with rows of ``refresh_chunks`` random store chunks."""

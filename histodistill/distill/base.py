@@ -60,6 +60,7 @@ class Context:
     pool: dict[str, Any] = field(default_factory=dict)  # {"net", "net_kwargs", "states"}
     progress: bool = True
     fingerprint: str = ""  # contents of the inputs (store, pool, template): part of the resume key
+    per_slide: bool = False  # one slide's patches: a class with n < ipc patches gets n images
 
     @property
     def num_classes(self) -> int:
@@ -94,9 +95,14 @@ class Distiller(ABC):
     def __init__(self, cfg: dict[str, Any], ipc: int, ctx: Context) -> None:
         self.cfg, self.ipc, self.ctx = cfg, ipc, ctx
         self.gen = torch.Generator().manual_seed(ctx.seed)
-        short = [c for c, n in enumerate(ctx.real.counts) if n < ipc]
-        if short:
+        counts = ctx.real.counts
+        short = [c for c, n in enumerate(counts) if n < ipc]
+        if short and not ctx.per_slide:
             raise ValueError(f"classes {short} have fewer than ipc={ipc} training patches")
+        # images per class: ipc, or on one slide all of a class's n < ipc patches (none if absent)
+        self.ipcs = [min(ipc, n) for n in counts]
+        self.classes = [c for c, k in enumerate(self.ipcs) if k]
+        self._offsets = np.concatenate([[0], np.cumsum(self.ipcs)]).astype(int)
 
     def augment(self) -> Augment:
         """The method's augmentation, working in normalised space."""
@@ -110,10 +116,10 @@ class Distiller(ABC):
     def random_rows(self) -> np.ndarray:
         """``ipc`` random store rows per class: the random coreset and the start of every method
         initialised from real patches (its own seed, so all methods start alike)."""
-        return self.ctx.real.initial_rows(self.ipc, self.ctx.seed)
+        return self.ctx.real.initial_rows(self.ipcs, self.ctx.seed)
 
     def labels(self) -> torch.Tensor:
-        return torch.arange(self.ctx.num_classes).repeat_interleave(self.ipc)
+        return torch.arange(self.ctx.num_classes).repeat_interleave(torch.tensor(self.ipcs))
 
     def new_net(self, name: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
         """A freshly initialised network, seeded from this run's generator."""
@@ -138,7 +144,7 @@ class Distiller(ABC):
         return self.ctx.stats.normalise(images) if self.space == "pixel" else images
 
     def syn_slice(self, c: int) -> slice:
-        return slice(c * self.ipc, (c + 1) * self.ipc)
+        return slice(int(self._offsets[c]), int(self._offsets[c + 1]))
 
     def syn(self, c: int) -> torch.Tensor:
         """Class ``c``'s synthetic images as network inputs (carrying gradients)."""
@@ -182,7 +188,7 @@ class Distiller(ABC):
         or one step on the summed loss (DC/DSA). Returns the summed distance."""
         total = 0.0
         loss = self.images.new_zeros(())
-        for c in range(self.ctx.num_classes):
+        for c in self.classes:
             loss_c = self.class_match(net, params, c, distance)
             total += loss_c.item()
             if per_class:

@@ -81,7 +81,7 @@ class Herding(_Trained):
         chosen = []
         for c in range(self.ctx.num_classes):
             idx = torch.nonzero(labels == c).flatten()
-            chosen.append(rows[idx[herding_order(feats[idx], self.ipc)]])
+            chosen.append(rows[idx[herding_order(feats[idx], self.ipcs[c])]])
         return torch.cat(chosen).numpy()
 
 
@@ -113,5 +113,5 @@ class Forgetting(_Trained):
             idx = np.flatnonzero(member & (labels == c) & (split >= 0))
             tie_break = torch.randperm(len(idx), generator=self.gen).numpy()  # seeded, among equals
             order = np.lexsort((tie_break, -counts[idx]))
-            chosen.append(idx[order[: self.ipc]])
+            chosen.append(idx[order[: self.ipcs[c]]])
         return np.concatenate(chosen)

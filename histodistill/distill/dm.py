@@ -22,7 +22,7 @@ class DM(Distiller):
         for p in net.parameters():
             p.requires_grad_(False)
         loss = self.images.new_zeros(())
-        for k in range(self.ctx.num_classes):
+        for k in self.classes:
             real = self.real_batch(k, int(c["batch_real"]))
             p = self.aug.sample(self.gen)
             mean_real = net.embed(self.aug.apply(real, p)).mean(0)

@@ -86,22 +86,31 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     distiller = build(method, cfg, ipc, ctx)
     images, labels = distiller.run()
     seconds = time.perf_counter() - start
-    images8 = (images.detach().cpu().clamp(0, 1) * 255).round().byte().numpy()
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
-             "source_store": str(store_path), "class_names": real.store.class_names,
-             "patch_size": int(images8.shape[-1])}
-    with atomic_path(out_zarr) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        group.create_array("images", data=images8, chunks=images8.shape)
-        group.create_array("labels", data=labels.cpu().numpy().astype(np.int64))
-        if distiller.source_rows is not None:  # provenance for the privacy audit, never shared
-            group.create_array("sources", data=np.asarray(distiller.source_rows, np.int64))
-        group.attrs.update(attrs)
+             "source_store": str(store_path), "class_names": real.store.class_names}
+    images8 = write_set(out_zarr, images, labels, attrs, distiller.source_rows)
     save_grid(images8, labels.cpu().numpy(), real.store.class_names, out_png)
     write_json(out_json, {"seconds": seconds, "peak_mem_mb": peak_memory_mb(),
                           "device": str(real.device)})
     if checkpoint and Path(checkpoint).exists():
         Path(checkpoint).unlink()  # finished: the result supersedes the checkpoint
+
+
+def write_set(out: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,
+              attrs: dict[str, Any], sources: np.ndarray | None = None) -> np.ndarray:
+    """Write a distilled set (images in [0, 1]) atomically as a zarr group: ``images`` (N, 3,
+    H, W) uint8, ``labels``, ``sources`` (the store row each image was made from, when known:
+    provenance for the privacy audit, never shared) and ``attrs`` (plus ``patch_size``);
+    returns the uint8 images."""
+    images8 = (images.detach().cpu().clamp(0, 1) * 255).round().byte().numpy()
+    with atomic_path(out) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        group.create_array("images", data=images8, chunks=images8.shape)
+        group.create_array("labels", data=labels.cpu().numpy().astype(np.int64))
+        if sources is not None:
+            group.create_array("sources", data=np.asarray(sources, np.int64))
+        group.attrs.update({**attrs, "patch_size": int(images8.shape[-1])})
+    return images8
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],

@@ -28,6 +28,7 @@ STAGE_OVERRIDES = (
     "evaluate",
     "encoders",
     "privacy",
+    "mil",
 )  # reach only their own stage's rules
 
 
@@ -108,7 +109,12 @@ def result_parts(wildcards):
     stem = (
         f"results/{wildcards.dataset}/{{}}/{wildcards.method}_ipc{wildcards.ipc}.json"
     )
-    return {"patch": stem.format("patch_eval"), "privacy": stem.format("privacy")}
+    parts = {"patch": stem.format("patch_eval"), "privacy": stem.format("privacy")}
+    if hdconfig.dataset(config, wildcards.dataset)["format"] == "wsi" and (
+        wildcards.method not in hdconfig.PER_SLIDE_UNSUPPORTED
+    ):  # slide level: WSI datasets, methods that can distil one slide at a time
+        parts["slide"] = stem.format("slide_eval")
+    return parts
 
 
 def privacy_encoder(wildcards):

@@ -1,0 +1,121 @@
+"""Per-slide distillation (Histo-DD's slide-level protocol): the configured method applied to
+each training slide separately, from that slide's patches to at most ``ipc`` synthetic patches
+per class present on it.
+
+The method code is the one of :mod:`histodistill.distill` (registry, resume, seeding); only its
+real data changes: a :class:`~histodistill.data.RealData` restricted to the slide's store rows
+(streamed like the whole split). A class with ``n < ipc`` patches on the slide gets ``n``
+synthetic patches (initialised from all of them, then optimised as the others), an absent class
+none, so a slide's set never holds more than ``ipc`` patches of a class (README: slide level).
+
+:func:`distill_slides` handles one batch of slides (one job of rule ``distill_slides``). Slides
+are done one at a time into ``<out>.partial``: a finished slide is kept there (keyed by its
+settings and inputs) and an unfinished iterative one resumes from its checkpoint, so a rerun
+after a crash redoes nothing; ``out`` appears when every slide of the batch is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from histodistill.config import check_per_slide
+from histodistill.data.real import RealData
+from histodistill.data.store import PatchStore, Slide, fingerprint, store_slides
+from histodistill.distill.base import Context, build
+from histodistill.distill.run import write_set
+from histodistill.evaluate import device
+from histodistill.io import InputError, settings_hash
+from histodistill.stain import StainTemplate
+
+log = logging.getLogger(__name__)
+STAGE = "distill_slides"
+
+
+def slide_seed(seed: int, index: int) -> int:
+    """The seed of one slide's distillation, derived from the run's seed and the slide's table
+    position (independent of which batch the slide is in)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+
+def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+                   pool_path: str | os.PathLike | None, method: str, ipc: int,
+                   cfg: dict[str, Any], seed: int, slides: list[str], out: str | os.PathLike,
+                   cache_mb: float = 1024, progress: bool = True) -> Path:
+    """Distil each training slide in ``slides`` into ``out/<slide>.zarr`` (the layout of a
+    distilled set, attrs adding ``slide``, ``real_counts`` and ``seconds``).
+
+    Slides the tiler skipped (no tissue) are left out with a log line; a slide that is not in
+    the store, has no patches or is not a training slide is an :class:`InputError`.
+    """
+    try:
+        check_per_slide(method)
+    except ValueError as err:
+        raise InputError(STAGE, f"method {method}", str(err)) from None
+    store = PatchStore(store_path)
+    found = {s.name: s for s in store_slides(store)}
+    skipped = set(store.attrs.get("skipped_slides", []))
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    template = StainTemplate.load(template_path) if template_path else None
+    dev = device()
+    pool = torch.load(pool_path, map_location=dev) if pool_path else {}
+    inputs = fingerprint(store, pool_path, template_path)
+    settings = {k: v for k, v in cfg.items() if k != "checkpoint_every"}
+    done = []
+    for name in slides:
+        if name in skipped:
+            log.info("%s: skipped by the tiler (no tissue), no synthetic patches", name)
+            continue
+        slide = found.get(name)
+        if slide is None:
+            listed = name in store.attrs.get("slides", [])
+            raise InputError(STAGE, store_path, f"slide {name!r} " + (
+                "has no patches in the store" if listed else "is not in the store"))
+        if slide.split != "train":
+            raise InputError(STAGE, store_path, f"slide {name!r} is a {slide.split} slide; only "
+                             "training slides are distilled")
+        target = partial / f"{name}.zarr"
+        key = settings_hash({"method": method, "cfg": settings, "ipc": ipc, "seed": seed,
+                             "slide": name, "rows": slide.rows.tolist(), "inputs": inputs})
+        done.append(target.name)
+        if target.exists() and zarr.open_group(str(target), mode="r").attrs.get("key") == key:
+            log.info("%s: already distilled, kept", name)
+            continue
+        _distil_one(store, slide, method, ipc, cfg, slide_seed(seed, slide.index), template,
+                    pool, inputs, dev, cache_mb, partial, key, progress)
+    for stale in set(os.listdir(partial)) - set(done):  # checkpoints, slides left the batch
+        path = partial / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
+def _distil_one(store: PatchStore, slide: Slide, method: str, ipc: int, cfg: dict[str, Any],
+                seed: int, template: StainTemplate | None, pool: dict[str, Any], inputs: str,
+                dev: torch.device, cache_mb: float, partial: Path, key: str,
+                progress: bool) -> None:
+    real = RealData(store, "train", cache_mb, seed, dev, rows=slide.rows)
+    checkpoint = partial / f"{slide.name}.ckpt"
+    ctx = Context(real, seed, template, checkpoint, pool, progress, inputs, per_slide=True)
+    start = time.perf_counter()
+    images, labels = build(method, cfg, ipc, ctx).run()
+    seconds = time.perf_counter() - start
+    write_set(partial / f"{slide.name}.zarr", images, labels,
+              {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "key": key,
+               "slide": slide.name, "label": slide.label, "centre": slide.centre,
+               "class_names": store.class_names, "real_counts": real.counts,
+               "source_store": str(store.path), "seconds": seconds})
+    checkpoint.unlink(missing_ok=True)
+    log.info("%s: %d real patches %s -> %d synthetic (%.1fs)", slide.name, len(slide.rows),
+             real.counts, len(images), seconds)

@@ -1,0 +1,13 @@
+"""Rule distill_slides: distil each training slide of one job separately (resumable per slide)."""
+import torch
+
+from histodistill.distill.per_slide import distill_slides
+from histodistill.logs import rule_logging
+
+sm = snakemake  # noqa: F821 (snakemake injects this object)
+with rule_logging(sm.log[0]):
+    torch.set_num_threads(sm.threads)
+    cfg = {**sm.params.cfg, "checkpoint_every": sm.resources.checkpoint_every}  # not a param
+    distill_slides(sm.input.store, sm.input.template, sm.input.get("pool"), sm.wildcards.method,
+                   int(sm.wildcards.ipc), cfg, sm.params.seed, sm.params.slides, sm.output[0],
+                   sm.resources.cache_mb)
