@@ -49,7 +49,8 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
-OVERRIDES = ("tiling", "distill", "evaluate")  # sections a dataset entry may override
+# sections a dataset entry may override
+OVERRIDES = ("tiling", "distill", "evaluate", "trajectories")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -150,7 +151,8 @@ def section(config: dict[str, Any], name: str, key: str) -> dict[str, Any]:
     return merge(config[key], dataset(config, name).get(key, {}))
 
 
-PER_IPC = ("iterations", "outer_loop", "inner_loop", "lr_img")  # may be given per ipc
+PER_IPC = ("iterations", "outer_loop", "inner_loop", "lr_img",  # may be given per ipc
+           "syn_steps", "expert_epochs", "max_start_epoch", "lr_lr", "lr_teacher")
 
 
 def per_ipc(value: Any, ipc: int, where: str) -> Any:

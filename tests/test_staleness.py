@@ -42,14 +42,14 @@ def planned(work: Path, *args: str) -> dict[str, int]:
     return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
 
 
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("staleness")
+def recorded_state(work: Path, **edits: dict) -> Path:
+    """A copy of the workflow in ``work`` whose tiny ``demo`` target (``tiny_config`` with
+    ``edits``) is recorded as built and up to date."""
     for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
         copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy_(ROOT / name, work / name)
     (work / "profiles").symlink_to("workflow/profiles")
-    tiny_config(work / "config.yaml")
+    tiny_config(work / "config.yaml", **edits)
     summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
     for line in summary:
         out = work / line.split("\t")[0]
@@ -61,6 +61,11 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(work, "--touch", "--forceall", "--cores", "1", "demo")
     assert planned(work) == {}
     return work
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recorded_state(tmp_path_factory.mktemp("staleness"))
 
 
 @contextmanager
