@@ -163,7 +163,7 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
             loss.backward()
             opt.step()
             if curve is not None:
-                loss_sum += float(loss) * len(yb)
+                loss_sum += float(loss.detach()) * len(yb)
                 hits += int((logits.argmax(1) == yb).sum())
                 seen += len(yb)
             if on_epoch is not None:
