@@ -150,7 +150,6 @@ class _Unroll(torch.autograd.Function):
             if g_rate is not None:
                 g_lr += g_rate
             del end
-        ctx.starts = None
         return g_theta, g_images, g_lr, None, None, None, None, None
 
 
