@@ -25,18 +25,6 @@ rule pretrain_pool:
         "../../scripts/pretrain_pool.py"
 
 
-def method_inputs(wildcards):
-    """What a method needs beyond the store and the template: Histo-DD its network pool,
-    trajectory matching the expert trajectories of the configured network."""
-    name = wildcards.dataset
-    if wildcards.method == "histodd":
-        return {"pool": f"results/{name}/pool.pt"}
-    if wildcards.method in ("mtt", "ptm"):
-        net = section(name, "trajectories")["net"]
-        return {"experts": f"results/{name}/experts/{net}.h5"}
-    return {}
-
-
 rule distill:
     """Distil ipc synthetic (or coreset) patches per class with the method in the target name."""
     input:

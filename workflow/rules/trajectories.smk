@@ -1,17 +1,5 @@
 # Expert trajectories for trajectory matching (mtt, ptm): trained once per dataset and network.
-
-
-def trajectory_settings(wildcards):
-    """What buffer_experts reads: the dataset's trajectories section without operational knobs.
-    The file is named after the network; asking for another one names the key to change."""
-    settings = section(wildcards.dataset, "trajectories")
-    if wildcards.arch != settings["net"]:
-        raise WorkflowError(
-            f"[buffer_experts] results/{wildcards.dataset}/experts/{wildcards.arch}.h5: "
-            f"trajectories.net is {settings['net']!r}; set it to {wildcards.arch!r} "
-            "to buffer these experts"
-        )
-    return hdparams.without_operational(settings)
+# Input and settings functions live in trajectory_inputs.smk.
 
 
 rule buffer_experts:
