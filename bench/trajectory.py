@@ -1,7 +1,7 @@
 """Trajectory matching cost: seconds per iteration and peak memory of MTT and PTM at N and 4N
 student steps, checkpointed unroll against the reference's plain unroll.
 
-Usage: python bench/trajectory.py [--steps 10] [--width 128] [--ipc 10] [--size 32]
+Usage: python bench/trajectory.py [--steps 10] [--width 32] [--ipc 10] [--size 32]
 
 Builds a three-class store of ``size`` px patches and a one-expert buffer of ConvNets (instance
 norm, ``width``), then runs each configuration in a fresh process: ``repeats`` iterations of the
@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace, store: Path, experts: Path, method: str, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="N (4N is run too)")
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
