@@ -319,6 +319,38 @@ def test_overlap_mmd_is_zero_for_identical_subsets_and_positive_otherwise():
     assert overlap_mmd(x[:4], labels[:4], sc[:4], 1.0).item() == pytest.approx(-paper.item(), rel=1e-5)
 
 
+def _spread(x: torch.Tensor, rows: torch.Tensor) -> float:
+    z = x[rows].flatten(1)
+    return float(((z[:, None] - z[None]) ** 2).mean(-1).sum() / (len(z) * (len(z) - 1)))
+
+
+def test_the_overlap_loss_spreads_the_images_where_the_full_mmd_gradient_collapses_them():
+    """Maximising the whole MMD^2 also maximises the within-subset kernel terms, which pulls
+    each half into one image; PTM's loss keeps their value but not their gradient, so it only
+    pushes S^c away from S^f and each half spreads out."""
+    torch.manual_seed(0)
+    labels = torch.zeros(10, dtype=torch.long)
+    sc = complement_mask(1, 10)
+    start = torch.randn(10, 3, 8, 8)
+    spreads = {}
+    for within_grad in (True, False):
+        x = start.clone().requires_grad_(True)
+        opt = torch.optim.SGD([x], lr=5.0)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = -overlap_mmd(x, labels, sc, 1.0, within_grad=within_grad)
+            loss.backward()
+            opt.step()
+        assert overlap_mmd(x.detach(), labels, sc, 1.0) > overlap_mmd(start, labels, sc, 1.0)
+        spreads[within_grad] = [_spread(x.detach(), rows) for rows in (~sc, sc)]
+    before = [_spread(start, rows) for rows in (~sc, sc)]
+    assert all(s < 0.01 * b for s, b in zip(spreads[True], before))  # collapsed halves
+    assert all(s > b for s, b in zip(spreads[False], before))  # more diverse halves
+    x = start.clone().requires_grad_(True)
+    assert overlap_mmd(x, labels, sc, 1.0, within_grad=False).item() == pytest.approx(
+        overlap_mmd(start, labels, sc, 1.0).item())  # same value
+
+
 def test_minimising_the_overlap_term_pushes_the_complement_away():
     torch.manual_seed(1)
     labels = torch.tensor([0, 0, 0, 0])

@@ -9,7 +9,8 @@ from the paper's description as the project's issue 8 states it; README: "Trajec
 * Dynamic overlap mitigation: each class's images are split evenly into a foundation subset S^f
   (the first half) and a complement S^c (the rest). L_overlap is minus the squared MMD between
   them, Gaussian kernel, same-class pairs only (:func:`overlap_mmd`): minimising it pushes the
-  complement away from the foundation (diversity).
+  complement away from the foundation (diversity). Its within-subset terms are constants for
+  the gradient: maximising them collapses each half into one image.
 * Retraining: at the points m_i = T - T/(k+1) * i (i = 1..k, ``retrain``) of the schedule, S^c
   is reset to its snapshot from the middle of the previous interval (:func:`retrain_iterations`);
   S^f is untouched.
@@ -69,29 +70,35 @@ def complement_mask(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def overlap_mmd(images: torch.Tensor, labels: torch.Tensor, complement: torch.Tensor,
-                sigma: float) -> torch.Tensor:
+                sigma: float, within_grad: bool = True) -> torch.Tensor:
     """Squared MMD between S^f and S^c with the kernel k(a, b) = exp(-d(a, b) / (2 sigma^2)) *
     1[same class], d the mean squared difference per value (||a - b||^2 / D).
 
     Per class, (n_f n_c) * (mean k(f, f') + mean k(c, c') - 2 mean k(f, c)): for halves of
     equal size n this is sum_i sum_j (k(f_i, f_j) + k(c_i, c_j) - 2 k(f_i, c_j)), the paper's
     sum with the opposite sign. Zero when the subsets are identical, positive otherwise.
+
+    ``within_grad=False`` treats the within-subset terms as constants (same value): maximising
+    them would pull each subset's images together, so PTM maximises the MMD through the cross
+    term alone, which only pushes S^c away from S^f (README: "PTM as we read it").
     """
     x = images.flatten(1)
     d = x.shape[1]
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a[:, None] - b[None]).pow(2).sum(-1)  # exact, smooth at zero distance
+        return torch.exp(-sq / (d * 2 * sigma ** 2)).mean()
+
     total = images.new_zeros(())
     for c in labels.unique():
         f_set = x[(labels == c) & ~complement]
         c_set = x[(labels == c) & complement]
         if len(f_set) == 0 or len(c_set) == 0:
             continue
-
-        def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            sq = (a[:, None] - b[None]).pow(2).sum(-1)  # exact, smooth at zero distance
-            return torch.exp(-sq / (d * 2 * sigma ** 2)).mean()
-
-        mmd2 = kernel(f_set, f_set) + kernel(c_set, c_set) - 2 * kernel(f_set, c_set)
-        total = total + len(f_set) * len(c_set) * mmd2
+        within = kernel(f_set, f_set) + kernel(c_set, c_set)
+        if not within_grad:
+            within = within.detach()
+        total = total + len(f_set) * len(c_set) * (within - 2 * kernel(f_set, c_set))
     return total
 
 
@@ -134,7 +141,8 @@ class PTM(MTT):
         l_match = matching_loss(self.student_end(start, t * int(c["syn_steps"])), start, target)
         x = self.aug(self.images, self.gen)
         l_c = F.cross_entropy(self.student(target, x), self.y_syn)
-        l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, float(c["sigma"]))
+        l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, float(c["sigma"]),
+                                 within_grad=False)
         loss = l_c + float(c["beta_match"]) * l_match + float(c["beta_overlap"]) * l_overlap
         self.update(loss)
         return loss.item()
