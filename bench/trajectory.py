@@ -36,7 +36,7 @@ from memory import make_store  # noqa: E402  (bench/memory.py, beside this scrip
 BUFFER = {"experts": 1, "epochs": 2, "net": "convnet",
           "train": {"lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 256,
                     "schedule": "constant"}, "augment": {"preset": "dsa"}, "dtype": "float32"}
-COMMON = {"iterations": 1000, "lr_img": 1000, "lr_lr": 1e-5, "lr_teacher": 0.01,
+COMMON = {"iterations": 1000, "lr_img": 100, "lr_lr": 1e-5, "lr_teacher": 0.01,
           "augment": {"preset": "dsa"}, "checkpoint_every": 10**6}
 
 
