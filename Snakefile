@@ -19,8 +19,10 @@ include: "workflow/rules/tile.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/trajectory_inputs.smk"
 include: "workflow/rules/trajectories.smk"
+include: "workflow/rules/encoders.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/result.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -50,7 +50,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
 
 
 # sections a dataset entry may override
-OVERRIDES = ("tiling", "distill", "evaluate", "trajectories")
+OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
