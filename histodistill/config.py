@@ -49,7 +49,8 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
-OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "privacy", "mil")  # sections a dataset entry may override
+# sections a dataset entry may override
+OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "privacy", "mil")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -154,7 +155,8 @@ def section(config: dict[str, Any], name: str, key: str) -> dict[str, Any]:
     return merge(config[key], dataset(config, name).get(key, {}))
 
 
-PER_IPC = ("iterations", "outer_loop", "inner_loop", "lr_img")  # may be given per ipc
+PER_IPC = ("iterations", "outer_loop", "inner_loop", "lr_img",  # may be given per ipc
+           "syn_steps", "expert_epochs", "max_start_epoch", "lr_lr", "lr_teacher")
 
 
 def per_ipc(value: Any, ipc: int, where: str) -> Any:
@@ -186,6 +188,11 @@ PER_SLIDE_UNSUPPORTED = {
                "so the features it herds in carry no class information",
     "forgetting": "forgetting events need a network trained on several classes; on one slide's "
                   "patches (mostly one class) nothing is ever forgotten and the ranking is random",
+    "mtt": "it matches expert trajectories trained on the whole training split, which one slide's "
+           "patches (often one class, a class short of ipc) cannot follow; per-slide experts "
+           "are not buffered",
+    "ptm": "it matches expert trajectories trained on the whole training split (as mtt) and splits "
+           "each class's images into halves, which a class with fewer than two patches cannot",
 }
 
 

@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-ORDER = ["histodd", "dsa", "dc", "dm", "herding", "forgetting", "random"]
+ORDER = ["histodd", "ptm", "mtt", "dsa", "dc", "dm", "herding", "forgetting", "random"]
 
 
 def _pct(metric: dict) -> str:

@@ -8,7 +8,7 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     cfg = {**sm.params.cfg, "checkpoint_every": sm.resources.checkpoint_every}  # not a param: no rerun
-    distill(sm.input.store, sm.input.template, sm.input.pool[0] if sm.input.pool else None,
-            sm.wildcards.method, int(sm.wildcards.ipc), cfg, sm.params.seed,
-            sm.output.zarr, sm.output.grid, sm.output.cost, sm.params.checkpoint,
-            sm.resources.cache_mb, sm.params.max_per_class)
+    distill(sm.input.store, sm.input.template, sm.input.get("pool"), sm.wildcards.method,
+            int(sm.wildcards.ipc), cfg, sm.params.seed, sm.output.zarr, sm.output.grid,
+            sm.output.cost, sm.params.checkpoint, sm.resources.cache_mb, sm.params.max_per_class,
+            experts=sm.input.get("experts"))

@@ -28,6 +28,23 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
     (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['dataset', 'datasets', 'demo'"),
     (lambda c: c["stain"].update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
     (lambda c: c["datasets"]["demo"]["tiling"].update(patch_size="64"), r"'datasets.demo.tiling.patch_size' = '64'"),
+    (lambda c: c["distill"]["methods"]["mtt"].update(syn_step=20),
+     r"'distill.methods.mtt.syn_step' is not recognised; allowed keys here: \['augment', 'batch_syn'"),
+    (lambda c: c["distill"]["methods"]["ptm"].update(retrain=-1),
+     r"'distill.methods.ptm.retrain' = -1: -1 is less than the minimum of 0"),
+    (lambda c: c["distill"]["methods"]["ptm"].update(sigma=0),
+     r"'distill.methods.ptm.sigma' = 0"),
+    (lambda c: c["distill"]["methods"]["ptm"].update(max_start_epoch=2),  # an mtt key
+     r"'distill.methods.ptm.max_start_epoch' is not recognised"),
+    (lambda c: c["distill"]["methods"]["mtt"].update(end_epoch=5),  # a ptm key
+     r"'distill.methods.mtt.end_epoch' is not recognised"),
+    (lambda c: c["trajectories"].update(dtype="float64"),
+     r"'trajectories.dtype' = 'float64' is not allowed; choose one of \['float32', 'float16'\]"),
+    (lambda c: c["trajectories"].update(net="resnet50"), r"'trajectories.net' = 'resnet50'"),
+    (lambda c: c["datasets"]["demo"]["trajectories"].update(experts=0),
+     r"'datasets.demo.trajectories.experts' = 0: 0 is less than the minimum of 1"),
+    (lambda c: c["datasets"]["demo"]["distill"]["methods"]["ptm"].update(beta1=2),
+     r"'datasets.demo.distill.methods.ptm.beta1' is not recognised"),
 ])
 def test_bad_config_names_the_key(edit, message):
     cfg = copy.deepcopy(CONFIG)
@@ -96,3 +113,29 @@ def test_config_override_with_a_bad_key_names_it(given, message):
     cfg = copy.deepcopy(CONFIG)
     with pytest.raises(config.ConfigError, match=message):
         config.validate(config.apply_overrides(config.merge(cfg, given), given))
+
+
+def test_trajectory_defaults_and_per_dataset_profiles():
+    minimal = config.validate({"datasets": {}})
+    assert minimal["trajectories"]["experts"] == 10 and minimal["trajectories"]["epochs"] == 50
+    assert minimal["trajectories"]["net"] == "convnet"  # ConvNet-3, instance norm (MTT)
+    assert minimal["trajectories"]["dtype"] == "float32"
+    cfg = config.validate(copy.deepcopy(CONFIG))
+    mtt = config.method_config(cfg, "camelyon16", "mtt", 10)  # MTT's CIFAR-10 row at ipc 10
+    assert (mtt["syn_steps"], mtt["expert_epochs"], mtt["max_start_epoch"]) == (30, 2, 20)
+    ptm = config.method_config(cfg, "demo_patches", "ptm", 2)  # profile over the global keys
+    assert ptm["iterations"] == 200 and ptm["end_epoch"] == 10 and ptm["sigma"] == 1.0
+    for name in ("demo", "demo_patches", "pcam"):  # every profile's schedule fits its buffer
+        epochs = config.section(cfg, name, "trajectories")["epochs"]
+        for ipc in (2, 10):
+            m = config.method_config(cfg, name, "mtt", ipc)
+            assert m["max_start_epoch"] - 1 + m["expert_epochs"] <= epochs
+            assert config.method_config(cfg, name, "ptm", ipc)["end_epoch"] <= epochs
+
+
+def test_every_per_ipc_setting_is_resolved_per_ipc():
+    spec = yaml.safe_load(config.SCHEMA.read_text())
+    for name in ("method_settings", "mtt_settings", "ptm_settings"):
+        per_ipc = {k for k, v in spec["$defs"][name]["properties"].items()
+                   if v.get("$ref") == "#/$defs/per_ipc"}
+        assert per_ipc <= set(config.PER_IPC), (name, per_ipc - set(config.PER_IPC))

@@ -44,14 +44,14 @@ def planned(work: Path, *args: str) -> dict[str, int]:
     return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
 
 
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("staleness")
+def recorded_state(work: Path, **edits: dict) -> Path:
+    """A copy of the workflow in ``work`` whose tiny ``demo`` target (``tiny_config`` with
+    ``edits``) is recorded as built and up to date."""
     for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
         copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy_(ROOT / name, work / name)
     (work / "profiles").symlink_to("workflow/profiles")
-    tiny_config(work / "config.yaml")
+    tiny_config(work / "config.yaml", **edits)
     slide_table(work)
     summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
     for line in summary:
@@ -79,6 +79,11 @@ def slide_table(work: Path) -> None:
         slide.touch()
         rows.append(f"{name},{slide.relative_to(work)},{label},{split},{-1 if split == 'test' else 0},")
     (work / "results/demo/slides.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recorded_state(tmp_path_factory.mktemp("staleness"))
 
 
 @contextmanager

@@ -51,8 +51,12 @@ TINY_DISTILL = {
         "dm": {"net_kwargs": NET, "iterations": 3, "batch_real": 16},
         "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1}},
         "forgetting": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 2}},
+        "mtt": {"iterations": 2, "syn_steps": 3, "max_start_epoch": 1, "expert_epochs": 1},
+        "ptm": {"iterations": 2, "syn_steps": 1, "end_epoch": 2, "retrain": 1},
     },
 }
+TINY_TRAJECTORIES = {"experts": 2, "epochs": 2, "net_kwargs": {"width": 8},
+                     "train": {"batch": 64}}
 TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
                  "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
 TINY_ENCODERS = {"supervised": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "batchnorm"},
@@ -80,6 +84,7 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
     demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
     demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
+    demo["trajectories"] = TINY_TRAJECTORIES
     for section, values in edits.items():
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -249,7 +254,8 @@ def test_missing_dataset_root_names_the_key(tmp_path):
 
 
 def test_every_method_builds(built):
-    targets = [f"results/demo/{m}_ipc2.json" for m in ("dc", "dsa", "dm", "herding", "forgetting")]
+    targets = [f"results/demo/{m}_ipc2.json"
+               for m in ("dc", "dsa", "dm", "herding", "forgetting", "mtt", "ptm")]
     snakemake(built, "--cores", "2", *targets)
     for target in targets:
         result = json.loads((built / target).read_text())

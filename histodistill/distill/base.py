@@ -61,6 +61,7 @@ class Context:
     progress: bool = True
     fingerprint: str = ""  # contents of the inputs (store, pool, template): part of the resume key
     per_slide: bool = False  # one slide's patches: a class with n < ipc patches gets n images
+    experts: Path | None = None  # expert-trajectory store (trajectory matching)
 
     @property
     def num_classes(self) -> int:
@@ -214,6 +215,13 @@ class Distiller(ABC):
         """One iteration; returns the loss for logging."""
         raise NotImplementedError
 
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond images, their optimiser and the RNGs, saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
     def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run to the end (resuming from a checkpoint) and return images in [0, 1] and labels.
 
@@ -246,7 +254,7 @@ class Distiller(ABC):
             return
         state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
-                 "real": self.ctx.real.state_dict()}
+                 "real": self.ctx.real.state_dict(), "extra": self.extra_state()}
         tmp = self.ctx.checkpoint.with_suffix(".tmp")
         self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
@@ -265,6 +273,7 @@ class Distiller(ABC):
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         self.ctx.real.load_state_dict(state["real"])
+        self.load_extra_state(state.get("extra", {}))
         log.info("resuming %s from iteration %d", self.name, state["done"])
         return int(state["done"])
 

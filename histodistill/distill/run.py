@@ -20,9 +20,10 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
-from histodistill.io import atomic_path, write_json
+from histodistill.io import atomic_path, settings_hash, write_json
 from histodistill.stain import StainTemplate
 from histodistill.data.store import PatchStore, fingerprint
+from histodistill.trajectories.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,20 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
             pool_path: str | os.PathLike | None, method: str, ipc: int, cfg: dict[str, Any],
             seed: int, out_zarr: str | os.PathLike, out_png: str | os.PathLike,
             out_json: str | os.PathLike, checkpoint: str | os.PathLike | None,
-            cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True) -> None:
-    """Distil ``ipc`` images per class with ``method`` and write set, grid and cost."""
+            cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True,
+            experts: str | os.PathLike | None = None) -> None:
+    """Distil ``ipc`` images per class with ``method`` and write set, grid and cost.
+    ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts)."""
     real = real_data(store_path, cache_mb, seed, max_per_class)
     template = StainTemplate.load(template_path) if template_path else None
     pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
+    inputs = fingerprint(real.store, pool_path, template_path)
+    if experts:  # its key covers its settings and data; hashing gigabytes of it would not pay
+        store = ExpertStore(experts)
+        inputs = settings_hash([inputs, store.key])
+        store.close()
     ctx = Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool, progress,
-                  fingerprint(real.store, pool_path, template_path))
+                  inputs, experts=Path(experts) if experts else None)
     start = time.perf_counter()
     distiller = build(method, cfg, ipc, ctx)
     images, labels = distiller.run()

@@ -13,7 +13,9 @@ except hdconfig.ConfigError as err:
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    method="|".join(["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting"]),
+    method="|".join(
+        ["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting", "mtt", "ptm"]
+    ),
     ipc=r"\d+",
     arch=r"[a-z0-9]+",
     encoder=r"[A-Za-z0-9_]+",
@@ -26,6 +28,7 @@ STAGE_OVERRIDES = (
     "tiling",
     "distill",
     "evaluate",
+    "trajectories",
     "encoders",
     "privacy",
     "mil",

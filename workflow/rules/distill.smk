@@ -28,9 +28,9 @@ rule pretrain_pool:
 rule distill:
     """Distil ipc synthetic (or coreset) patches per class with the method in the target name."""
     input:
+        unpack(method_inputs),
         store="results/{dataset}/patches.zarr",
         template="results/{dataset}/stain/template.json",
-        pool=lambda wc: ["results/{dataset}/pool.pt"] if wc.method == "histodd" else [],
     output:
         zarr=directory("results/{dataset}/distilled/{method}_ipc{ipc}.zarr"),
         cost="results/{dataset}/distilled/{method}_ipc{ipc}_cost.json",

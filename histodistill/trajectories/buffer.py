@@ -1,0 +1,118 @@
+"""Rule ``buffer_experts``: train expert networks on the real training split and store their
+parameter trajectories (MTT's ``buffer.py``).
+
+Each expert starts from its own seeded initialisation and trains ``epochs`` epochs on the whole
+training split, streamed from the patch store (:func:`histodistill.data.iterate` through a
+bounded shuffle buffer, as ``full_train`` does), with per-image augmentation (DSA by default)
+and plain SGD (the reference: lr 0.01, no momentum, no weight decay, batch 256, constant rate).
+Its parameters before training and after every epoch form its trajectory.
+
+Experts are independent resumable units: each finished trajectory is written atomically into
+``<out>.partial/`` (with a key of the settings, seed and store contents), so a rerun after a
+crash or a lost job trains only the experts that had not finished; the store is assembled from
+them, one expert at a time, when all are done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histodistill import models
+from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.store import PatchStore
+from histodistill.evaluate import Inputs, TrainConfig, device, train
+from histodistill.io import atomic_path, settings_hash
+from histodistill.trajectories.store import DTYPES, write_store
+from histodistill.trajectories.unroll import Student
+
+log = logging.getLogger(__name__)
+
+
+def expert_seed(seed: int, expert: int) -> int:
+    """Seed of one expert (initialisation, data order, augmentation), derived from the run's."""
+    return int(np.random.SeedSequence([seed, expert]).generate_state(1)[0])
+
+
+def store_key(store: PatchStore) -> list[Any]:
+    """What identifies the training data: the store's attributes, size and content digest."""
+    return [store.attrs, len(store), store.content_digest()]
+
+
+def new_expert(cfg: dict[str, Any], inputs: Inputs, seed: int) -> torch.nn.Module:
+    """An expert network at its seeded initialisation, on the data's device."""
+    store = inputs.store
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = models.build(cfg["net"], len(store.class_names), int(store.attrs["patch_size"]),
+                           **cfg.get("net_kwargs", {}))
+    Student(net)  # refuses networks with buffers before any training
+    return net.to(inputs.dev)
+
+
+def train_expert(cfg: dict[str, Any], inputs: Inputs, seed: int, expert: int,
+                 progress: bool = True) -> np.ndarray:
+    """One expert's trajectory: (epochs + 1, P) float32 flat parameters. The training split is
+    streamed from the store through a shuffle buffer, reshuffled every epoch."""
+    s = expert_seed(seed, expert)
+    net = new_expert(cfg, inputs, s)
+    train_cfg = TrainConfig.from_config({**cfg["train"], "epochs": int(cfg["epochs"])})
+    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, inputs.stats.mean,
+                  inputs.stats.std)
+    points = [Student(net).flat().cpu().numpy().copy()]
+
+    def snapshot(epoch: int, *_: Any) -> None:
+        points.append(Student(net).flat().cpu().numpy().copy())
+
+    curve: dict[str, list[float]] = {}
+    train(net, inputs.split_batches("train", train_cfg.batch, s), train_cfg,
+          torch.Generator().manual_seed(s), aug, on_epoch=snapshot, progress=progress, curve=curve)
+    log.info("expert %d: training accuracy %.4f after %d epochs", expert, curve["acc"][-1],
+             train_cfg.epochs)
+    return np.stack(points)
+
+
+def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
+                   seed: int, cache_mb: float = 1024, progress: bool = True) -> None:
+    """Train ``cfg['experts']`` experts on the store's training split and write their
+    trajectories to the HDF5 store ``out``, resuming expert by expert from ``<out>.partial``."""
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"trajectories.dtype {cfg['dtype']!r}: choose one of {sorted(DTYPES)}")
+    store = PatchStore(store_path)
+    inputs = Inputs(store, None, False, device(), cache_mb)
+    settings = {k: v for k, v in cfg.items() if k != "cache_mb"}
+    key = settings_hash({"settings": settings, "seed": seed, "store": store_key(store)})
+    partial = Path(f"{out}.partial")
+    key_file = partial / "key.json"
+    if partial.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+        log.info("%s holds experts of other settings or data; starting afresh", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key))
+    experts = int(cfg["experts"])
+    files = [partial / f"expert_{e:04d}.npy" for e in range(experts)]
+    for e, path in enumerate(files):
+        if path.exists():
+            log.info("expert %d/%d already trained (%s)", e + 1, experts, path)
+            continue
+        traj = train_expert(cfg, inputs, seed, e, progress)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, traj)
+        log.info("expert %d/%d trained and kept in %s", e + 1, experts, partial)
+    student = Student(new_expert(cfg, inputs, 0))
+    attrs = {"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}),
+             "num_classes": len(store.class_names), "im_size": int(store.attrs["patch_size"]),
+             "param_names": student.names, "param_shapes": [list(s) for s in student.shapes],
+             "settings": settings, "seed": seed, "key": key, "class_names": store.class_names,
+             "source_store": str(store_path)}
+    write_store(out, (np.load(f, mmap_mode="r") for f in files), experts, int(cfg["epochs"]),
+                student.num_params, cfg.get("dtype", "float32"), attrs)
+    shutil.rmtree(partial)
