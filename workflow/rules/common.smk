@@ -25,6 +25,7 @@ STAGE_OVERRIDES = (
     "tiling",
     "distill",
     "evaluate",
+    "generate",
 )  # reach only their own stage's rules
 
 
