@@ -19,6 +19,8 @@ include: "workflow/rules/tile.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/generate_inputs.smk"
+include: "workflow/rules/generate.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -37,4 +39,13 @@ rule demo_pretiled:
         [
             f"results/demo_patches/{m}_ipc10.json"
             for m in ("histodd", "dsa", "dm", "random")
+        ],
+
+
+rule demo_generate:
+    input:
+        [
+            f"results/{d}/generate/{g}_quality.json"
+            for d in ("demo", "demo_patches")
+            for g in ("uvit", "histodiffusion")
         ],

@@ -203,3 +203,15 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
     class_grid(syn, real, int(cfg["grid_per_class"]), seed, grid)
     write_json(out, result)
     return result
+
+
+def quality(synthetic: str | os.PathLike, store: str | os.PathLike, encoder: str | os.PathLike,
+            cfg: dict[str, Any], out: str | os.PathLike, grid: str | os.PathLike
+            ) -> dict[str, Any]:
+    """:func:`generator_quality` with the pipeline's encoder file (rule ``train_encoder``) and,
+    when ``cfg['inception']`` names one, a local Inception-v3 state dict."""
+    from histodistill.encoders import load_encoder
+
+    enc = load_encoder(encoder)
+    inception = inception_embed(cfg["inception"], enc.device) if cfg.get("inception") else None
+    return generator_quality(synthetic, store, enc.embed, cfg, out, grid, cfg["encoder"], inception)

@@ -8,28 +8,6 @@ wildcard_constraints:
     generator="uvit|histodiffusion",
 
 
-def pretrain_stores(wildcards):
-    """Patch stores pooled for the autoencoder and the unconditional generator."""
-    names = section(wildcards.dataset, "generate")["pretrain"]
-    for name in names:
-        hdconfig.dataset(config, name)  # an unknown name fails the DAG with the configured list
-    return [f"results/{name}/patches.zarr" for name in names if name != wildcards.dataset]
-
-
-def generator_files(wildcards):
-    """The model files each generator samples with."""
-    base = f"results/{wildcards.dataset}/generate"
-    files = {"autoencoder": f"{base}/autoencoder.pt"}
-    if wildcards.generator == "uvit":
-        return {**files, "uvit": f"{base}/uvit_cond.pt"}
-    return {
-        **files,
-        "uvit": f"{base}/uvit_uncond.pt",
-        "decoder": f"{base}/decoder_ft.pt",
-        "classifier": f"{base}/latent_classifier.pt",
-    }
-
-
 rule train_autoencoder:
     """LDM's KL-regularised autoencoder on the training split (and pooled stores)."""
     input:
@@ -177,3 +155,41 @@ rule sample_synthetic:
         code=library("sample_synthetic.py"),
     script:
         "../../scripts/sample_synthetic.py"
+
+
+rule generator_quality:
+    """In-domain FID, precision and recall of a synthetic store; per-class sample grid."""
+    input:
+        synthetic="results/{dataset}/synthetic/{generator}.zarr",
+        store="results/{dataset}/patches.zarr",
+        encoder=lambda wc: "results/{dataset}/encoders/%s.pt"
+        % section(wc.dataset, "generate")["quality"]["encoder"],
+    output:
+        json="results/{dataset}/generate/{generator}_quality.json",
+        grid=report(
+            "results/{dataset}/generate/{generator}_grid.png",
+            caption="../report/generated.rst",
+            category="Generators",
+            labels={"dataset": "{dataset}", "generator": "{generator}"},
+        ),
+    log:
+        "logs/generator_quality/{dataset}/{generator}.log",
+    benchmark:
+        "benchmarks/generator_quality/{dataset}/{generator}.tsv"
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 240 * attempt,
+        gpu=1,
+    params:
+        quality=lambda wc: hdparams.canonical(
+            {
+                **section(wc.dataset, "generate")["quality"],
+                "seed": section(wc.dataset, "generate")["seed"],
+            }
+        ),
+        code=library("generator_quality.py"),
+    script:
+        "../../scripts/generator_quality.py"
