@@ -38,6 +38,8 @@ PRESETS: dict[str, tuple[list[str], str]] = {
     "scale": (["scale"], "all"),
     "dsa": (["color", "crop", "cutout", "flip", "scale", "rotate"], "single"),
     "all": (["stain", "rotate", "flip", "scale"], "all"),
+    # two strong views of one patch for contrastive learning (SimCLR: crop, flip, colour)
+    "simclr": (["crop", "scale", "flip", "rotate", "color"], "all"),
 }
 Params = list[tuple[str, dict[str, torch.Tensor]]]
 

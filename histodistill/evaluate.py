@@ -31,9 +31,9 @@ from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import Stats
 from histodistill.data.stream import iterate
-from histodistill.io import write_json
+from histodistill.io import atomic_path, settings_hash, write_json
 from histodistill.stain import MacenkoNormaliser, StainTemplate
-from histodistill.data.store import PatchStore
+from histodistill.data.store import PatchStore, fingerprint
 
 log = logging.getLogger(__name__)
 METRICS = ("acc", "f1", "auc", "sensitivity", "specificity")
@@ -127,27 +127,83 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Gene
     return epoch
 
 
+def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int
+              ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule: "step" (x0.1 at half), "cosine" or "constant"."""
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs // 2)], 0.1)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+class EpochCheckpoint:
+    """Resume a training loop at an epoch boundary: network, optimiser, schedule, the loop's
+    generator and the global torch RNG, the epoch times and curve so far. A checkpoint written
+    under another ``key`` (other settings or inputs) is ignored."""
+
+    def __init__(self, path: str | os.PathLike | None, key: str) -> None:
+        self.path, self.key = (Path(path) if path else None), key
+
+    def load(self, objs: dict[str, Any], gen: torch.Generator) -> dict[str, Any] | None:
+        """Restore ``objs`` (name -> object with load_state_dict) and ``gen``; the saved extras,
+        or None when there is nothing to resume."""
+        if self.path is None or not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("key") != self.key:
+            log.info("checkpoint %s is from other settings; starting afresh", self.path)
+            return None
+        for name, obj in objs.items():
+            obj.load_state_dict(state[name])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming training from %s (epoch %d)", self.path, state["extra"]["epoch"])
+        return state["extra"]
+
+    def save(self, objs: dict[str, Any], gen: torch.Generator, **extra: Any) -> None:
+        if self.path is None:
+            return
+        state = {name: obj.state_dict() for name, obj in objs.items()}
+        state.update(key=self.key, gen=gen.get_state(), torch_rng=torch.get_rng_state(),
+                     extra=extra)
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
 def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.Generator,
           aug: Augment | None = None, on_epoch: Any = None, progress: bool = False,
-          curve: dict[str, list[float]] | None = None) -> list[float]:
+          curve: dict[str, list[float]] | None = None,
+          checkpoint: EpochCheckpoint | None = None) -> list[float]:
     """Train ``net`` in place on ``batches(epoch)``; returns seconds per epoch.
 
     Augmentation draws parameters per image. ``on_epoch(epoch, rows, correct)`` is called after
     each epoch with the rows seen and whether the network classified each correctly when it was
     presented (forgetting uses it). ``curve`` gets each epoch's mean training loss and accuracy
-    appended under "loss" and "acc" (the report's training curves).
+    appended under "loss" and "acc" (the report's training curves). With ``checkpoint`` the
+    loop saves after every epoch and resumes from there (not with ``on_epoch``, whose caller
+    holds state of its own).
     """
+    if checkpoint is not None and on_epoch is not None:
+        raise ValueError("train: a checkpointed loop cannot also report epochs to on_epoch")
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
-    if cfg.schedule == "step":
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, cfg.epochs // 2)], 0.1)
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    sched = scheduler(opt, cfg.schedule, cfg.epochs)
+    objs = {"net": net, "opt": opt, "sched": sched}
+    times: list[float] = []
+    first = 0
+    resumed = checkpoint.load(objs, gen) if checkpoint is not None else None
+    if resumed is not None:
+        first, times = resumed["epoch"], resumed["times"]
+        if curve is not None:
+            curve.update(resumed["curve"])
     net.train()
-    times = []
-    for epoch in tqdm(range(cfg.epochs), desc="epochs", disable=not progress, leave=False):
+    for epoch in tqdm(range(first, cfg.epochs), desc="epochs", disable=not progress, leave=False,
+                      initial=first, total=cfg.epochs):
         start = time.perf_counter()
         rows, correct = [], []
         loss_sum, hits, seen = 0.0, 0, 0
@@ -163,7 +219,7 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
             loss.backward()
             opt.step()
             if curve is not None:
-                loss_sum += float(loss) * len(yb)
+                loss_sum += float(loss.detach()) * len(yb)
                 hits += int((logits.argmax(1) == yb).sum())
                 seen += len(yb)
             if on_epoch is not None:
@@ -176,6 +232,8 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
             curve.setdefault("acc", []).append(hits / max(seen, 1))
         if on_epoch is not None:
             on_epoch(epoch, torch.cat(rows), torch.cat(correct))
+        if checkpoint is not None:
+            checkpoint.save(objs, gen, epoch=epoch + 1, times=times, curve=curve or {})
     return times
 
 
@@ -239,16 +297,20 @@ def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float],
 
 def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[torch.Generator], Batches],
                   inputs: Inputs, im_size: int, num_classes: int, cfg: TrainConfig, runs: int,
-                  seed: int, aug: Augment | None) -> dict[str, Any]:
+                  seed: int, aug: Augment | None, checkpoint: EpochCheckpoint | None = None
+                  ) -> dict[str, Any]:
     """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) on ``batches(gen)`` and test each
-    on the real test split."""
+    on the real test split. ``checkpoint`` makes a single run resumable per epoch."""
+    if checkpoint is not None and runs != 1:
+        raise ValueError("evaluate_arch: a checkpoint resumes a single training run")
     results, times, curves = [], [], []
     for run in tqdm(range(runs), desc=f"{arch} runs", disable=runs == 1):
         gen = torch.Generator().manual_seed(seed + run)
         torch.manual_seed(seed + run)
         net = models.build(arch, num_classes, im_size, **arch_kwargs).to(inputs.dev)
         curves.append({})
-        times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1])
+        times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1],
+                       checkpoint=checkpoint)
         prob, y = predict(net, inputs.split("test", 512))
         if len(y) == 0:
             raise ValueError(f"{inputs.store.path} has no test split to evaluate on")
@@ -281,17 +343,22 @@ def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | Non
 
 
 def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike | None, arch: str,
-               cfg: dict[str, Any], out: str | os.PathLike) -> dict[str, Any]:
-    """The upper bound: ``arch`` trained once on the whole real training split (streamed)."""
+               cfg: dict[str, Any], out: str | os.PathLike,
+               checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The upper bound: ``arch`` trained once on the whole real training split (streamed),
+    resumable per epoch from ``checkpoint``."""
     store, inputs, aug = _setup(store_path, template_path, cfg)
     train_cfg = TrainConfig.from_config(cfg["full"])
     seed = int(cfg["seed"])
+    settings = {k: v for k, v in cfg.items() if k != "cache_mb"}
+    ckpt = EpochCheckpoint(checkpoint, settings_hash([arch, settings, fingerprint(store, template_path)]))
     result = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
                            lambda gen: inputs.split_batches("train", train_cfg.batch, seed),
                            inputs, int(store.attrs["patch_size"]), len(store.class_names),
-                           train_cfg, 1, seed, aug)
+                           train_cfg, 1, seed, aug, ckpt)
     result["epochs"] = train_cfg.epochs
     write_json(out, result)
+    ckpt.remove()
     return result
 
 

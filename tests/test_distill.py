@@ -17,7 +17,7 @@ from histodistill.data import RealData
 from histodistill.distill import METHODS, Context, build
 from histodistill.distill.coreset import herding_order
 from histodistill.distill.matching import match_loss, matched_params, model_augment
-from histodistill.distill.run import fingerprint
+from histodistill.data.store import fingerprint
 from histodistill.data.store import PatchStore
 
 NET = {"width": 8, "norm": "none"}

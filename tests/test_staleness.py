@@ -25,7 +25,8 @@ from test_workflow import planned_jobs, tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
-BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3, "demo": 1}
+BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3, "result": 3,
+                  "demo": 1}
 
 
 def run(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -95,23 +96,23 @@ def reversed_keys(section: dict) -> dict:
 
 def test_evaluate_runs_reruns_evaluate_but_not_the_cached_full_train(state):
     with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(runs=3)):
-        assert planned(state) == {"evaluate": 3, "demo": 1}
+        assert planned(state) == {"evaluate": 3, "result": 3, "demo": 1}
     # the full-data training reads its own settings: changing them reruns it
     with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"]["full"].update(epochs=2)):
-        assert planned(state) == {"full_train": 1, "evaluate": 3, "demo": 1}
+        assert planned(state) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
 
 
 def test_adding_an_architecture_trains_only_the_new_one(state):
     archs = ["convnet", "lenet"]
     with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(archs=archs)):
         proc = run(state, "-n", "demo", *TRIGGERS)
-        assert planned_jobs(proc) == {"full_train": 1, "evaluate": 3, "demo": 1}
+        assert planned_jobs(proc) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
         assert "results/demo/full/lenet.json" in proc.stdout
         assert "output: results/demo/full/convnet.json" not in proc.stdout
     # but a changed arch_kwargs of an evaluated architecture retrains it
     kwargs = {"convnet": {"width": 16, "norm": "batchnorm"}}
     with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(arch_kwargs=kwargs)):
-        assert planned(state) == {"full_train": 1, "evaluate": 3, "demo": 1}
+        assert planned(state) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
 
 
 def test_operational_knobs_rerun_nothing(state):
@@ -121,7 +122,7 @@ def test_operational_knobs_rerun_nothing(state):
     assert "cache_mb=64, checkpoint_every=3" in forced and "cache_mb=32" in forced  # they apply
     # while a setting that changes what distillation computes does rerun it
     assert planned(state, "--config", "distill={max_real_per_class: 50}") == {
-        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "demo": 1}
+        "pretrain_pool": 1, "distill": 3, "evaluate": 3, "result": 3, "demo": 1}
 
 
 def test_reordering_keys_reruns_nothing(state):

@@ -107,7 +107,7 @@ def test_demo_target_builds_every_stage(built):
 
 
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
-    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "demo": 1}  # histodd, dm, random
+    below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "result": 3, "demo": 1}  # histodd, dm, random
     try:
         tiny_config(built / "config.yaml", stain={"beta": 0.2})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
@@ -115,7 +115,7 @@ def test_editing_a_section_reruns_only_its_stage_and_below(built):
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
             "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
-        assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "demo": 1}
+        assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
     finally:
         tiny_config(built / "config.yaml")
 

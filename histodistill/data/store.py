@@ -18,6 +18,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from histodistill.io import settings_hash
+
 SPLITS = ("train", "val", "test")
 FIELDS = {"coords": (np.int64, (2,)), "slide": (np.int32, ()), "label": (np.int64, ()),
           "split": (np.int8, ())}
@@ -123,3 +125,14 @@ class PatchStore:
             return arr[index]
         index = np.asarray(index)
         return arr.get_orthogonal_selection((index, slice(None), slice(None), slice(None)))
+
+
+def fingerprint(store: PatchStore, *files: str | os.PathLike | None) -> str:
+    """A cheap key for the contents of a run's inputs: the store's attributes (which record its
+    channel statistics and the config that built it), size and content digest, and the bytes of
+    small files (pool, template)."""
+    parts: list[Any] = [store.attrs, len(store), store.content_digest()]
+    for f in files:
+        if f:
+            parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
+    return settings_hash(parts)

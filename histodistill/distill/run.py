@@ -3,7 +3,6 @@ its cost; pre-train Histo-DD's network pool."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import resource
@@ -21,9 +20,9 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
-from histodistill.io import atomic_path, settings_hash, write_json
+from histodistill.io import atomic_path, write_json
 from histodistill.stain import StainTemplate
-from histodistill.data.store import PatchStore
+from histodistill.data.store import PatchStore, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +62,6 @@ def pretrain_pool(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
         log.info("pool network %d/%d trained (%.1fs)", k + 1, cfg["size"], sum(times))
     with atomic_path(out) as tmp:
         torch.save({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, tmp)
-
-
-def fingerprint(store: PatchStore, *files: str | os.PathLike | None) -> str:
-    """A cheap key for the contents of a run's inputs: the store's attributes (which record its
-    channel statistics and the config that built it), size and content digest, and the bytes of
-    small files (pool, template)."""
-    parts: list[Any] = [store.attrs, len(store), store.content_digest()]
-    for f in files:
-        if f:
-            parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
-    return settings_hash(parts)
 
 
 def peak_memory_mb() -> float:

@@ -13,7 +13,6 @@ checkpoint every ``checkpoint_every`` steps, and keep a short loss history.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from histodistill.data.store import PatchStore
+from histodistill.data.store import PatchStore, fingerprint
 from histodistill.io import atomic_path, settings_hash
 
 log = logging.getLogger(__name__)
@@ -155,15 +154,10 @@ def fit(state: TrainState, step_fn: Callable[[int], dict[str, float]], steps: in
 
 def inputs_key(settings: Any, stores: list[str | os.PathLike],
                files: list[str | os.PathLike]) -> str:
-    """Resume key of a training: its settings, the contents of its patch stores (attributes,
-    size, content digest) and the bytes of its model inputs."""
-    parts: list[Any] = [settings]
-    for path in stores:
-        store = PatchStore(path)
-        parts += [store.attrs, len(store), store.content_digest()]
-    for f in files:
-        parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
-    return settings_hash(parts)
+    """Resume key of a training: its settings, the contents of its patch stores and the bytes
+    of its model inputs (:func:`histodistill.data.store.fingerprint`)."""
+    return settings_hash([settings, *[fingerprint(PatchStore(p), *(files if i == 0 else ()))
+                                      for i, p in enumerate(stores)]])
 
 
 def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> None:

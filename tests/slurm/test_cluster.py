@@ -16,7 +16,18 @@ STATE = os.environ.get("HISTODISTILL_SLURM_STATE")
 pytestmark = pytest.mark.skipif(not STATE, reason="needs the cluster of `make test-slurm`")
 
 TARGET = "results/demo/dm_ipc2.json"
-GPU_RULES = {"pretrain_pool", "distill", "full_train", "evaluate"}  # declare gpu=1 themselves
+
+
+def declared_gpu_rules() -> set[str]:
+    """Rules whose own resources declare gpu=1, read from the rule files (new stages count)."""
+    rules = set()
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        blocks = re.findall(r"^(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*\n|\n)*)", smk.read_text(), re.M)
+        rules |= {name for name, body in blocks if re.search(r"^\s+gpu=1,", body, re.M)}
+    return rules
+
+
+GPU_RULES = declared_gpu_rules()
 
 
 def job_stats(text: str) -> dict[str, int]:

@@ -16,6 +16,7 @@ wildcard_constraints:
     method="|".join(["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting"]),
     ipc=r"\d+",
     arch=r"[a-z0-9]+",
+    encoder=r"[A-Za-z0-9_]+",
 
 
 ENV = "../../envs/histodistill.yaml"
@@ -25,6 +26,7 @@ STAGE_OVERRIDES = (
     "tiling",
     "distill",
     "evaluate",
+    "encoders",
     "generate",
 )  # reach only their own stage's rules
 
@@ -82,3 +84,28 @@ def final_targets(name):
     """Every result file the configured targets ask for, for one dataset."""
     t = config["targets"]
     return [f"results/{name}/{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]
+
+
+def encoder_cfg(name, encoder):
+    """One encoder's settings for a dataset; an unknown name fails the DAG naming the key."""
+    encoders = section(name, "encoders")
+    if encoder not in encoders:
+        raise WorkflowError(
+            f"config key 'encoders.{encoder}' is not configured; encoders: {sorted(encoders)}"
+        )
+    return encoders[encoder]
+
+
+def encoder_weights(wildcards):
+    """The local weights file of a resnet50_trunc encoder (an input, so replacing it reruns)."""
+    cfg = encoder_cfg(wildcards.dataset, wildcards.encoder)
+    return [cfg["weights"]] if cfg.get("weights") else []
+
+
+def result_parts(wildcards):
+    """The files a result file joins, by section name. ``patch`` always; stages that
+    evaluate a distilled set further add their section here."""
+    stem = (
+        f"results/{wildcards.dataset}/{{}}/{wildcards.method}_ipc{wildcards.ipc}.json"
+    )
+    return {"patch": stem.format("patch_eval")}

@@ -21,6 +21,7 @@ rule full_train:
         evaluate=lambda wc: hdparams.full_train_settings(
             section(wc.dataset, "evaluate"), wc.arch
         ),
+        checkpoint="results/{dataset}/full/{arch}.ckpt",
         code=library("full_train.py"),
     script:
         "../../scripts/full_train.py"
@@ -35,7 +36,7 @@ rule evaluate:
         template="results/{dataset}/stain/template.json",
         full=full_results,
     output:
-        "results/{dataset}/{method}_ipc{ipc}.json",
+        "results/{dataset}/patch_eval/{method}_ipc{ipc}.json",
     log:
         "logs/evaluate/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
