@@ -36,8 +36,8 @@ from distill import PeakRSS  # noqa: E402
 
 from histodistill.generate import uvit  # noqa: E402
 from histodistill.generate.autoencoder import AutoencoderKL  # noqa: E402
-from histodistill.generate.diffusion import Schedule, randn  # noqa: E402
-from histodistill.generate.run import train_generator  # noqa: E402
+from histodistill.generate.diffusion import randn  # noqa: E402
+from histodistill.generate.generator import train_generator  # noqa: E402
 from histodistill.generate.sample import build  # noqa: E402
 from histodistill.generate.train import device, save_model  # noqa: E402
 from histodistill.io import save_figures  # noqa: E402

@@ -1,7 +1,8 @@
 """Rule train_autoencoder: LDM's KL autoencoder on the training split and pooled stores."""
 import torch
 
-from histodistill.generate.run import pooled, train_autoencoder
+from histodistill.generate.autoencoder import train_autoencoder
+from histodistill.generate.data import pooled
 from histodistill.logs import rule_logging
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)

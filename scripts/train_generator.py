@@ -1,7 +1,8 @@
 """Rule train_generator: U-ViT latent diffusion, class-conditional (cond) or unconditional."""
 import torch
 
-from histodistill.generate.run import pooled, train_generator
+from histodistill.generate.data import pooled
+from histodistill.generate.generator import train_generator
 from histodistill.logs import rule_logging
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)

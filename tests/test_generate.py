@@ -17,7 +17,8 @@ from histodistill.generate.diffusion import Schedule, cfg_eps
 from histodistill.generate.histodiffusion import (LatentClassifier, finetune_decoder,
                                                   guidance_grad, train_latent_classifier)
 from histodistill.generate.quality import frechet_distance, precision_recall
-from histodistill.generate.run import load_autoencoder, train_autoencoder, train_generator
+from histodistill.generate.autoencoder import load_autoencoder, train_autoencoder
+from histodistill.generate.generator import train_generator
 from histodistill.generate.sample import sample_synthetic
 from histodistill.generate.uvit import UViT, build
 from histodistill.io import InputError

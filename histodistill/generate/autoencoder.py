@@ -1,6 +1,7 @@
-"""The KL-regularised latent autoencoder of latent diffusion (Rombach et al. 2022,
-CompVis/latent-diffusion ``AutoencoderKL``) and its training loss (LDM's
-``LPIPSWithDiscriminator``, after taming-transformers).
+"""Rule ``train_autoencoder``: the KL-regularised latent autoencoder of latent diffusion
+(Rombach et al. 2022, CompVis/latent-diffusion ``AutoencoderKL``) and its training loss (LDM's
+``LPIPSWithDiscriminator``, after taming-transformers), trained on the dataset's training split
+and every patch of the pooled stores (``generate.pretrain``).
 
 Encoder and decoder are LDM's: residual blocks with group norm and SiLU, one stride-2
 convolution per downsampling level (``ch_mult`` has log2(downsample) + 1 levels), a middle
@@ -20,6 +21,7 @@ blocks take an optional timestep embedding (``temb_channels``), as LDM's do.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -30,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.generate.data import PatchSource, Sources, sources
+from histodistill.generate.train import TrainState, device, finish, fit, inputs_key, save_model, seeded
 from histodistill.io import InputError
 
 STAGE = "train_autoencoder"
+log = logging.getLogger(__name__)
 
 
 def groups(channels: int) -> int:
@@ -393,3 +398,69 @@ class AutoencoderLoss(nn.Module):
 def latent_scale(std: float) -> float:
     """LDM's scale_by_std: one over the latents' standard deviation."""
     return 1.0 / max(std, 1e-8) if math.isfinite(std) else 1.0
+
+
+def load_autoencoder(path: str | os.PathLike, dev: torch.device) -> AutoencoderKL:
+    """The trained autoencoder of ``train_autoencoder``, frozen, in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    ae = AutoencoderKL.from_config(saved["config"], saved["image_size"])
+    ae.load_state_dict(saved["state"])
+    return ae.to(dev).eval().requires_grad_(False)
+
+
+def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
+                      seed: int, pretrain: Sources | None = None,
+                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
+                      cache_mb: float = 1024, stop_after: int | None = None,
+                      progress: bool = True) -> AutoencoderKL | None:
+    """LDM's KL autoencoder: Adam (betas 0.5, 0.9) on the autoencoder and the learned
+    log-variance, a second Adam on the discriminator once it is switched on. After training,
+    ``scale_factor`` = 1 / std of the latents of ``scale_batches`` batches (LDM's scale_by_std)."""
+    dev = device()
+    src = sources(store, pretrain)
+    data = PatchSource(src, cache_mb, seed, dev, "train_autoencoder")
+    ae = seeded(seed, lambda: AutoencoderKL.from_config(cfg, data.image_size)).to(dev)
+    loss = seeded(seed + 1, lambda: AutoencoderLoss(cfg)).to(dev)
+    loss.check_size(data.image_size)
+    lr, betas = float(cfg["lr"]), (0.5, 0.9)
+    opts = {"ae": torch.optim.Adam([*ae.parameters(), loss.logvar], lr=lr, betas=betas)}
+    if loss.discriminator is not None:
+        opts["disc"] = torch.optim.Adam(loss.discriminator.parameters(), lr=lr, betas=betas)
+    gen = torch.Generator().manual_seed(seed)
+    key = inputs_key({"autoencoder": cfg, "seed": seed, "sources": src},
+                     [p for p, _ in src], [])
+    state = TrainState({"ae": ae, "loss": loss}, opts, gen, key, data)
+    batch = int(cfg["batch"])
+
+    def step(i: int) -> dict[str, float]:
+        x, _ = data.batch(batch)
+        posterior = ae.encode(x)
+        xrec = ae.decode(posterior.sample(gen))
+        total, logs = loss.generator(x, xrec, posterior, i, ae.decoder.conv_out.weight)
+        opts["ae"].zero_grad(set_to_none=True)
+        total.backward()
+        opts["ae"].step()
+        if loss.discriminator is not None and i >= loss.disc_start:
+            d = loss.discriminator_loss(x, xrec)
+            opts["disc"].zero_grad(set_to_none=True)
+            d.backward()
+            opts["disc"].step()
+            logs["disc"] = d.item()
+        return logs
+
+    seconds = fit(state, step, int(cfg["steps"]), checkpoint, checkpoint_every, "autoencoder",
+                  stop_after=stop_after, progress=progress)
+    if state.step < int(cfg["steps"]):
+        return None
+    ae.eval()
+    with torch.no_grad():
+        z = torch.cat([ae.encode(data.batch(batch)[0]).sample(gen)
+                       for _ in range(int(cfg.get("scale_batches", 8)))])
+        ae.scale_factor.fill_(latent_scale(float(z.flatten().std())))
+    log.info("latent %s x %d x %d, scale factor %.4f", ae.z_channels, ae.latent_size,
+             ae.latent_size, float(ae.scale_factor))
+    save_model(out, {"kind": "autoencoder", "config": cfg, "image_size": data.image_size,
+                     "state": ae.state_dict(), "class_names": data.class_names,
+                     "history": state.history, "seconds": seconds, "device": str(dev)})
+    finish(checkpoint)
+    return ae

@@ -18,16 +18,28 @@ from histodistill.data import ClassSampler
 from histodistill.data.store import SPLITS, PatchStore
 from histodistill.io import InputError
 
+Sources = list[tuple[str, list[str]]]
+
+
+def sources(store: str | os.PathLike, pretrain: Sources | None = None) -> Sources:
+    """The dataset's training split, then the pooled stores' splits."""
+    return [(str(store), ["train"]), *[(str(p), list(s)) for p, s in (pretrain or [])]]
+
+
+def pooled(stores: list[str]) -> Sources:
+    """Pooled stores with every split (their labels are not used)."""
+    return [(str(s), ["train", "val", "test"]) for s in stores]
+
 
 class PatchSource:
-    """Random batches over ``sources`` = [(store path, [splits])], with labels of the first
+    """Random batches over ``inputs`` = [(store path, [splits])], with labels of the first
     store's classes (pooled stores' labels are only meaningful for their own store)."""
 
-    def __init__(self, sources: list[tuple[str | os.PathLike, list[str]]], cache_mb: float,
-                 seed: int, device: torch.device, stage: str) -> None:
+    def __init__(self, inputs: Sources, cache_mb: float, seed: int, device: torch.device,
+                 stage: str) -> None:
         self.device = device
         pairs = []
-        for path, splits in sources:
+        for path, splits in inputs:
             store = PatchStore(path)
             for split in splits:
                 if split not in SPLITS:
@@ -35,7 +47,7 @@ class PatchSource:
                 if (store.array("split") == SPLITS.index(split)).any():
                     pairs.append((store, split))
         if not pairs:
-            raise InputError(stage, sources[0][0], "no patches in the requested splits")
+            raise InputError(stage, inputs[0][0], "no patches in the requested splits")
         size = int(pairs[0][0].attrs["patch_size"])
         for store, _ in pairs:
             if int(store.attrs["patch_size"]) != size:
@@ -44,8 +56,13 @@ class PatchSource:
                                  "must share one patch size")
         counts = np.array([(s.array("split") == SPLITS.index(sp)).sum() for s, sp in pairs], float)
         self.weights = counts / counts.sum()
-        self.samplers = [ClassSampler(store, split, max(cache_mb * w, 1.0), seed * 7919 + k)
-                         for k, ((store, split), w) in enumerate(zip(pairs, self.weights))]
+        self.samplers = []
+        for k, ((store, split), w) in enumerate(zip(pairs, self.weights)):
+            try:
+                self.samplers.append(ClassSampler(store, split, max(cache_mb * w, 1.0),
+                                                  seed * 7919 + k))
+            except ValueError as err:  # a class without patches in a pooled split
+                raise InputError(stage, store.path, str(err)) from None
         self.image_size = size
         self.class_names = pairs[0][0].class_names
         self._rng = np.random.default_rng([seed, 17])

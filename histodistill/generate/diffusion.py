@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -125,6 +126,16 @@ class Schedule:
             noise = randn(shape, gen, z) if eta > 0 else None
             z, _ = self.ddim_step(z, eps, t, t_prev, eta, noise)
         return z
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (cos, sin halves) of (possibly fractional) timesteps: (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    return F.pad(emb, (0, dim % 2))
 
 
 def randn(shape: tuple[int, ...] | torch.Size, gen: torch.Generator, like: torch.Tensor

@@ -28,12 +28,11 @@ from torch import nn
 from histodistill import models
 from histodistill.data.real import Stats
 from histodistill.data.store import PatchStore
-from histodistill.generate.autoencoder import AutoencoderKL, Encoder
-from histodistill.generate.data import PatchSource
-from histodistill.generate.diffusion import Schedule
-from histodistill.generate.run import load_autoencoder, seeded, sources
-from histodistill.generate.train import (TrainState, device, finish, fit, inputs_key, save_model)
-from histodistill.generate.uvit import timestep_embedding
+from histodistill.generate.autoencoder import AutoencoderKL, Encoder, load_autoencoder
+from histodistill.generate.data import PatchSource, sources
+from histodistill.generate.diffusion import Schedule, timestep_embedding
+from histodistill.generate.train import (TrainState, device, finish, fit, inputs_key, save_model,
+                                         seeded)
 
 log = logging.getLogger(__name__)
 DECODER_KEYS = ("decoder.", "post_quant_conv.")

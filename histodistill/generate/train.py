@@ -35,6 +35,13 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def seeded(seed: int, build: Any) -> Any:
+    """``build()`` under a fixed torch seed, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def warmup(steps: int) -> Callable[[int], float]:
     """U-ViT's schedule: linear warm-up over ``steps``, then constant."""
     return lambda step: min((step + 1) / steps, 1.0) if steps > 0 else 1.0

@@ -14,7 +14,6 @@ U-ViT-L (21, 1024, 16); ``tiny`` is ours, for the CPU demo and tests.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,22 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from histodistill.generate.diffusion import timestep_embedding
+
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 128, "depth": 6, "heads": 4},
     "small": {"dim": 512, "depth": 12, "heads": 8},
     "mid": {"dim": 768, "depth": 16, "heads": 12},
     "large": {"dim": 1024, "depth": 20, "heads": 16},
 }
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (cos, sin halves) of (possibly fractional) timesteps: (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class Attention(nn.Module):
