@@ -26,6 +26,8 @@ include: "workflow/rules/mil_inputs.smk"
 include: "workflow/rules/mil.smk"
 include: "workflow/rules/result.smk"
 include: "workflow/rules/privacy.smk"
+include: "workflow/rules/generate_inputs.smk"
+include: "workflow/rules/generate.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -44,4 +46,13 @@ rule demo_pretiled:
         [
             f"results/demo_patches/{m}_ipc10.json"
             for m in ("histodd", "dsa", "dm", "random")
+        ],
+
+
+rule demo_generate:
+    input:
+        [
+            f"results/{d}/generate/{g}_quality.json"
+            for d in ("demo", "demo_patches")
+            for g in ("uvit", "histodiffusion")
         ],

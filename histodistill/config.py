@@ -50,7 +50,8 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
 
 
 # sections a dataset entry may override
-OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "privacy", "mil")
+OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "privacy", "mil",
+             "generate")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:

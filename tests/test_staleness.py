@@ -44,25 +44,25 @@ def planned(work: Path, *args: str) -> dict[str, int]:
     return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
 
 
-def recorded_state(work: Path, **edits: dict) -> Path:
-    """A copy of the workflow in ``work`` whose tiny ``demo`` target (``tiny_config`` with
-    ``edits``) is recorded as built and up to date."""
+def recorded_state(work: Path, *goals: str, **edits: dict) -> Path:
+    """A copy of the workflow and library in ``work`` with the tiny config (``tiny_config`` with
+    ``edits``), every output of the target rules or files ``goals`` (default: ``demo``) created
+    empty and recorded as built and up to date with ``snakemake --touch``."""
+    goals = goals or ("demo",)
     for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
         copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy_(ROOT / name, work / name)
     (work / "profiles").symlink_to("workflow/profiles")
     tiny_config(work / "config.yaml", **edits)
     slide_table(work)
-    summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
-    for line in summary:
+    for line in run(work, "--summary", *goals).stdout.splitlines()[1:]:
         out = work / line.split("\t")[0]
         if out.suffix in ("", ".zarr"):  # directory outputs
             out.mkdir(parents=True, exist_ok=True)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()
-    run(work, "--touch", "--forceall", "--cores", "1", "demo")
-    assert planned(work) == {}
+    run(work, "--touch", "--forceall", "--cores", "1", *goals)
     return work
 
 
@@ -83,7 +83,9 @@ def slide_table(work: Path) -> None:
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return recorded_state(tmp_path_factory.mktemp("staleness"))
+    work = recorded_state(tmp_path_factory.mktemp("staleness"))
+    assert planned(work) == {}
+    return work
 
 
 @contextmanager

@@ -32,6 +32,7 @@ STAGE_OVERRIDES = (
     "encoders",
     "privacy",
     "mil",
+    "generate",
 )  # reach only their own stage's rules
 
 
