@@ -30,7 +30,7 @@ from tqdm import tqdm
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData, Stats
-from histodistill.distill.matching import match_loss
+from histodistill.distill.matching import cross_entropy, match_loss
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
 
@@ -60,6 +60,7 @@ class Context:
     pool: dict[str, Any] = field(default_factory=dict)  # {"net", "net_kwargs", "states"}
     progress: bool = True
     fingerprint: str = ""  # contents of the inputs (store, pool, template): part of the resume key
+    autoencoder: Path | None = None  # the generator's autoencoder (latent methods: GLaD, SLFD)
 
     @property
     def num_classes(self) -> int:
@@ -168,7 +169,13 @@ class Distiller(ABC):
         p = self.aug.sample(self.gen)
         return match_loss(net, params, self.aug.apply(real, p),
                           torch.full((len(real),), c, device=real.device),
-                          self.aug.apply(self.syn(c), p), self.y_syn[self.syn_slice(c)], distance)
+                          self.aug.apply(self.syn(c), p), self.y_syn[self.syn_slice(c)], distance,
+                          self.syn_loss)
+
+    def syn_loss(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradient on the synthetic batch is matched (cross-entropy; SLFD's is
+        stochastic)."""
+        return cross_entropy(net, x, y)
 
     def match_step(self, net: torch.nn.Module, params: list[torch.nn.Parameter], distance: str,
                    per_class: bool) -> float:
@@ -202,6 +209,13 @@ class Distiller(ABC):
         """One iteration; returns the loss for logging."""
         raise NotImplementedError
 
+    def extra_state(self) -> dict[str, Any]:
+        """What a method optimises besides ``self.images`` and ``self.opt`` (saved with them)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
     def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run to the end (resuming from a checkpoint) and return images in [0, 1] and labels.
 
@@ -234,7 +248,7 @@ class Distiller(ABC):
             return
         state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
-                 "real": self.ctx.real.state_dict()}
+                 "real": self.ctx.real.state_dict(), "extra": self.extra_state()}
         tmp = self.ctx.checkpoint.with_suffix(".tmp")
         self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
@@ -253,6 +267,7 @@ class Distiller(ABC):
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         self.ctx.real.load_state_dict(state["real"])
+        self.load_extra_state(state.get("extra", {}))
         log.info("resuming %s from iteration %d", self.name, state["done"])
         return int(state["done"])
 
