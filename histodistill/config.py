@@ -49,7 +49,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
-OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "generate")  # sections a dataset entry may override
+OVERRIDES = ("tiling", "distill", "evaluate", "encoders", "generate", "select")  # sections a dataset entry may override
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:

@@ -11,4 +11,5 @@ with rule_logging(sm.log[0]):
     distill(sm.input.store, sm.input.template, sm.input.pool[0] if sm.input.pool else None,
             sm.wildcards.method, int(sm.wildcards.ipc), cfg, sm.params.seed,
             sm.output.zarr, sm.output.grid, sm.output.cost, sm.params.checkpoint,
-            sm.resources.cache_mb, sm.params.max_per_class)
+            sm.resources.cache_mb, sm.params.max_per_class,
+            autoencoder=sm.input.autoencoder[0] if sm.input.autoencoder else None)

@@ -59,7 +59,8 @@ SETTINGS = {
 
 
 def test_every_method_is_registered_and_configured_here():
-    assert set(METHODS) == set(SETTINGS)
+    # the latent methods distil through an autoencoder: tests/test_latent_distill.py
+    assert set(METHODS) == set(SETTINGS) | {"glad", "slfd"}
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))

@@ -4,6 +4,20 @@ from pathlib import Path
 import histodistill.config as hdconfig
 import histodistill.params as hdparams
 
+# Methods by the rule that makes their set: distill (optimisation, coresets) or select (a pool)
+DISTILL_METHODS = [
+    "histodd",
+    "dc",
+    "dsa",
+    "dm",
+    "random",
+    "herding",
+    "forgetting",
+    "glad",
+    "slfd",
+]
+SELECT_METHODS = ["infodist", "infodist_real", "centroid", "synrandom"]
+
 try:
     hdconfig.apply_overrides(config, workflow.config_settings.overwrite_config)
     hdconfig.validate(config)
@@ -13,7 +27,7 @@ except hdconfig.ConfigError as err:
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    method="|".join(["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting"]),
+    method="|".join(DISTILL_METHODS + SELECT_METHODS),
     ipc=r"\d+",
     arch=r"[a-z0-9]+",
     encoder=r"[A-Za-z0-9_]+",
@@ -28,6 +42,7 @@ STAGE_OVERRIDES = (
     "evaluate",
     "encoders",
     "generate",
+    "select",
 )  # reach only their own stage's rules
 
 

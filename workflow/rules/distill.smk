@@ -31,6 +31,11 @@ rule distill:
         store="results/{dataset}/patches.zarr",
         template="results/{dataset}/stain/template.json",
         pool=lambda wc: ["results/{dataset}/pool.pt"] if wc.method == "histodd" else [],
+        autoencoder=lambda wc: (
+            ["results/{dataset}/generate/autoencoder.pt"]
+            if wc.method in ("glad", "slfd")
+            else []
+        ),
     output:
         zarr=directory("results/{dataset}/distilled/{method}_ipc{ipc}.zarr"),
         cost="results/{dataset}/distilled/{method}_ipc{ipc}_cost.json",
@@ -44,6 +49,8 @@ rule distill:
         "logs/distill/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/distill/{dataset}/{method}_ipc{ipc}.tsv"
+    wildcard_constraints:
+        method="|".join(DISTILL_METHODS),
     conda:
         ENV
     threads: 4
