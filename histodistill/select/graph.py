@@ -32,9 +32,12 @@ def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 
     if n < 2:
         return sparse.csr_matrix((n, n), dtype=np.float64)
     rows, cols, vals = [], [], []
+    sq = (x * x).sum(1)
     for start in range(0, n, chunk):
         block = x[start:start + chunk]
-        inv = 1.0 / torch.cdist(block, x).clamp_min(1e-12)
+        # ||a||^2 + ||b||^2 - 2 a.b, as InfoDist's euclidean_dist (twice as fast as cdist here)
+        d2 = torch.addmm(sq[start:start + chunk, None] + sq[None], block, x.T, alpha=-2)
+        inv = 1.0 / d2.clamp_min_(1e-12).sqrt_()
         local = torch.arange(len(block))
         inv[local, local + start] = float("-inf")  # no self-loops
         w = torch.softmax(inv, dim=1)

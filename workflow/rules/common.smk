@@ -4,7 +4,7 @@ from pathlib import Path
 import histodistill.config as hdconfig
 import histodistill.params as hdparams
 
-# Methods by the rule that makes their set: distill (optimisation, coresets) or select (a pool)
+# Methods whose set is made by distillation (optimisation, coresets) or by selection from a pool
 DISTILL_METHODS = [
     "histodd",
     "dc",

@@ -1,0 +1,79 @@
+"""What reruns what in the selection and latent-distillation stages: Snakemake's dry run over a
+recorded state of the demo's targets (every output touched, as tests/test_staleness.py does)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from histodistill.config import merge
+from test_staleness import edited_config, edited_module, run
+from test_workflow import planned_jobs, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+TARGETS = tuple(f"results/demo/{m}_ipc10.json" for m in ("infodist", "centroid", "synrandom", "glad", "slfd")
+                ) + ("results/demo/augment_centroid.json",)
+TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
+GENERATOR = {"train_autoencoder", "train_generator", "finetune_decoder", "train_latent_classifier",
+             "sample_synthetic", "train_encoder"}
+
+
+def planned(work: Path, *args: str) -> dict[str, int]:
+    return planned_jobs(run(work, "-n", *TARGETS, *args, *TRIGGERS))
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("select_staleness")
+    for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
+        copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy_(ROOT / name, work / name)
+    (work / "profiles").symlink_to("workflow/profiles")
+    tiny_config(work / "config.yaml")
+    for line in run(work, "--summary", *TARGETS).stdout.splitlines()[1:]:
+        out = work / line.split("\t")[0]
+        if out.suffix in ("", ".zarr"):  # directory outputs
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.touch()
+    run(work, "--touch", "--forceall", "--cores", "1", *TARGETS)
+    assert planned(work) == {}
+    return work
+
+
+def edit(section: str, patch: dict):  # noqa: ANN201
+    """A config edit deep-merging ``patch`` into the demo's overrides of ``section``."""
+
+    def apply(cfg: dict) -> None:
+        demo = cfg["datasets"]["demo"]
+        demo[section] = merge(demo.get(section, {}), patch)
+
+    return apply
+
+
+def test_selection_settings_rerun_selection_and_evaluation_not_the_generator(state: Path) -> None:
+    with edited_config(state, edit("select", {"methods": {"infodist": {"eta": 0.004}}})):
+        assert planned(state) == {"select": 1, "evaluate": 1, "result": 1}
+    with edited_config(state, edit("select", {"augment_study": {"runs": 2}})):
+        assert planned(state) == {"augment_study": 1}
+    # another pool (built already): the centroid selection and its study rerun
+    with edited_config(state, edit("select", {"methods": {"centroid": {"generator": "uvit"}}})):
+        assert planned(state) == {"select": 1, "evaluate": 1, "result": 1, "augment_study": 1}
+
+
+def test_latent_method_and_cross_arch_settings_rerun_only_their_methods(state: Path) -> None:
+    with edited_config(state, edit("distill", {"methods": {"slfd": {"rank": 3}}})):
+        assert planned(state) == {"distill": 1, "evaluate": 1, "result": 1}
+    with edited_config(state, edit("evaluate", {"cross_arch": {"archs": ["convnet", "lenet"]}})):
+        assert planned(state) == {"evaluate": 2, "result": 2}  # glad and slfd only
+
+
+def test_selection_code_reruns_selection_not_the_generator(state: Path) -> None:
+    with edited_module(state, "select/infodist.py"):
+        jobs = planned(state)
+        assert jobs == {"select": 3, "evaluate": 3, "result": 3, "augment_study": 1}
+        assert not GENERATOR & set(jobs)
