@@ -45,7 +45,7 @@ from histodistill.io import save_figures  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # preset -> (image size, AE downsampling, U-ViT patch size, batch): tiny is the demo's geometry,
 # small a 128 px patch at f8 (16 x 16 x 4 latents, 64 tokens)
-GEOMETRY = {"tiny": (32, 4, 2, 64), "small": (128, 8, 2, 32), "mid": (256, 8, 2, 32),
+GEOMETRY = {"tiny": (32, 4, 1, 64), "small": (128, 8, 2, 32), "mid": (256, 8, 2, 32),
             "large": (256, 8, 2, 32)}
 AE = {"ch": 32, "num_res_blocks": 1, "z_channels": 4}
 SAMPLING = {"steps": 50, "eta": 0.0, "cfg_scale": 0.4}

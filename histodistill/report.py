@@ -67,14 +67,22 @@ def report_targets(workdir: str | os.PathLike) -> list[str]:
                   for p in Path(workdir).glob("results/*/*_ipc*.json"))
 
 
+def generator_targets(workdir: str | os.PathLike) -> list[str]:
+    """The finished generator quality files under ``workdir``/results (their sample grids are
+    marked for the report)."""
+    return sorted(f"results/{p.parent.parent.name}/generate/{p.name}"
+                  for p in Path(workdir).glob("results/*/generate/*_quality.json"))
+
+
 def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathLike = ".",
                  snakemake_args: Sequence[str] = ()) -> None:
     """Write ``out`` with `snakemake --report` for what has been built so far.
 
     `snakemake --report` fails on any output marked for the report that does not exist, so it
     is asked only for the finished result files (after making their curves and tables, running
-    no other rule); with none, for the first rule of the demo (`demo_cohort`, nothing marked for
-    the report), which gives the workflow description alone. ``snakemake_args`` are passed to
+    no other rule) and the finished generator quality files (their sample grids); with none, for
+    the first rule of the demo (`demo_cohort`, nothing marked for the report), which gives the
+    workflow description alone. ``snakemake_args`` are passed to
     both calls (e.g. --directory, --configfile).
     """
     targets = report_targets(workdir)
@@ -82,6 +90,9 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
     if targets:                                              # first: options take many values
         subprocess.run([*snakemake, "--cores", "1", "--allowed-rules", "report_result",
                         *snakemake_args], check=True)
+    generated = generator_targets(workdir)
+    if generated:
+        snakemake = [sys.executable, "-m", "snakemake", *targets, *generated]
     subprocess.run([*snakemake, "--report", str(out), *snakemake_args], check=True)
 
 

@@ -342,3 +342,21 @@ def test_precision_recall_of_covering_and_collapsed_sets() -> None:
     assert p == 1.0 and r == pytest.approx(5 / 400)
     with pytest.raises(ValueError, match="k=3"):
         precision_recall(real[:3], real, 3)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def test_pooled_stores_must_share_the_patch_size(tmp_path: Path) -> None:
+    from histodistill.generate.data import PatchSource, pooled, sources
+
+    a = make_toy_store(tmp_path / "a.zarr", size=16)
+    b = make_toy_store(tmp_path / "b.zarr", size=8)
+    with pytest.raises(InputError, match=r"\[train_autoencoder\].*b\.zarr.*patch size 8"):
+        PatchSource(sources(a, pooled([b])), 16, 0, torch.device("cpu"), "train_autoencoder")
+    with pytest.raises(InputError, match="unknown split 'training'"):
+        PatchSource([(str(a), ["training"])], 16, 0, torch.device("cpu"), "train_generator")
+    # a pooled store contributes every split: the toy store's 16 test rows too
+    src = PatchSource(sources(a, pooled([make_toy_store(tmp_path / "c.zarr")])), 16, 0,
+                      torch.device("cpu"), "train_autoencoder")
+    assert len(src.samplers) == 3 and src.weights.tolist() == pytest.approx([48 / 112, 48 / 112, 16 / 112])
+    x, y = src.batch(10)
+    assert x.shape == (10, 3, 16, 16) and -1 <= float(x.min()) and float(x.max()) <= 1

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from histodistill.generate.diffusion import timestep_embedding
 
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"dim": 128, "depth": 6, "heads": 4},
+    "tiny": {"dim": 64, "depth": 6, "heads": 4},
     "small": {"dim": 512, "depth": 12, "heads": 8},
     "mid": {"dim": 768, "depth": 16, "heads": 12},
     "large": {"dim": 1024, "depth": 20, "heads": 16},
