@@ -62,4 +62,4 @@ rule demo_select:
             for d in ("demo", "demo_patches")
             for m in ("infodist", "synrandom", "centroid", "glad", "slfd")
         ],
-        [f"results/{d}/augment_centroid.json" for d in ("demo", "demo_patches")],
+        "results/demo_patches/augment_centroid.json",

@@ -218,3 +218,27 @@ def test_study_subset_is_balanced_and_mixed_batches_cover_both_sources_once(toy)
     assert sum(seen) == len(subset) + len(other) and max(seen) <= 10
     x, y, _ = next(iter(batches(0)))
     assert x.dtype == torch.float32 and abs(float(x.mean())) < 3  # normalised network inputs
+
+
+def test_umap_embedding_and_knn_graph_path(toy) -> None:
+    """UMAP to a few dimensions and its kNN graph (InfoDist's other graph); one process-wide
+    numba compilation (~20 s), so one test."""
+    from histodistill.select.graph import umap_embedding
+
+    store = PatchStore(toy["store"])
+    labels = store.array("label")[store.indices("train")]
+    feats = np.zeros((len(labels), 31))
+    for c in (0, 1):
+        feats[labels == c] = two_clusters((20, 10), seed=c)
+    emb, knn = umap_embedding(feats[labels == 0], {"n_components": 3, "n_neighbors": 5,
+                                                   "min_dist": 0.05}, seed=1)
+    assert emb.shape == (30, 3) and knn.shape == (30, 30)
+    assert np.allclose(knn.toarray(), knn.toarray().T) and knn.max() <= 1 + 1e-6
+    # the kNN graph links a cluster's points among themselves, never across
+    dense = knn.toarray()
+    assert dense[:20, 20:].sum() == 0 and dense[:20, :20].sum() > 0
+    cfg = {**INFODIST, "embedding": "umap", "graph": "knn",
+           "umap": {"input": "encoder", "n_components": 3, "n_neighbors": 5, "min_dist": 0.05}}
+    chosen = build("infodist", cfg, context(toy, feats)).select(0, 6)
+    idx = np.flatnonzero(labels == 0)
+    assert len(set(chosen.tolist())) == 6 and np.isin(chosen, idx[20:]).sum() >= 1

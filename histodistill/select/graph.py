@@ -61,6 +61,7 @@ def umap_embedding(features: np.ndarray, cfg: dict[str, Any], seed: int
     neighbours = min(int(cfg["n_neighbors"]), max(n - 1, 2))
     mapper = umap.UMAP(n_neighbors=neighbours, n_components=int(cfg["n_components"]),
                        min_dist=float(cfg["min_dist"]), metric=str(cfg.get("metric", "euclidean")),
-                       random_state=seed, init="random" if n <= int(cfg["n_components"]) + 1 else "spectral")
+                       random_state=seed, n_jobs=1,
+                       init="random" if n <= int(cfg["n_components"]) + 1 else "spectral")
     embedding = mapper.fit_transform(np.asarray(features, dtype=np.float32))
     return np.asarray(embedding, dtype=np.float64), sparse.csr_matrix(mapper.graph_)
