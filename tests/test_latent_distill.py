@@ -128,3 +128,21 @@ def test_glad_needs_the_autoencoder(toy) -> None:
     d = build("glad", dict(GLAD), 2, Context(real, 0, None, None, {}, False))
     with pytest.raises(ValueError, match="autoencoder; none given"):
         d.init_state()
+
+
+def test_cross_arch_is_the_mean_over_the_architectures_not_distilled_with() -> None:
+    from histodistill.evaluate import METRICS, cross_arch
+    from histodistill.params import evaluate_settings
+
+    patch = {a: {m: {"mean": mean, "std": std} for m in METRICS}
+             for a, mean, std in (("convnet", 0.5, 0.1), ("resnet18", 0.6, 0.2), ("vit", 0.7, 0.0))}
+    summary = cross_arch(patch, "convnet")
+    assert summary["archs"] == ["resnet18", "vit"] and summary["excluded"] == "convnet"
+    assert summary["acc"]["mean"] == pytest.approx(0.65) and summary["acc"]["std"] == pytest.approx(0.1)
+    assert cross_arch(patch, None)["acc"]["mean"] == pytest.approx(0.6)  # nothing to leave out
+    evaluate = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}, "vit": {"dim": 64}},
+                "runs": 5, "cross_arch": {"methods": ["glad"], "archs": ["convnet", "vit", "alexnet"]}}
+    glad, dm = evaluate_settings(evaluate, "glad"), evaluate_settings(evaluate, "dm")
+    assert glad["extra_archs"] == ["vit", "alexnet"] and glad["archs"] == ["convnet"]
+    assert glad["arch_kwargs"] == {"convnet": {"width": 8}, "vit": {"dim": 64}}
+    assert "extra_archs" not in dm and "cross_arch" not in dm and dm["arch_kwargs"] == {"convnet": {"width": 8}}
