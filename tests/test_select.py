@@ -78,6 +78,10 @@ def test_softmax_graph_matches_a_hand_computed_example() -> None:
     assert np.allclose(g, expected, atol=1e-12)
     assert np.allclose(softmax_graph(x, eta=0.0).toarray().sum(1), 1.0)  # rows are a softmax
     assert softmax_graph(x, eta=0.7).nnz == 0
+    # relative distances: divided by the mean pairwise distance (2), so the logits double
+    rel = softmax_graph(x, eta=0.0, relative=True).toarray()
+    assert rel[0, 1] == pytest.approx(math.exp(2) / (math.exp(2) + math.exp(2 / 3)))
+    assert np.allclose(softmax_graph(7 * x, eta=0.0, relative=True).toarray(), rel)  # scale-free
     # blocks of rows give the same graph as one block
     y = np.random.default_rng(1).normal(size=(50, 4))
     a, b = softmax_graph(y, 0.01, chunk=7), softmax_graph(y, 0.01)

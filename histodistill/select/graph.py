@@ -21,9 +21,29 @@ import torch
 from scipy import sparse
 
 
-def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 1024
-                  ) -> sparse.csr_matrix:
+def _distances(x: torch.Tensor, sq: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
+    """Euclidean distances of rows ``start:start+chunk`` to all rows, as InfoDist's
+    ``euclidean_dist`` computes them (||a||^2 + ||b||^2 - 2 a.b; twice as fast as cdist here)."""
+    d2 = torch.addmm(sq[start:start + chunk, None] + sq[None], x[start:start + chunk], x.T, alpha=-2)
+    return d2.clamp_min_(1e-12).sqrt_()
+
+
+def mean_distance(x: torch.Tensor, chunk: int = 1024) -> float:
+    """The mean Euclidean distance between distinct rows, block by block."""
+    n, sq, total = len(x), (x * x).sum(1), 0.0
+    for start in range(0, n, chunk):
+        d = _distances(x, sq, start, chunk)
+        local = torch.arange(len(d))
+        d[local, local + start] = 0
+        total += float(d.sum())
+    return total / (n * (n - 1))
+
+
+def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 1024,
+                  relative: bool = False) -> sparse.csr_matrix:
     """(N, N) sparse directed graph: w_ij = softmax_{j != i}(1 / d_ij), kept where w_ij >= eta.
+    With ``relative`` the distances are first divided by their mean over the class's pairs, so
+    the graph no longer depends on the feature space's scale (not in InfoDist).
 
     ``features`` (N, D); float64 inputs are computed in float64, anything else in float32."""
     x = torch.as_tensor(np.asarray(features))
@@ -31,13 +51,12 @@ def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 
     n = len(x)
     if n < 2:
         return sparse.csr_matrix((n, n), dtype=np.float64)
+    scale = mean_distance(x, chunk) if relative else 1.0
     rows, cols, vals = [], [], []
     sq = (x * x).sum(1)
     for start in range(0, n, chunk):
         block = x[start:start + chunk]
-        # ||a||^2 + ||b||^2 - 2 a.b, as InfoDist's euclidean_dist (twice as fast as cdist here)
-        d2 = torch.addmm(sq[start:start + chunk, None] + sq[None], block, x.T, alpha=-2)
-        inv = 1.0 / d2.clamp_min_(1e-12).sqrt_()
+        inv = scale / _distances(x, sq, start, chunk)
         local = torch.arange(len(block))
         inv[local, local + start] = float("-inf")  # no self-loops
         w = torch.softmax(inv, dim=1)

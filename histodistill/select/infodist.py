@@ -106,8 +106,8 @@ def pick(comm: Communities, budget: int, rank: str) -> np.ndarray:
 class InfoDist(Selector):
     """Settings: ``embedding`` (``encoder``: the encoder's features; ``umap``: UMAP of the
     encoder's features or of the pixels, ``umap.input``), ``graph`` (``softmax`` with threshold
-    ``eta``, or ``knn``: UMAP's fuzzy kNN graph), ``rank``, ``trials``. A class's communities
-    are found once and reused for every budget."""
+    ``eta`` and optionally ``relative`` distances, or ``knn``: UMAP's fuzzy kNN graph),
+    ``rank``, ``trials``. A class's communities are found once and reused for every budget."""
 
     def __init__(self, cfg: dict[str, Any], ctx: Any) -> None:
         super().__init__(cfg, ctx)
@@ -132,7 +132,8 @@ class InfoDist(Selector):
             pos = self.ctx.pool.of_class(c)
             seed = class_seed(self.ctx.seed, c)
             emb, knn = self.embedding(pos, seed)
-            graph = knn if self.cfg["graph"] == "knn" else softmax_graph(emb, float(self.cfg["eta"]))
+            graph = knn if self.cfg["graph"] == "knn" else softmax_graph(
+                emb, float(self.cfg["eta"]), relative=bool(self.cfg.get("relative", False)))
             comm = communities(graph, seed, int(self.cfg["trials"]))
             log.info("class %d: %d candidates, %d edges, %d communities (sizes %s), codelength %.3f",
                      c, len(pos), graph.nnz, len(comm.sizes), sorted(comm.sizes.tolist())[::-1][:10],
