@@ -48,7 +48,8 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     f, logits = torch.randn(4, 5), torch.randn(4, 3)
     dist = head(f, logits)
     factor = head.factor(f).view(4, 3, 2)
-    expected = (torch.diag_embed(head.log_diag(f).exp()) + factor @ factor.transpose(1, 2)).detach()
+    diag = head.log_diag(f).exp() + head.min_var
+    expected = (torch.diag_embed(diag) + factor @ factor.transpose(1, 2)).detach()
     assert torch.allclose(dist.covariance_matrix, expected, atol=1e-6)
     assert torch.allclose(dist.loc, logits + head.mean(f))
     # and the samples the loss uses have that covariance
@@ -56,6 +57,12 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     centred = samples - samples.mean(0)
     empirical = torch.einsum("mbi,mbj->bij", centred, centred) / (len(samples) - 1)
     assert torch.allclose(empirical, expected, atol=0.05 * float(expected.abs().max()))
+    # a vanishing learned diagonal under a large factor (what failed a demo run's Cholesky in
+    # float32 without the floor) still gives a usable distribution
+    torch.nn.init.constant_(head.log_diag.bias, -60.0)
+    torch.nn.init.normal_(head.factor.weight, std=30.0)
+    loss = stochastic_cross_entropy(head(f, logits), torch.tensor([0, 1, 2, 0]), 8)
+    assert torch.isfinite(loss)
 
 
 def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:
@@ -78,6 +85,7 @@ def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:
 def test_slfd_loss_at_zero_variance_is_the_networks_cross_entropy(toy) -> None:
     slfd = distiller(toy, "slfd", {**SLFD, "init_var": 1e-14})
     slfd.init_state()
+    slfd.head.min_var = 0.0  # the numerical floor off: variance exactly ~0
     net = slfd.new_net("convnet", SLFD["net_kwargs"])
     x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 0, 1, 1])
     assert float(slfd.syn_loss(net, x, y)) == pytest.approx(float(F.cross_entropy(net(x), y)), abs=1e-5)

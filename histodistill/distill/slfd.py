@@ -36,9 +36,10 @@ class StochasticHead(nn.Module):
     """Three linear layers: features (B, D) -> mean shift (B, C), log diagonal (B, C), covariance
     factor (B, C, rank)."""
 
-    def __init__(self, dim: int, classes: int, rank: int, init_var: float = 1e-2) -> None:
+    def __init__(self, dim: int, classes: int, rank: int, init_var: float = 1e-2,
+                 min_var: float = 1e-5) -> None:
         super().__init__()
-        self.classes, self.rank = classes, rank
+        self.classes, self.rank, self.min_var = classes, rank, min_var
         self.mean = nn.Linear(dim, classes)
         self.log_diag = nn.Linear(dim, classes)
         self.factor = nn.Linear(dim, classes * rank)
@@ -48,10 +49,12 @@ class StochasticHead(nn.Module):
         nn.init.constant_(self.log_diag.bias, math.log(init_var))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> LowRankMultivariateNormal:
-        """The distribution of the logits of each image: N(logits + mu, diag(d) + F F^T)."""
+        """The distribution of the logits of each image: N(logits + mu, diag(d) + F F^T), the
+        diagonal floored at ``min_var`` (as Stochastic Segmentation Networks' epsilon) so the
+        Cholesky factor of the capacitance matrix I + F^T D^-1 F stays computable."""
         factor = self.factor(features).view(len(features), self.classes, self.rank)
-        return LowRankMultivariateNormal(logits + self.mean(features), factor,
-                                         self.log_diag(features).exp())
+        diag = self.log_diag(features).clamp(max=20).exp() + self.min_var
+        return LowRankMultivariateNormal(logits + self.mean(features), factor, diag)
 
 
 def stochastic_cross_entropy(dist: LowRankMultivariateNormal, y: torch.Tensor, samples: int
