@@ -3,20 +3,17 @@ recorded state of the demo's targets (every output touched, as tests/test_stalen
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from histodistill.config import merge
-from test_staleness import edited_config, edited_module, run
-from test_workflow import planned_jobs, tiny_config
+from test_staleness import TRIGGERS, edited_config, edited_module, recorded_state, run
+from test_workflow import planned_jobs
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TARGETS = tuple(f"results/demo/{m}_ipc10.json" for m in ("infodist", "centroid", "synrandom", "glad", "slfd")
                 ) + ("results/demo/augment_centroid.json",)
-TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 GENERATOR = {"train_autoencoder", "train_generator", "finetune_decoder", "train_latent_classifier",
              "sample_synthetic", "train_encoder"}
 
@@ -27,22 +24,7 @@ def planned(work: Path, *args: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("select_staleness")
-    for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
-        copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy_(ROOT / name, work / name)
-    (work / "profiles").symlink_to("workflow/profiles")
-    tiny_config(work / "config.yaml")
-    for line in run(work, "--summary", *TARGETS).stdout.splitlines()[1:]:
-        out = work / line.split("\t")[0]
-        if out.suffix in ("", ".zarr"):  # directory outputs
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.touch()
-    run(work, "--touch", "--forceall", "--cores", "1", *TARGETS)
-    assert planned(work) == {}
-    return work
+    return recorded_state(tmp_path_factory.mktemp("select_staleness"), *TARGETS)
 
 
 def edit(section: str, patch: dict):  # noqa: ANN201
@@ -56,7 +38,7 @@ def edit(section: str, patch: dict):  # noqa: ANN201
 
 
 def test_selection_settings_rerun_selection_and_evaluation_not_the_generator(state: Path) -> None:
-    with edited_config(state, edit("select", {"methods": {"infodist": {"eta": 0.004}}})):
+    with edited_config(state, edit("select", {"methods": {"infodist": {"eta": 0.002}}})):
         assert planned(state) == {"select": 1, "evaluate": 1, "result": 1}
     with edited_config(state, edit("select", {"augment_study": {"runs": 2}})):
         assert planned(state) == {"augment_study": 1}

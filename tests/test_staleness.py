@@ -43,25 +43,29 @@ def planned(work: Path, *args: str) -> dict[str, int]:
     return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
 
 
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("staleness")
+def recorded_state(work: Path, *targets: str) -> Path:
+    """A copy of the workflow and library in ``work`` with every output of ``targets`` created
+    empty and recorded by ``snakemake --touch``, so a dry run plans nothing until an edit."""
     for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
         copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy_(ROOT / name, work / name)
     (work / "profiles").symlink_to("workflow/profiles")
     tiny_config(work / "config.yaml")
-    summary = run(work, "--summary", "demo").stdout.splitlines()[1:]
-    for line in summary:
+    for line in run(work, "--summary", *targets).stdout.splitlines()[1:]:
         out = work / line.split("\t")[0]
         if out.suffix in ("", ".zarr"):  # directory outputs
             out.mkdir(parents=True, exist_ok=True)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()
-    run(work, "--touch", "--forceall", "--cores", "1", "demo")
-    assert planned(work) == {}
+    run(work, "--touch", "--forceall", "--cores", "1", *targets)
+    assert planned_jobs(run(work, "-n", *targets, *TRIGGERS)) == {}
     return work
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recorded_state(tmp_path_factory.mktemp("staleness"), "demo")
 
 
 @contextmanager
