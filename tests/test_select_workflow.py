@@ -42,8 +42,8 @@ def test_selection_settings_rerun_selection_and_evaluation_not_the_generator(sta
         assert planned(state) == {"select": 1, "evaluate": 1, "result": 1}
     with edited_config(state, edit("select", {"augment_study": {"runs": 2}})):
         assert planned(state) == {"augment_study": 1}
-    # another pool (built already): the centroid selection and its study rerun
-    with edited_config(state, edit("select", {"methods": {"centroid": {"generator": "uvit"}}})):
+    # another pool (built already: the real patches): the centroid selection and its study rerun
+    with edited_config(state, edit("select", {"methods": {"centroid": {"source": "real"}}})):
         assert planned(state) == {"select": 1, "evaluate": 1, "result": 1, "augment_study": 1}
 
 
