@@ -3,16 +3,14 @@ demo's generator targets (every output touched, as tests/test_staleness.py recor
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from histodistill.config import merge
-from test_staleness import edited_config, edited_module, run
-from test_workflow import planned_jobs, tiny_config
+from test_staleness import edited_config, edited_module, record_state, run
+from test_workflow import planned_jobs
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TARGETS = ("results/demo/generate/uvit_quality.json",
            "results/demo/generate/histodiffusion_quality.json")
@@ -26,19 +24,7 @@ def planned(work: Path, *args: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("generate_staleness")
-    for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
-        copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy_(ROOT / name, work / name)
-    (work / "profiles").symlink_to("workflow/profiles")
-    tiny_config(work / "config.yaml")
-    for line in run(work, "--summary", *TARGETS).stdout.splitlines()[1:]:
-        out = work / line.split("\t")[0]
-        if out.suffix in ("", ".zarr"):  # directory outputs
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.touch()
-    run(work, "--touch", "--forceall", "--cores", "1", *TARGETS)
+    record_state(work, *TARGETS)
     assert planned(work) == {}
     return work
 

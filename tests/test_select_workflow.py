@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from histodistill.config import merge
-from test_staleness import TRIGGERS, edited_config, edited_module, recorded_state, run
+from test_staleness import TRIGGERS, edited_config, edited_module, record_state, run
 from test_workflow import planned_jobs
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,10 @@ def planned(work: Path, *args: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return recorded_state(tmp_path_factory.mktemp("select_staleness"), *TARGETS)
+    work = tmp_path_factory.mktemp("select_staleness")
+    record_state(work, *TARGETS)
+    assert planned(work) == {}
+    return work
 
 
 def edit(section: str, patch: dict):  # noqa: ANN201

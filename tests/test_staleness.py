@@ -43,9 +43,9 @@ def planned(work: Path, *args: str) -> dict[str, int]:
     return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
 
 
-def recorded_state(work: Path, *targets: str) -> Path:
-    """A copy of the workflow and library in ``work`` with every output of ``targets`` created
-    empty and recorded by ``snakemake --touch``, so a dry run plans nothing until an edit."""
+def record_state(work: Path, *targets: str) -> None:
+    """Copy the workflow and library into ``work`` with the tiny config, create every output of
+    ``targets`` empty and record them with ``snakemake --touch``."""
     for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
         copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy_(ROOT / name, work / name)
@@ -59,13 +59,14 @@ def recorded_state(work: Path, *targets: str) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()
     run(work, "--touch", "--forceall", "--cores", "1", *targets)
-    assert planned_jobs(run(work, "-n", *targets, *TRIGGERS)) == {}
-    return work
 
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return recorded_state(tmp_path_factory.mktemp("staleness"), "demo")
+    work = tmp_path_factory.mktemp("staleness")
+    record_state(work, "demo")
+    assert planned(work) == {}
+    return work
 
 
 @contextmanager
