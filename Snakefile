@@ -28,6 +28,8 @@ include: "workflow/rules/result.smk"
 include: "workflow/rules/privacy.smk"
 include: "workflow/rules/generate_inputs.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/select_inputs.smk"
+include: "workflow/rules/select.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -56,3 +58,13 @@ rule demo_generate:
             for d in ("demo", "demo_patches")
             for g in ("uvit", "histodiffusion")
         ],
+
+
+rule demo_select:
+    input:
+        [
+            f"results/{d}/{m}_ipc10.json"
+            for d in ("demo", "demo_patches")
+            for m in ("infodist", "synrandom", "centroid", "glad", "slfd")
+        ],
+        "results/demo_patches/augment_centroid.json",

@@ -51,7 +51,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
 
 # sections a dataset entry may override
 OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "privacy", "mil",
-             "generate")
+             "generate", "select")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -194,6 +194,14 @@ PER_SLIDE_UNSUPPORTED = {
            "are not buffered",
     "ptm": "it matches expert trajectories trained on the whole training split (as mtt) and splits "
            "each class's images into halves, which a class with fewer than two patches cannot",
+    "glad": "latent distillation through the generator's autoencoder is not wired into "
+            "distill_slides (one autoencoder per dataset, not per slide)",
+    "slfd": "latent distillation through the generator's autoencoder is not wired into "
+            "distill_slides (one autoencoder per dataset, not per slide)",
+    **{m: "it selects from a pool of generated images per class, not from one slide's patches"
+       for m in ("infodist", "centroid", "synrandom")},
+    "infodist_real": "its communities are found among a class's patches across the cohort; one "
+                     "slide's few patches per class give no community structure",
 }
 
 

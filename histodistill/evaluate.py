@@ -383,18 +383,33 @@ def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.Pat
     syn_y = torch.from_numpy(group["labels"][:]).to(inputs.dev)
     train_cfg = TrainConfig.from_config({**cfg["train"], "boundary": cfg.get("boundary", {})})
     patch, full_results, ratio = {}, {}, {}
-    for arch in cfg["archs"]:
+    extra = [a for a in cfg.get("extra_archs", []) if a not in cfg["archs"]]
+    for arch in [*cfg["archs"], *extra]:
         patch[arch] = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
                                     lambda gen: tensor_batches(syn_x, syn_y, train_cfg.batch, gen),
                                     inputs, int(images.shape[-1]), len(store.class_names),
                                     train_cfg, int(cfg["runs"]), int(cfg["seed"]), aug)
-        full_results[arch] = json.loads(Path(full[arch]).read_text())
-        ratio[arch] = full_results[arch]["train_time_s"] / max(patch[arch]["train_time_s"], 1e-9)
+        if arch in full:  # upper bounds of the evaluated archs, not of the cross-arch extras
+            full_results[arch] = json.loads(Path(full[arch]).read_text())
+            ratio[arch] = full_results[arch]["train_time_s"] / max(patch[arch]["train_time_s"], 1e-9)
     result = {"dataset": dataset, "method": attrs["method"], "ipc": attrs["ipc"], "patch": patch,
               "full": full_results, "train_time_ratio": ratio,
               "saturated_fraction": saturated_fraction(images),
               "distill": json.loads(Path(distill_stats).read_text()),
               "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]},
               "versions": _versions()}
+    if extra:
+        result["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
     write_json(out, result)
     return result
+
+
+def cross_arch(patch: dict[str, dict[str, Any]], used: str | None) -> dict[str, Any]:
+    """GLaD's cross-architecture figure: per metric, the mean over the evaluated architectures
+    other than the one the set was distilled with (``used``) of their mean and of their std."""
+    others = [a for a in patch if a != used]
+    out: dict[str, Any] = {"excluded": used, "archs": others}
+    for key in METRICS:
+        out[key] = {"mean": float(np.mean([patch[a][key]["mean"] for a in others])),
+                    "std": float(np.mean([patch[a][key]["std"] for a in others]))}
+    return out

@@ -48,12 +48,19 @@ def full_train_settings(evaluate: dict[str, Any], arch: str) -> dict[str, Any]:
                       "arch_kwargs": {arch: evaluate.get("arch_kwargs", {}).get(arch, {})}})
 
 
-def evaluate_settings(evaluate: dict[str, Any]) -> dict[str, Any]:
+def evaluate_settings(evaluate: dict[str, Any], method: str | None = None) -> dict[str, Any]:
     """What ``evaluate`` reads: the section without ``full`` (it reads the cached upper bounds
-    from files), without operational knobs, and ``arch_kwargs`` only of the evaluated archs."""
+    from files), without operational knobs, and ``arch_kwargs`` only of the evaluated archs.
+    ``cross_arch`` becomes ``extra_archs``, the further architectures this ``method`` is trained
+    on, so editing the cross-architecture settings reruns only the methods they name."""
     kwargs = evaluate.get("arch_kwargs", {})
-    picked = {k: v for k, v in evaluate.items() if k not in ("full", "arch_kwargs")}
-    picked["arch_kwargs"] = {a: kwargs[a] for a in evaluate["archs"] if a in kwargs}
+    cross = evaluate.get("cross_arch") or {}
+    extra = [a for a in cross.get("archs", []) if a not in evaluate["archs"]
+             ] if method in cross.get("methods", []) else []
+    picked = {k: v for k, v in evaluate.items() if k not in ("full", "arch_kwargs", "cross_arch")}
+    picked["arch_kwargs"] = {a: kwargs[a] for a in [*evaluate["archs"], *extra] if a in kwargs}
+    if extra:
+        picked["extra_archs"] = extra
     return without_operational(picked)
 
 

@@ -59,8 +59,9 @@ SETTINGS = {
 
 
 def test_every_method_is_registered_and_configured_here():
-    # trajectory matching needs an expert buffer: tested in test_trajectories.py
-    assert set(METHODS) == set(SETTINGS) | {"mtt", "ptm"}
+    # trajectory matching needs an expert buffer (tests/test_trajectories.py); the latent methods
+    # distil through an autoencoder (tests/test_latent_distill.py)
+    assert set(METHODS) == set(SETTINGS) | {"mtt", "ptm", "glad", "slfd"}
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData, Stats
-from histodistill.distill.matching import match_loss
+from histodistill.distill.matching import cross_entropy, match_loss
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
 
@@ -62,6 +62,7 @@ class Context:
     fingerprint: str = ""  # contents of the inputs (store, pool, template): part of the resume key
     per_slide: bool = False  # one slide's patches: a class with n < ipc patches gets n images
     experts: Path | None = None  # expert-trajectory store (trajectory matching)
+    autoencoder: Path | None = None  # the generator's autoencoder (latent methods: GLaD, SLFD)
 
     @property
     def num_classes(self) -> int:
@@ -181,7 +182,13 @@ class Distiller(ABC):
         p = self.aug.sample(self.gen)
         return match_loss(net, params, self.aug.apply(real, p),
                           torch.full((len(real),), c, device=real.device),
-                          self.aug.apply(self.syn(c), p), self.y_syn[self.syn_slice(c)], distance)
+                          self.aug.apply(self.syn(c), p), self.y_syn[self.syn_slice(c)], distance,
+                          self.syn_loss)
+
+    def syn_loss(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradient on the synthetic batch is matched (cross-entropy; SLFD's is
+        stochastic)."""
+        return cross_entropy(net, x, y)
 
     def match_step(self, net: torch.nn.Module, params: list[torch.nn.Parameter], distance: str,
                    per_class: bool) -> float:

@@ -44,17 +44,23 @@ def matched_params(net: nn.Module, distance: str, include_fc: bool) -> list[nn.P
     return params
 
 
+def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(net(x), y)
+
+
 def match_loss(net: nn.Module, params: list[nn.Parameter], x_real: torch.Tensor,
                y_real: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor,
-               distance: str) -> torch.Tensor:
-    """Distance between the cross-entropy gradients of a real and a synthetic batch.
+               distance: str, syn_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                                                 torch.Tensor] = cross_entropy) -> torch.Tensor:
+    """Distance between the cross-entropy gradient of a real batch and the ``syn_loss``
+    gradient (cross-entropy unless a method says otherwise) of a synthetic batch.
 
     Real gradients are constants; synthetic ones keep their graph (second order), so the
-    result is differentiable in ``x_syn``.
+    result is differentiable in ``x_syn`` and in anything ``syn_loss`` depends on.
     """
     dist = DISTANCES[distance]
-    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
-    g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
+    g_real = torch.autograd.grad(cross_entropy(net, x_real, y_real), params)
+    g_syn = torch.autograd.grad(syn_loss(net, x_syn, y_syn), params, create_graph=True)
     return sum(dist(gr.detach(), gs) for gr, gs in zip(g_real, g_syn))
 
 

@@ -31,7 +31,7 @@ from histodistill.config import check_per_slide
 from histodistill.data.real import RealData
 from histodistill.data.store import PatchStore, Slide, fingerprint, store_slides
 from histodistill.distill.base import Context, build
-from histodistill.distill.run import write_set
+from histodistill.distilled import to_uint8, write_set
 from histodistill.evaluate import device
 from histodistill.io import InputError, settings_hash
 from histodistill.stain import StainTemplate
@@ -111,7 +111,7 @@ def _distil_one(store: PatchStore, slide: Slide, method: str, ipc: int, cfg: dic
     start = time.perf_counter()
     images, labels = build(method, cfg, ipc, ctx).run()
     seconds = time.perf_counter() - start
-    write_set(partial / f"{slide.name}.zarr", images, labels,
+    write_set(partial / f"{slide.name}.zarr", to_uint8(images), labels.cpu().numpy(),
               {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "key": key,
                "slide": slide.name, "label": slide.label, "centre": slide.centre,
                "class_names": store.class_names, "real_counts": real.counts,

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import zarr
-from PIL import Image
 
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
-from histodistill.io import atomic_path, settings_hash, write_json
+from histodistill.distilled import peak_memory_mb, to_uint8, write_distilled
+from histodistill.io import atomic_path, settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.trajectories.store import ExpertStore
@@ -65,73 +62,35 @@ def pretrain_pool(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
         torch.save({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, tmp)
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this run: GPU memory on CUDA, otherwise the process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
             pool_path: str | os.PathLike | None, method: str, ipc: int, cfg: dict[str, Any],
             seed: int, out_zarr: str | os.PathLike, out_png: str | os.PathLike,
             out_json: str | os.PathLike, checkpoint: str | os.PathLike | None,
             cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True,
-            experts: str | os.PathLike | None = None) -> None:
+            experts: str | os.PathLike | None = None,
+            autoencoder: str | os.PathLike | None = None) -> None:
     """Distil ``ipc`` images per class with ``method`` and write set, grid and cost.
-    ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts)."""
+    ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts);
+    latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``."""
     real = real_data(store_path, cache_mb, seed, max_per_class)
     template = StainTemplate.load(template_path) if template_path else None
     pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
-    inputs = fingerprint(real.store, pool_path, template_path)
+    inputs = fingerprint(real.store, pool_path, template_path, autoencoder)
     if experts:  # its key covers its settings and data; hashing gigabytes of it would not pay
         store = ExpertStore(experts)
         inputs = settings_hash([inputs, store.key])
         store.close()
     ctx = Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool, progress,
-                  inputs, experts=Path(experts) if experts else None)
+                  inputs, experts=Path(experts) if experts else None,
+                  autoencoder=Path(autoencoder) if autoencoder else None)
     start = time.perf_counter()
     distiller = build(method, cfg, ipc, ctx)
     images, labels = distiller.run()
     seconds = time.perf_counter() - start
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
              "source_store": str(store_path), "class_names": real.store.class_names}
-    images8 = write_set(out_zarr, images, labels, attrs, distiller.source_rows)
-    save_grid(images8, labels.cpu().numpy(), real.store.class_names, out_png)
-    write_json(out_json, {"seconds": seconds, "peak_mem_mb": peak_memory_mb(),
-                          "device": str(real.device)})
+    write_distilled(to_uint8(images), labels.cpu().numpy(), attrs, out_zarr, out_png, out_json,
+                    {"seconds": seconds, "peak_mem_mb": peak_memory_mb(), "device": str(real.device)},
+                    distiller.source_rows)
     if checkpoint and Path(checkpoint).exists():
         Path(checkpoint).unlink()  # finished: the result supersedes the checkpoint
-
-
-def write_set(out: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,
-              attrs: dict[str, Any], sources: np.ndarray | None = None) -> np.ndarray:
-    """Write a distilled set (images in [0, 1]) atomically as a zarr group: ``images`` (N, 3,
-    H, W) uint8, ``labels``, ``sources`` (the store row each image was made from, when known:
-    provenance for the privacy audit, never shared) and ``attrs`` (plus ``patch_size``);
-    returns the uint8 images."""
-    images8 = (images.detach().cpu().clamp(0, 1) * 255).round().byte().numpy()
-    with atomic_path(out) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        group.create_array("images", data=images8, chunks=images8.shape)
-        group.create_array("labels", data=labels.cpu().numpy().astype(np.int64))
-        if sources is not None:
-            group.create_array("sources", data=np.asarray(sources, np.int64))
-        group.attrs.update({**attrs, "patch_size": int(images8.shape[-1])})
-    return images8
-
-
-def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],
-              path: str | os.PathLike, cell: int = 64) -> None:
-    """One row per class of (N, 3, H, W) uint8 images, each scaled to ``cell`` pixels."""
-    rows = []
-    per_class = [images[labels == c] for c in range(len(class_names))]
-    width = max(len(p) for p in per_class)
-    for imgs in per_class:
-        row = np.full((cell, cell * width, 3), 255, np.uint8)
-        for k, img in enumerate(imgs):
-            tile = Image.fromarray(img.transpose(1, 2, 0)).resize((cell, cell), Image.Resampling.NEAREST)
-            row[:, k * cell:(k + 1) * cell] = np.asarray(tile)
-        rows.append(row)
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.concatenate(rows, 0)).save(tmp, format="PNG")

@@ -4,6 +4,22 @@ from pathlib import Path
 import histodistill.config as hdconfig
 import histodistill.params as hdparams
 
+# Methods whose set is made by distillation (optimisation, coresets) or by selection from a pool
+DISTILL_METHODS = [
+    "histodd",
+    "dc",
+    "dsa",
+    "dm",
+    "random",
+    "herding",
+    "forgetting",
+    "mtt",
+    "ptm",
+    "glad",
+    "slfd",
+]
+SELECT_METHODS = ["infodist", "infodist_real", "centroid", "synrandom"]
+
 try:
     hdconfig.apply_overrides(config, workflow.config_settings.overwrite_config)
     hdconfig.validate(config)
@@ -13,9 +29,7 @@ except hdconfig.ConfigError as err:
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    method="|".join(
-        ["histodd", "dc", "dsa", "dm", "random", "herding", "forgetting", "mtt", "ptm"]
-    ),
+    method="|".join(DISTILL_METHODS + SELECT_METHODS),
     ipc=r"\d+",
     arch=r"[a-z0-9]+",
     encoder=r"[A-Za-z0-9_]+",
@@ -33,6 +47,7 @@ STAGE_OVERRIDES = (
     "privacy",
     "mil",
     "generate",
+    "select",
 )  # reach only their own stage's rules
 
 

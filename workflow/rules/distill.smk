@@ -44,6 +44,8 @@ rule distill:
         "logs/distill/{dataset}/{method}_ipc{ipc}.log",
     benchmark:
         "benchmarks/distill/{dataset}/{method}_ipc{ipc}.tsv"
+    wildcard_constraints:
+        method="|".join(DISTILL_METHODS),
     conda:
         ENV
     threads: 4

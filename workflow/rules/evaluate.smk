@@ -50,7 +50,9 @@ rule evaluate:
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
     params:
-        evaluate=lambda wc: hdparams.evaluate_settings(section(wc.dataset, "evaluate")),
+        evaluate=lambda wc: hdparams.evaluate_settings(
+            section(wc.dataset, "evaluate"), wc.method
+        ),
         code=library("evaluate.py"),
     script:
         "../../scripts/evaluate.py"

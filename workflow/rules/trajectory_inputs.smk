@@ -1,5 +1,6 @@
 # Settings and inputs of the trajectory-matching stages: the buffer_experts rule
-# (trajectories.smk) and the methods' extra inputs of the distill rule (distill.smk).
+# (trajectories.smk), and every method's extra inputs of the distill rule in distill.smk (the
+# pool, the expert trajectories, the autoencoder).
 
 
 def trajectory_settings(wildcards):
@@ -18,11 +19,14 @@ def trajectory_settings(wildcards):
 
 def method_inputs(wildcards):
     """What a method needs beyond the store and the template: Histo-DD its network pool,
-    trajectory matching the expert trajectories of the configured network."""
+    trajectory matching the expert trajectories of the configured network, the latent methods
+    (GLaD, SLFD) the generator's autoencoder."""
     name = wildcards.dataset
     if wildcards.method == "histodd":
         return {"pool": f"results/{name}/pool.pt"}
     if wildcards.method in ("mtt", "ptm"):
         net = section(name, "trajectories")["net"]
         return {"experts": f"results/{name}/experts/{net}.h5"}
+    if wildcards.method in ("glad", "slfd"):
+        return {"autoencoder": f"results/{name}/generate/autoencoder.pt"}
     return {}

@@ -1,0 +1,156 @@
+"""GLaD and SLFD: the low-rank normal over logits, the stochastic loss against cross-entropy, what
+latent distillation optimises, its start from encoded real patches, and resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_toy_store
+from histodistill.data.real import RealData
+from histodistill.data.store import PatchStore
+from histodistill.distill import Context, build
+from histodistill.distill.slfd import StochasticHead, stochastic_cross_entropy
+from histodistill.generate.autoencoder import load_autoencoder, train_autoencoder
+
+AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "downsample": 2,
+      "lr": 1e-3, "batch": 8, "steps": 3, "kl_weight": 1e-6, "disc_weight": 0.0, "disc_start": 10,
+      "disc_layers": 1, "scale_batches": 2}
+GLAD = {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "iterations": 3,
+        "outer_loop": 1, "inner_loop": 1, "lr_latent": 1.0, "lr_net": 0.01, "batch_real": 8,
+        "augment": {"preset": "dsa"}, "checkpoint_every": 1}
+SLFD = {**GLAD, "rank": 2, "mc_samples": 4, "lr_module": 0.1, "init_var": 0.01}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("latent")
+    store = make_toy_store(tmp / "toy.zarr", n_per_class=12, size=16)
+    train_autoencoder(store, tmp / "ae.pt", AE, 0, progress=False)
+    return {"store": store, "ae": tmp / "ae.pt", "tmp": tmp}
+
+
+def distiller(toy: dict[str, Path], method: str, cfg: dict, checkpoint: Path | None = None):  # noqa: ANN201
+    real = RealData(PatchStore(toy["store"]), "train", 64, 0, torch.device("cpu"))
+    ctx = Context(real, 0, None, checkpoint, {}, False, "toy", toy["ae"])
+    return build(method, copy.deepcopy(cfg), 2, ctx)
+
+
+def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
+    torch.manual_seed(0)
+    head = StochasticHead(dim=5, classes=3, rank=2)
+    for layer in (head.mean, head.log_diag, head.factor):
+        torch.nn.init.normal_(layer.weight, std=0.3)
+    f, logits = torch.randn(4, 5), torch.randn(4, 3)
+    dist = head(f, logits)
+    factor = head.factor(f).view(4, 3, 2)
+    diag = head.log_diag(f).exp() + head.min_var
+    expected = (torch.diag_embed(diag) + factor @ factor.transpose(1, 2)).detach()
+    assert torch.allclose(dist.covariance_matrix, expected, atol=1e-6)
+    assert torch.allclose(dist.loc, logits + head.mean(f))
+    # and the samples the loss uses have that covariance
+    samples = dist.rsample((40000,))
+    centred = samples - samples.mean(0)
+    empirical = torch.einsum("mbi,mbj->bij", centred, centred) / (len(samples) - 1)
+    assert torch.allclose(empirical, expected, atol=0.05 * float(expected.abs().max()))
+    # a vanishing learned diagonal under a large factor (what failed a demo run's Cholesky in
+    # float32 without the floor) still gives a usable distribution
+    torch.nn.init.constant_(head.log_diag.bias, -60.0)
+    torch.nn.init.normal_(head.factor.weight, std=30.0)
+    loss = stochastic_cross_entropy(head(f, logits), torch.tensor([0, 1, 2, 0]), 8)
+    assert torch.isfinite(loss)
+
+
+def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:
+    torch.manual_seed(1)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    still = torch.distributions.LowRankMultivariateNormal(logits, torch.zeros(6, 4, 2),
+                                                          torch.full((6, 4), 1e-14))
+    assert float(stochastic_cross_entropy(still, y, 8)) == pytest.approx(
+        float(F.cross_entropy(logits, y)), abs=1e-5)
+    noisy = torch.distributions.LowRankMultivariateNormal(logits, torch.ones(6, 4, 2), torch.ones(6, 4))
+    assert abs(float(stochastic_cross_entropy(noisy, y, 8)) - float(F.cross_entropy(logits, y))) > 1e-2
+    # one sample: minus the log-likelihood of that sample
+    torch.manual_seed(2)
+    eta = noisy.rsample((1,))
+    torch.manual_seed(2)
+    assert float(stochastic_cross_entropy(noisy, y, 1)) == pytest.approx(
+        float(F.cross_entropy(eta[0], y)), abs=1e-5)
+
+
+def test_slfd_loss_at_zero_variance_is_the_networks_cross_entropy(toy) -> None:
+    slfd = distiller(toy, "slfd", {**SLFD, "init_var": 1e-14})
+    slfd.init_state()
+    slfd.head.min_var = 0.0  # the numerical floor off: variance exactly ~0
+    net = slfd.new_net("convnet", SLFD["net_kwargs"])
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 0, 1, 1])
+    assert float(slfd.syn_loss(net, x, y)) == pytest.approx(float(F.cross_entropy(net(x), y)), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["glad", "slfd"])
+def test_latent_distillation_changes_only_the_latents_and_the_stochastic_module(toy, method) -> None:
+    d = distiller(toy, method, GLAD if method == "glad" else SLFD)
+    d.init_state()
+    ae = load_autoencoder(toy["ae"], torch.device("cpu"))
+    # latents start as the scaled posterior means of the random real patches of each class
+    pixels = d.ctx.real.pixels_of(d.random_rows())
+    start = (ae.encode(pixels * 2 - 1).mode() * ae.scale_factor).detach()
+    assert torch.allclose(d.images, start, atol=1e-6)
+    decoder = {k: v.clone() for k, v in d.ae.state_dict().items()}
+    head = {k: v.clone() for k, v in d.head.state_dict().items()} if method == "slfd" else {}
+    trainable = [p for group in d.opt.param_groups for p in group["params"]]
+    d.step(0)
+    d.step(1)
+    assert all(torch.equal(v, d.ae.state_dict()[k]) for k, v in decoder.items())  # frozen
+    assert not any(p.requires_grad for p in d.ae.parameters())
+    assert not torch.allclose(d.images, start)  # the latents moved
+    if method == "slfd":
+        assert any(not torch.equal(v, d.head.state_dict()[k]) for k, v in head.items())
+        assert {id(p) for p in trainable} == {id(d.images), *map(id, d.head.parameters())}
+    else:
+        assert [id(p) for p in trainable] == [id(d.images)]
+    images = d.result()
+    assert images.shape == (4, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert torch.allclose(images, ((ae.images(d.images.detach()) + 1) / 2).clamp(0, 1), atol=1e-6)
+
+
+def test_slfd_resumes_to_the_same_images_and_module(toy) -> None:
+    whole = distiller(toy, "slfd", SLFD)
+    images, _ = whole.run()
+    ckpt = toy["tmp"] / "slfd.ckpt"
+    distiller(toy, "slfd", SLFD, ckpt).run(stop_after=1)
+    assert ckpt.exists()
+    resumed = distiller(toy, "slfd", SLFD, ckpt)
+    again, labels = resumed.run()
+    assert torch.allclose(images, again, atol=1e-6) and labels.tolist() == [0, 0, 1, 1]
+    for k, v in whole.head.state_dict().items():
+        assert torch.allclose(v, resumed.head.state_dict()[k], atol=1e-6)
+
+
+def test_glad_needs_the_autoencoder(toy) -> None:
+    real = RealData(PatchStore(toy["store"]), "train", 64, 0, torch.device("cpu"))
+    d = build("glad", dict(GLAD), 2, Context(real, 0, None, None, {}, False))
+    with pytest.raises(ValueError, match="autoencoder; none given"):
+        d.init_state()
+
+
+def test_cross_arch_is_the_mean_over_the_architectures_not_distilled_with() -> None:
+    from histodistill.evaluate import METRICS, cross_arch
+    from histodistill.params import evaluate_settings
+
+    patch = {a: {m: {"mean": mean, "std": std} for m in METRICS}
+             for a, mean, std in (("convnet", 0.5, 0.1), ("resnet18", 0.6, 0.2), ("vit", 0.7, 0.0))}
+    summary = cross_arch(patch, "convnet")
+    assert summary["archs"] == ["resnet18", "vit"] and summary["excluded"] == "convnet"
+    assert summary["acc"]["mean"] == pytest.approx(0.65) and summary["acc"]["std"] == pytest.approx(0.1)
+    assert cross_arch(patch, None)["acc"]["mean"] == pytest.approx(0.6)  # nothing to leave out
+    evaluate = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}, "vit": {"dim": 64}},
+                "runs": 5, "cross_arch": {"methods": ["glad"], "archs": ["convnet", "vit", "alexnet"]}}
+    glad, dm = evaluate_settings(evaluate, "glad"), evaluate_settings(evaluate, "dm")
+    assert glad["extra_archs"] == ["vit", "alexnet"] and glad["archs"] == ["convnet"]
+    assert glad["arch_kwargs"] == {"convnet": {"width": 8}, "vit": {"dim": 64}}
+    assert "extra_archs" not in dm and "cross_arch" not in dm and dm["arch_kwargs"] == {"convnet": {"width": 8}}
