@@ -47,6 +47,11 @@ bench: $(VENV_OK) $(REAL)
 	$(PY) bench/distill.py
 	$(PY) bench/memory.py
 	$(PY) bench/privacy.py
+	$(PY) bench/trajectory.py
+	$(PY) -m snakemake --cores $(CORES) results/demo/slide_eval/histodd_ipc10.json  # bench/mil.py reads its bags
+	$(PY) bench/mil.py
+	$(PY) bench/generate.py
+	$(PY) bench/selection.py
 
 # Real-tissue check on the PCam subset beside the project (not shipped: skipped when missing)
 PCAM := ../shared/data/pcam

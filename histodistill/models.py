@@ -12,18 +12,12 @@ from collections.abc import Callable
 import torch
 import torchvision
 from torch import nn
+from histodistill.registry import registrar
 
 MODELS: dict[str, Callable[..., "Classifier"]] = {}
 
 
-def register(name: str) -> Callable:
-    """Class decorator adding a model to :data:`MODELS`."""
-
-    def wrap(cls: type) -> type:
-        MODELS[name] = cls
-        return cls
-
-    return wrap
+register = registrar(MODELS)
 
 
 def build(name: str, num_classes: int, im_size: int, channels: int = 3, **kwargs) -> "Classifier":

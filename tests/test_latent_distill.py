@@ -36,7 +36,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def distiller(toy: dict[str, Path], method: str, cfg: dict, checkpoint: Path | None = None):  # noqa: ANN201
     real = RealData(PatchStore(toy["store"]), "train", 64, 0, torch.device("cpu"))
-    ctx = Context(real, 0, None, checkpoint, {}, False, "toy", toy["ae"])
+    ctx = Context(real, 0, None, checkpoint, {}, False, "toy", autoencoder=toy["ae"])
     return build(method, copy.deepcopy(cfg), 2, ctx)
 
 

@@ -42,17 +42,18 @@ def edit(section: str, patch: dict):  # noqa: ANN201
 
 def test_selection_settings_rerun_selection_and_evaluation_not_the_generator(state: Path) -> None:
     with edited_config(state, edit("select", {"methods": {"infodist": {"eta": 0.002}}})):
-        assert planned(state) == {"select": 1, "evaluate": 1, "result": 1}
+        assert planned(state) == {"select": 1, "evaluate": 1, "privacy_audit": 1, "result": 1}
     with edited_config(state, edit("select", {"augment_study": {"runs": 2}})):
         assert planned(state) == {"augment_study": 1}
     # another pool (built already: the real patches): the centroid selection and its study rerun
     with edited_config(state, edit("select", {"methods": {"centroid": {"source": "real"}}})):
-        assert planned(state) == {"select": 1, "evaluate": 1, "result": 1, "augment_study": 1}
+        assert planned(state) == {"select": 1, "evaluate": 1, "privacy_audit": 1, "result": 1,
+                                  "augment_study": 1}
 
 
 def test_latent_method_and_cross_arch_settings_rerun_only_their_methods(state: Path) -> None:
     with edited_config(state, edit("distill", {"methods": {"slfd": {"rank": 3}}})):
-        assert planned(state) == {"distill": 1, "evaluate": 1, "result": 1}
+        assert planned(state) == {"distill": 1, "evaluate": 1, "privacy_audit": 1, "result": 1}
     with edited_config(state, edit("evaluate", {"cross_arch": {"archs": ["convnet", "lenet"]}})):
         assert planned(state) == {"evaluate": 2, "result": 2}  # glad and slfd only
 
@@ -60,5 +61,5 @@ def test_latent_method_and_cross_arch_settings_rerun_only_their_methods(state: P
 def test_selection_code_reruns_selection_not_the_generator(state: Path) -> None:
     with edited_module(state, "select/infodist.py"):
         jobs = planned(state)
-        assert jobs == {"select": 3, "evaluate": 3, "result": 3, "augment_study": 1}
+        assert jobs == {"select": 3, "evaluate": 3, "privacy_audit": 3, "result": 3, "augment_study": 1}
         assert not GENERATOR & set(jobs)

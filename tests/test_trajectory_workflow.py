@@ -14,7 +14,8 @@ from test_staleness import TRIGGERS, edited_config, planned, recorded_state, run
 from test_workflow import planned_jobs
 
 pytestmark = pytest.mark.slow
-BELOW_BUFFER = {"buffer_experts": 1, "distill": 2, "evaluate": 2, "result": 2, "demo": 1}
+BELOW_BUFFER = {"buffer_experts": 1, "distill": 2, "evaluate": 2, "privacy_audit": 2, "result": 2,
+                "demo": 1}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,13 @@ def test_editing_ptm_settings_reruns_ptm_and_its_evaluation_only(state):
         cfg["datasets"]["demo"]["distill"]["methods"]["ptm"]["beta_overlap"] = 0.5
     with edited_config(state, edit):
         proc = run(state, "-n", "demo", *TRIGGERS)
-        assert planned_jobs(proc) == {"distill": 1, "evaluate": 1, "result": 1, "demo": 1}
+        assert planned_jobs(proc) == {"distill": 1, "evaluate": 1, "privacy_audit": 1, "result": 1,
+                                           "demo": 1}
         assert "output: results/demo/ptm_ipc2.json" in proc.stdout
         assert "output: results/demo/mtt_ipc2.json" not in proc.stdout
     with edited_config(state, lambda c: c["distill"]["methods"]["mtt"].update(lr_lr={2: 1e-6})):
-        assert planned(state) == {"distill": 1, "evaluate": 1, "result": 1, "demo": 1}
+        assert planned(state) == {"distill": 1, "evaluate": 1, "privacy_audit": 1, "result": 1,
+                                           "demo": 1}
 
 
 def test_editing_the_trajectory_settings_rebuilds_the_buffer_and_what_uses_it(state):
@@ -50,7 +53,7 @@ def test_editing_the_trajectory_settings_rebuilds_the_buffer_and_what_uses_it(st
     # the shuffle buffer's size is a resource, and distillation's seed does not reach the experts
     assert planned(state, "--config", "trajectories={cache_mb: 64}") == {}
     assert planned(state, "--config", "distill={seed: 3}") == {
-        "distill": 2, "evaluate": 2, "result": 2, "demo": 1}
+        "distill": 2, "evaluate": 2, "privacy_audit": 2, "result": 2, "demo": 1}
 
 
 def failure(work: Path, *args: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,13 @@ from histodistill.data.real import RealData, Stats
 from histodistill.distill.matching import cross_entropy, match_loss
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
+from histodistill.registry import registrar
 
 METHODS: dict[str, type["Distiller"]] = {}
 log = logging.getLogger(__name__)
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a method to :data:`METHODS` under ``name``."""
-
-    def wrap(cls: type) -> type:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
+register = registrar(METHODS)
 
 
 @dataclass

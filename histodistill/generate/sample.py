@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +39,11 @@ from histodistill.generate.generator import load_uvit
 from histodistill.generate.histodiffusion import apply_decoder, guidance_grad, load_classifier
 from histodistill.generate.train import device
 from histodistill.io import settings_hash
+from histodistill.registry import registrar
 
 log = logging.getLogger(__name__)
 GENERATORS: dict[str, type["Generator"]] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        cls.name = name
-        GENERATORS[name] = cls
-        return cls
-
-    return wrap
+register = registrar(GENERATORS)
 
 
 class Generator(ABC):

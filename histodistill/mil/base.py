@@ -12,26 +12,18 @@ the training loop (:mod:`histodistill.mil.train`) is the same for all.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from histodistill.registry import registrar
 
 MODELS: dict[str, type["MILModel"]] = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a model to :data:`MODELS` under ``name``."""
-
-    def wrap(cls: type) -> type:
-        cls.name = name
-        MODELS[name] = cls
-        return cls
-
-    return wrap
+register = registrar(MODELS)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,20 +22,13 @@ import torch
 from histodistill.data import iterate, read_rows
 from histodistill.data.store import PatchStore
 from histodistill.encoders import Encoder
+from histodistill.registry import registrar
 
 SELECTORS: dict[str, type["Selector"]] = {}
 log = logging.getLogger(__name__)
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a selector to :data:`SELECTORS` under ``name``."""
-
-    def wrap(cls: type) -> type:
-        cls.name = name
-        SELECTORS[name] = cls
-        return cls
-
-    return wrap
+register = registrar(SELECTORS)
 
 
 def class_seed(seed: int, c: int) -> int:

@@ -1,6 +1,6 @@
 """InfoDist selection time at 1,000 and 4,000 candidates per class.
 
-Usage: python bench/select.py [--repeats N] [--out results/bench/select.txt]
+Usage: python bench/selection.py [--repeats N] [--out results/bench/select.txt]
 
 One class's selection as rule ``select`` runs it (InfoDist defaults: softmax graph over inverse
 Euclidean distances with eta 0.001, two-level directed Infomap with 5 trials, a 10 % budget by
