@@ -8,25 +8,21 @@ from pathlib import Path
 import pytest
 
 from histodistill.config import merge
-from test_staleness import edited_config, edited_module, recorded_state, run
-from test_workflow import planned_jobs
+import test_staleness as staleness
+from test_staleness import edited_config, edited_module, recorded_state
 
 pytestmark = pytest.mark.slow
 TARGETS = ("results/demo/generate/uvit_quality.json",
            "results/demo/generate/histodiffusion_quality.json")
-TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 
 
 def planned(work: Path, *args: str) -> dict[str, int]:
-    return planned_jobs(run(work, "-n", *TARGETS, *args, *TRIGGERS))
+    return staleness.planned(work, *args, goals=TARGETS)
 
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("generate_staleness")
-    recorded_state(work, *TARGETS)
-    assert planned(work) == {}
-    return work
+    return recorded_state(tmp_path_factory.mktemp("generate_staleness"), *TARGETS)
 
 
 def edit(patch: dict):  # noqa: ANN201

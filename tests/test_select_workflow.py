@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from histodistill.config import merge
-from test_staleness import TRIGGERS, edited_config, edited_module, recorded_state, run
-from test_workflow import planned_jobs
+import test_staleness as staleness
+from test_staleness import edited_config, edited_module, recorded_state
 
 pytestmark = pytest.mark.slow
 TARGETS = tuple(f"results/demo/{m}_ipc10.json" for m in ("infodist", "centroid", "synrandom", "glad", "slfd")
@@ -19,15 +19,12 @@ GENERATOR = {"train_autoencoder", "train_generator", "finetune_decoder", "train_
 
 
 def planned(work: Path, *args: str) -> dict[str, int]:
-    return planned_jobs(run(work, "-n", *TARGETS, *args, *TRIGGERS))
+    return staleness.planned(work, *args, goals=TARGETS)
 
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("select_staleness")
-    recorded_state(work, *TARGETS)
-    assert planned(work) == {}
-    return work
+    return recorded_state(tmp_path_factory.mktemp("select_staleness"), *TARGETS)
 
 
 def edit(section: str, patch: dict):  # noqa: ANN201

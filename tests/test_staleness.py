@@ -39,9 +39,9 @@ def run(work: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def planned(work: Path, *args: str) -> dict[str, int]:
-    """Jobs a dry run of the demo target plans: rule -> count."""
-    return planned_jobs(run(work, "-n", "demo", *args, *TRIGGERS))
+def planned(work: Path, *args: str, goals: tuple[str, ...] = ("demo",)) -> dict[str, int]:
+    """Jobs a dry run of ``goals`` (default: the demo target) plans: rule -> count."""
+    return planned_jobs(run(work, "-n", *goals, *args, *TRIGGERS))
 
 
 def recorded_state(work: Path, *goals: str, **edits: dict) -> Path:
@@ -63,6 +63,7 @@ def recorded_state(work: Path, *goals: str, **edits: dict) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()
     run(work, "--touch", "--forceall", "--cores", "1", *goals)
+    assert planned(work, goals=goals) == {}
     return work
 
 
@@ -83,9 +84,7 @@ def slide_table(work: Path) -> None:
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = recorded_state(tmp_path_factory.mktemp("staleness"))
-    assert planned(work) == {}
-    return work
+    return recorded_state(tmp_path_factory.mktemp("staleness"))
 
 
 @contextmanager
