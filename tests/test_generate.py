@@ -16,7 +16,7 @@ from histodistill.generate.autoencoder import AutoencoderKL, AutoencoderLoss, Pe
 from histodistill.generate.diffusion import Schedule, cfg_eps
 from histodistill.generate.histodiffusion import (LatentClassifier, finetune_decoder,
                                                   guidance_grad, train_latent_classifier)
-from histodistill.generate.quality import frechet_distance, precision_recall
+from histodistill.generate.quality import agreement, frechet_distance, generator_quality, precision_recall
 from histodistill.generate.autoencoder import load_autoencoder, train_autoencoder
 from histodistill.generate.generator import train_generator
 from histodistill.generate.sample import sample_synthetic
@@ -342,6 +342,37 @@ def test_precision_recall_of_covering_and_collapsed_sets() -> None:
     assert p == 1.0 and r == pytest.approx(5 / 400)
     with pytest.raises(ValueError, match="k=3"):
         precision_recall(real[:3], real, 3)
+
+
+def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path) -> None:
+    """A classifier that separates the toy classes agrees with every label; one that says "dark"
+    for everything (as a conditional generator that ignores its label looks to a good
+    classifier) agrees with exactly the dark rows, and the quality file reports it per class."""
+    store = make_toy_store(tmp_path / "toy.zarr")
+
+    def by_brightness(x: torch.Tensor) -> torch.Tensor:
+        bright = (x.float().mean((1, 2, 3)) > 130).long()
+        return torch.nn.functional.one_hot(bright, 2).float()
+
+    def always_dark(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 2).float()
+
+    labels = PatchStore(store).array("label")[PatchStore(store).indices("train")]
+    assert agreement(by_brightness, PatchStore(store), "train", 7).all()
+    np.testing.assert_array_equal(agreement(always_dark, PatchStore(store), "train", 7), labels == 0)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    cfg = {"k": 3, "max_real": 0, "grid_per_class": 2}
+    out = generator_quality(store, store, embed, cfg, tmp_path / "q.json", tmp_path / "q.png",
+                            "toy", classify=always_dark)
+    assert out["class_agreement"] == pytest.approx(0.5) and out["real_agreement"] == pytest.approx(0.5)
+    assert out["class_agreement_per_class"] == {"dark": 1.0, "bright": 0.0}
+    assert out["fid_in_domain"] == pytest.approx(0.0, abs=1e-6) and out["precision"] == 1.0
+    assert "class_agreement" not in generator_quality(store, store, embed, cfg, tmp_path / "u.json",
+                                                      tmp_path / "u.png", "toy")
 
 
 # ---- bad input ----------------------------------------------------------------------------

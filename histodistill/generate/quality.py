@@ -11,6 +11,10 @@
   of balls reaching each feature's k-th nearest neighbour in its own set; precision is the share
   of synthetic features inside the real manifold, recall the share of real ones inside the
   synthetic manifold. Computed in the in-domain feature space.
+* ``class_agreement`` (with the supervised encoder): the share of synthetic samples that the
+  encoder's classifier head assigns to the class they were generated for, overall and per class,
+  next to the same share on the compared real patches (``real_agreement``). FID and
+  precision/recall do not see a class-conditional generator that ignores its label; this does.
 
 Real features come from at most ``max_real`` seeded training patches, streamed in batches.
 """
@@ -87,6 +91,17 @@ def store_features(embed: Embed, store: PatchStore, split: str, batch: int,
             feats.append(embed(torch.from_numpy(x)).double().cpu().numpy())
             labels.append(y)
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def agreement(classify: Embed, store: PatchStore, split: str, batch: int,
+              rows: np.ndarray | None = None) -> np.ndarray:
+    """Per patch of a split (or its ``rows``), whether ``classify`` (uint8 images to class
+    probabilities) puts its largest probability on the patch's label."""
+    hits = []
+    with torch.no_grad():
+        for x, y, _ in iterate(store, split, batch, None, rows=rows):
+            hits.append(classify(torch.from_numpy(x)).argmax(1).cpu().numpy() == np.asarray(y))
+    return np.concatenate(hits)
 
 
 def real_rows(store: PatchStore, max_real: int, seed: int) -> np.ndarray | None:
@@ -175,9 +190,10 @@ def check_classes(synthetic: PatchStore, real: PatchStore) -> None:
 def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, embed: Embed,
                       cfg: dict[str, Any], out: str | os.PathLike, grid: str | os.PathLike,
                       encoder_name: str, inception: Embed | None = None,
-                      batch: int = 256) -> dict[str, Any]:
+                      classify: Embed | None = None, batch: int = 256) -> dict[str, Any]:
     """FID (in-domain; Inception's when given), precision and recall of the synthetic store
-    against the real training patches; writes the result JSON and the per-class grid."""
+    against the real training patches, and with ``classify`` (a classifier's probabilities) the
+    class agreement of both; writes the result JSON and the per-class grid."""
     from histodistill.io import write_json
 
     syn, real = PatchStore(synthetic), PatchStore(store)
@@ -197,6 +213,15 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
         real_i, _ = store_features(inception, real, "train", batch // 4 or 1, rows)
         fake_i, _ = store_features(inception, syn, "train", batch // 4 or 1)
         result["fid_inception"] = frechet_distance(real_i, fake_i)
+    if classify is not None:
+        fake_hit = agreement(classify, syn, "train", batch)
+        result["class_agreement"] = float(fake_hit.mean())
+        result["class_agreement_per_class"] = {
+            name: float(fake_hit[fake_y == c].mean()) for c, name in enumerate(real.class_names)
+            if (fake_y == c).any()}
+        result["real_agreement"] = float(agreement(classify, real, "train", batch, rows).mean())
+        log.info("class agreement %.3f (real patches %.3f)", result["class_agreement"],
+                 result["real_agreement"])
     log.info("fid_in_domain %.3f, precision %.3f, recall %.3f", result["fid_in_domain"],
              result["precision"], result["recall"])
     class_grid(syn, real, int(cfg["grid_per_class"]), seed, grid)
@@ -213,4 +238,6 @@ def quality(synthetic: str | os.PathLike, store: str | os.PathLike, encoder: str
 
     enc = load_encoder(encoder)
     inception = inception_embed(cfg["inception"], enc.device) if cfg.get("inception") else None
-    return generator_quality(synthetic, store, enc.embed, cfg, out, grid, cfg["encoder"], inception)
+    classify = enc.probabilities if enc.kind == "supervised" else None
+    return generator_quality(synthetic, store, enc.embed, cfg, out, grid, cfg["encoder"], inception,
+                             classify)
