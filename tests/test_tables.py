@@ -67,3 +67,29 @@ def test_privacy_table_and_readme_block(tmp_path):
     assert "old" not in readme.read_text() and "0.97 [0.90, 1.00]" in readme.read_text()
     (folder / "histodd_ipc10.json").write_text(json.dumps(result("histodd", 0.7)))
     assert tables.privacy_table(folder) is None
+
+
+def test_generator_quality_table_and_readme_block(tmp_path):
+    """One row per quality file, agreement per class in percent; the block is left as it is
+    while no generator has been assessed."""
+    folder = tmp_path / "toy"
+    (folder / "generate").mkdir(parents=True)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:toy:start -->\n<!-- results:toy:end -->\n"
+                      "<!-- generate:toy:start -->\nkept\n<!-- generate:toy:end -->\n")
+    (folder / "random_ipc10.json").write_text(json.dumps(result("random", 0.5)))
+    tables.update_readme(readme, folder)
+    assert tables.generate_table(folder) is None and "kept" in readme.read_text()
+    quality = {"generator": "uvit", "sampling": {"steps": 50, "cfg_scale": 5.0}, "n_synthetic": 20,
+               "n_real": 40, "fid_in_domain": 12.345, "precision": 0.5, "recall": 0.75,
+               "class_agreement": 0.6, "class_agreement_per_class": {"a": 1.0, "b": 0.2},
+               "real_agreement": 0.9}
+    (folder / "generate" / "uvit_quality.json").write_text(json.dumps(quality))
+    (folder / "generate" / "other_quality.json").write_text(json.dumps(
+        {**quality, "generator": "other", "class_agreement_per_class": None}))
+    rows = tables.generate_table(folder).splitlines()
+    assert rows[2].startswith("| `other` |") and rows[2].endswith("| - | 90.0 |")
+    assert rows[3] == ("| `uvit` | cfg_scale 5.0, steps 50 | 20 | 12.3 | 0.500 | 0.750 | "
+                       "60.0 (a 100, b 20) | 90.0 |")
+    tables.update_readme(readme, folder)
+    assert "kept" not in readme.read_text() and "60.0 (a 100, b 20)" in readme.read_text()
