@@ -49,9 +49,9 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     dist = head(f, logits)
     factor = head.factor(f).view(4, 3, 2)
     diag = head.log_diag(f).exp() + head.min_var
-    expected = (torch.diag_embed(diag) + factor @ factor.transpose(1, 2)).detach()
+    expected = (torch.diag_embed(diag) + factor @ factor.transpose(1, 2)).detach().double()
     assert torch.allclose(dist.covariance_matrix, expected, atol=1e-6)
-    assert torch.allclose(dist.loc, logits + head.mean(f))
+    assert torch.allclose(dist.loc, (logits + head.mean(f)).double())
     # and the samples the loss uses have that covariance
     samples = dist.rsample((40000,))
     centred = samples - samples.mean(0)
@@ -63,6 +63,15 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     torch.nn.init.normal_(head.factor.weight, std=30.0)
     loss = stochastic_cross_entropy(head(f, logits), torch.tensor([0, 1, 2, 0]), 8)
     assert torch.isfinite(loss)
+    # the demo's case: rank above the class count, the diagonal at its floor and a factor in the
+    # hundreds, so I + F^T D^-1 F has entries near 1e10 (its float32 Cholesky failed mid-run)
+    wide = StochasticHead(dim=5, classes=2, rank=10)
+    torch.nn.init.constant_(wide.log_diag.bias, -60.0)
+    torch.nn.init.normal_(wide.factor.weight, std=100.0)
+    dist = wide(f, logits[:, :2])
+    assert dist.loc.dtype == torch.float64
+    loss = stochastic_cross_entropy(dist, torch.tensor([0, 1, 1, 0]), 8)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
 
 
 def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:

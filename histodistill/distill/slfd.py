@@ -50,17 +50,20 @@ class StochasticHead(nn.Module):
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> LowRankMultivariateNormal:
         """The distribution of the logits of each image: N(logits + mu, diag(d) + F F^T), the
-        diagonal floored at ``min_var`` (as Stochastic Segmentation Networks' epsilon) so the
-        Cholesky factor of the capacitance matrix I + F^T D^-1 F stays computable."""
+        diagonal floored at ``min_var`` (as Stochastic Segmentation Networks' epsilon). The
+        distribution is held in float64: with the diagonal near its floor the capacitance matrix
+        I + F^T D^-1 F has entries of 1e7 and more, and its float32 Cholesky factorisation failed
+        on the WSI demo although the matrix is positive definite (eigenvalues >= 1)."""
         factor = self.factor(features).view(len(features), self.classes, self.rank)
         diag = self.log_diag(features).clamp(max=20).exp() + self.min_var
-        return LowRankMultivariateNormal(logits + self.mean(features), factor, diag)
+        return LowRankMultivariateNormal((logits + self.mean(features)).double(), factor.double(),
+                                         diag.double())
 
 
 def stochastic_cross_entropy(dist: LowRankMultivariateNormal, y: torch.Tensor, samples: int
                              ) -> torch.Tensor:
     """mean_b [log M - logsumexp_m log softmax(eta_mb)[y_b]] over M reparameterised samples."""
-    eta = dist.rsample((samples,))  # (M, B, C)
+    eta = dist.rsample((samples,)).float()  # (M, B, C)
     logp = torch.log_softmax(eta, -1).gather(-1, y.expand(samples, -1).unsqueeze(-1)).squeeze(-1)
     return (math.log(samples) - torch.logsumexp(logp, 0)).mean()
 
