@@ -39,7 +39,8 @@ from histodistill.generate.autoencoder import AutoencoderKL  # noqa: E402
 from histodistill.generate.diffusion import randn  # noqa: E402
 from histodistill.generate.generator import train_generator  # noqa: E402
 from histodistill.generate.sample import build  # noqa: E402
-from histodistill.generate.train import device, save_model  # noqa: E402
+from histodistill.evaluate import device  # noqa: E402
+from histodistill.generate.train import save_model  # noqa: E402
 from histodistill.io import save_figures  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,12 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from histodistill import config
-from histodistill.distill.run import distill
-from histodistill.evaluate import evaluate_distilled
-from histodistill.io import save_figures
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import ROOT, Dataset, run_set  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from histodistill.io import save_figures  # noqa: E402
 
 
 def main() -> None:
@@ -38,34 +36,19 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1000.0, 100.0])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    ds = args.dataset
-    cfg = config.load(ROOT / "config.yaml")
-    base = Path(args.results) / ds
-    experts = base / "experts" / f"{config.section(cfg, ds, 'trajectories')['net']}.h5"
-    store, template, full = base / "patches.zarr", base / "stain/template.json", base / "full/convnet.json"
-    missing = [str(p) for p in (store, template, full, experts) if not p.exists()]
-    if missing:
-        sys.exit(f"trajectory_lr: {', '.join(missing)} missing; build the dataset's mtt target first")
-    d_cfg = config.section(cfg, ds, "distill")
-    e_cfg = config.section(cfg, ds, "evaluate")
-    seed = int(d_cfg["seed"])
-    out = Path(args.out or ROOT / f"results/bench/trajectory_lr_{ds}")
+    ds = Dataset.load(args.dataset, args.results, "trajectory_lr", experts=True)
+    seed = int(ds.section("distill")["seed"])
+    out = Path(args.out or ROOT / f"results/bench/trajectory_lr_{ds.name}")
     out.mkdir(parents=True, exist_ok=True)
-    runs = {f"{m}_lr{lr:g}": (m, {**config.method_config(cfg, ds, m, args.ipc), "lr_img": lr})
+    runs = {f"{m}_lr{lr:g}": (m, ds.method(m, args.ipc, lr_img=lr))
             for m in ("mtt", "ptm") for lr in args.lrs}
-    runs["random"] = ("random", config.method_config(cfg, ds, "random", args.ipc))
+    runs["random"] = ("random", ds.method("random", args.ipc))
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (method, m_cfg) in runs.items():
-            distill(store, template, None, method, args.ipc, m_cfg, seed, f"{tmp}/{name}.zarr",
-                    out / f"{name}.png", f"{tmp}/{name}_cost.json", None, d_cfg["cache_mb"],
-                    progress=False, experts=experts if method != "random" else None)
-            r = evaluate_distilled(f"{tmp}/{name}.zarr", f"{tmp}/{name}_cost.json", store,
-                                   template, {"convnet": full}, e_cfg, ds, out / f"{name}.json")
-            acc = r["patch"]["convnet"]["acc"]
-            summary[name] = {"acc": acc["mean"], "std": acc["std"],
-                             "saturated": r["saturated_fraction"],
-                             "distill_s": r["distill"]["seconds"], "device": r["distill"]["device"]}
+            s = run_set(ds, name, method, args.ipc, m_cfg, seed, ds.section("evaluate"), out, tmp)
+            summary[name] = {"acc": s["acc"]["convnet"], "std": s["std"]["convnet"],
+                             **{k: s[k] for k in ("saturated", "distill_s", "device")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     rand = summary["random"]["acc"]
     figures = [f"{n}_acc: {s['acc'] * 100:.1f}" for n, s in summary.items()]

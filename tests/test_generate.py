@@ -16,7 +16,7 @@ from histodistill.generate.autoencoder import AutoencoderKL, AutoencoderLoss, Pe
 from histodistill.generate.diffusion import Schedule, cfg_eps
 from histodistill.generate.histodiffusion import (LatentClassifier, finetune_decoder,
                                                   guidance_grad, train_latent_classifier)
-from histodistill.generate.quality import agreement, frechet_distance, generator_quality, precision_recall
+from histodistill.generate.quality import frechet_distance, generator_quality, precision_recall, store_outputs
 from histodistill.generate.autoencoder import load_autoencoder, train_autoencoder
 from histodistill.generate.generator import train_generator
 from histodistill.generate.sample import sample_synthetic
@@ -358,8 +358,10 @@ def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path)
         return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 2).float()
 
     labels = PatchStore(store).array("label")[PatchStore(store).indices("train")]
-    assert agreement(by_brightness, PatchStore(store), "train", 7).all()
-    np.testing.assert_array_equal(agreement(always_dark, PatchStore(store), "train", 7), labels == 0)
+    (right, dark), y = store_outputs([by_brightness, always_dark], PatchStore(store), "train", 7)
+    np.testing.assert_array_equal(y, labels)  # one pass, in store order, over batches of 7
+    assert (right.argmax(1) == y).all()
+    np.testing.assert_array_equal(dark.argmax(1) == y, labels == 0)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         x = x.float()

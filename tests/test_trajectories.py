@@ -162,6 +162,16 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
     assert not (tmp_path / "convnet.h5.partial").exists()
     with h5py.File(out) as a, h5py.File(experts) as b:
         assert np.array_equal(a["params"][:], b["params"][:])  # as an uninterrupted run
+    # a run asked for more experts than an interrupted one reuses the ones it finished
+    crashes.append(1)
+    trained.clear()
+    with pytest.raises(RuntimeError, match="job lost"):
+        buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, 0, cache_mb=64,
+                              progress=False)
+    buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+    assert trained == [0, "crashed", 1, 2]
+    with h5py.File(out) as a, h5py.File(experts) as b:
+        assert np.array_equal(a["params"][:], b["params"][:])
     # experts of other settings are not reused
     (tmp_path / "convnet.h5.partial").mkdir()
     (tmp_path / "convnet.h5.partial" / "key.json").write_text('"other"')

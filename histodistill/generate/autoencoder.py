@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodistill.evaluate import device
 from histodistill.generate.data import PatchSource, Sources, sources
-from histodistill.generate.train import TrainState, device, finish, fit, inputs_key, save_model, seeded
+from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
 from histodistill.io import InputError
 
 STAGE = "train_autoencoder"

@@ -20,8 +20,9 @@ from histodistill.generate import uvit
 from histodistill.generate.autoencoder import load_autoencoder
 from histodistill.generate.data import PatchSource, Sources, sources
 from histodistill.generate.diffusion import Schedule
-from histodistill.generate.train import (TrainState, device, finish, fit, inputs_key, save_model,
-                                         seeded, warmup)
+from histodistill.evaluate import device
+from histodistill.generate.train import (TrainState, finish, fit, inputs_key, save_model, seeded,
+                                         warmup)
 
 log = logging.getLogger(__name__)
 

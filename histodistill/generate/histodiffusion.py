@@ -31,8 +31,8 @@ from histodistill.data.store import PatchStore
 from histodistill.generate.autoencoder import AutoencoderKL, Encoder, load_autoencoder
 from histodistill.generate.data import PatchSource, sources
 from histodistill.generate.diffusion import Schedule, timestep_embedding
-from histodistill.generate.train import (TrainState, device, finish, fit, inputs_key, save_model,
-                                         seeded)
+from histodistill.evaluate import device
+from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
 
 log = logging.getLogger(__name__)
 DECODER_KEYS = ("decoder.", "post_quant_conv.")

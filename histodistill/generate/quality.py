@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,26 +82,26 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
     return float(precision), float(recall)
 
 
+def store_outputs(fns: Sequence[Embed], store: PatchStore, split: str, batch: int,
+                  rows: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each function's outputs (float64) and the labels of a split (or its ``rows``), from one
+    streamed pass in store order."""
+    outs: list[list[np.ndarray]] = [[] for _ in fns]
+    labels = []
+    with torch.no_grad():
+        for x, y, _ in iterate(store, split, batch, None, rows=rows):
+            x = torch.from_numpy(x)
+            for out, fn in zip(outs, fns):
+                out.append(fn(x).double().cpu().numpy())
+            labels.append(y)
+    return [np.concatenate(o) for o in outs], np.concatenate(labels)
+
+
 def store_features(embed: Embed, store: PatchStore, split: str, batch: int,
                    rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a split (or its ``rows``), streamed in store order."""
-    feats, labels = [], []
-    with torch.no_grad():
-        for x, y, _ in iterate(store, split, batch, None, rows=rows):
-            feats.append(embed(torch.from_numpy(x)).double().cpu().numpy())
-            labels.append(y)
-    return np.concatenate(feats), np.concatenate(labels)
-
-
-def agreement(classify: Embed, store: PatchStore, split: str, batch: int,
-              rows: np.ndarray | None = None) -> np.ndarray:
-    """Per patch of a split (or its ``rows``), whether ``classify`` (uint8 images to class
-    probabilities) puts its largest probability on the patch's label."""
-    hits = []
-    with torch.no_grad():
-        for x, y, _ in iterate(store, split, batch, None, rows=rows):
-            hits.append(classify(torch.from_numpy(x)).argmax(1).cpu().numpy() == np.asarray(y))
-    return np.concatenate(hits)
+    (feats,), labels = store_outputs([embed], store, split, batch, rows)
+    return feats, labels
 
 
 def real_rows(store: PatchStore, max_real: int, seed: int) -> np.ndarray | None:
@@ -200,8 +200,9 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
     check_classes(syn, real)
     seed, k = int(cfg.get("seed", 0)), int(cfg["k"])
     rows = real_rows(real, int(cfg["max_real"]), seed)
-    real_f, real_y = store_features(embed, real, "train", batch, rows)
-    fake_f, fake_y = store_features(embed, syn, "train", batch)
+    fns = [embed] if classify is None else [embed, classify]  # one pass: features and classes
+    (real_f, *real_p), real_y = store_outputs(fns, real, "train", batch, rows)
+    (fake_f, *fake_p), fake_y = store_outputs(fns, syn, "train", batch)
     metrics = feature_metrics(real_f, real_y, fake_f, fake_y, real.class_names, k)
     result: dict[str, Any] = {
         "fid_in_domain": metrics["fid"], "precision": metrics["precision"],
@@ -214,12 +215,12 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
         fake_i, _ = store_features(inception, syn, "train", batch // 4 or 1)
         result["fid_inception"] = frechet_distance(real_i, fake_i)
     if classify is not None:
-        fake_hit = agreement(classify, syn, "train", batch)
+        fake_hit = fake_p[0].argmax(1) == fake_y
         result["class_agreement"] = float(fake_hit.mean())
         result["class_agreement_per_class"] = {
             name: float(fake_hit[fake_y == c].mean()) for c, name in enumerate(real.class_names)
             if (fake_y == c).any()}
-        result["real_agreement"] = float(agreement(classify, real, "train", batch, rows).mean())
+        result["real_agreement"] = float((real_p[0].argmax(1) == real_y).mean())
         log.info("class agreement %.3f (real patches %.3f)", result["class_agreement"],
                  result["real_agreement"])
     log.info("fid_in_domain %.3f, precision %.3f, recall %.3f", result["fid_in_domain"],

@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from histodistill.data import record_channel_stats
 from histodistill.data.store import SPLITS, StoreWriter
+from histodistill.evaluate import device
 from histodistill.generate.diffusion import Schedule, cfg_eps, seed_for
 from histodistill.generate.autoencoder import load_autoencoder
 from histodistill.generate.data import to_uint8
 from histodistill.generate.generator import load_uvit
 from histodistill.generate.histodiffusion import apply_decoder, guidance_grad, load_classifier
-from histodistill.generate.train import device
 from histodistill.io import settings_hash
 from histodistill.registry import registrar
 

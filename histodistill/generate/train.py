@@ -30,11 +30,6 @@ from histodistill.io import atomic_path, settings_hash
 log = logging.getLogger(__name__)
 
 
-def device() -> torch.device:
-    """CUDA when present, else CPU (the same code path)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def seeded(seed: int, build: Any) -> Any:
     """``build()`` under a fixed torch seed, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):

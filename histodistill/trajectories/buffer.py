@@ -10,7 +10,9 @@ Its parameters before training and after every epoch form its trajectory.
 Experts are independent resumable units: each finished trajectory is written atomically into
 ``<out>.partial/`` (with a key of the settings, seed and store contents), so a rerun after a
 crash or a lost job trains only the experts that had not finished; the store is assembled from
-them, one expert at a time, when all are done.
+them, one expert at a time, when all are done. Expert e depends only on the settings, the seed
+and e, so the key leaves out the number of experts: a run asked for fewer or more experts than an
+interrupted one reuses the experts that run finished.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
     store = PatchStore(store_path)
     inputs = Inputs(store, None, False, device(), cache_mb)
     settings = {k: v for k, v in cfg.items() if k != "cache_mb"}
-    key = settings_hash({"settings": settings, "seed": seed, "store": store_key(store)})
+    per_expert = {k: v for k, v in settings.items() if k != "experts"}
+    key = settings_hash({"settings": per_expert, "seed": seed, "store": store_key(store)})
     partial = Path(f"{out}.partial")
     key_file = partial / "key.json"
     if partial.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):

@@ -1,0 +1,79 @@
+"""Shared by the method studies in bench/ (trajectory_lr.py, latent_distill.py): distil a set with
+the library's ``distill``, evaluate it with the dataset's evaluation settings, keep the figures.
+
+Not a benchmark itself. The studies run on a dataset the pipeline has built, so ``Dataset``
+checks the inputs the methods need and stops with one message naming what is missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from histodistill import config
+from histodistill.distill.run import distill
+from histodistill.evaluate import evaluate_distilled
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Dataset:
+    """One built dataset: its store, stain template, full-data result and optional inputs."""
+
+    name: str
+    cfg: dict[str, Any]
+    store: Path
+    template: Path
+    full: dict[str, Path]
+    experts: Path | None = None
+    autoencoder: Path | None = None
+
+    @classmethod
+    def load(cls, name: str, results: str | Path, study: str, experts: bool = False,
+             autoencoder: bool = False) -> Dataset:
+        """The dataset's files under ``results``; exits with a message when one is missing."""
+        cfg = config.load(ROOT / "config.yaml")
+        base = Path(results) / name
+        ds = cls(name, cfg, base / "patches.zarr", base / "stain/template.json",
+                 {"convnet": base / "full/convnet.json"})
+        if experts:
+            ds.experts = base / "experts" / f"{config.section(cfg, name, 'trajectories')['net']}.h5"
+        if autoencoder:
+            ds.autoencoder = base / "generate/autoencoder.pt"
+        needed = [ds.store, ds.template, *ds.full.values(), ds.experts, ds.autoencoder]
+        missing = [str(p) for p in needed if p is not None and not p.exists()]
+        if missing:
+            sys.exit(f"{study}: {', '.join(missing)} missing; build the dataset's targets first "
+                     "(see the script's docstring)")
+        return ds
+
+    def section(self, key: str) -> dict[str, Any]:
+        """The dataset's settings of one stage (config.yaml merged with its profile)."""
+        return config.section(self.cfg, self.name, key)
+
+    def method(self, method: str, ipc: int, **overrides: Any) -> dict[str, Any]:
+        """A method's settings for this dataset and ipc, with ``overrides`` on top."""
+        return {**config.method_config(self.cfg, self.name, method, ipc), **overrides}
+
+
+def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any], seed: int,
+            evaluate: dict[str, Any], out: Path, tmp: str | Path) -> dict[str, Any]:
+    """Distil one set (grid to ``out/<name>.png``), evaluate it (``out/<name>.json``) and return
+    its summary: accuracy mean and std per architecture, saturation and distillation cost."""
+    zarr_path, cost = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}_cost.json"
+    distill(ds.store, ds.template, None, method, ipc, m_cfg, seed, zarr_path, out / f"{name}.png",
+            cost, None, ds.section("distill")["cache_mb"], progress=False,
+            experts=ds.experts if method in ("mtt", "ptm") else None,
+            autoencoder=ds.autoencoder if method in ("glad", "slfd") else None)
+    r = evaluate_distilled(zarr_path, cost, ds.store, ds.template, ds.full, evaluate, ds.name,
+                           out / f"{name}.json")
+    summary = {"acc": {a: v["acc"]["mean"] for a, v in r["patch"].items()},
+               "std": {a: v["acc"]["std"] for a, v in r["patch"].items()},
+               "saturated": r["saturated_fraction"], "distill_s": r["distill"]["seconds"],
+               "device": r["distill"]["device"]}
+    if "cross_arch" in r:
+        summary["cross_arch"] = r["cross_arch"]["acc"]["mean"]
+    return summary
