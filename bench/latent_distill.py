@@ -14,7 +14,8 @@ Each set is trained on ``--archs`` (default ConvNet, the distillation network; a
 alexnet for the cross-architecture figure) ``--runs`` times. Prints one `name: value` line per
 figure: per variant the mean over seeds of the ConvNet accuracy, the std over seeds, and with
 further archs the cross-architecture mean; `slfd_minus_glad` (ConvNet, and `_cross_arch`).
-Grids and full results go to --out (default results/bench/latent_distill_<dataset>). About 3
+Grids and full results go to --out (default results/bench/latent_distill_<dataset>), the
+figures to the file of that name with .txt (the README's block bench:latent_distill_<dataset>). About 3
 minutes per set on 2 idle CPU cores at the pre-tiled demo's profile with ConvNet only.
 """
 
@@ -77,7 +78,7 @@ def main() -> None:
         suffix = "" if key == "convnet" else f"_{key}"
         figures.append(f"slfd_minus_glad{suffix}: "
                        f"{means['slfd'][key] - means['glad'][key]:.1f}")
-    save_figures(figures, out / "figures.txt")
+    save_figures(figures, out.parent / f"{out.name}.txt")  # the README block bench:<folder>
 
 
 if __name__ == "__main__":
