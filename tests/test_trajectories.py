@@ -172,6 +172,10 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
     assert trained == [0, "crashed", 1, 2]
     with h5py.File(out) as a, h5py.File(experts) as b:
         assert np.array_equal(a["params"][:], b["params"][:])
+        assert a.attrs["key"] == b.attrs["key"]  # the store's key (a distillation's) counts them
+    buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, 0, cache_mb=64, progress=False)
+    with h5py.File(out) as a, h5py.File(experts) as b:
+        assert a.attrs["key"] != b.attrs["key"]
     # experts of other settings are not reused
     (tmp_path / "convnet.h5.partial").mkdir()
     (tmp_path / "convnet.h5.partial" / "key.json").write_text('"other"')

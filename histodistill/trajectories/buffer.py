@@ -90,15 +90,18 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
     store = PatchStore(store_path)
     inputs = Inputs(store, None, False, device(), cache_mb)
     settings = {k: v for k, v in cfg.items() if k != "cache_mb"}
+    key = settings_hash({"settings": settings, "seed": seed, "store": store_key(store)})
+    # the finished experts' key: the same without the number of experts
     per_expert = {k: v for k, v in settings.items() if k != "experts"}
-    key = settings_hash({"settings": per_expert, "seed": seed, "store": store_key(store)})
+    expert_key = settings_hash({"settings": per_expert, "seed": seed, "store": store_key(store)})
     partial = Path(f"{out}.partial")
     key_file = partial / "key.json"
-    if partial.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+    if partial.exists() and (not key_file.exists()
+                             or json.loads(key_file.read_text()) != expert_key):
         log.info("%s holds experts of other settings or data; starting afresh", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(key))
+    key_file.write_text(json.dumps(expert_key))
     experts = int(cfg["experts"])
     files = [partial / f"expert_{e:04d}.npy" for e in range(experts)]
     for e, path in enumerate(files):
