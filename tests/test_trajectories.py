@@ -31,7 +31,7 @@ MTT = {"iterations": 4, "syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 2
        "lr_lr": 1e-5, "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
 PTM = {"iterations": 9, "syn_steps": 2, "end_epoch": 3, "lr_img": 1000, "lr_lr": 1e-5,
        "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "retrain": 2, "beta_match": 1.0,
-       "beta_overlap": 0.01, "sigma": 1.0, "checkpoint_every": 1}
+       "beta_c": 1.0, "beta_overlap": 0.01, "sigma": 1.0, "checkpoint_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +279,18 @@ def test_retraining_points_and_their_iterations():
             middle = (m[i] + m[i + 1]) / 2
             assert progress(snapshot) >= middle - 1e-9 > progress(snapshot - 1)
             assert snapshot < reset
+
+
+def test_ptm_loss_is_the_weighted_sum_of_its_terms(store_path, experts):
+    """Every weight 0: no loss and the images stay put; L_c alone (beta_c 1) moves them."""
+    off = {"beta_c": 0.0, "beta_match": 0.0, "beta_overlap": 0.0}
+    d = build("ptm", {**PTM, **off}, 2, context(store_path, experts))
+    d.init_state()
+    images = d.images.detach().clone()
+    assert d.step(0) == 0.0 and torch.equal(d.images.detach(), images)
+    d = build("ptm", {**PTM, **off, "beta_c": 1.0}, 2, context(store_path, experts))
+    d.init_state()
+    assert d.step(0) > 0 and not torch.equal(d.images.detach(), images)
 
 
 def test_retraining_resets_exactly_the_complement_exactly_at_m_i(store_path, experts):

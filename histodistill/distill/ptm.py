@@ -14,8 +14,9 @@ from the paper's description as the project's issue 8 states it; README: "Trajec
 * Retraining: at the points m_i = T - T/(k+1) * i (i = 1..k, ``retrain``) of the schedule, S^c
   is reset to its snapshot from the middle of the previous interval (:func:`retrain_iterations`);
   S^f is untouched.
-* L = L_c + beta1 * L_match + beta2 * L_overlap, with L_c the cross-entropy of the (augmented)
-  synthetic images under the expert at the end point theta_t^D.
+* L = beta_c * L_c + beta1 * L_match + beta2 * L_overlap, with L_c the cross-entropy of the
+  (augmented) synthetic images under the expert at the end point theta_t^D (beta_c 1: the issue's
+  L = L_c + ...).
 
 Images live in normalised space and are clamped after every step, as in MTT, whose student,
 learnable learning rate and optimisers PTM shares.
@@ -143,7 +144,8 @@ class PTM(MTT):
         l_c = F.cross_entropy(self.student(target, x), self.y_syn)
         l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, float(c["sigma"]),
                                  within_grad=False)
-        loss = l_c + float(c["beta_match"]) * l_match + float(c["beta_overlap"]) * l_overlap
+        loss = (float(c["beta_c"]) * l_c + float(c["beta_match"]) * l_match
+                + float(c["beta_overlap"]) * l_overlap)
         self.update(loss)
         return loss.item()
 
