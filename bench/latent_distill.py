@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import ROOT, Dataset, run_set  # noqa: E402
 
 from histodistill.io import save_figures  # noqa: E402
+from histodistill.params import evaluate_settings  # noqa: E402
 
 VARIANTS = {"glad": ("glad", {}), "slfd": ("slfd", {}), "slfd_fixed": ("slfd", {"lr_module": 0.0})}
 
@@ -49,10 +50,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ds = Dataset.load(args.dataset, args.results, "latent_distill", autoencoder=True)
-    evaluate = ds.section("evaluate")
-    extra = [a for a in args.archs if a not in evaluate["archs"]]
-    evaluate = {**evaluate, "extra_archs": extra, "arch_kwargs": evaluate.get("arch_kwargs", {}),
-                **({"runs": args.runs} if args.runs else {})}
+    # the evaluate rule's settings, with --archs as GLaD/SLFD's cross-architecture set
+    cross = {"archs": args.archs, "methods": ["glad", "slfd"]}
+    evaluate = evaluate_settings({**ds.section("evaluate"), "cross_arch": cross}, "glad")
+    if args.runs:
+        evaluate["runs"] = args.runs
+    extra = evaluate.get("extra_archs", [])
     out = Path(args.out or ROOT / f"results/bench/latent_distill_{ds.name}")
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, dict]] = {v: {} for v in VARIANTS}
