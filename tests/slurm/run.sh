@@ -69,7 +69,13 @@ start_munge() {
 write_config() {
   # srun inside each job reads only the default path (slurmd drops SLURM_CONF from the job)
   if [ -e "$CONF/slurm.conf" ]; then
-    log "$CONF/slurm.conf exists (a SLURM install of this machine); not replacing it"; exit 1
+    # A run killed outright (SIGKILL skips the EXIT trap) leaves its own file behind: replace
+    # that one when no slurmctld runs; any other slurm.conf belongs to this machine's SLURM.
+    if grep -qx "ClusterName=histodistill-ci" "$CONF/slurm.conf" && ! pgrep -x slurmctld >/dev/null; then
+      log "$CONF/slurm.conf is left over from a killed run of this script; replacing it"
+    else
+      log "$CONF/slurm.conf exists (a SLURM install of this machine); not replacing it"; exit 1
+    fi
   fi
   WROTE_CONF=1
   local cpus=8 mem=64000   # declared beyond this machine (config_overrides) so the profile's
