@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from tqdm import tqdm
 
@@ -52,7 +51,7 @@ class ResNet50Trunc(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        net = torchvision.models.resnet50(weights=None)
+        net = models.torchvision_models().resnet50(weights=None)
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1,
                                   net.layer2, net.layer3, nn.AdaptiveAvgPool2d(1))
 
@@ -224,7 +223,7 @@ def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
         raise InputError("train_encoder", path, "weights file does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    full = torchvision.models.resnet50(weights=None)
+    full = models.torchvision_models().resnet50(weights=None)
     try:
         missing, _ = full.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that do not fit

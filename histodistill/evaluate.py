@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 from tqdm import tqdm
 
 from histodistill import models
@@ -54,6 +53,9 @@ def metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     averages over classes present in ``y_true`` (one-vs-rest AUC, per-class recall and
     TN / (TN + FP)).
     """
+    # imported here: scikit-learn costs a second to import, in every job that imports this module
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
     y_true = np.asarray(y_true)
     n_classes = prob.shape[1]
     labels = list(range(n_classes))

@@ -8,9 +8,9 @@ matching and herding) and ``head`` maps them to logits. All accept any square in
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
-import torchvision
 from torch import nn
 from histodistill.registry import registrar
 
@@ -119,6 +119,14 @@ class ResNetAP10(Classifier):
         return self.body(x).flatten(1)
 
 
+def torchvision_models() -> ModuleType:
+    """``torchvision.models``, imported on first use: it costs every job that imports this module
+    a second, and only ResNet18, DenseNet121 and the ResNet50 encoder need it."""
+    import torchvision
+
+    return torchvision.models
+
+
 class _Torchvision(Classifier):
     """A torchvision backbone (random init) with a small-input stem where needed."""
 
@@ -134,7 +142,7 @@ class _Torchvision(Classifier):
 @register("resnet18")
 class ResNet18(_Torchvision):
     def __init__(self, num_classes: int, im_size: int, channels: int = 3) -> None:
-        net = torchvision.models.resnet18(weights=None)
+        net = torchvision_models().resnet18(weights=None)
         if im_size < 64:
             net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
@@ -147,7 +155,7 @@ class ResNet18(_Torchvision):
 @register("densenet121")
 class DenseNet121(_Torchvision):
     def __init__(self, num_classes: int, im_size: int, channels: int = 3) -> None:
-        net = torchvision.models.densenet121(weights=None)
+        net = torchvision_models().densenet121(weights=None)
         if im_size < 64:
             net.features.conv0 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
             net.features.pool0 = nn.Identity()
