@@ -68,3 +68,15 @@ def make_toy_store(path: Path, n_per_class: int = 24, size: int = 16, seed: int 
     writer.append(x, np.full((2 * n, 2), -1), np.full(2 * n, -1), y, split)
     record_channel_stats(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo target of the workflow on test_workflow's tiny config, built once per session:
+    the workflow and report tests share it (each build costs minutes of job start-ups)."""
+    from test_workflow import snakemake, tiny_config
+
+    work = tmp_path_factory.mktemp("wf")
+    tiny_config(work / "config.yaml")
+    snakemake(work, "--cores", "2", "demo")
+    return work

@@ -217,6 +217,9 @@ def test_class_sampler_on_one_slide_draws_only_its_rows(store):
 
 PER_SLIDE = {
     "random": {},
+    "dc": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
+           "outer_loop": 2, "inner_loop": 2, "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8,
+           "checkpoint_every": 1},
     "dm": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
            "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1},
 }
