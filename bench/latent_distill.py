@@ -9,7 +9,9 @@ when one is missing. With the dataset's settings from config.yaml, in one run, f
   glad        - GLaD (gradient matching through the frozen decoder);
   slfd        - SLFD (GLaD scored by the stochastic low-rank logit module, learned);
   slfd_fixed  - SLFD with the module frozen at its initialisation (lr_module 0): the Monte
-                Carlo loss without what the module learns, to tell the two effects apart.
+                Carlo loss without what the module learns, to tell the two effects apart;
+  slfd_no_shift - SLFD whose module learns only the covariance (its mean layer held at zero):
+                does the learned shift of the synthetic logits cause the deficit?
 Each set is trained on ``--archs`` (default ConvNet, the distillation network; add e.g. vgg11
 alexnet for the cross-architecture figure) ``--runs`` times. Prints one `name: value` line per
 figure: per variant the mean over seeds of the ConvNet accuracy, the std over seeds, and with
@@ -32,10 +34,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import ROOT, Dataset, run_set  # noqa: E402
 
+from histodistill.distill.base import register  # noqa: E402
+from histodistill.distill.slfd import SLFD  # noqa: E402
 from histodistill.io import save_figures  # noqa: E402
 from histodistill.params import evaluate_settings  # noqa: E402
 
-VARIANTS = {"glad": ("glad", {}), "slfd": ("slfd", {}), "slfd_fixed": ("slfd", {"lr_module": 0.0})}
+
+
+@register("slfd_no_shift")
+class NoShiftSLFD(SLFD):
+    """SLFD whose module learns the covariance only: its mean layer stays at zero, so the
+    synthetic logits are not shifted away from the classifier's."""
+
+    def init_state(self) -> None:
+        super().init_state()
+        self.head.mean.requires_grad_(False)
+
+
+VARIANTS = {"glad": ("glad", {}), "slfd": ("slfd", {}), "slfd_fixed": ("slfd", {"lr_module": 0.0}),
+            "slfd_no_shift": ("slfd_no_shift", {})}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ checks the inputs the methods need and stops with one message naming what is mis
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,17 +60,30 @@ class Dataset:
         return {**config.method_config(self.cfg, self.name, method, ipc), **overrides}
 
 
+def _reusable(result: Path, m_cfg: dict[str, Any], seed: int, evaluate: dict[str, Any]
+              ) -> dict[str, Any] | None:
+    """A set's earlier result when it was distilled and evaluated with these very settings
+    (its config as the result file recorded it), so an interrupted study resumes; else None."""
+    if not result.exists() or not result.with_suffix(".png").exists():
+        return None
+    r = json.loads(result.read_text())
+    wanted = json.loads(json.dumps({"distill": m_cfg, "evaluate": evaluate, "seed": seed}))
+    return r if r.get("config") == wanted else None
+
+
 def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any], seed: int,
             evaluate: dict[str, Any], out: Path, tmp: str | Path) -> dict[str, Any]:
     """Distil one set (grid to ``out/<name>.png``), evaluate it (``out/<name>.json``) and return
-    its summary: accuracy mean and std per architecture, saturation and distillation cost."""
-    zarr_path, cost = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}_cost.json"
-    distill(ds.store, ds.template, None, method, ipc, m_cfg, seed, zarr_path, out / f"{name}.png",
-            cost, None, ds.section("distill")["cache_mb"], progress=False,
-            experts=ds.experts if method in ("mtt", "ptm") else None,
-            autoencoder=ds.autoencoder if method in ("glad", "slfd") else None)
-    r = evaluate_distilled(zarr_path, cost, ds.store, ds.template, ds.full, evaluate, ds.name,
-                           out / f"{name}.json")
+    its summary: accuracy mean and std per architecture, saturation and distillation cost.
+    A set already in ``out`` with the same settings is read back, not rebuilt."""
+    r = _reusable(out / f"{name}.json", m_cfg, seed, evaluate)
+    if r is None:
+        zarr_path, cost = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}_cost.json"
+        distill(ds.store, ds.template, None, method, ipc, m_cfg, seed, zarr_path,
+                out / f"{name}.png", cost, None, ds.section("distill")["cache_mb"],
+                progress=False, experts=ds.experts, autoencoder=ds.autoencoder)
+        r = evaluate_distilled(zarr_path, cost, ds.store, ds.template, ds.full, evaluate,
+                               ds.name, out / f"{name}.json")
     summary = {"acc": {a: v["acc"]["mean"] for a, v in r["patch"].items()},
                "std": {a: v["acc"]["std"] for a, v in r["patch"].items()},
                "saturated": r["saturated_fraction"], "distill_s": r["distill"]["seconds"],
@@ -77,3 +91,15 @@ def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any]
     if "cross_arch" in r:
         summary["cross_arch"] = r["cross_arch"]["acc"]["mean"]
     return summary
+
+
+def gain_figures(summary: dict[str, dict[str, Any]], reference: str = "random") -> list[str]:
+    """`name: value` lines of a study's sets (``summary``: name -> acc, std, saturated as
+    fractions): accuracy and its std per set, then the saturated pixels and the gain over
+    ``reference`` of every other set, all in percent."""
+    base = summary[reference]["acc"]
+    others = [(n, s) for n, s in summary.items() if n != reference]
+    return ([f"{n}_acc: {s['acc'] * 100:.1f}" for n, s in summary.items()]
+            + [f"{n}_std: {s['std'] * 100:.1f}" for n, s in summary.items()]
+            + [f"{n}_saturated_pct: {s['saturated'] * 100:.2f}" for n, s in others]
+            + [f"{n}_gain_over_{reference}: {(s['acc'] - base) * 100:.1f}" for n, s in others])

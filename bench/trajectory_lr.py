@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ROOT, Dataset, run_set  # noqa: E402
+from study import ROOT, Dataset, gain_figures, run_set  # noqa: E402
 
 from histodistill.io import save_figures  # noqa: E402
 
@@ -50,13 +50,7 @@ def main() -> None:
             summary[name] = {"acc": s["acc"]["convnet"], "std": s["std"]["convnet"],
                              **{k: s[k] for k in ("saturated", "distill_s", "device")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    rand = summary["random"]["acc"]
-    figures = [f"{n}_acc: {s['acc'] * 100:.1f}" for n, s in summary.items()]
-    figures += [f"{n}_std: {s['std'] * 100:.1f}" for n, s in summary.items()]
-    figures += [f"{n}_saturated_pct: {s['saturated'] * 100:.2f}" for n, s in summary.items()
-                if n != "random"]
-    figures += [f"{n}_gain_over_random: {(s['acc'] - rand) * 100:.1f}" for n, s in summary.items()
-                if n != "random"]
+    figures = gain_figures(summary)
     save_figures(figures, out / "figures.txt")
 
 

@@ -252,18 +252,35 @@ def test_schedule_yields_end_points_1_to_T_in_order(iterations, end):
     assert sorted(set(points)) == list(range(1, end + 1))
 
 
-def test_ptm_always_starts_from_theta0_and_follows_the_schedule(store_path, experts, monkeypatch):
-    d = build("ptm", PTM, 2, context(store_path, experts))
-    d.init_state()
+def ptm_rounds(d, monkeypatch) -> tuple[list[int], list[int]]:
+    """Run every iteration of PTM ``d``: the expert epochs it read (start and end point of each
+    round, in turn) and the student steps of each round."""
     seen, steps = [], []
     monkeypatch.setattr(d, "expert_point", lambda e, t: seen.append(t) or d.experts.params(e, t))
     real_end = d.student_end
     monkeypatch.setattr(d, "student_end", lambda s, n: steps.append(n) or real_end(s, n))
     for it in range(PTM["iterations"]):
         d.step(it)
+    return seen, steps
+
+
+def test_ptm_always_starts_from_theta0_and_follows_the_schedule(store_path, experts, monkeypatch):
+    d = build("ptm", PTM, 2, context(store_path, experts))
+    d.init_state()
+    seen, steps = ptm_rounds(d, monkeypatch)
     assert seen[0::2] == [0] * 9  # every round starts at theta_0
     assert seen[1::2] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert steps == [2 * t for t in seen[1::2]]  # syn_steps per expert epoch
+
+
+def test_a_later_start_epoch_unrolls_only_the_rest_of_the_way(store_path, experts, monkeypatch):
+    """The start hook bench/ptm_ablation.py varies: start one epoch before the end point."""
+    d = build("ptm", PTM, 2, context(store_path, experts))
+    d.init_state()
+    monkeypatch.setattr(d, "start_epoch", lambda t: t - 1)
+    seen, steps = ptm_rounds(d, monkeypatch)
+    assert seen[0::2] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and seen[1::2] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert steps == [2] * 9
 
 
 def test_retraining_points_and_their_iterations():

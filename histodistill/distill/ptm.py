@@ -132,14 +132,21 @@ class PTM(MTT):
                     if momentum is not None:
                         momentum[rows] = 0
 
+    def start_epoch(self, t: int) -> int:
+        """The expert epoch the student starts from when matching end point t: theta_0 in every
+        round (PTM's progressive matching; bench/ptm_ablation.py varies it)."""
+        return 0
+
     def step(self, it: int) -> float:
         c = self.cfg
         self.retrain(it)
         t = end_point(it, self.iterations, int(c["end_epoch"]))
+        s = self.start_epoch(t)
         expert = self.draw(self.experts.experts)
-        start = self.expert_point(expert, 0)
+        start = self.expert_point(expert, s)
         target = self.expert_point(expert, t)
-        l_match = matching_loss(self.student_end(start, t * int(c["syn_steps"])), start, target)
+        l_match = matching_loss(self.student_end(start, (t - s) * int(c["syn_steps"])), start,
+                                target)
         x = self.aug(self.images, self.gen)
         l_c = F.cross_entropy(self.student(target, x), self.y_syn)
         l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, float(c["sigma"]),
