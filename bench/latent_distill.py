@@ -51,8 +51,10 @@ class NoShiftSLFD(SLFD):
         self.head.mean.requires_grad_(False)
 
 
-VARIANTS = {"glad": ("glad", {}), "slfd": ("slfd", {}), "slfd_fixed": ("slfd", {"lr_module": 0.0}),
-            "slfd_no_shift": ("slfd_no_shift", {})}
+# variant -> (method run, method whose config.yaml settings it takes, overrides)
+VARIANTS = {"glad": ("glad", "glad", {}), "slfd": ("slfd", "slfd", {}),
+            "slfd_fixed": ("slfd", "slfd", {"lr_module": 0.0}),
+            "slfd_no_shift": ("slfd_no_shift", "slfd", {})}
 
 
 def main() -> None:
@@ -78,10 +80,10 @@ def main() -> None:
     summary: dict[str, dict[str, dict]] = {v: {} for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for variant, (method, overrides) in VARIANTS.items():
+            for variant, (method, settings, overrides) in VARIANTS.items():
                 summary[variant][str(seed)] = run_set(
                     ds, f"{variant}_seed{seed}", method, args.ipc,
-                    ds.method(method, args.ipc, **overrides), seed, evaluate, out, tmp)
+                    ds.method(settings, args.ipc, **overrides), seed, evaluate, out, tmp)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures, means = [], {}
     for variant, per_seed in summary.items():

@@ -60,15 +60,28 @@ class Dataset:
         return {**config.method_config(self.cfg, self.name, method, ipc), **overrides}
 
 
+def _effective(evaluate: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation settings a result depends on: without the full-data training (read from
+    the cached files), the cache size and ``cross_arch`` (the pipeline turns it into
+    ``extra_archs``; none is no extra architecture)."""
+    kept = {k: v for k, v in evaluate.items() if k not in ("full", "cache_mb", "cross_arch")}
+    if not kept.get("extra_archs"):
+        kept.pop("extra_archs", None)
+    return json.loads(json.dumps(kept))
+
+
 def _reusable(result: Path, m_cfg: dict[str, Any], seed: int, evaluate: dict[str, Any]
               ) -> dict[str, Any] | None:
-    """A set's earlier result when it was distilled and evaluated with these very settings
-    (its config as the result file recorded it), so an interrupted study resumes; else None."""
+    """A set's earlier result when it was distilled and evaluated with the same settings (as
+    its result file recorded them), so an interrupted study resumes; else None."""
     if not result.exists() or not result.with_suffix(".png").exists():
         return None
     r = json.loads(result.read_text())
-    wanted = json.loads(json.dumps({"distill": m_cfg, "evaluate": evaluate, "seed": seed}))
-    return r if r.get("config") == wanted else None
+    recorded = r.get("config", {})
+    same = (recorded.get("distill") == json.loads(json.dumps(m_cfg))
+            and recorded.get("seed") == seed
+            and _effective(recorded.get("evaluate", {})) == _effective(evaluate))
+    return r if same else None
 
 
 def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any], seed: int,
