@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ROOT, Dataset, gain_figures, run_set  # noqa: E402
+from study import (ROOT, Dataset, convnet_row, gain_figures, result_summary,  # noqa: E402
+                   run_set)
 
 from histodistill.distill.base import register  # noqa: E402
 from histodistill.distill.ptm import PTM  # noqa: E402
@@ -103,14 +104,11 @@ def main() -> None:
             m_cfg = ds.method("ptm", args.ipc, **overrides)
             s = run_set(ds, f"ptm_ipc{args.ipc}_{name}", method, args.ipc, m_cfg, seed,
                         ds.section("evaluate"), out, tmp)
-            summary[name] = {"acc": s["acc"]["convnet"], "std": s["std"]["convnet"],
-                             **{k: s[k] for k in ("saturated", "distill_s", "device")}}
+            summary[name] = convnet_row(s)
             print(name, summary[name], flush=True)
     for m, path in reference.items():
-        r = json.loads(path.read_text())
-        summary[m] = {"acc": r["patch"]["convnet"]["acc"]["mean"],
-                      "std": r["patch"]["convnet"]["acc"]["std"],
-                      "saturated": r["saturated_fraction"], "source": str(path)}
+        summary[m] = {**convnet_row(result_summary(json.loads(path.read_text()))),
+                      "source": str(path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = gain_figures(summary)
     save_figures(figures, out.parent / f"{out.name}.txt")  # the README block bench:<folder>

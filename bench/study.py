@@ -16,6 +16,7 @@ from typing import Any
 from histodistill import config
 from histodistill.distill.run import distill
 from histodistill.evaluate import evaluate_distilled
+from histodistill.params import without_operational
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,9 +63,9 @@ class Dataset:
 
 def _effective(evaluate: dict[str, Any]) -> dict[str, Any]:
     """The evaluation settings a result depends on: without the full-data training (read from
-    the cached files), the cache size and ``cross_arch`` (the pipeline turns it into
+    the cached files), the operational knobs and ``cross_arch`` (the pipeline turns it into
     ``extra_archs``; none is no extra architecture)."""
-    kept = {k: v for k, v in evaluate.items() if k not in ("full", "cache_mb", "cross_arch")}
+    kept = {k: v for k, v in without_operational(evaluate).items() if k not in ("full", "cross_arch")}
     if not kept.get("extra_archs"):
         kept.pop("extra_archs", None)
     return json.loads(json.dumps(kept))
@@ -97,6 +98,12 @@ def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any]
                 progress=False, experts=ds.experts, autoencoder=ds.autoencoder)
         r = evaluate_distilled(zarr_path, cost, ds.store, ds.template, ds.full, evaluate,
                                ds.name, out / f"{name}.json")
+    return result_summary(r)
+
+
+def result_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one result file ``r``: accuracy mean and std per architecture, saturation
+    and distillation cost (and the cross-architecture mean when evaluated)."""
     summary = {"acc": {a: v["acc"]["mean"] for a, v in r["patch"].items()},
                "std": {a: v["acc"]["std"] for a, v in r["patch"].items()},
                "saturated": r["saturated_fraction"], "distill_s": r["distill"]["seconds"],
@@ -104,6 +111,12 @@ def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any]
     if "cross_arch" in r:
         summary["cross_arch"] = r["cross_arch"]["acc"]["mean"]
     return summary
+
+
+def convnet_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """A set's ConvNet accuracy and std, saturation and cost: one row of a study's summary."""
+    return {"acc": summary["acc"]["convnet"], "std": summary["std"]["convnet"],
+            **{k: summary[k] for k in ("saturated", "distill_s", "device")}}
 
 
 def gain_figures(summary: dict[str, dict[str, Any]], reference: str = "random") -> list[str]:

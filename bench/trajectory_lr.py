@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ROOT, Dataset, gain_figures, run_set  # noqa: E402
+from study import ROOT, Dataset, convnet_row, gain_figures, run_set  # noqa: E402
 
 from histodistill.io import save_figures  # noqa: E402
 
@@ -47,8 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (method, m_cfg) in runs.items():
             s = run_set(ds, name, method, args.ipc, m_cfg, seed, ds.section("evaluate"), out, tmp)
-            summary[name] = {"acc": s["acc"]["convnet"], "std": s["std"]["convnet"],
-                             **{k: s[k] for k in ("saturated", "distill_s", "device")}}
+            summary[name] = convnet_row(s)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = gain_figures(summary)
     save_figures(figures, out / "figures.txt")
