@@ -1,7 +1,8 @@
 """GLaD against SLFD over distillation seeds: is SLFD's stochastic module worth its cost here?
 
 Usage: python bench/latent_distill.py [--dataset demo_patches] [--ipc 10] [--seeds 0 1 2]
-                                      [--archs convnet] [--runs N] [--out DIR]
+                                      [--variants glad slfd ...] [--archs convnet] [--runs N]
+                                      [--out DIR]
 
 Needs the dataset's store, template, full-data result and the generator's autoencoder (e.g.
 `snakemake --cores 2 results/demo_patches/glad_ipc10.json` builds them); stops with a message
@@ -64,6 +65,8 @@ def main() -> None:
                         help="folder holding <dataset>/patches.zarr, stain/, full/ and generate/")
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="glad and slfd are always run: the summary compares against them")
     parser.add_argument("--archs", nargs="+", default=["convnet"])
     parser.add_argument("--runs", type=int, default=None, help="evaluation runs per set")
     parser.add_argument("--out", default=None)
@@ -77,10 +80,11 @@ def main() -> None:
     extra = evaluate.get("extra_archs", [])
     out = Path(args.out or ROOT / f"results/bench/latent_distill_{ds.name}")
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, dict[str, dict]] = {v: {} for v in VARIANTS}
+    variants = {v: VARIANTS[v] for v in VARIANTS if v in {"glad", "slfd", *args.variants}}
+    summary: dict[str, dict[str, dict]] = {v: {} for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for variant, (method, settings, overrides) in VARIANTS.items():
+            for variant, (method, settings, overrides) in variants.items():
                 summary[variant][str(seed)] = run_set(
                     ds, f"{variant}_seed{seed}", method, args.ipc,
                     ds.method(settings, args.ipc, **overrides), seed, evaluate, out, tmp)

@@ -9,7 +9,7 @@ Needs the dataset's store, template, full-data result and expert buffer (e.g.
 one is missing. With the dataset's settings from config.yaml, in one run: mtt and ptm once per
 lr_img and random real patches, each evaluated with the dataset's evaluation settings. Prints one
 `name: value` line per figure; the image grids and the full results go to --out (default
-results/bench/trajectory_lr_<dataset>). About 15 minutes per run on 2 idle CPU cores at the
+results/bench/trajectory_lr_<dataset>), the figures to the file of that name with .txt. About 15 minutes per run on 2 idle CPU cores at the
 pre-tiled demo's profile.
 """
 
@@ -50,7 +50,7 @@ def main() -> None:
             summary[name] = convnet_row(s)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     figures = gain_figures(summary)
-    save_figures(figures, out / "figures.txt")
+    save_figures(figures, out.parent / f"{out.name}.txt")  # the README block bench:<folder>
 
 
 if __name__ == "__main__":
