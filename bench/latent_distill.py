@@ -24,7 +24,6 @@ minutes per set on 2 idle CPU cores at the pre-tiled demo's profile with ConvNet
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ROOT, Dataset, run_set  # noqa: E402
+from study import ROOT, Dataset, run_set, study_parser  # noqa: E402
 
 from histodistill.distill.base import register  # noqa: E402
 from histodistill.distill.slfd import SLFD  # noqa: E402
@@ -59,17 +58,12 @@ VARIANTS = {"glad": ("glad", "glad", {}), "slfd": ("slfd", "slfd", {}),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="demo_patches")
-    parser.add_argument("--results", default=str(ROOT / "results"),
-                        help="folder holding <dataset>/patches.zarr, stain/, full/ and generate/")
-    parser.add_argument("--ipc", type=int, default=10)
+    parser = study_parser(__doc__, 10, "generate/")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="glad and slfd are always run: the summary compares against them")
     parser.add_argument("--archs", nargs="+", default=["convnet"])
     parser.add_argument("--runs", type=int, default=None, help="evaluation runs per set")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ds = Dataset.load(args.dataset, args.results, "latent_distill", autoencoder=True)
     # the evaluate rule's settings, with --archs as GLaD/SLFD's cross-architecture set

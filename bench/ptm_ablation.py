@@ -34,7 +34,6 @@ About 4 minutes per variant on 2 idle CPU cores at the pre-tiled demo's profile 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import (ROOT, Dataset, convnet_row, gain_figures, result_summary,  # noqa: E402
-                   run_set)
+                   run_set, study_parser)
 
 from histodistill.distill.base import register  # noqa: E402
 from histodistill.distill.ptm import PTM  # noqa: E402
@@ -80,13 +79,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="demo_patches")
-    parser.add_argument("--results", default=str(ROOT / "results"),
-                        help="folder holding <dataset>/patches.zarr, stain/, full/ and experts/")
-    parser.add_argument("--ipc", type=int, default=10)
+    parser = study_parser(__doc__, 10, "experts/")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ds = Dataset.load(args.dataset, args.results, "ptm_ablation", experts=True)
     base = Path(args.results) / ds.name

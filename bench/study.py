@@ -7,6 +7,7 @@ checks the inputs the methods need and stops with one message naming what is mis
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,18 @@ class Dataset:
     def method(self, method: str, ipc: int, **overrides: Any) -> dict[str, Any]:
         """A method's settings for this dataset and ipc, with ``overrides`` on top."""
         return {**config.method_config(self.cfg, self.name, method, ipc), **overrides}
+
+
+def study_parser(doc: str, ipc: int, needs: str) -> argparse.ArgumentParser:
+    """The arguments every study takes: --dataset, --results (the folder holding the dataset's
+    store, template, full-data result and ``needs``), --ipc and --out; a study adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dataset", default="demo_patches")
+    parser.add_argument("--results", default=str(ROOT / "results"),
+                        help=f"folder holding <dataset>/patches.zarr, stain/, full/ and {needs}")
+    parser.add_argument("--ipc", type=int, default=ipc)
+    parser.add_argument("--out", default=None)
+    return parser
 
 
 def _effective(evaluate: dict[str, Any]) -> dict[str, Any]:

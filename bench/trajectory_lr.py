@@ -15,26 +15,20 @@ pre-tiled demo's profile.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ROOT, Dataset, convnet_row, gain_figures, run_set  # noqa: E402
+from study import ROOT, Dataset, convnet_row, gain_figures, run_set, study_parser  # noqa: E402
 
 from histodistill.io import save_figures  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="demo_patches")
-    parser.add_argument("--results", default=str(ROOT / "results"),
-                        help="folder holding <dataset>/patches.zarr, stain/, full/ and experts/")
-    parser.add_argument("--ipc", type=int, default=2)
+    parser = study_parser(__doc__, 2, "experts/")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1000.0, 100.0])
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ds = Dataset.load(args.dataset, args.results, "trajectory_lr", experts=True)
     seed = int(ds.section("distill")["seed"])
