@@ -38,6 +38,9 @@ class StainTemplate:
     io: float = IO
     alpha: float = ALPHA
     beta: float = BETA
+    # the concentration percentile over unclipped pixels only (max_concentrations); False: over
+    # every pixel, as Macenko's reference
+    ignore_clipped: bool = True
     index: int = -1  # row of the template patch in the patch store
     slide: str = ""
     coords: tuple[int, int] = (-1, -1)
@@ -111,8 +114,29 @@ def concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram, stains @ od.transpose(1, 2))
 
 
+def max_concentrations(conc: torch.Tensor, x: torch.Tensor, ignore_clipped: bool = True,
+                       min_pixels: int = 16) -> torch.Tensor:
+    """99th percentile (B, 2) of each image's concentrations (B, 2, N) over its pixels of
+    (B, 3, H, W) ``x`` in [0, 1]; with ``ignore_clipped`` over the pixels with no channel at 0
+    or 255. A clipped pixel's optical density is its bound's, not its stain's: a distilled set
+    with a few percent of them (what an image optimiser leaves at its bounds) would otherwise
+    set the percentile and wash the whole image out. (Real JPEG tissue has about 1 % of its
+    darkest pixels at 0 in a channel; ignoring them moves its normalisation away from Macenko's
+    reference, which ``ignore_clipped=False`` reproduces.) An image with fewer than
+    ``min_pixels`` unclipped pixels uses all of them."""
+    if not ignore_clipped:
+        return torch.quantile(conc, 0.99, dim=-1)
+    b = x.shape[0]
+    v = (x.reshape(b, 3, -1) * 255.0).round()
+    clipped = ((v <= 0) | (v >= 255)).any(1)  # (B, N)
+    enough = (~clipped).sum(1) >= min_pixels
+    keep = ~clipped | ~enough[:, None]
+    masked = torch.where(keep[:, None, :], conc, torch.full_like(conc, float("nan")))
+    return torch.nanquantile(masked, 0.99, dim=-1)
+
+
 def fit(image: np.ndarray | torch.Tensor, io: float = IO, alpha: float = ALPHA,
-        beta: float = BETA) -> StainTemplate:
+        beta: float = BETA, ignore_clipped: bool = True) -> StainTemplate:
     """Fit a Macenko template to one image: (H, W, 3) uint8 or (3, H, W) float in [0, 1].
 
     Raises ``ValueError`` when the image has too few stained pixels to estimate stains.
@@ -122,8 +146,8 @@ def fit(image: np.ndarray | torch.Tensor, io: float = IO, alpha: float = ALPHA,
     if not bool(valid[0]):
         raise ValueError("too few stained pixels (OD > beta) to fit a Macenko template")
     conc = concentrations(_to_od(x, io), stains)
-    max_c = torch.quantile(conc, 0.99, dim=-1)
-    return StainTemplate(stains[0].tolist(), max_c[0].tolist(), io, alpha, beta)
+    max_c = max_concentrations(conc, x, ignore_clipped)
+    return StainTemplate(stains[0].tolist(), max_c[0].tolist(), io, alpha, beta, ignore_clipped)
 
 
 def _as_batch(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -136,7 +160,8 @@ def _as_batch(image: np.ndarray | torch.Tensor) -> torch.Tensor:
 class MacenkoNormaliser(torch.nn.Module):
     """Differentiable map of a batch (B, 3, H, W) in [0, 1] to a template's stain appearance.
 
-    Each image's own stain matrix and 99th-percentile concentrations are estimated
+    Each image's own stain matrix and 99th-percentile concentrations (over its unclipped pixels)
+    are estimated
     (:func:`stain_vectors`), its concentrations rescaled to the template's maxima, and the image
     re-synthesised with the template's stain matrix. Images without enough stained pixels
     (blank background) pass through unchanged.
@@ -145,6 +170,7 @@ class MacenkoNormaliser(torch.nn.Module):
     def __init__(self, template: StainTemplate) -> None:
         super().__init__()
         self.io, self.alpha, self.beta = template.io, template.alpha, template.beta
+        self.ignore_clipped = template.ignore_clipped
         self.register_buffer("stains", torch.tensor(template.stain_matrix, dtype=torch.float64))
         self.register_buffer("max_c", torch.tensor(template.max_concentrations, dtype=torch.float64))
 
@@ -156,7 +182,7 @@ class MacenkoNormaliser(torch.nn.Module):
         stains = torch.where(valid[:, None, None], stains, self.stains)
         od = _to_od(xd, self.io)
         conc = concentrations(od, stains)
-        max_c = torch.quantile(conc, 0.99, dim=-1).clamp_min(1e-6)
+        max_c = max_concentrations(conc, xd, self.ignore_clipped).clamp_min(1e-6)
         conc = conc * (self.max_c / max_c)[..., None]
         out = self.io * torch.exp(-(self.stains.T @ conc)) - 1.0  # exact inverse of _to_od
         out = (out / 255.0).clamp(0.0, 1.0).reshape(b, 3, h, w)
@@ -175,8 +201,8 @@ def normalise(images: np.ndarray, template: StainTemplate, batch: int = 64) -> n
 
 
 def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
-                    chunk: int = 1024, io: float = IO, alpha: float = ALPHA, beta: float = BETA
-                    ) -> tuple[StainTemplate, dict[str, list[float]]]:
+                    chunk: int = 1024, io: float = IO, alpha: float = ALPHA, beta: float = BETA,
+                    ignore_clipped: bool = True) -> tuple[StainTemplate, dict[str, list[float]]]:
     """Histo-DD's template: the patch whose pixel mean and std are closest to the dataset's.
 
     ``patches(idx)`` returns uint8 (n, 3, H, W) for sorted rows ``idx``. Statistics are per
@@ -199,7 +225,8 @@ def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarra
     dist = np.linalg.norm(np.concatenate([patch_mean - mean, patch_std - std], 1), axis=1)
     for k in np.argsort(dist, kind="stable"):
         try:
-            template = fit(patches(rows[k:k + 1])[0].transpose(1, 2, 0), io, alpha, beta)
+            template = fit(patches(rows[k:k + 1])[0].transpose(1, 2, 0), io, alpha, beta,
+                           ignore_clipped)
         except ValueError:
             continue
         template.index = int(rows[k])
@@ -211,14 +238,16 @@ def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarra
 
 def build_template(store_path: str | os.PathLike, json_path: str | os.PathLike,
                    png_path: str | os.PathLike, io: float = IO, alpha: float = ALPHA,
-                   beta: float = BETA, split: str = "train") -> StainTemplate:
+                   beta: float = BETA, split: str = "train", ignore_clipped: bool = True
+                   ) -> StainTemplate:
     """Choose a dataset's template from its patch store; write its JSON and a PNG of the patch."""
     store = PatchStore(store_path)
     rows = store.indices(split)
     if len(rows) == 0:
         raise InputError("stain_template", store_path, f"no patches in split {split!r}")
     try:
-        template, stats = choose_template(store.patches, rows, io=io, alpha=alpha, beta=beta)
+        template, stats = choose_template(store.patches, rows, io=io, alpha=alpha, beta=beta,
+                                          ignore_clipped=ignore_clipped)
     except ValueError as err:
         raise InputError("stain_template", store_path, str(err)) from err
     slide_idx = int(store.array("slide")[template.index])

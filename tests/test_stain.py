@@ -61,7 +61,7 @@ def test_close_to_reference_macenko_on_real_tissue(target_image, cmu_slide):
     ref_norm.fit(torch.from_numpy(target_image.copy()).permute(2, 0, 1).float())
     reference, _, _ = ref_norm.normalize(torch.from_numpy(crop.copy()).permute(2, 0, 1).float(),
                                          stains=False)
-    template = stain.fit(target_image)
+    template = stain.fit(target_image, ignore_clipped=False)  # the reference's percentile
     np.testing.assert_allclose(np.array(template.stain_matrix), ref_norm.HERef.T.numpy(), atol=2e-3)
     ours = stain.normalise(crop.transpose(2, 0, 1)[None].copy(), template)[0].transpose(1, 2, 0)
     diff = np.abs(ours.astype(float) - reference.numpy())
@@ -127,3 +127,31 @@ def test_template_json_round_trip(tmp_path):
     template.save(tmp_path / "t.json", split="train")
     loaded = stain.StainTemplate.load(tmp_path / "t.json")
     assert loaded.stain_matrix == template.stain_matrix and loaded.index == 7
+
+
+def test_saturated_pixels_do_not_set_the_concentration_percentile():
+    """A set with a few percent of pixels clipped to 0 or 255 (what an image optimiser leaves
+    at its bounds) is normalised as it would be without them: the 99th percentile of the
+    concentrations is taken over unclipped pixels only."""
+    img = synthesise(H, E, seed=3)
+    template = stain.fit(synthesise(H, E, seed=4))
+    clean = stain.normalise(img.transpose(2, 0, 1)[None].copy(), template)[0]
+    rng = np.random.default_rng(0)
+    damaged = img.copy()
+    hit = rng.random(img.shape[:2]) < 0.04
+    damaged[hit] = np.where(rng.random((int(hit.sum()), 1)) < 0.5, 0, 255)  # black or white
+    out = stain.normalise(damaged.transpose(2, 0, 1)[None].copy(), template)[0]
+    kept = ~hit
+    diff = np.abs(out.astype(float) - clean.astype(float)).transpose(1, 2, 0)[kept].mean()
+    assert diff < 1.0
+    # the fitted template ignores them too
+    fitted = stain.fit(damaged)
+    reference = stain.fit(img)
+    assert np.allclose(fitted.max_concentrations, reference.max_concentrations, rtol=0.1)
+    x = torch.from_numpy(damaged).permute(2, 0, 1)[None].double() / 255
+    conc = torch.arange(x[0, 0].numel(), dtype=torch.float64).repeat(1, 2, 1)
+    expected = torch.quantile(conc[..., torch.from_numpy(~hit.reshape(-1))], 0.99, dim=-1)
+    assert torch.allclose(stain.max_concentrations(conc, x), expected)
+    # the reference's percentile (every pixel) is what the saturated pixels wash out
+    plain = stain.fit(damaged, ignore_clipped=False)
+    assert not np.allclose(plain.max_concentrations, reference.max_concentrations, rtol=0.1)
