@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_toy_store
 from histodistill import models
@@ -15,8 +16,8 @@ from histodistill.data import RealData
 from histodistill.data.store import PatchStore
 from histodistill.distill import Context, build
 from histodistill.distill.mtt import matching_loss
-from histodistill.distill.ptm import (complement_mask, end_point, overlap_mmd, retrain_iterations,
-                                      retrain_points)
+from histodistill.distill.ptm import (complement_mask, end_point, median_sigma, overlap_mmd,
+                                      retrain_iterations, retrain_points)
 from histodistill.io import InputError
 from histodistill.trajectories import buffer
 from histodistill.trajectories.store import ExpertStore
@@ -31,7 +32,7 @@ MTT = {"iterations": 4, "syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 2
        "lr_lr": 1e-5, "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
 PTM = {"iterations": 9, "syn_steps": 2, "end_epoch": 3, "lr_img": 1000, "lr_lr": 1e-5,
        "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "retrain": 2, "beta_match": 1.0,
-       "beta_c": 1.0, "beta_overlap": 0.01, "sigma": 1.0, "checkpoint_every": 1}
+       "beta_overlap": 0.01, "sigma": 1.0, "match_points": "end", "checkpoint_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -298,16 +299,53 @@ def test_retraining_points_and_their_iterations():
             assert snapshot < reset
 
 
-def test_ptm_loss_is_the_weighted_sum_of_its_terms(store_path, experts):
-    """Every weight 0: no loss and the images stay put; L_c alone (beta_c 1) moves them."""
-    off = {"beta_c": 0.0, "beta_match": 0.0, "beta_overlap": 0.0}
-    d = build("ptm", {**PTM, **off}, 2, context(store_path, experts))
+def test_ptm_has_no_image_loss_under_the_expert(store_path, experts):
+    """L_c is the student's own cross-entropy (inside the unroll), not a loss of the images: with
+    the matching and overlap weights at 0 the images stay put whatever else is set."""
+    d = build("ptm", {**PTM, "beta_match": 0.0, "beta_overlap": 0.0}, 2,
+              context(store_path, experts))
     d.init_state()
     images = d.images.detach().clone()
     assert d.step(0) == 0.0 and torch.equal(d.images.detach(), images)
-    d = build("ptm", {**PTM, **off, "beta_c": 1.0}, 2, context(store_path, experts))
+    d = build("ptm", {**PTM, "beta_overlap": 0.0}, 2, context(store_path, experts))
     d.init_state()
     assert d.step(0) > 0 and not torch.equal(d.images.detach(), images)
+
+
+def test_the_students_loss_is_plain_cross_entropy_on_the_synthetic_batch():
+    """One unrolled step equals one SGD step on F.cross_entropy of the synthetic batch."""
+    torch.manual_seed(0)
+    net = models.build("convnet", 2, 16, **NET)
+    student = Student(net)
+    images = torch.randn(4, 3, 16, 16)
+    labels = torch.tensor([0, 0, 1, 1])
+    theta = student.flat()
+    plan = Plan.draw(4, 1, None, None, torch.Generator().manual_seed(0))
+    end = unroll(student, theta, images, labels, torch.tensor(0.1), plan)
+    t = theta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(student(t, images), labels), t)
+    assert torch.allclose(end, theta - 0.1 * grad, atol=1e-6)
+
+
+def test_non_forgetful_matching_compares_every_epoch_boundary(store_path, experts, monkeypatch):
+    """match_points all: the student passes epochs 1..t from theta_0, each compared with the
+    expert there; the loss is their mean."""
+    d = build("ptm", {**PTM, "match_points": "all"}, 2, context(store_path, experts))
+    d.init_state()
+    seen, steps = [], []
+    monkeypatch.setattr(d, "expert_point", lambda e, t: seen.append(t) or d.experts.params(e, t))
+    real_end = d.student_end
+    monkeypatch.setattr(d, "student_end", lambda s, n: steps.append(n) or real_end(s, n))
+    loss = d.match(0, 0, 3)
+    assert seen == [0, 1, 2, 3] and steps == [2, 2, 2]
+    assert loss.item() > 0 and torch.isfinite(loss)
+    end_only = build("ptm", PTM, 2, context(store_path, experts))
+    end_only.init_state()
+    seen.clear()
+    monkeypatch.setattr(end_only, "expert_point",
+                        lambda e, t: seen.append(t) or end_only.experts.params(e, t))
+    end_only.match(0, 0, 3)
+    assert seen == [0, 3]
 
 
 def test_retraining_resets_exactly_the_complement_exactly_at_m_i(store_path, experts):
@@ -356,10 +394,42 @@ def test_overlap_mmd_is_zero_for_identical_subsets_and_positive_otherwise():
     cross[4:][sc[4:]] = x[:4][~sc[:4]]
     assert overlap_mmd(cross, labels, sc, 1.0) > 0
     # equal halves: the paper's double sum (with the sign that makes the overlap loss -MMD^2)
+    # over its 2 x 2 pairs
     f, c = x[:4][~sc[:4]].flatten(1), x[:4][sc[:4]].flatten(1)
     k = lambda a, b: torch.exp(-((a - b) ** 2).mean() / 2)  # noqa: E731
     paper = sum(2 * k(f[i], c[j]) - k(c[i], c[j]) - k(f[i], f[j]) for i in range(2) for j in range(2))
-    assert overlap_mmd(x[:4], labels[:4], sc[:4], 1.0).item() == pytest.approx(-paper.item(), rel=1e-5)
+    assert overlap_mmd(x[:4], labels[:4], sc[:4], 1.0).item() == pytest.approx(-paper.item() / 4,
+                                                                               rel=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [1.0, "median"])
+def test_the_overlap_terms_weight_does_not_depend_on_ipc(sigma):
+    """The same images at ipc 2 (one foundation and one complement image per class) and ipc 10
+    (each of them five times): the term's value is the same, and so is the gradient each image
+    gets in total over its copies, as L_match's does (a mean over the batch). Eq. 4's sum over
+    pairs grew 25-fold."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 3, 8, 8)  # class 0: f, c; class 1: f, c
+    grads, values = {}, {}
+    for ipc in (2, 10):
+        copies = ipc // 2
+        x = torch.cat([base[i:i + 1].repeat(copies, 1, 1, 1) for i in range(4)]).requires_grad_(True)
+        labels = torch.arange(2).repeat_interleave(ipc)
+        value = -overlap_mmd(x, labels, complement_mask(2, ipc), sigma, within_grad=False)
+        value.backward()
+        values[ipc] = value.item()
+        grads[ipc] = x.grad.view(4, copies, -1).sum(1)  # total per distinct image
+    assert values[10] == pytest.approx(values[2], rel=1e-5)
+    assert torch.allclose(grads[10], grads[2], rtol=1e-4, atol=1e-8)
+    assert grads[2].abs().sum() > 0
+
+
+def test_median_sigma_sets_the_kernel_at_the_images_own_distances():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    assert median_sigma(x) ** 2 * 2 == pytest.approx(2.0, rel=0.1)  # unit normal: d = 2 per value
+    assert median_sigma(x * 10) == pytest.approx(10 * median_sigma(x), rel=1e-5)
+    assert median_sigma(x[:1]) == 1.0
 
 
 def _spread(x: torch.Tensor, rows: torch.Tensor) -> float:
@@ -378,7 +448,7 @@ def test_the_overlap_loss_spreads_the_images_where_the_full_mmd_gradient_collaps
     spreads = {}
     for within_grad in (True, False):
         x = start.clone().requires_grad_(True)
-        opt = torch.optim.SGD([x], lr=5.0)
+        opt = torch.optim.SGD([x], lr=125.0)  # 5 x 5 pairs, averaged
         for _ in range(200):
             opt.zero_grad()
             loss = -overlap_mmd(x, labels, sc, 1.0, within_grad=within_grad)

@@ -1,22 +1,29 @@
 """PTM: progressive trajectory matching for medical dataset distillation (no public code; built
-from the paper's description as the project's issue 8 states it; README: "Trajectory matching").
+from the paper's Sec. 3; docs: "PTM as we read it").
 
 * Progressive matching: every round starts from theta_0, the drawn expert's initial parameters,
-  and matches the expert at end point t, which grows from 1 to T (``end_epoch``) over the run
+  and follows the expert up to end point t, which grows from 1 to T (``end_epoch``) over the run
   (:func:`end_point`: equal shares of the iterations per end point). The student takes
-  ``syn_steps`` SGD steps per expert epoch, t * ``syn_steps`` in all.
-  L_match = ||theta_t^S - theta_t^D||^2 / ||theta_t^D - theta_0^D||^2.
+  ``syn_steps`` SGD steps on the synthetic images per expert epoch. Its training loss is L_c,
+  the plain cross-entropy of the (augmented) synthetic batch: the paper's "synthetic student
+  network trajectories [learnt] using cross-entropy loss L_c", what MTT's inner loop minimises.
+  No loss of the images under the expert exists.
+* Non-forgetful matching (Eq. 1, our reading: the sum over t runs over the epoch boundaries the
+  student passes): with ``match_points: all`` L_match is the mean over s = 1..t of
+  ||theta_s^S - theta_s^D||^2 / ||theta_s^D - theta_0^D||^2, so the images keep matching the
+  early epochs while the end point moves on; ``end`` matches theta_t alone (MTT's form).
 * Dynamic overlap mitigation: each class's images are split evenly into a foundation subset S^f
   (the first half) and a complement S^c (the rest). L_overlap is minus the squared MMD between
-  them, Gaussian kernel, same-class pairs only (:func:`overlap_mmd`): minimising it pushes the
-  complement away from the foundation (diversity). Its within-subset terms are constants for
-  the gradient: maximising them collapses each half into one image.
+  them, Gaussian kernel, same-class pairs only (:func:`overlap_mmd`), averaged over the pairs
+  (Eq. 4 sums them; a sum's weight against the mean L_match grows with ipc^2). Only the cross
+  term carries gradient, so minimising it pushes the complement away from the foundation
+  (diversity) without collapsing each half. The kernel width is the median heuristic by default
+  (``sigma: median``: 2 sigma^2 = the median squared distance of the class's images, per step),
+  so the kernel neither vanishes nor saturates at real-patch distances.
 * Retraining: at the points m_i = T - T/(k+1) * i (i = 1..k, ``retrain``) of the schedule, S^c
   is reset to its snapshot from the middle of the previous interval (:func:`retrain_iterations`);
   S^f is untouched.
-* L = beta_c * L_c + beta1 * L_match + beta2 * L_overlap, with L_c the cross-entropy of the
-  (augmented) synthetic images under the expert at the end point theta_t^D (beta_c 1: the issue's
-  L = L_c + ...).
+* L = beta1 * L_match + beta2 * L_overlap on the images (``beta_match``, ``beta_overlap``).
 
 Images live in normalised space and are clamped after every step, as in MTT, whose student,
 learnable learning rate and optimisers PTM shares.
@@ -24,10 +31,10 @@ learnable learning rate and optimisers PTM shares.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from histodistill.distill.base import register
 from histodistill.distill.mtt import MTT, matching_loss
@@ -70,36 +77,52 @@ def complement_mask(num_classes: int, ipc: int) -> torch.Tensor:
     return within.repeat(num_classes)
 
 
-def overlap_mmd(images: torch.Tensor, labels: torch.Tensor, complement: torch.Tensor,
-                sigma: float, within_grad: bool = True) -> torch.Tensor:
-    """Squared MMD between S^f and S^c with the kernel k(a, b) = exp(-d(a, b) / (2 sigma^2)) *
-    1[same class], d the mean squared difference per value (||a - b||^2 / D).
+def median_sigma(x: torch.Tensor) -> float:
+    """The median heuristic's kernel width for images ``x`` (n, D): sigma with 2 sigma^2 the
+    median over distinct pairs of the mean squared difference per value (1.0 for fewer than two
+    images or identical ones)."""
+    if len(x) < 2:
+        return 1.0
+    sq = torch.pdist(x.detach().flatten(1)).pow(2) / x[0].numel()
+    med = float(sq.median())
+    return math.sqrt(med / 2) if med > 0 else 1.0
 
-    Per class, (n_f n_c) * (mean k(f, f') + mean k(c, c') - 2 mean k(f, c)): for halves of
-    equal size n this is sum_i sum_j (k(f_i, f_j) + k(c_i, c_j) - 2 k(f_i, c_j)), the paper's
-    sum with the opposite sign. Zero when the subsets are identical, positive otherwise.
+
+def overlap_mmd(images: torch.Tensor, labels: torch.Tensor, complement: torch.Tensor,
+                sigma: float | str, within_grad: bool = True) -> torch.Tensor:
+    """Squared MMD between S^f and S^c with the kernel k(a, b) = exp(-d(a, b) / (2 sigma^2)) *
+    1[same class], d the mean squared difference per value (||a - b||^2 / D), summed over
+    classes.
+
+    Per class, mean k(f, f') + mean k(c, c') - 2 mean k(f, c): the paper's double sum of Eq. 4
+    (with the sign that makes L_overlap = -MMD^2) divided by its number of pairs, so its value
+    for the same images does not grow with ipc. Zero when the subsets are identical, positive
+    otherwise. ``sigma`` is a width in normalised pixel units or "median" (:func:`median_sigma`
+    of the class's images, recomputed on every call, never differentiated).
 
     ``within_grad=False`` treats the within-subset terms as constants (same value): maximising
     them would pull each subset's images together, so PTM maximises the MMD through the cross
-    term alone, which only pushes S^c away from S^f (README: "PTM as we read it").
+    term alone, which only pushes S^c away from S^f.
     """
     x = images.flatten(1)
     d = x.shape[1]
 
-    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def kernel(a: torch.Tensor, b: torch.Tensor, width: float) -> torch.Tensor:
         sq = (a[:, None] - b[None]).pow(2).sum(-1)  # exact, smooth at zero distance
-        return torch.exp(-sq / (d * 2 * sigma ** 2)).mean()
+        return torch.exp(-sq / (d * 2 * width ** 2)).mean()
 
     total = images.new_zeros(())
     for c in labels.unique():
-        f_set = x[(labels == c) & ~complement]
-        c_set = x[(labels == c) & complement]
+        members = labels == c
+        f_set = x[members & ~complement]
+        c_set = x[members & complement]
         if len(f_set) == 0 or len(c_set) == 0:
             continue
-        within = kernel(f_set, f_set) + kernel(c_set, c_set)
+        width = median_sigma(x[members]) if sigma == "median" else float(sigma)
+        within = kernel(f_set, f_set, width) + kernel(c_set, c_set, width)
         if not within_grad:
             within = within.detach()
-        total = total + len(f_set) * len(c_set) * (within - 2 * kernel(f_set, c_set))
+        total = total + within - 2 * kernel(f_set, c_set, width)
     return total
 
 
@@ -112,6 +135,9 @@ class PTM(MTT):
         self.snapshots: dict[int, torch.Tensor] = {}
 
     def check_epochs(self) -> None:
+        if self.cfg.get("match_points", "all") not in ("all", "end"):
+            raise ValueError(f"distill.methods.ptm.match_points {self.cfg['match_points']!r} must "
+                             "be 'all' (every epoch boundary up to t) or 'end'")
         end = int(self.cfg["end_epoch"])
         if not 1 <= end <= self.experts.epochs:
             raise ValueError(f"distill.methods.ptm.end_epoch {end} must lie in 1.."
@@ -137,22 +163,30 @@ class PTM(MTT):
         round (PTM's progressive matching; bench/ptm_ablation.py varies it)."""
         return 0
 
+    def match(self, expert: int, s: int, t: int) -> torch.Tensor:
+        """L_match of one round: the student unrolled from the expert's epoch s to t,
+        ``syn_steps`` steps per epoch, compared at every epoch boundary s+1..t (the mean of the
+        normalised distances) or at t alone (``match_points: end``)."""
+        steps = int(self.cfg["syn_steps"])
+        start = self.expert_point(expert, s)
+        if self.cfg.get("match_points", "all") == "end":
+            return matching_loss(self.student_end(start, (t - s) * steps), start,
+                                 self.expert_point(expert, t))
+        theta, losses = start, []
+        for epoch in range(s + 1, t + 1):
+            theta = self.student_end(theta, steps)
+            losses.append(matching_loss(theta, start, self.expert_point(expert, epoch)))
+        return torch.stack(losses).mean()
+
     def step(self, it: int) -> float:
         c = self.cfg
         self.retrain(it)
         t = end_point(it, self.iterations, int(c["end_epoch"]))
-        s = self.start_epoch(t)
         expert = self.draw(self.experts.experts)
-        start = self.expert_point(expert, s)
-        target = self.expert_point(expert, t)
-        l_match = matching_loss(self.student_end(start, (t - s) * int(c["syn_steps"])), start,
-                                target)
-        x = self.aug(self.images, self.gen)
-        l_c = F.cross_entropy(self.student(target, x), self.y_syn)
-        l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, float(c["sigma"]),
+        l_match = self.match(expert, self.start_epoch(t), t)
+        l_overlap = -overlap_mmd(self.images, self.y_syn, self.complement, c["sigma"],
                                  within_grad=False)
-        loss = (float(c["beta_c"]) * l_c + float(c["beta_match"]) * l_match
-                + float(c["beta_overlap"]) * l_overlap)
+        loss = float(c["beta_match"]) * l_match + float(c["beta_overlap"]) * l_overlap
         self.update(loss)
         return loss.item()
 
