@@ -23,7 +23,8 @@ AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "downsam
 GLAD = {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "iterations": 3,
         "outer_loop": 1, "inner_loop": 1, "lr_latent": 1.0, "lr_net": 0.01, "batch_real": 8,
         "augment": {"preset": "dsa"}, "checkpoint_every": 1}
-SLFD = {**GLAD, "rank": 2, "mc_samples": 4, "lr_module": 0.1, "init_var": 0.01}
+SLFD = {**GLAD, "rank": 2, "mc_samples": 4, "lr_module": 0.1, "init_var": 0.01, "min_var": 1e-4,
+        "max_var": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
         torch.nn.init.normal_(layer.weight, std=0.3)
     f, logits = torch.randn(4, 5), torch.randn(4, 3)
     dist = head(f, logits)
-    factor = head.factor(f).view(4, 3, 2)
-    diag = head.log_diag(f).exp() + head.min_var
+    factor = torch.tanh(head.factor(f)).view(4, 3, 2) * (head.max_var / 2) ** 0.5
+    diag = head.min_var + (head.max_var - head.min_var) * torch.sigmoid(head.log_diag(f))
     expected = (torch.diag_embed(diag) + factor @ factor.transpose(1, 2)).detach().double()
     assert torch.allclose(dist.covariance_matrix, expected, atol=1e-6)
     assert torch.allclose(dist.loc, (logits + head.mean(f)).double())
@@ -57,21 +58,64 @@ def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     centred = samples - samples.mean(0)
     empirical = torch.einsum("mbi,mbj->bij", centred, centred) / (len(samples) - 1)
     assert torch.allclose(empirical, expected, atol=0.05 * float(expected.abs().max()))
-    # a vanishing learned diagonal under a large factor (what failed a demo run's Cholesky in
-    # float32 without the floor) still gives a usable distribution
-    torch.nn.init.constant_(head.log_diag.bias, -60.0)
-    torch.nn.init.normal_(head.factor.weight, std=30.0)
-    loss = stochastic_cross_entropy(head(f, logits), torch.tensor([0, 1, 2, 0]), 8)
-    assert torch.isfinite(loss)
-    # the demo's case: rank above the class count, the diagonal at its floor and a factor in the
-    # hundreds, so I + F^T D^-1 F has entries near 1e10 (its float32 Cholesky failed mid-run)
-    wide = StochasticHead(dim=5, classes=2, rank=10)
-    torch.nn.init.constant_(wide.log_diag.bias, -60.0)
-    torch.nn.init.normal_(wide.factor.weight, std=100.0)
-    dist = wide(f, logits[:, :2])
-    assert dist.loc.dtype == torch.float64
-    loss = stochastic_cross_entropy(dist, torch.tensor([0, 1, 1, 0]), 8)
-    assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+def test_the_variance_is_bounded_and_the_rank_at_most_the_classes() -> None:
+    """Whatever the module's weights (the old module's capacitance entries passed 1e7): the
+    diagonal stays in [min_var, max_var], each factor entry within sqrt(max_var / rank), so every
+    logit's variance is at most 2 max_var; a rank above the class count is cut to it."""
+    torch.manual_seed(0)
+    head = StochasticHead(dim=5, classes=2, rank=10, init_var=0.01, min_var=1e-4, max_var=1.0)
+    assert head.rank == 2
+    f, logits = torch.randn(4, 5), torch.randn(4, 2)
+    start = head(f, logits)
+    assert torch.allclose(start.cov_diag, torch.full((4, 2), 0.01, dtype=torch.float64))
+    for std in (100.0, -100.0):
+        torch.nn.init.constant_(head.log_diag.bias, std)
+        torch.nn.init.normal_(head.factor.weight, std=abs(std))
+        with torch.no_grad():
+            dist = head(f, logits)
+        assert 1e-4 * (1 - 1e-5) <= float(dist.cov_diag.min()) <= float(dist.cov_diag.max()) <= 1.0
+        assert float(dist.cov_factor.abs().max()) <= 0.5 ** 0.5 + 1e-6
+        assert float(dist.covariance_matrix.diagonal(dim1=1, dim2=2).max()) <= 2.0 + 1e-6
+        assert torch.isfinite(stochastic_cross_entropy(dist, torch.tensor([0, 1, 1, 0]), 8))
+    with pytest.raises(ValueError, match="init_var"):
+        StochasticHead(dim=5, classes=2, rank=2, init_var=2.0, max_var=1.0)
+
+
+def test_the_modules_input_comes_from_the_generator_not_the_matching_network(toy) -> None:
+    """The module reads the latents and the decoder's first part, so re-initialising the
+    matching network (every iteration) leaves its input unchanged."""
+    slfd = distiller(toy, "slfd", SLFD)
+    slfd.init_state()
+    seen = []
+    forward = slfd.head.forward
+    slfd.head.forward = lambda features, logits: seen.append(features.detach()) or forward(
+        features, logits)
+    y = slfd.y_syn[slfd.syn_slice(0)]
+    for _ in range(2):
+        net = slfd.new_net("convnet", SLFD["net_kwargs"])  # a fresh initialisation each time
+        slfd.syn_loss(net, slfd.syn(0), y)
+    assert torch.equal(seen[0], seen[1])
+    latents = slfd.images[slfd.syn_slice(0)].detach()
+    expected = torch.cat([latents.mean((2, 3)), slfd.ae.first_features(latents).mean((2, 3))], 1)
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_slfd_steps_its_module_like_its_latents(toy) -> None:
+    """unit_grad: each module tensor moves by exactly lr_module in its first step (no momentum
+    yet), as each latent moves by lr_latent."""
+    cfg = {**SLFD, "unit_grad": True, "lr_module": 0.05, "lr_latent": 0.2}
+    d = distiller(toy, "slfd", cfg)
+    d.init_state()
+    before = [p.detach().clone() for p in d.head.parameters()]
+    latents = d.images.detach().clone()
+    d.step(0)
+    moved = [float((p.detach() - b).norm()) for p, b in zip(d.head.parameters(), before)]
+    assert all(m == pytest.approx(0.05, rel=1e-4) for m in moved if m > 0)
+    assert any(m > 0 for m in moved)
+    steps = (d.images.detach() - latents).flatten(1).norm(dim=1)
+    assert torch.allclose(steps, torch.full_like(steps, 0.2), rtol=1e-4)
 
 
 def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:
@@ -92,12 +136,12 @@ def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:
 
 
 def test_slfd_loss_at_zero_variance_is_the_networks_cross_entropy(toy) -> None:
-    slfd = distiller(toy, "slfd", {**SLFD, "init_var": 1e-14})
+    slfd = distiller(toy, "slfd", {**SLFD, "init_var": 1e-14, "min_var": 1e-15})
     slfd.init_state()
-    slfd.head.min_var = 0.0  # the numerical floor off: variance exactly ~0
     net = slfd.new_net("convnet", SLFD["net_kwargs"])
-    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 0, 1, 1])
+    y = slfd.y_syn[slfd.syn_slice(1)]
     with torch.no_grad():
+        x = slfd.syn(1)
         loss, reference = slfd.syn_loss(net, x, y), F.cross_entropy(net(x), y)
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
@@ -160,8 +204,12 @@ def test_cross_arch_is_the_mean_over_the_architectures_not_distilled_with() -> N
     assert summary["acc"]["mean"] == pytest.approx(0.65) and summary["acc"]["std"] == pytest.approx(0.1)
     assert cross_arch(patch, None)["acc"]["mean"] == pytest.approx(0.6)  # nothing to leave out
     evaluate = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}, "vit": {"dim": 64}},
-                "runs": 5, "cross_arch": {"methods": ["glad"], "archs": ["convnet", "vit", "alexnet"]}}
+                "runs": 5, "cross_arch": {"methods": ["glad"], "archs": ["convnet", "vit", "alexnet"]},
+                "stain_norm": False, "stain_norm_methods": ["histodd"]}
     glad, dm = evaluate_settings(evaluate, "glad"), evaluate_settings(evaluate, "dm")
     assert glad["extra_archs"] == ["vit", "alexnet"] and glad["archs"] == ["convnet"]
     assert glad["arch_kwargs"] == {"convnet": {"width": 8}, "vit": {"dim": 64}}
     assert "extra_archs" not in dm and "cross_arch" not in dm and dm["arch_kwargs"] == {"convnet": {"width": 8}}
+    # the stain protocol is resolved per method: Histo-DD's paper normalises at test time
+    assert evaluate_settings(evaluate, "histodd")["stain_norm"] is True
+    assert dm["stain_norm"] is False and "stain_norm_methods" not in dm

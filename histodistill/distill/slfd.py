@@ -1,21 +1,28 @@
 """SLFD, stochastic latent feature distillation (Li et al. 2025, "Dataset Distillation with
 Probabilistic Latent Features", arXiv 2505.06647): GLaD (:mod:`.glad`) whose synthetic batch is
-scored by a stochastic loss.
+scored by a stochastic loss whose distribution is defined through the generator.
 
-A module of three linear layers on the matching network's features f predicts, per image, the
-mean shift mu(f), the log covariance diagonal log d(f) and a rank-r covariance factor F(f) (C x r)
-of a low-rank multivariate normal over the C class logits (``LowRankMultivariateNormal``,
-covariance diag(d) + F F^T), centred on the classifier's logits: eta ~ N(logits + mu, diag(d) +
-F F^T). With M Monte Carlo samples eta_m the loss is the negative log of the mean likelihood of
-the label, -log(1/M sum_m softmax(eta_m)[y]) = log M - logsumexp_m log softmax(eta_m)[y]
+A module of three linear layers reads, per image, its latent and the generator's intermediate
+features (the decoder's first part, :meth:`AutoencoderKL.first_features`), each averaged over
+space, and predicts the mean shift mu, the diagonal d and a rank-r factor F (C x r, r at most the
+number of classes C) of a low-rank multivariate normal over the C class logits
+(``LowRankMultivariateNormal``, covariance diag(d) + F F^T), centred on the matching network's
+logits: eta ~ N(logits + mu, diag(d) + F F^T). Its input comes from the generator, not from the
+matching network, which is freshly initialised every iteration: what the module learns carries
+from one network to the next. The variance is bounded: d lies in [``min_var``, ``max_var``]
+(a sigmoid) and every entry of F in +-sqrt(``max_var`` / r) (a tanh).
+
+With M Monte Carlo samples eta_m the loss is the negative log of the mean likelihood of the
+label, -log(1/M sum_m softmax(eta_m)[y]) = log M - logsumexp_m log softmax(eta_m)[y]
 (Stochastic Segmentation Networks' loss, Monteiro et al. 2020), averaged over the batch. Its
-gradient on the synthetic images is matched to the real batch's cross-entropy gradient, and the
-module is optimised with the latents by the matching loss.
+gradient on the synthetic images is matched to the real batch's cross-entropy gradient. The
+module is optimised with the latents by the matching loss, in the same optimiser and the same
+way (``unit_grad``: unit-norm steps per parameter tensor, at ``lr_module``).
 
 Details the paper's text available here does not fix, chosen as follows: the mean and factor
-layers start at zero and the diagonal at ``init_var`` (so SLFD starts as GLaD), the module takes
-SGD steps with momentum 0.5 at ``lr_module``, rank 10 and M 20 (the Stochastic Segmentation
-Networks defaults). Samples are drawn from generators seeded by the run's seed (resumable).
+layers start at zero and the diagonal at ``init_var`` (so SLFD starts as GLaD), rank 10 and M 20
+(the Stochastic Segmentation Networks defaults). Samples are drawn from generators seeded by the
+run's seed (resumable).
 """
 
 from __future__ import annotations
@@ -27,35 +34,37 @@ import torch
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
-from histodistill import models
 from histodistill.distill.base import register
 from histodistill.distill.glad import GLaD
 
 
 class StochasticHead(nn.Module):
-    """Three linear layers: features (B, D) -> mean shift (B, C), log diagonal (B, C), covariance
-    factor (B, C, rank)."""
+    """Three linear layers: conditioning features (B, D) -> mean shift (B, C), diagonal (B, C)
+    in [min_var, max_var], covariance factor (B, C, rank) with entries in +-sqrt(max_var / rank)."""
 
     def __init__(self, dim: int, classes: int, rank: int, init_var: float = 1e-2,
-                 min_var: float = 1e-5) -> None:
+                 min_var: float = 1e-4, max_var: float = 1.0) -> None:
         super().__init__()
-        self.classes, self.rank, self.min_var = classes, rank, min_var
+        if not min_var < init_var < max_var:
+            raise ValueError(f"distill.methods.slfd: init_var {init_var} must lie between "
+                             f"min_var {min_var} and max_var {max_var}")
+        self.classes, self.rank = classes, min(rank, classes)
+        self.min_var, self.max_var = min_var, max_var
         self.mean = nn.Linear(dim, classes)
         self.log_diag = nn.Linear(dim, classes)
-        self.factor = nn.Linear(dim, classes * rank)
+        self.factor = nn.Linear(dim, classes * self.rank)
         for layer in (self.mean, self.log_diag, self.factor):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        nn.init.constant_(self.log_diag.bias, math.log(init_var))
+        share = (init_var - min_var) / (max_var - min_var)
+        nn.init.constant_(self.log_diag.bias, math.log(share / (1 - share)))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> LowRankMultivariateNormal:
-        """The distribution of the logits of each image: N(logits + mu, diag(d) + F F^T), the
-        diagonal floored at ``min_var`` (as Stochastic Segmentation Networks' epsilon). The
-        distribution is held in float64: with the diagonal near its floor the capacitance matrix
-        I + F^T D^-1 F has entries of 1e7 and more, and its float32 Cholesky factorisation failed
-        on the WSI demo although the matrix is positive definite (eigenvalues >= 1)."""
-        factor = self.factor(features).view(len(features), self.classes, self.rank)
-        diag = self.log_diag(features).clamp(max=20).exp() + self.min_var
+        """The distribution of the logits of each image: N(logits + mu, diag(d) + F F^T), held
+        in float64 (the capacitance matrix's Cholesky factorisation is then safe at any d)."""
+        factor = torch.tanh(self.factor(features)) * math.sqrt(self.max_var / self.rank)
+        factor = factor.view(len(features), self.classes, self.rank)
+        diag = self.min_var + (self.max_var - self.min_var) * torch.sigmoid(self.log_diag(features))
         return LowRankMultivariateNormal((logits + self.mean(features)).double(), factor.double(),
                                          diag.double())
 
@@ -73,17 +82,31 @@ class SLFD(GLaD):
     def init_state(self) -> None:
         super().init_state()
         c = self.cfg
-        with torch.random.fork_rng(devices=[]):  # a throwaway network, only for its feature size
-            dim = models.build(c["net"], self.ctx.num_classes, self.ctx.im_size,
-                               **c.get("net_kwargs", {})).head.in_features
-        self.head = StochasticHead(dim, self.ctx.num_classes, int(c["rank"]),
-                                   float(c["init_var"])).to(self.ctx.device)
+        with torch.no_grad():
+            dim = self.condition(self.images[:1]).shape[1]
+        self.head = StochasticHead(dim, self.ctx.num_classes, int(c["rank"]), float(c["init_var"]),
+                                   float(c.get("min_var", 1e-4)), float(c.get("max_var", 1.0))
+                                   ).to(self.ctx.device)
         self.opt.add_param_group({"params": list(self.head.parameters()),
                                   "lr": float(c["lr_module"])})
+        self._cond: torch.Tensor | None = None
+
+    def condition(self, latents: torch.Tensor) -> torch.Tensor:
+        """The module's input: each latent and the generator's intermediate features of it,
+        averaged over space and concatenated (B, z_channels + feature channels)."""
+        return torch.cat([latents.mean((2, 3)), self.ae.first_features(latents).mean((2, 3))], 1)
+
+    def syn(self, c: int) -> torch.Tensor:
+        """Class ``c``'s images as network inputs; keeps their conditioning for :meth:`syn_loss`
+        (the siamese augmentation changes the images the network sees, not their latents)."""
+        latents = self.images[self.syn_slice(c)]
+        self._cond = self.condition(latents)
+        return self.to_net(latents)
 
     def syn_loss(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        features = net.embed(x)
-        dist = self.head(features, net.head(features))
+        if self._cond is None or len(self._cond) != len(x):
+            raise RuntimeError("slfd: syn_loss called without the batch's latents (syn(c) first)")
+        dist = self.head(self._cond, net(x))
         seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -164,10 +164,15 @@ class Decoder(nn.Module):
         self.norm_out = norm(c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def first(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's first part: input convolution and middle blocks, at latent resolution."""
         h = self.conv_in(z)
         for layer in self.mid:
             h = layer(h)
+        return h
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.first(z)
         levels = len(self.up)
         for i, stage in enumerate(self.up):
             for block in stage["blocks"]:
@@ -244,6 +249,11 @@ class AutoencoderKL(nn.Module):
     def latents(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scaled posterior samples of images in [-1, 1]: what the diffusion model sees."""
         return self.encode(x).sample(gen) * self.scale_factor
+
+    def first_features(self, z: torch.Tensor) -> torch.Tensor:
+        """The generator's intermediate features of scaled latents ``z``: the decoder's first
+        part (SLFD conditions its stochastic module on them)."""
+        return self.decoder.first(self.post_quant_conv(z / self.scale_factor))
 
     def images(self, z: torch.Tensor) -> torch.Tensor:
         """Decode scaled latents to images in [-1, 1] (clamped)."""
