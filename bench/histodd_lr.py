@@ -59,7 +59,7 @@ def main() -> None:
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         pool = f"{tmp}/pool.pt"
-        pretrain_pool(store, pool, d_cfg["pool"], seed, d_cfg["cache_mb"])
+        pretrain_pool(store, template, pool, d_cfg["pool"], seed, d_cfg["cache_mb"])
         for name, (method, m_cfg) in runs.items():
             distill(store, template, pool if method == "histodd" else None, method, 10,
                     m_cfg, seed, f"{tmp}/{name}.zarr", out / f"{name}.png", f"{tmp}/{name}_cost.json",

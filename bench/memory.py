@@ -80,7 +80,7 @@ def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) ->
     torch.set_num_threads(2)
     w = Path(work)
     if name == "distill_histodd":
-        pretrain_pool(store, w / "pool.pt", POOL, 0, cache_mb)
+        pretrain_pool(store, None, w / "pool.pt", POOL, 0, cache_mb)
         distill(store, None, w / "pool.pt", "histodd", 10, HISTODD, 0, w / "h.zarr", w / "h.png",
                 w / "h.json", None, cache_mb, progress=False)
     elif name == "distill_dm":

@@ -301,10 +301,11 @@ def summarise_runs(runs: list[dict[str, float]], epoch_times: list[float],
 
 def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[torch.Generator], Batches],
                   inputs: Inputs, im_size: int, num_classes: int, cfg: TrainConfig, runs: int,
-                  seed: int, aug: Augment | None, checkpoint: EpochCheckpoint | None = None
-                  ) -> dict[str, Any]:
+                  seed: int, aug: Augment | None, checkpoint: EpochCheckpoint | None = None,
+                  split: str = "test") -> dict[str, Any]:
     """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) on ``batches(gen)`` and test each
-    on the real test split. ``checkpoint`` makes a single run resumable per epoch."""
+    on the real ``split`` (``val`` when settings are being chosen). ``checkpoint`` makes a single
+    run resumable per epoch."""
     if checkpoint is not None and runs != 1:
         raise ValueError("evaluate_arch: a checkpoint resumes a single training run")
     results, times, curves = [], [], []
@@ -315,9 +316,9 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
         curves.append({})
         times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1],
                        checkpoint=checkpoint)
-        prob, y = predict(net, inputs.split("test", 512))
+        prob, y = predict(net, inputs.split(split, 512))
         if len(y) == 0:
-            raise ValueError(f"{inputs.store.path} has no test split to evaluate on")
+            raise ValueError(f"{inputs.store.path} has no {split} split to evaluate on")
         results.append(metrics(y, prob))
         log.info("%s run %d/%d: acc %.4f, auc %.4f (%.1fs)", arch, run + 1, runs,
                  results[-1]["acc"], results[-1]["auc"], sum(times[-cfg.epochs:]))
@@ -339,7 +340,7 @@ def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | Non
            cfg: dict[str, Any]) -> tuple[PatchStore, Inputs, Augment]:
     store = PatchStore(store_path)
     template = StainTemplate.load(template_path) if template_path else None
-    inputs = Inputs(store, template, bool(cfg.get("stain_norm", False)), device(),
+    inputs = Inputs(store, template, bool(cfg["stain_norm"]), device(),
                     float(cfg.get("cache_mb", 1024)))
     aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template,
                   inputs.stats.mean, inputs.stats.std)
@@ -371,37 +372,58 @@ def saturated_fraction(images: np.ndarray) -> float:
     return float(((images == 0) | (images == 255)).any(1).mean())
 
 
+def train_on_set(images: np.ndarray, labels: np.ndarray, store_path: str | os.PathLike,
+                 template_path: str | os.PathLike | None, cfg: dict[str, Any],
+                 split: str = "test") -> dict[str, dict[str, Any]]:
+    """Train every configured architecture (``archs`` and ``extra_archs``) ``runs`` times on a
+    distilled set (uint8 images, labels) and test each on the real ``split``; per-architecture
+    summaries (:func:`summarise_runs`)."""
+    store, inputs, aug = _setup(store_path, template_path, cfg)
+    syn_x = inputs(torch.from_numpy(images))
+    syn_y = torch.from_numpy(labels).to(inputs.dev)
+    train_cfg = TrainConfig.from_config({**cfg["train"], "boundary": cfg.get("boundary", {})})
+    archs = [*cfg["archs"], *[a for a in cfg.get("extra_archs", []) if a not in cfg["archs"]]]
+    return {arch: evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
+                                lambda gen: tensor_batches(syn_x, syn_y, train_cfg.batch, gen),
+                                inputs, int(images.shape[-1]), len(store.class_names), train_cfg,
+                                int(cfg["runs"]), int(cfg["seed"]), aug, split=split)
+            for arch in archs}
+
+
 def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
                        store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                        full: dict[str, str | os.PathLike], cfg: dict[str, Any], dataset: str,
                        out: str | os.PathLike) -> dict[str, Any]:
     """Train every configured architecture on the distilled set, test on the real test split,
-    and write the shared result JSON (see README: "Result files")."""
+    and write the shared result JSON (see docs: "Result files"). The set is evaluated under its
+    method's stain protocol (``cfg['stain_norm']``, resolved per method by the rule) and, with
+    ``both_protocols``, also under the other one (``other_protocol``)."""
     group = zarr.open_group(str(distilled), mode="r")
     attrs = dict(group.attrs)
-    store, inputs, aug = _setup(store_path, template_path, cfg)
-    images = group["images"][:]
-    syn_x = inputs(torch.from_numpy(images))
-    syn_y = torch.from_numpy(group["labels"][:]).to(inputs.dev)
-    train_cfg = TrainConfig.from_config({**cfg["train"], "boundary": cfg.get("boundary", {})})
-    patch, full_results, ratio = {}, {}, {}
-    extra = [a for a in cfg.get("extra_archs", []) if a not in cfg["archs"]]
-    for arch in [*cfg["archs"], *extra]:
-        patch[arch] = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
-                                    lambda gen: tensor_batches(syn_x, syn_y, train_cfg.batch, gen),
-                                    inputs, int(images.shape[-1]), len(store.class_names),
-                                    train_cfg, int(cfg["runs"]), int(cfg["seed"]), aug)
-        if arch in full:  # upper bounds of the evaluated archs, not of the cross-arch extras
+    images, labels = group["images"][:], group["labels"][:]
+    patch = train_on_set(images, labels, store_path, template_path, cfg)
+    full_results, ratio = {}, {}
+    for arch in cfg["archs"]:  # upper bounds of the evaluated archs, not of the cross-arch extras
+        if arch in full:
             full_results[arch] = json.loads(Path(full[arch]).read_text())
             ratio[arch] = full_results[arch]["train_time_s"] / max(patch[arch]["train_time_s"], 1e-9)
-    result = {"dataset": dataset, "method": attrs["method"], "ipc": attrs["ipc"], "patch": patch,
+    result = {"dataset": dataset, "method": attrs["method"], "ipc": attrs["ipc"],
+              "stain_norm": bool(cfg["stain_norm"]), "patch": patch,
               "full": full_results, "train_time_ratio": ratio,
               "saturated_fraction": saturated_fraction(images),
               "distill": json.loads(Path(distill_stats).read_text()),
               "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]},
               "versions": _versions()}
-    if extra:
+    if cfg.get("both_protocols"):
+        other = {**cfg, "stain_norm": not cfg["stain_norm"]}
+        result["other_protocol"] = {"stain_norm": other["stain_norm"],
+                                    "patch": train_on_set(images, labels, store_path,
+                                                          template_path, other)}
+    if cfg.get("extra_archs"):
         result["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
+        if "other_protocol" in result:
+            result["other_protocol"]["cross_arch"] = cross_arch(
+                result["other_protocol"]["patch"], attrs["config"].get("net"))
     write_json(out, result)
     return result
 

@@ -43,9 +43,15 @@ def without_operational(settings: dict[str, Any]) -> dict[str, Any]:
 def full_train_settings(evaluate: dict[str, Any], arch: str) -> dict[str, Any]:
     """What ``full_train`` reads for one architecture: its own ``arch_kwargs`` only, so adding an
     architecture or changing ``runs``/``train`` leaves the cached upper bounds alone."""
-    keys = ("augment", "full", "seed", "stain_norm")
+    keys = ("augment", "full", "seed", "stain_norm")  # the default protocol's stain_norm
     return canonical({**{k: evaluate[k] for k in keys if k in evaluate},
                       "arch_kwargs": {arch: evaluate.get("arch_kwargs", {}).get(arch, {})}})
+
+
+def stain_protocol(evaluate: dict[str, Any], method: str | None) -> bool:
+    """Whether ``method``'s sets are evaluated with test-time stain normalisation: on for the
+    methods in ``stain_norm_methods`` (their paper's protocol), else ``stain_norm``."""
+    return method in evaluate.get("stain_norm_methods", []) or bool(evaluate["stain_norm"])
 
 
 def evaluate_settings(evaluate: dict[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -57,7 +63,9 @@ def evaluate_settings(evaluate: dict[str, Any], method: str | None = None) -> di
     cross = evaluate.get("cross_arch") or {}
     extra = [a for a in cross.get("archs", []) if a not in evaluate["archs"]
              ] if method in cross.get("methods", []) else []
-    picked = {k: v for k, v in evaluate.items() if k not in ("full", "arch_kwargs", "cross_arch")}
+    picked = {k: v for k, v in evaluate.items()
+              if k not in ("full", "arch_kwargs", "cross_arch", "stain_norm_methods")}
+    picked["stain_norm"] = stain_protocol(evaluate, method)
     picked["arch_kwargs"] = {a: kwargs[a] for a in [*evaluate["archs"], *extra] if a in kwargs}
     if extra:
         picked["extra_archs"] = extra

@@ -19,7 +19,8 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
     assert config.tiling(cfg, "camelyon16")["magnification"] == 5
     assert config.tiling(cfg, "demo")["tumour_groups"][0] == "_0"  # schema default
     minimal = config.validate({"datasets": {}})
-    assert minimal["stain"] == {"io": 240, "alpha": 1, "beta": 0.15, "split": "train"}
+    assert minimal["stain"] == {"io": 240, "alpha": 1, "beta": 0.15, "split": "train",
+                                "ignore_clipped": True}
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -67,7 +68,10 @@ def test_paper_presets_per_dataset():
     assert methods["forgetting"]["net"] == methods["herding"]["net"] == "resnet18"
     pool = config.section(cfg, "camelyon16", "distill")["pool"]
     assert max(pool["save_epochs"]) <= pool["train"]["epochs"] <= 5  # early-stage checkpoints
-    assert config.section(cfg, "camelyon16", "evaluate")["stain_norm"] is True
+    # each method evaluated under its paper's stain protocol: on for Histo-DD only
+    evaluate = config.section(cfg, "camelyon16", "evaluate")
+    assert evaluate["stain_norm"] is False and evaluate["stain_norm_methods"] == ["histodd"]
+    assert pool["augment"] == {"preset": "all"}  # the pool sees distillation's augmentation
 
 
 
@@ -124,7 +128,7 @@ def test_trajectory_defaults_and_per_dataset_profiles():
     mtt = config.method_config(cfg, "camelyon16", "mtt", 10)  # MTT's CIFAR-10 row at ipc 10
     assert (mtt["syn_steps"], mtt["expert_epochs"], mtt["max_start_epoch"]) == (30, 2, 20)
     ptm = config.method_config(cfg, "demo_patches", "ptm", 2)  # profile over the global keys
-    assert ptm["iterations"] == 200 and ptm["end_epoch"] == 10 and ptm["sigma"] == 1.0
+    assert ptm["iterations"] == 200 and ptm["end_epoch"] == 10 and ptm["sigma"] == "median"
     for name in ("demo", "demo_patches", "pcam"):  # every profile's schedule fits its buffer
         epochs = config.section(cfg, name, "trajectories")["epochs"]
         for ipc in (2, 10):

@@ -382,3 +382,48 @@ def test_relabelled_store_gives_a_fresh_run_not_a_resume(tmp_path):
     fresh, _ = build("histodd", SETTINGS["histodd"], 2, ctx()).run()
     resumed, _ = build("histodd", SETTINGS["histodd"], 2, ctx(ckpt)).run()
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
+
+
+def test_the_pool_trains_under_distillations_augmentation_with_the_stain_template(store, tmp_path,
+                                                                                  monkeypatch):
+    """Histo-DD matches gradients of stain-normalised inputs, so its pool networks are trained on
+    them too: the pool trainer gets the template and augments with it."""
+    from histodistill.distill import run
+    from histodistill.stain import StainTemplate
+
+    template = StainTemplate([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], [1.0, 0.5])
+    template.save(tmp_path / "t.json")
+    seen = []
+    real_augment = run.Augment
+
+    def spy(cfg, tmpl, *args):
+        seen.append((list(cfg.ops), tmpl))
+        return real_augment(cfg, tmpl, *args)
+
+    monkeypatch.setattr(run, "Augment", spy)
+    cfg = {"net": "convnet", "net_kwargs": NET, "size": 1, "save_epochs": [1],
+           "train": {"epochs": 1, "batch": 16, "schedule": "constant"}, "augment": {"preset": "all"}}
+    run.pretrain_pool(store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg, 0, 64)
+    assert seen and "stain" in seen[0][0]
+    assert seen[0][1] is not None and seen[0][1].stain_matrix == template.stain_matrix
+    with pytest.raises(ValueError, match="stain template"):
+        run.pretrain_pool(store.path, None, tmp_path / "pool2.pt", cfg, 0, 64)
+
+
+def test_the_cost_of_a_run_counts_image_updates_and_seconds_through_a_resume(store, tmp_path):
+    """The budget figures of a comparison: DM takes one image step per iteration, Histo-DD one
+    per class per inner step; an interrupted run's resume carries both counts on."""
+    dm = build("dm", SETTINGS["dm"], 2, context(store))
+    dm.run()
+    assert dm.image_updates == SETTINGS["dm"]["iterations"] and dm.seconds > 0
+    h = SETTINGS["histodd"]
+    histodd = build("histodd", h, 2, context(store))
+    histodd.run()
+    assert histodd.image_updates == h["outer_loop"] * h["inner_loop"] * 2
+    ckpt = tmp_path / "dm.ckpt"
+    first = build("dm", SETTINGS["dm"], 2, context(store, ckpt))
+    first.run(stop_after=2)
+    resumed = build("dm", SETTINGS["dm"], 2, context(store, ckpt))
+    resumed.run()
+    assert resumed.image_updates == SETTINGS["dm"]["iterations"]
+    assert resumed.seconds > first.seconds > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,10 @@ class Distiller(ABC):
     def __init__(self, cfg: dict[str, Any], ipc: int, ctx: Context) -> None:
         self.cfg, self.ipc, self.ctx = cfg, ipc, ctx
         self.gen = torch.Generator().manual_seed(ctx.seed)
+        # the run's cost, carried through resumes: optimiser steps on the synthetic set and
+        # seconds spent in the loop (the budget unit of a comparison; docs: results protocol)
+        self.image_updates = 0
+        self.seconds = 0.0
         counts = ctx.real.counts
         short = [c for c, n in enumerate(counts) if n < ipc]
         if short and not ctx.per_slide:
@@ -154,16 +159,23 @@ class Distiller(ABC):
                 self.images.copy_(torch.minimum(torch.maximum(self.images, lo), hi))
 
     def image_step(self, loss: torch.Tensor) -> None:
-        """One optimiser step on the images, then the clamp. With ``unit_grad`` each image's
-        gradient is rescaled to unit L2 norm first, so the step size is ``lr_img`` whatever the
-        loss's scale (network width, batch size, layer count)."""
+        """One optimiser step on the images (and any further parameters in ``self.opt``, such as
+        SLFD's module), then the clamp. With ``unit_grad`` each image's gradient, and each
+        further parameter tensor's, is rescaled to unit L2 norm first, so the step size is the
+        group's rate whatever the loss's scale (network width, batch size, layer count)."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.get("unit_grad", False):
-            g = self.images.grad
-            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
-            g.div_(norm)
+            for group in self.opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    rows = p.grad.flatten(1) if p is self.images else p.grad.reshape(1, -1)
+                    norm = rows.norm(dim=1).clamp_min(1e-12)
+                    p.grad.div_(norm.reshape((-1,) + (1,) * (p.dim() - 1)) if p is self.images
+                                else norm)
         self.opt.step()
+        self.image_updates += 1
         self.clamp_()
 
     def class_match(self, net: torch.nn.Module, params: list[torch.nn.Parameter], c: int,
@@ -233,7 +245,9 @@ class Distiller(ABC):
                    initial=start, total=self.iterations)
         every = int(self.cfg.get("checkpoint_every", 10))
         for done, it in enumerate(bar, 1):
+            began = time.perf_counter()
             loss = self.step(it)
+            self.seconds += time.perf_counter() - began
             bar.set_postfix(loss=f"{loss:.4g}")
             if (it + 1) % every == 0 or it + 1 == self.iterations:
                 self._save(it + 1)
@@ -244,7 +258,7 @@ class Distiller(ABC):
 
     def _key(self) -> str:
         cfg = {k: v for k, v in self.cfg.items() if k != "checkpoint_every"}
-        return settings_hash({"method": self.name, "cfg": cfg, "ipc": self.ipc,
+        return settings_hash({"format": 2, "method": self.name, "cfg": cfg, "ipc": self.ipc,
                               "seed": self.ctx.seed, "counts": self.ctx.real.counts,
                               "inputs": self.ctx.fingerprint})
 
@@ -253,7 +267,8 @@ class Distiller(ABC):
             return
         state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
-                 "real": self.ctx.real.state_dict(), "extra": self.extra_state()}
+                 "real": self.ctx.real.state_dict(), "extra": self.extra_state(),
+                 "image_updates": self.image_updates, "seconds": self.seconds}
         tmp = self.ctx.checkpoint.with_suffix(".tmp")
         self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
@@ -273,6 +288,8 @@ class Distiller(ABC):
         self.gen.set_state(state["gen"])
         self.ctx.real.load_state_dict(state["real"])
         self.load_extra_state(state.get("extra", {}))
+        self.image_updates = int(state["image_updates"])
+        self.seconds = float(state["seconds"])
         log.info("resuming %s from iteration %d", self.name, state["done"])
         return int(state["done"])
 

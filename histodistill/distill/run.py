@@ -31,17 +31,21 @@ def real_data(store_path: str | os.PathLike, cache_mb: float, seed: int, max_per
     return RealData(PatchStore(store_path), "train", cache_mb, seed, device(), max_per_class)
 
 
-def pretrain_pool(store_path: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                  seed: int, cache_mb: float = 1024, max_per_class: int = 0) -> None:
+def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+                  out: str | os.PathLike, cfg: dict[str, Any], seed: int, cache_mb: float = 1024,
+                  max_per_class: int = 0) -> None:
     """Histo-DD's pool of early-stage networks (Acc-DD): ``cfg['size']`` networks ``cfg['net']``
     trained on the real data from different seeded initialisations, with per-image augmentation,
-    keeping the weights after each epoch listed in ``save_epochs``."""
+    keeping the weights after each epoch listed in ``save_epochs``. The augmentation is
+    distillation's (``all``: stain normalisation to ``template_path`` included), so the pool's
+    networks have seen inputs like the ones they are matched on."""
     real = real_data(store_path, cache_mb, seed, max_per_class)
+    template = StainTemplate.load(template_path) if template_path else None
     train_cfg = TrainConfig.from_config(cfg["train"])
     save = {int(e) for e in cfg["save_epochs"]}
     if not save or max(save) > train_cfg.epochs or min(save) < 1:
         raise ValueError(f"distill.pool.save_epochs {sorted(save)} must lie in 1..{train_cfg.epochs}")
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, real.stats.mean,
+    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template, real.stats.mean,
                   real.stats.std)
     states = []
     for k in range(int(cfg["size"])):
@@ -86,11 +90,14 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     start = time.perf_counter()
     distiller = build(method, cfg, ipc, ctx)
     images, labels = distiller.run()
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
              "source_store": str(store_path), "class_names": real.store.class_names}
     write_distilled(to_uint8(images), labels.cpu().numpy(), attrs, out_zarr, out_png, out_json,
-                    {"seconds": seconds, "peak_mem_mb": peak_memory_mb(), "device": str(real.device)},
+                    {"seconds": distiller.seconds if distiller.iterations else wall,
+                     "image_updates": distiller.image_updates,
+                     "iterations": distiller.iterations,
+                     "peak_mem_mb": peak_memory_mb(), "device": str(real.device)},
                     distiller.source_rows)
     if checkpoint and Path(checkpoint).exists():
         Path(checkpoint).unlink()  # finished: the result supersedes the checkpoint

@@ -1,7 +1,8 @@
 rule pretrain_pool:
     """Histo-DD's pool: networks pre-trained on the real data from different initialisations."""
     input:
-        "results/{dataset}/patches.zarr",
+        store="results/{dataset}/patches.zarr",
+        template="results/{dataset}/stain/template.json",
     output:
         "results/{dataset}/pool.pt",
     log:
