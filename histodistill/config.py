@@ -51,7 +51,7 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
 
 # sections a dataset entry may override
 OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "privacy", "mil",
-             "generate", "select")
+             "generate", "select", "tuning")
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -181,6 +181,17 @@ def method_config(config: dict[str, Any], name: str, method: str, ipc: int) -> d
            for k, v in dist["methods"][method].items()}
     cfg.setdefault("checkpoint_every", dist["checkpoint_every"])
     return cfg
+
+
+def with_candidate(cfg: dict[str, Any], overrides: dict[str, Any], method: str
+                   ) -> dict[str, Any]:
+    """A method's settings with one tuning candidate's overrides; a key the method does not
+    have is an error naming it (a typo would otherwise tune nothing)."""
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ConfigError(f"config key 'tuning.candidates.{method}': {unknown} are not settings "
+                          f"of distill.methods.{method}; its settings: {sorted(cfg)}")
+    return {**cfg, **overrides}
 
 
 # Distillation methods that cannot distil one slide at a time (rule distill_slides), and why.

@@ -7,8 +7,11 @@ and a cost file (seconds, peak memory, device)."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,18 @@ def write_distilled(images8: np.ndarray, labels: np.ndarray, attrs: dict[str, An
     write_set(out_zarr, images8, labels, attrs, sources)
     save_grid(images8, np.asarray(labels), list(attrs["class_names"]), out_png)
     write_json(out_json, cost)
+
+
+def adopt(src: dict[str, str | os.PathLike], out: dict[str, str | os.PathLike],
+          extra_cost: dict[str, Any]) -> None:
+    """Take another rule's set as this one's: copy its ``zarr``, ``grid`` and ``cost`` (each
+    atomically) to ``out``'s, the cost file gaining ``extra_cost`` (how the set was chosen)."""
+    with atomic_path(out["zarr"]) as tmp:
+        shutil.copytree(src["zarr"], tmp)
+    with atomic_path(out["grid"]) as tmp:
+        shutil.copyfile(src["grid"], tmp)
+    cost = json.loads(Path(src["cost"]).read_text())
+    write_json(out["cost"], {**cost, **extra_cost})
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],

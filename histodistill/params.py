@@ -126,6 +126,16 @@ def library_hash(script: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def tuning_settings(evaluate: dict[str, Any], tuning: dict[str, Any], method: str
+                    ) -> dict[str, Any]:
+    """How a tuning candidate is evaluated: ``method``'s evaluation settings on its evaluated
+    architectures only (no cross-architecture extras, one stain protocol, its own), with
+    ``tuning.runs`` training runs."""
+    picked = evaluate_settings(evaluate, method)
+    picked.pop("extra_archs", None)
+    return canonical({**picked, "runs": tuning["runs"], "both_protocols": False})
+
+
 def privacy_audit_settings(privacy: dict[str, Any]) -> dict[str, Any]:
     """What ``privacy_audit`` reads: the ``privacy`` section without ``package`` (the package's
     opt-ins, licence and texts rerun only the package) and without the block size ``batch``

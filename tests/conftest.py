@@ -49,9 +49,10 @@ def tumour_slide(small_cohort: Path) -> Path:
 
 
 def make_toy_store(path: Path, n_per_class: int = 24, size: int = 16, seed: int = 0,
-                   n_test: int = 8) -> Path:
-    """A two-class patch store (dark, fine texture vs bright, coarse) with train and test rows
-    interleaved and its channel statistics recorded, as the pipeline builds stores."""
+                   n_test: int = 8, n_val: int = 0) -> Path:
+    """A two-class patch store (dark, fine texture vs bright, coarse) with train, val (when
+    ``n_val``) and test rows, classes interleaved, and its channel statistics recorded, as the
+    pipeline builds stores."""
     from histodistill.data import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
 
@@ -59,12 +60,13 @@ def make_toy_store(path: Path, n_per_class: int = 24, size: int = 16, seed: int 
     writer = StoreWriter(path, size, chunk=8, attrs={"class_names": ["dark", "bright"],
                                                        "split_names": list(SPLITS), "slides": [],
                                                        "patch_size": size})
-    n = n_per_class + n_test
+    n = n_per_class + n_val + n_test
     x0 = 90 + rng.integers(0, 25, (n, 3, size, size))
     x1 = 150 + rng.integers(0, 75, (n, 3, size, size))
     x = np.stack([x0, x1], 1).reshape(2 * n, 3, size, size).astype(np.uint8)  # classes alternate
     y = np.tile([0, 1], n)
-    split = np.where(np.arange(2 * n) < 2 * n_per_class, 0, 2)
+    row = np.arange(2 * n)
+    split = np.where(row < 2 * n_per_class, 0, np.where(row < 2 * (n_per_class + n_val), 1, 2))
     writer.append(x, np.full((2 * n, 2), -1), np.full(2 * n, -1), y, split)
     record_channel_stats(path)
     return path

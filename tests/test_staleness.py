@@ -222,3 +222,35 @@ def test_canonical_settings_ignore_order_and_what_the_rule_does_not_read():
     ev = params.evaluate_settings(evaluate)
     assert "full" not in ev and "cache_mb" not in ev and ev["arch_kwargs"] == {"convnet": {"width": 8}}
     assert params.without_operational({"checkpoint_every": 5, "lr_img": 0.1}) == {"lr_img": 0.1}
+
+
+def test_a_declared_grid_is_distilled_per_candidate_and_chosen_before_the_set(state):
+    """tuning.candidates.dm: each candidate distilled and evaluated on val, one choice, then the
+    dm set (which takes the chosen candidate's); nothing else reruns."""
+    def grid(cfg: dict) -> None:
+        cfg.setdefault("tuning", {})["candidates"] = {"dm": [{"lr_img": 0.5}, {"lr_img": 2.0}]}
+
+    with edited_config(state, grid):
+        jobs = planned(state)
+    assert jobs == {"tune_candidate": 2, "tune": 1, "distill": 1, "evaluate": 1,
+                    "privacy_audit": 1, "result": 1, "demo": 1}
+
+    def typo(cfg: dict) -> None:
+        cfg.setdefault("tuning", {})["candidates"] = {"dm": [{"lr_image": 0.5}]}
+
+    with edited_config(state, typo):
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "demo"], cwd=state,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(state)})
+    assert proc.returncode != 0 and "'lr_image'" in proc.stdout + proc.stderr
+
+
+def test_further_distillation_seeds_add_only_their_own_sets(state):
+    """distill.seeds 3: the seed summary of dm needs two more dm sets and their evaluations; the
+    distill.seed set is reused."""
+    def seeds(cfg: dict) -> None:
+        cfg["distill"]["seeds"] = 3
+
+    with edited_config(state, seeds):
+        jobs = planned(state, goals=("results/demo/seeds/dm_ipc10.json",))
+    assert jobs == {"distill": 2, "evaluate": 2, "seeds": 1}

@@ -72,10 +72,12 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
             out_json: str | os.PathLike, checkpoint: str | os.PathLike | None,
             cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True,
             experts: str | os.PathLike | None = None,
-            autoencoder: str | os.PathLike | None = None) -> None:
+            autoencoder: str | os.PathLike | None = None,
+            extra_cost: dict[str, Any] | None = None) -> None:
     """Distil ``ipc`` images per class with ``method`` and write set, grid and cost.
     ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts);
-    latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``."""
+    latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``; ``extra_cost``
+    joins the cost file (how the settings were chosen)."""
     real = real_data(store_path, cache_mb, seed, max_per_class)
     template = StainTemplate.load(template_path) if template_path else None
     pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
@@ -97,7 +99,8 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
                     {"seconds": distiller.seconds if distiller.iterations else wall,
                      "image_updates": distiller.image_updates,
                      "iterations": distiller.iterations,
-                     "peak_mem_mb": peak_memory_mb(), "device": str(real.device)},
+                     "peak_mem_mb": peak_memory_mb(), "device": str(real.device),
+                     **(extra_cost or {})},
                     distiller.source_rows)
     if checkpoint and Path(checkpoint).exists():
         Path(checkpoint).unlink()  # finished: the result supersedes the checkpoint

@@ -31,6 +31,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
     method="|".join(DISTILL_METHODS + SELECT_METHODS),
     ipc=r"\d+",
+    seed=r"(_s\d+)?",  # a further distillation seed (empty: distill.seed)
     arch=r"[a-z0-9]+",
     encoder=r"[A-Za-z0-9_]+",
 
@@ -48,6 +49,7 @@ STAGE_OVERRIDES = (
     "mil",
     "generate",
     "select",
+    "tuning",
 )  # reach only their own stage's rules
 
 
@@ -81,6 +83,51 @@ def method_cfg(wildcards):
     return hdconfig.method_config(
         config, wildcards.dataset, wildcards.method, int(wildcards.ipc)
     )
+
+
+def seed_of(wildcards):
+    """The distillation seed of a target: distill.seed, or the one its _s<N> suffix names."""
+    tag = wildcards.get("seed", "")
+    return int(tag[2:]) if tag else section(wildcards.dataset, "distill")["seed"]
+
+
+def seed_tags(name):
+    """The seed suffixes of a dataset's distill.seeds seeds: "" (distill.seed), "_s<seed+1>"..."""
+    dist = section(name, "distill")
+    return [""] + [f"_s{dist['seed'] + k}" for k in range(1, dist["seeds"])]
+
+
+def candidates(wildcards):
+    """The declared grid of a method (tuning.candidates.<method>): overrides, possibly none."""
+    return section(wildcards.dataset, "tuning")["candidates"].get(wildcards.method, [])
+
+
+def candidate_cfg(wildcards):
+    """One tuning candidate's settings: the method's, with the candidate's overrides."""
+    grid = candidates(wildcards)
+    k = int(wildcards.k)
+    if k >= len(grid):
+        raise WorkflowError(
+            f"[tune_candidate] tuning.candidates.{wildcards.method} has {len(grid)} "
+            f"candidates; c{k} does not exist"
+        )
+    try:
+        cfg = hdconfig.with_candidate(method_cfg(wildcards), grid[k], wildcards.method)
+    except hdconfig.ConfigError as err:
+        raise WorkflowError(str(err)) from None
+    return hdparams.without_operational(cfg)
+
+
+def tuning_inputs(wildcards):
+    """A tuned method's distill inputs: the choice and every candidate's set (none untuned)."""
+    grid = candidates(wildcards)
+    if not grid:
+        return {}
+    stem = f"results/{wildcards.dataset}/tuning/{wildcards.method}_ipc{wildcards.ipc}"
+    return {
+        "choice": f"{stem}.json",
+        "candidates": [f"{stem}_c{k}.zarr" for k in range(len(grid))],
+    }
 
 
 def setting(name, key):

@@ -30,17 +30,17 @@ rule full_train:
 rule evaluate:
     """Train each configured architecture on the distilled set; test on the real test split."""
     input:
-        distilled="results/{dataset}/distilled/{method}_ipc{ipc}.zarr",
-        cost="results/{dataset}/distilled/{method}_ipc{ipc}_cost.json",
+        distilled="results/{dataset}/distilled/{method}_ipc{ipc}{seed}.zarr",
+        cost="results/{dataset}/distilled/{method}_ipc{ipc}{seed}_cost.json",
         store="results/{dataset}/patches.zarr",
         template="results/{dataset}/stain/template.json",
         full=full_results,
     output:
-        "results/{dataset}/patch_eval/{method}_ipc{ipc}.json",
+        "results/{dataset}/patch_eval/{method}_ipc{ipc}{seed}.json",
     log:
-        "logs/evaluate/{dataset}/{method}_ipc{ipc}.log",
+        "logs/evaluate/{dataset}/{method}_ipc{ipc}{seed}.log",
     benchmark:
-        "benchmarks/evaluate/{dataset}/{method}_ipc{ipc}.tsv"
+        "benchmarks/evaluate/{dataset}/{method}_ipc{ipc}{seed}.tsv"
     conda:
         ENV
     threads: 4

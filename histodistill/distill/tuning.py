@@ -1,0 +1,114 @@
+"""Choosing a method's settings on the validation split, and summarising distillation seeds.
+
+A method's declared grid (``tuning.candidates.<method>``: a list of setting overrides) is
+distilled once per candidate at the method's configured budget, and each candidate set is
+trained on and tested on the **validation** split (:func:`selection_split`); the candidate with
+the best mean validation accuracy is the method's setting (ties: the first listed). The test
+split never picks a setting: nothing in this module reads it. The distill rule then takes the
+chosen candidate's set (same settings, same seed, so the same set) and the result records the
+choice.
+
+Seeds: a result's figure is one distillation seed's mean over training runs; a paper's claim is
+tested over several distillation seeds (:func:`seed_summary`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from histodistill.data.store import PatchStore
+from histodistill.evaluate import METRICS, train_on_set
+from histodistill.io import InputError, write_json
+
+STAGE = "tune"
+
+
+def selection_split(store: PatchStore) -> str:
+    """The split settings are chosen on: ``val``. A store without one is refused (settings are
+    never chosen on the test split)."""
+    if len(store.indices("val")) == 0:
+        raise InputError(STAGE, store.path, "has no val split to choose settings on; give the "
+                         "dataset a validation split (a val folder or array, or val_fraction for "
+                         "a slide cohort): settings are never chosen on the test split")
+    return "val"
+
+
+def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
+                       store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+                       evaluate: dict[str, Any], overrides: dict[str, Any],
+                       out: str | os.PathLike) -> dict[str, Any]:
+    """Train the evaluation architectures on one candidate's set and test them on the
+    validation split; write the candidate's record (overrides, validation figures, cost)."""
+    split = selection_split(PatchStore(store_path))
+    group = zarr.open_group(str(distilled), mode="r")
+    patch = train_on_set(group["images"][:], group["labels"][:], store_path, template_path,
+                         evaluate, split=split)
+    record = {"overrides": overrides, "split": split, "patch": patch,
+              "distill": json.loads(Path(cost).read_text())}
+    write_json(out, record)
+    return record
+
+
+def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """The candidate with the best mean validation accuracy of the first evaluated
+    architecture (ties: the first); writes every candidate's figures and the choice."""
+    records = [json.loads(Path(p).read_text()) for p in candidates]
+    if any(r["split"] == "test" for r in records):
+        raise ValueError("tune: a candidate was evaluated on the test split")
+    arch = next(iter(records[0]["patch"]))
+    scores = [r["patch"][arch]["acc"]["mean"] for r in records]
+    best = int(np.argmax(scores))  # first maximum
+    choice = {"split": records[0]["split"], "arch": arch, "choice": best,
+              "overrides": records[best]["overrides"],
+              "candidates": [{"overrides": r["overrides"], "acc": r["patch"][arch]["acc"],
+                              "auc": r["patch"][arch]["auc"],
+                              "seconds": r["distill"]["seconds"],
+                              "image_updates": r["distill"].get("image_updates")}
+                             for r in records]}
+    write_json(out, choice)
+    return choice
+
+
+def seed_summary(results: list[str | os.PathLike], seeds: list[int],
+                 out: str | os.PathLike) -> dict[str, Any]:
+    """Per-seed figures of one method's sets distilled with ``seeds`` (each a patch-evaluation
+    file: its mean over training runs) and, per metric and architecture, their mean and std over
+    seeds (the spread a paper's claim has to clear); cross-architecture and the other stain
+    protocol likewise when present."""
+    evals = [json.loads(Path(p).read_text()) for p in results]
+
+    def over_seeds(pick: Any) -> dict[str, Any]:
+        values = [pick(e) for e in evals]
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": values}
+
+    summary: dict[str, Any] = {"method": evals[0]["method"], "ipc": evals[0]["ipc"],
+                               "dataset": evals[0]["dataset"], "seeds": seeds,
+                               "stain_norm": evals[0]["stain_norm"], "patch": {}}
+    for arch in evals[0]["patch"]:
+        summary["patch"][arch] = {m: over_seeds(lambda e, a=arch, m=m: e["patch"][a][m]["mean"])
+                                  for m in METRICS}
+    if "cross_arch" in evals[0]:
+        summary["cross_arch"] = {m: over_seeds(lambda e, m=m: e["cross_arch"][m]["mean"])
+                                 for m in METRICS}
+    if "other_protocol" in evals[0]:
+        other = evals[0]["other_protocol"]
+        summary["other_protocol"] = {
+            "stain_norm": other["stain_norm"],
+            "patch": {arch: {m: over_seeds(lambda e, a=arch, m=m:
+                                           e["other_protocol"]["patch"][a][m]["mean"])
+                             for m in METRICS} for arch in other["patch"]}}
+        if "cross_arch" in other:
+            summary["other_protocol"]["cross_arch"] = {
+                m: over_seeds(lambda e, m=m: e["other_protocol"]["cross_arch"][m]["mean"])
+                for m in METRICS}
+    summary["saturated_fraction"] = over_seeds(lambda e: e["saturated_fraction"])
+    summary["distill"] = {"seconds": over_seeds(lambda e: e["distill"]["seconds"]),
+                          "image_updates": over_seeds(lambda e: e["distill"].get("image_updates", 0))}
+    write_json(out, summary)
+    return summary

@@ -1,0 +1,18 @@
+"""Rule tune_candidate: distil one candidate of a method's grid and evaluate it on val."""
+import torch
+
+from histodistill.distill.run import distill
+from histodistill.distill.tuning import evaluate_candidate
+from histodistill.logs import rule_logging
+
+sm = snakemake  # noqa: F821 (snakemake injects this object)
+with rule_logging(sm.log[0]):
+    torch.set_num_threads(sm.threads)
+    cfg = {**sm.params.cfg, "checkpoint_every": sm.resources.checkpoint_every}  # not a param: no rerun
+    distill(sm.input.store, sm.input.template, sm.input.get("pool"), sm.wildcards.method,
+            int(sm.wildcards.ipc), cfg, sm.params.seed, sm.output.zarr, sm.output.grid,
+            sm.output.cost, sm.params.checkpoint, sm.resources.cache_mb, sm.params.max_per_class,
+            experts=sm.input.get("experts"), autoencoder=sm.input.get("autoencoder"))
+    evaluate = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}
+    evaluate_candidate(sm.output.zarr, sm.output.cost, sm.input.store, sm.input.template, evaluate,
+                       sm.params.overrides, sm.output.json)

@@ -1,0 +1,99 @@
+"""Settings chosen on the validation split (never on test) and figures over distillation seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_toy_store
+from histodistill import evaluate
+from histodistill.config import ConfigError, with_candidate
+from histodistill.distill.run import distill
+from histodistill.distill.tuning import choose, evaluate_candidate, seed_summary, selection_split
+from histodistill.data.store import PatchStore
+from histodistill.io import InputError
+
+DM = {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
+      "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
+EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}}, "runs": 2, "seed": 0,
+            "train": {"epochs": 3, "batch": 16}, "augment": {"preset": "none"},
+            "stain_norm": False}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tuning")
+    return {"val": make_toy_store(tmp / "val.zarr", n_val=6),
+            "noval": make_toy_store(tmp / "noval.zarr"), "tmp": tmp}
+
+
+def test_no_tuning_code_path_reads_the_test_split(stores, monkeypatch):
+    """A candidate is distilled from train and judged on val: the test rows are never read."""
+    read = []
+    real_iterate = evaluate.iterate
+    monkeypatch.setattr(evaluate, "iterate",
+                        lambda store, split, *a, **k: read.append(split) or real_iterate(
+                            store, split, *a, **k))
+    real_indices = PatchStore.indices
+    monkeypatch.setattr(PatchStore, "indices",
+                        lambda self, split: read.append(split) or real_indices(self, split))
+    tmp = stores["tmp"]
+    distill(stores["val"], None, None, "dm", 2, DM, 0, tmp / "c0.zarr", tmp / "c0.png",
+            tmp / "c0_cost.json", None, 64, progress=False)
+    record = evaluate_candidate(tmp / "c0.zarr", tmp / "c0_cost.json", stores["val"], None,
+                                EVALUATE, {"lr_img": 1.0}, tmp / "c0.json")
+    assert "test" not in read and "val" in read
+    assert record["split"] == "val" and len(record["patch"]["convnet"]["acc"]["runs"]) == 2
+
+
+def test_a_store_without_val_is_refused_not_judged_on_test(stores):
+    with pytest.raises(InputError, match=r"\[tune\].*no val split.*never chosen on the test"):
+        selection_split(PatchStore(stores["noval"]))
+    assert selection_split(PatchStore(stores["val"])) == "val"
+
+
+def _candidate(tmp, k, acc, split="val"):
+    path = tmp / f"cand{k}.json"
+    path.write_text(json.dumps({"overrides": {"lr_img": k}, "split": split,
+                                "patch": {"convnet": {"acc": {"mean": acc, "std": 0.0},
+                                                      "auc": {"mean": acc, "std": 0.0}}},
+                                "distill": {"seconds": 10.0 + k, "image_updates": 5}}))
+    return path
+
+
+def test_the_best_validation_accuracy_is_chosen_ties_to_the_first(tmp_path):
+    files = [_candidate(tmp_path, k, acc) for k, acc in enumerate([0.6, 0.7, 0.7, 0.5])]
+    choice = choose(files, tmp_path / "choice.json")
+    assert choice["choice"] == 1 and choice["overrides"] == {"lr_img": 1}
+    assert choice["split"] == "val" and len(choice["candidates"]) == 4
+    assert json.loads((tmp_path / "choice.json").read_text()) == choice
+    with pytest.raises(ValueError, match="test split"):
+        choose([_candidate(tmp_path, 9, 0.9, "test")], tmp_path / "bad.json")
+
+
+def test_a_candidate_key_the_method_lacks_is_named():
+    assert with_candidate({"lr_img": 1.0, "iterations": 5}, {"lr_img": 0.1}, "dm")["lr_img"] == 0.1
+    with pytest.raises(ConfigError, match=r"tuning.candidates.dm.*'lr_image'"):
+        with_candidate({"lr_img": 1.0}, {"lr_image": 0.1}, "dm")
+
+
+def test_seed_summary_is_the_mean_and_std_over_seeds_of_each_seeds_mean(tmp_path):
+    files = []
+    for seed, acc in enumerate([0.60, 0.64, 0.62]):
+        patch = {"convnet": {m: {"mean": acc, "std": 0.01, "runs": [acc]}
+                             for m in evaluate.METRICS}}
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"method": "dm", "ipc": 10, "dataset": "toy", "patch": patch,
+                                    "stain_norm": False, "saturated_fraction": 0.01 * seed,
+                                    "distill": {"seconds": 100.0, "image_updates": 50},
+                                    "cross_arch": {m: {"mean": acc - 0.1, "std": 0.0}
+                                                   for m in evaluate.METRICS}}))
+        files.append(path)
+    out = seed_summary(files, [0, 1, 2], tmp_path / "seeds.json")
+    acc = out["patch"]["convnet"]["acc"]
+    assert acc["mean"] == pytest.approx(0.62) and acc["std"] == pytest.approx(np.std([.6, .64, .62]))
+    assert acc["seeds"] == [0.60, 0.64, 0.62] and out["seeds"] == [0, 1, 2]
+    assert out["cross_arch"]["acc"]["mean"] == pytest.approx(0.52)
+    assert out["distill"]["seconds"]["mean"] == 100.0
