@@ -97,3 +97,23 @@ def test_seed_summary_is_the_mean_and_std_over_seeds_of_each_seeds_mean(tmp_path
     assert acc["seeds"] == [0.60, 0.64, 0.62] and out["seeds"] == [0, 1, 2]
     assert out["cross_arch"]["acc"]["mean"] == pytest.approx(0.52)
     assert out["distill"]["seconds"]["mean"] == 100.0
+
+
+def test_the_budget_fills_the_seconds_with_each_methods_measured_cost(stores):
+    """Counts = budget / measured seconds per iteration, written in the profile's keys."""
+    import yaml
+
+    from histodistill.distill import budget
+
+    args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0}
+    cost = budget.seconds_per_iteration("dm", DM, 2, args, probe=2)
+    assert cost > 0
+    calibration = {"methods": {
+        "histodd": {"key": "outer_loop", "ipc": {10: {"seconds_per_iteration": 30.0,
+                                                      "iterations": 30}}},
+        "dm": {"key": "iterations", "ipc": {2: {"seconds_per_iteration": 0.5,
+                                                "iterations": 1800},
+                                            10: {"seconds_per_iteration": 1.0,
+                                                 "iterations": 900}}}}}
+    block = yaml.safe_load(budget.profile_block(calibration))
+    assert block == {"histodd": {"outer_loop": {10: 30}}, "dm": {"iterations": {2: 1800, 10: 900}}}

@@ -66,6 +66,27 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
         torch.save({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, tmp)
 
 
+def context(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+            pool_path: str | os.PathLike | None, seed: int,
+            checkpoint: str | os.PathLike | None = None, cache_mb: float = 1024,
+            max_per_class: int = 0, progress: bool = True,
+            experts: str | os.PathLike | None = None,
+            autoencoder: str | os.PathLike | None = None) -> Context:
+    """What a method runs on: the streamed training split, the template, the pool, the expert
+    store and autoencoder paths, and the fingerprint of their contents (the resume key)."""
+    real = real_data(store_path, cache_mb, seed, max_per_class)
+    template = StainTemplate.load(template_path) if template_path else None
+    pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
+    inputs = fingerprint(real.store, pool_path, template_path, autoencoder)
+    if experts:  # its key covers its settings and data; hashing gigabytes of it would not pay
+        store = ExpertStore(experts)
+        inputs = settings_hash([inputs, store.key])
+        store.close()
+    return Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool,
+                   progress, inputs, experts=Path(experts) if experts else None,
+                   autoencoder=Path(autoencoder) if autoencoder else None)
+
+
 def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
             pool_path: str | os.PathLike | None, method: str, ipc: int, cfg: dict[str, Any],
             seed: int, out_zarr: str | os.PathLike, out_png: str | os.PathLike,
@@ -78,17 +99,9 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts);
     latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``; ``extra_cost``
     joins the cost file (how the settings were chosen)."""
-    real = real_data(store_path, cache_mb, seed, max_per_class)
-    template = StainTemplate.load(template_path) if template_path else None
-    pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
-    inputs = fingerprint(real.store, pool_path, template_path, autoencoder)
-    if experts:  # its key covers its settings and data; hashing gigabytes of it would not pay
-        store = ExpertStore(experts)
-        inputs = settings_hash([inputs, store.key])
-        store.close()
-    ctx = Context(real, seed, template, Path(checkpoint) if checkpoint else None, pool, progress,
-                  inputs, experts=Path(experts) if experts else None,
-                  autoencoder=Path(autoencoder) if autoencoder else None)
+    ctx = context(store_path, template_path, pool_path, seed, checkpoint, cache_mb,
+                  max_per_class, progress, experts, autoencoder)
+    real = ctx.real
     start = time.perf_counter()
     distiller = build(method, cfg, ipc, ctx)
     images, labels = distiller.run()
