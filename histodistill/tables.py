@@ -35,50 +35,145 @@ def result_files(folder: str | Path) -> list[Path]:
     return [p for p in sorted(Path(folder).glob("*_ipc*.json")) if not p.name.startswith("transfer_")]
 
 
-def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _view(result: dict, protocol: str) -> dict | None:
+    """The figures of ``result`` under its method's own stain protocol ("own") or the other one
+    ("other": recorded when evaluate.both_protocols is on; None when it was not)."""
+    if protocol == "own":
+        return result
+    other = result.get("other_protocol")
+    return None if other is None else {**result, **other}
+
+
+def _privacy_cells(result: dict) -> list[str]:
+    """Memorised share (pixel / feature space) and the membership attack's AUC against the
+    set's sources, from the result's privacy audit ("-" when it has none)."""
+    p = result.get("privacy")
+    if p is None:
+        return ["-", "-"]
+    memorised = " / ".join(f"{100 * p['spaces'][s]['memorised']:.0f}"
+                           for s in ("pixel", "feature") if s in p["spaces"])
+    attack = p["spaces"][p["attack_space"]]["attack"].get("sources")
+    return [memorised, f"{attack['auc']:.2f}" if attack else "-"]
+
+
+def rows(results: list[dict], protocol: str = "own") -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per method and ipc (sorted), one column group per architecture,
-    and a last "full data" row with the upper bound."""
+    the privacy audit beside the accuracy, the distillation budget, and a last "full data" row
+    with the upper bound. ``protocol`` "other" prints the other stain protocol's figures."""
     results = sorted(results, key=_order)
     archs = [a for a in results[0]["patch"] if all(a in r["patch"] and a in r["full"] for r in results)]
     cross = any("cross_arch" in r for r in results)
-    head = ["method", "ipc"] + [f"{a} {m}" for a in archs for m in ("acc %", "AUC %")]
-    head += ["cross-arch acc %"] * cross + ["saturated %", "distill s"]
+    head = ["method", "ipc", "stain norm"] + [f"{a} {m}" for a in archs for m in ("acc %", "AUC %")]
+    head += ["cross-arch acc %"] * cross
+    head += ["memorised % pixel / feature", "MIA AUC sources", "saturated %", "distill s",
+             "image updates"]
     body = []
     for r in results:
+        view = _view(r, protocol)
         cells = [r["method"], str(r["ipc"])]
+        if view is None:
+            body.append(cells + ["-"] * (len(head) - 2))
+            continue
+        cells.append("on" if view.get("stain_norm") else "off")
         for a in archs:
-            cells += [_pct(r["patch"][a]["acc"]), _pct(r["patch"][a]["auc"])]
+            cells += [_pct(view["patch"][a]["acc"]), _pct(view["patch"][a]["auc"])]
         if cross:
-            cells.append(_pct(r["cross_arch"]["acc"]) if "cross_arch" in r else "-")
+            cells.append(_pct(view["cross_arch"]["acc"]) if "cross_arch" in view else "-")
+        cells += _privacy_cells(r)
         cells.append(f"{100 * r['saturated_fraction']:.1f}")
         cells.append(f"{r['distill']['seconds']:.0f}")
+        cells.append(str(r["distill"].get("image_updates", "-")))
         body.append(cells)
     full = results[0]["full"]
-    body.append(["full data", "all"] + [c for a in archs for c in (_pct(full[a]["acc"]), _pct(full[a]["auc"]))]
-                + ["-"] * cross + ["-", "-"])
+    body.append(["full data", "all", "-"]
+                + [c for a in archs for c in (_pct(full[a]["acc"]), _pct(full[a]["auc"]))]
+                + ["-"] * cross + ["-"] * 5)
     return head, body
 
 
-def table(folder: str | Path) -> str:
+def table(folder: str | Path, protocol: str = "own") -> str:
     """Markdown table of every result file in ``folder`` (see ``rows``) with a note on how it
     was measured."""
     results = [json.loads(p.read_text()) for p in result_files(folder)]
     if not results:
         raise FileNotFoundError(f"no result files (*_ipc*.json) in {folder}")
-    head, body = rows(results)
+    head, body = rows(results, protocol)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     archs = list(results[0]["patch"])
     runs = len(results[0]["patch"][archs[0]]["acc"]["runs"])
+    budget = Path(folder) / "budget.json"
     lines.append("")
     lines.append(f"Mean ± std over {runs} seeded training runs on the distilled set, tested on the "
-                 f"real test split; full data: one run on the whole training split. Saturated: share of "
-                 f"synthetic pixels at 0 or 255 in some channel. "
+                 f"real test split; full data: one run on the whole training split. "
+                 + ("Stain norm: each method under its paper's test-time protocol (on: every "
+                    "input stain-normalised to the template). " if protocol == "own" else
+                    "Stain norm: every method under the other protocol than its paper's. ")
+                 + "Memorised: share of the set closer to a real training patch than the 5th "
+                 "percentile of held-out patches; MIA AUC: membership attack on the set's source "
+                 "patches (0.5: no leak). Saturated: share of "
+                 "synthetic pixels at 0 or 255 in some channel. Distill s: the loop's seconds on "
+                 "the machine that ran it; image updates: optimiser steps on the set. "
+                 + (f"Budget: {json.loads(budget.read_text())['budget_s']:.0f} s of distillation "
+                    "per method and set (iteration counts calibrated in budget.json). "
+                    if budget.exists() else "")
                  + ("Cross-arch: mean over the architectures in `evaluate.cross_arch` other than "
                     "the one the set was distilled with. " if any("cross_arch" in r for r in results) else "")
                  + f"Generated by "
-                 f"`python -m histodistill.tables {Path(folder).as_posix()}` from the result JSON files.")
+                 f"`python -m histodistill.tables {Path(folder).as_posix()}"
+                 + (" --protocol other" if protocol == "other" else "")
+                 + "` from the result JSON files.")
     return "\n".join(lines)
+
+
+def seeds_table(folder: str | Path) -> str | None:
+    """Markdown table of the seed summaries (``seeds/*.json``): per method and ipc, the mean and
+    std over distillation seeds of each seed's mean accuracy; None when there are none."""
+    files = sorted((Path(folder) / "seeds").glob("*_ipc*.json"))
+    if not files:
+        return None
+    results = sorted((json.loads(p.read_text()) for p in files), key=_order)
+    arch = next(iter(results[0]["patch"]))
+    cross = any("cross_arch" in r for r in results)
+    head = ["method", "ipc", "seeds", f"{arch} acc % (mean ± std over seeds)", "per seed"]
+    head += ["cross-arch acc %"] * cross + ["distill s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        acc = r["patch"][arch]["acc"]
+        cells = [r["method"], str(r["ipc"]), str(len(r["seeds"])), _pct(acc),
+                 " / ".join(f"{100 * v:.1f}" for v in acc["seeds"])]
+        if cross:
+            cells.append(_pct(r["cross_arch"]["acc"]) if "cross_arch" in r else "-")
+        cells.append(f"{r['distill']['seconds']['mean']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Each seed's figure is its set's mean over the training runs; mean ± std over "
+                 "the distillation seeds (a paper's claim has to clear this std). Generated by "
+                 f"`python -m histodistill.tables {Path(folder).as_posix()}` from seeds/*.json.")
+    return "\n".join(lines)
+
+
+def collect(results: str | Path, docs: str | Path) -> list[Path]:
+    """Copy the small JSON files behind a dataset's tables (result files, seed summaries, tuning
+    choices, the budget calibration) from ``results`` into ``docs``, where they are committed
+    and the tables are generated from; returns the files written."""
+    results, docs = Path(results), Path(docs)
+    written = []
+    patterns = ["*_ipc*.json", "seeds/*_ipc*.json", "budget.json", "augment_*.json",
+                "generate/*_quality.json"]
+    for pattern in patterns:
+        for src in sorted(results.glob(pattern)):
+            dst = docs / src.relative_to(results)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(src.read_text())
+            written.append(dst)
+    for src in sorted(results.glob("tuning/*_ipc*.json")):
+        if re.search(r"_c\d+$", src.stem) is None:  # the choices, not each candidate's record
+            dst = docs / src.relative_to(results)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(src.read_text())
+            written.append(dst)
+    return written
 
 
 def _auc(attack: dict | None) -> str:
@@ -256,7 +351,9 @@ def update_readme(readme: str | Path, folder: str | Path, bench: str | Path | No
     ``<!-- bench:<name> -->`` from ``<bench>/<name>.txt``."""
     update_block(readme, f"results:{Path(folder).name}", table(folder))
     for kind, make in (("privacy", privacy_table), ("slide", slide_table),
-                       ("transfer", transfer_table), ("generate", generate_table)):
+                       ("transfer", transfer_table), ("generate", generate_table),
+                       ("seeds", seeds_table),
+                       ("other", lambda f: table(f, "other"))):
         if f"<!-- {kind}:{Path(folder).name}:start -->" in Path(readme).read_text():
             text = make(folder)
             if text is not None:  # nothing of that kind built yet: the block keeps what it has
@@ -278,15 +375,22 @@ if __name__ == "__main__":
     parser.add_argument("--readme")
     parser.add_argument("--bench", help="folder of benchmark figure files (results/bench)")
     parser.add_argument("--augment", help="an augmentation study's JSON file: print its table")
+    parser.add_argument("--protocol", choices=["own", "other"], default="own",
+                        help="each method's own stain protocol, or the other one")
+    parser.add_argument("--collect", metavar="DOCS_FOLDER",
+                        help="copy the folder's small result JSON files here (committed)")
     args = parser.parse_args()
     if args.augment:
         print(augment_table(args.augment))
+    elif args.collect:
+        for path in collect(args.folder, args.collect):
+            print(path)
     elif args.folder is None:
         parser.error("give a results folder or --augment FILE")
     else:
         if args.readme:
             update_readme(args.readme, args.folder, args.bench)
-        print(table(args.folder))
+        print(table(args.folder, args.protocol))
         privacy = privacy_table(args.folder)
         if privacy:
             print("\n" + privacy)

@@ -49,7 +49,8 @@ def test_result_curves_and_table(finished, tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "t.html").read_text()
     acc = result["patch"]["convnet"]["acc"]
-    assert f"<td>dm</td><td>2</td><td>{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}</td>" in page
+    assert (f"<td>dm</td><td>2</td><td>off</td><td>{100 * acc['mean']:.1f} ± "
+            f"{100 * acc['std']:.1f}</td>") in page
     assert "<td>full data</td>" in page and "<th>convnet acc %</th>" in page
 
 

@@ -24,8 +24,8 @@ def test_table_rows_and_readme_block(tmp_path):
         (folder / f"{method}_ipc10.json").write_text(json.dumps(result(method, acc)))
     text = tables.table(folder)
     lines = text.splitlines()
-    assert lines[2].startswith("| histodd | 10 | 75.0 ± 1.0") and lines[3].startswith("| random")
-    assert lines[2].endswith("| 2.5 | 12 |")  # saturated %, distill seconds
+    assert lines[2].startswith("| histodd | 10 | off | 75.0 ± 1.0") and lines[3].startswith("| random")
+    assert lines[2].endswith("| - | - | 2.5 | 12 | - |")  # no audit; saturated %, seconds
     assert "| full data | all |" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:toy:start -->\nold\n<!-- results:toy:end -->\nend\n")
@@ -93,3 +93,51 @@ def test_generator_quality_table_and_readme_block(tmp_path):
                        "60.0 (a 100, b 20) | 90.0 |")
     tables.update_readme(readme, folder)
     assert "kept" not in readme.read_text() and "60.0 (a 100, b 20)" in readme.read_text()
+
+
+def audited(method: str, acc: float, other_acc: float) -> dict:
+    r = result(method, acc)
+    metric = {"mean": other_acc, "std": 0.02, "runs": [other_acc]}
+    r["stain_norm"] = method == "histodd"
+    r["other_protocol"] = {"stain_norm": method != "histodd",
+                           "patch": {"convnet": {"acc": metric, "auc": metric}}}
+    r["distill"]["image_updates"] = 400
+    r["privacy"] = {"attack_space": "pixel", "spaces": {
+        "pixel": {"memorised": 1.0, "attack": {"sources": {"auc": 0.93}}},
+        "feature": {"memorised": 0.35, "attack": {}}}}
+    return r
+
+
+def test_the_table_shows_privacy_beside_accuracy_and_either_stain_protocol(tmp_path):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for method, acc, other in [("random", 0.5, 0.45), ("histodd", 0.75, 0.6)]:
+        (folder / f"{method}_ipc10.json").write_text(json.dumps(audited(method, acc, other)))
+    (folder / "budget.json").write_text(json.dumps({"budget_s": 900}))
+    own = tables.table(folder).splitlines()
+    assert own[2] == ("| histodd | 10 | on | 75.0 ± 1.0 | 75.0 ± 1.0 | 100 / 35 | 0.93 | 2.5 | "
+                      "12 | 400 |")
+    assert own[3].startswith("| random | 10 | off | 50.0 ± 1.0")
+    assert "Budget: 900 s of distillation" in tables.table(folder)
+    other = tables.table(folder, "other").splitlines()
+    assert other[2].startswith("| histodd | 10 | off | 60.0 ± 2.0")
+    assert other[3].startswith("| random | 10 | on | 45.0 ± 2.0")
+
+
+def test_seed_summaries_and_collected_files(tmp_path):
+    folder = tmp_path / "res"
+    (folder / "seeds").mkdir(parents=True)
+    (folder / "tuning").mkdir()
+    acc = {"mean": 0.6, "std": 0.02, "seeds": [0.58, 0.6, 0.62]}
+    (folder / "seeds" / "histodd_ipc10.json").write_text(json.dumps(
+        {"method": "histodd", "ipc": 10, "seeds": [0, 1, 2], "patch": {"convnet": {"acc": acc}},
+         "distill": {"seconds": {"mean": 901.0}}}))
+    (folder / "histodd_ipc10.json").write_text(json.dumps(result("histodd", 0.6)))
+    (folder / "tuning" / "histodd_ipc10.json").write_text("{}")
+    (folder / "tuning" / "histodd_ipc10_c0.json").write_text("{}")
+    text = tables.seeds_table(folder)
+    assert "| histodd | 10 | 3 | 60.0 ± 2.0 | 58.0 / 60.0 / 62.0 | 901 |" in text
+    docs = tmp_path / "docs"
+    written = {p.relative_to(docs).as_posix() for p in tables.collect(folder, docs)}
+    assert written == {"histodd_ipc10.json", "seeds/histodd_ipc10.json", "tuning/histodd_ipc10.json"}
+    assert tables.seeds_table(tmp_path / "nothing") is None
