@@ -8,7 +8,6 @@ and random results at that ipc for the comparison (e.g. `snakemake --cores 2
 results/demo_patches/{mtt,random}_ipc10.json` builds them); stops with a message when one is
 missing. With the dataset's ptm settings from config.yaml, each variant changes one thing:
   ptm             - as configured (the reference of every other variant);
-  beta_c0         - without L_c (the cross-entropy under the expert at the end point);
   syn_steps10     - 10 student steps per expert epoch;
   lr_img10        - a tenth of the demo's image learning rate (does the saturation matter?);
   retrain0        - without the retraining resets of S^c;
@@ -16,14 +15,14 @@ missing. With the dataset's ptm settings from config.yaml, each variant changes 
   window2         - the student starts at theta_{t-2} instead of theta_0 (MTT's span of two
                     expert epochs, end points still progressive): not PTM, the test of its
                     from-theta_0 matching;
-  window2_mtt     - window2 with MTT's settings (5 student steps per expert epoch, no L_c, no
-                    overlap term, no resets): MTT whose start epochs follow PTM's schedule
-                    instead of being drawn;
+  window2_mtt     - window2 with MTT's settings (5 student steps per expert epoch, no
+                    overlap term, no resets, matching at the end point): MTT whose start epochs
+                    follow PTM's schedule instead of being drawn;
   window2_steps5  - window2 with MTT's 5 student steps per expert epoch, PTM's terms kept;
   ptm_mtt         - PTM (from theta_0) with MTT's settings: its schedule without its terms;
-  ptm_mtt_c, ptm_mtt_overlap, ptm_mtt_retrain - ptm_mtt with one of PTM's terms back (L_c, the
-                    overlap term, the resets) at the configured weight.
-Each set is evaluated with the dataset's evaluation settings. A set already in --out with the
+  ptm_mtt_all, ptm_mtt_overlap, ptm_mtt_retrain - ptm_mtt with one of PTM's parts back (matching
+                    at every epoch boundary, the overlap term, the resets) as configured.
+Each set is evaluated with the dataset's evaluation settings on the validation split. A set already in --out with the
 same settings is read back (the study resumes). Prints one `name: value` line per figure: per
 variant the ConvNet accuracy, its std and the saturated pixels, its gain over random real
 patches. Grids and full results go to --out (default results/bench/ptm_ablation_<dataset>), the
@@ -58,12 +57,11 @@ class WindowPTM(PTM):
         return max(0, t - int(self.cfg["window"]))
 
 
-# MTT's demo settings at ipc 10 in PTM's terms: 10 student steps per 2 expert epochs, no L_c, no
-# overlap term, no resets
-MTT_LIKE = {"syn_steps": 5, "beta_c": 0.0, "beta_overlap": 0.0, "retrain": 0}
+# MTT's demo settings at ipc 10 in PTM's terms: 10 student steps per 2 expert epochs, no
+# overlap term, no resets, the end point matched alone
+MTT_LIKE = {"syn_steps": 5, "beta_overlap": 0.0, "retrain": 0, "match_points": "end"}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ptm": ("ptm", {}),
-    "beta_c0": ("ptm", {"beta_c": 0.0}),
     "syn_steps10": ("ptm", {"syn_steps": 10}),
     "lr_img10": ("ptm", {"lr_img": 10}),
     "retrain0": ("ptm", {"retrain": 0}),
@@ -72,7 +70,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "window2_mtt": ("ptm_window", {"window": 2, **MTT_LIKE}),
     "window2_steps5": ("ptm_window", {"window": 2, "syn_steps": 5}),
     "ptm_mtt": ("ptm", MTT_LIKE),
-    "ptm_mtt_c": ("ptm", {**MTT_LIKE, "beta_c": 1.0}),
+    "ptm_mtt_all": ("ptm", {**MTT_LIKE, "match_points": "all"}),
     "ptm_mtt_overlap": ("ptm", {**MTT_LIKE, "beta_overlap": 0.01}),
     "ptm_mtt_retrain": ("ptm", {**MTT_LIKE, "retrain": 2}),
 }

@@ -1,5 +1,6 @@
 """Shared by the method studies in bench/ (trajectory_lr.py, latent_distill.py): distil a set with
-the library's ``distill``, evaluate it with the dataset's evaluation settings, keep the figures.
+the library's ``distill``, evaluate it with the dataset's evaluation settings on the validation
+split (a study compares settings: it never reads the test split), keep the figures.
 
 Not a benchmark itself. The studies run on a dataset the pipeline has built, so ``Dataset``
 checks the inputs the methods need and stops with one message naming what is missing.
@@ -16,7 +17,7 @@ from typing import Any
 
 from histodistill import config
 from histodistill.distill.run import distill
-from histodistill.evaluate import evaluate_distilled
+from histodistill.distill.tuning import evaluate_candidate
 from histodistill.params import without_operational
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +92,8 @@ def _reusable(result: Path, m_cfg: dict[str, Any], seed: int, evaluate: dict[str
     if not result.exists() or not result.with_suffix(".png").exists():
         return None
     r = json.loads(result.read_text())
+    if r.get("split") != "val":  # an earlier study's test-split figure is never reused
+        return None
     recorded = r.get("config", {})
     same = (recorded.get("distill") == json.loads(json.dumps(m_cfg))
             and recorded.get("seed") == seed
@@ -100,17 +103,18 @@ def _reusable(result: Path, m_cfg: dict[str, Any], seed: int, evaluate: dict[str
 
 def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any], seed: int,
             evaluate: dict[str, Any], out: Path, tmp: str | Path) -> dict[str, Any]:
-    """Distil one set (grid to ``out/<name>.png``), evaluate it (``out/<name>.json``) and return
-    its summary: accuracy mean and std per architecture, saturation and distillation cost.
-    A set already in ``out`` with the same settings is read back, not rebuilt."""
+    """Distil one set (grid to ``out/<name>.png``), evaluate it on the validation split
+    (``out/<name>.json``) and return its summary: accuracy mean and std per architecture,
+    saturation and distillation cost. A set already in ``out`` with the same settings is read
+    back, not rebuilt."""
     r = _reusable(out / f"{name}.json", m_cfg, seed, evaluate)
     if r is None:
         zarr_path, cost = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}_cost.json"
         distill(ds.store, ds.template, None, method, ipc, m_cfg, seed, zarr_path,
                 out / f"{name}.png", cost, None, ds.section("distill")["cache_mb"],
                 progress=False, experts=ds.experts, autoencoder=ds.autoencoder)
-        r = evaluate_distilled(zarr_path, cost, ds.store, ds.template, ds.full, evaluate,
-                               ds.name, out / f"{name}.json")
+        r = evaluate_candidate(zarr_path, cost, ds.store, ds.template, evaluate, {},
+                               out / f"{name}.json")
     return result_summary(r)
 
 

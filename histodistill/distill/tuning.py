@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from histodistill.data.store import PatchStore
-from histodistill.evaluate import METRICS, train_on_set
+from histodistill.evaluate import METRICS, cross_arch, saturated_fraction, train_on_set
 from histodistill.io import InputError, write_json
 
 STAGE = "tune"
@@ -47,10 +47,16 @@ def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
     validation split; write the candidate's record (overrides, validation figures, cost)."""
     split = selection_split(PatchStore(store_path))
     group = zarr.open_group(str(distilled), mode="r")
-    patch = train_on_set(group["images"][:], group["labels"][:], store_path, template_path,
-                         evaluate, split=split)
+    images = group["images"][:]
+    patch = train_on_set(images, group["labels"][:], store_path, template_path, evaluate,
+                         split=split)
+    attrs = dict(group.attrs)
     record = {"overrides": overrides, "split": split, "patch": patch,
-              "distill": json.loads(Path(cost).read_text())}
+              "saturated_fraction": saturated_fraction(images),
+              "distill": json.loads(Path(cost).read_text()),
+              "config": {"distill": attrs["config"], "evaluate": evaluate, "seed": attrs["seed"]}}
+    if evaluate.get("extra_archs"):
+        record["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
     write_json(out, record)
     return record
 
