@@ -113,6 +113,9 @@ class TrainConfig:
     batch: int = 256
     schedule: str = "step"  # "step" (x0.1 at half), "cosine" or "constant"
     boundary: dict[str, float] = field(default_factory=dict)  # {"weight", "rho", "tau"} or {}
+    # sharpness-aware minimisation (Foret et al. 2021; FTD's flat expert trajectories): each step
+    # takes the gradient at the weights moved sam_rho along the normalised gradient (0: plain)
+    sam_rho: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TrainConfig":
@@ -177,6 +180,25 @@ class EpochCheckpoint:
             self.path.unlink()
 
 
+def sam_gradient(net: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float) -> None:
+    """Replace the gradients in ``net`` (of its loss at w) by SAM's: the gradient of
+    ``loss_fn()`` at w + rho * g / ||g||, the weights then restored. The optimiser's step then
+    descends towards flat minima (FTD trains its experts so, for flat trajectories)."""
+    params = [p for p in net.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([p.grad.norm() for p in params])).clamp_min(1e-12)
+    moves = []
+    with torch.no_grad():
+        for p in params:
+            e = p.grad * (rho / norm)
+            p.add_(e)
+            moves.append(e)
+    net.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    with torch.no_grad():
+        for p, e in zip(params, moves):
+            p.sub_(e)
+
+
 def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.Generator,
           aug: Augment | None = None, on_epoch: Any = None, progress: bool = False,
           curve: dict[str, list[float]] | None = None,
@@ -219,6 +241,8 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
                     logits, yb, cfg.boundary["rho"], cfg.boundary["tau"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.sam_rho > 0:
+                sam_gradient(net, lambda: F.cross_entropy(net(xb), yb), cfg.sam_rho)
             opt.step()
             if curve is not None:
                 loss_sum += float(loss.detach()) * len(yb)

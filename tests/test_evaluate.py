@@ -121,3 +121,35 @@ def test_summary_has_mean_std_and_runs():
     assert out["acc"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "runs": [0.5, 0.7]}
     assert out["epoch_time_s"] == 2.0 and out["train_time_s"] == 2.0
     assert out["curve"] == {"loss": [2.0, 1.0], "acc": [0.375, 0.875]}  # epoch-wise mean of runs
+
+
+def test_sharpness_aware_steps_take_the_gradient_at_the_perturbed_weights():
+    """sam_rho > 0 (FTD's flat experts): one step descends the gradient taken at
+    w + rho g / ||g||, then the weights are restored before the step; 0 is plain SGD."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = models.build("convnet", 2, 8, width=4, depth=1, norm="none")
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1])
+    batches = lambda epoch: [(x, y, None)]  # noqa: E731
+    rho, lr = 0.05, 0.1
+    expected = copy.deepcopy(net)
+    loss = F.cross_entropy(expected(x), y)
+    grads = torch.autograd.grad(loss, list(expected.parameters()))
+    norm = torch.norm(torch.stack([g.norm() for g in grads]))
+    with torch.no_grad():
+        for p, g in zip(expected.parameters(), grads):
+            p.add_(g * rho / norm)
+    sam_grads = torch.autograd.grad(F.cross_entropy(expected(x), y), list(expected.parameters()))
+    with torch.no_grad():
+        for p, g, s in zip(expected.parameters(), grads, sam_grads):
+            p.sub_(g * rho / norm).sub_(lr * s)
+    plain = copy.deepcopy(net)
+    cfg = dict(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, batch=6, schedule="constant")
+    train(net, batches, TrainConfig(**cfg, sam_rho=rho), torch.Generator().manual_seed(0))
+    train(plain, batches, TrainConfig(**cfg), torch.Generator().manual_seed(0))
+    for a, b, c in zip(net.parameters(), expected.parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not all(torch.allclose(a, c) for a, c in zip(net.parameters(), plain.parameters()))

@@ -76,3 +76,18 @@ def test_a_bad_trajectory_key_is_one_message(state):
     text = failure(state, "-n", "demo", "--config",
                    "datasets={demo: {distill: {methods: {ptm: {beta1: 2}}}}}")
     assert "'datasets.demo.distill.methods.ptm.beta1' is not recognised" in text
+
+
+def test_ptm_with_its_own_experts_gets_its_own_buffer_and_mtt_keeps_the_shared_one(state):
+    """distill.methods.ptm.trajectories: PTM's experts trained only to its end point (more of
+    them, optionally flat), in experts/convnet_ptm.h5; the shared buffer and mtt untouched."""
+    def own(cfg: dict) -> None:
+        cfg["datasets"]["demo"]["distill"]["methods"]["ptm"]["trajectories"] = {
+            "experts": 4, "epochs": 2, "train": {"sam_rho": 0.05}}
+
+    with edited_config(state, own):
+        proc = run(state, "-n", "demo", *TRIGGERS)
+    assert planned_jobs(proc) == {"buffer_experts": 1, "distill": 1, "evaluate": 1,
+                                  "privacy_audit": 1, "result": 1, "demo": 1}
+    assert "output: results/demo/experts/convnet_ptm.h5" in proc.stdout
+    assert "output: results/demo/mtt_ipc2.json" not in proc.stdout

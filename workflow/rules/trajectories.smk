@@ -8,11 +8,14 @@ rule buffer_experts:
     input:
         "results/{dataset}/patches.zarr",
     output:
-        "results/{dataset}/experts/{arch}.h5",
+        "results/{dataset}/experts/{arch}{owner}.h5",
     log:
-        "logs/buffer_experts/{dataset}/{arch}.log",
+        "logs/buffer_experts/{dataset}/{arch}{owner}.log",
     benchmark:
-        "benchmarks/buffer_experts/{dataset}/{arch}.tsv"
+        "benchmarks/buffer_experts/{dataset}/{arch}{owner}.tsv"
+    wildcard_constraints:
+        arch=r"[a-z0-9]+",
+        owner=r"(_[a-z]+)?",
     conda:
         ENV
     threads: 4

@@ -4,10 +4,20 @@
 
 
 def trajectory_settings(wildcards):
-    """What buffer_experts reads: the dataset's trajectories section without operational knobs.
-    The file is named after the network; asking for another one names the key to change.
-    """
+    """What buffer_experts reads: the dataset's trajectories section without operational knobs,
+    with a method's own overrides for its own buffer (``<net>_<method>.h5``:
+    distill.methods.<method>.trajectories). The file is named after the network; asking for
+    another one names the key to change."""
     settings = section(wildcards.dataset, "trajectories")
+    owner = wildcards.owner.lstrip("_")
+    if owner:
+        own = section(wildcards.dataset, "distill")["methods"].get(owner, {})
+        if "trajectories" not in own:
+            raise WorkflowError(
+                f"[buffer_experts] results/{wildcards.dataset}/experts/{wildcards.arch}"
+                f"{wildcards.owner}.h5: distill.methods.{owner}.trajectories is not set"
+            )
+        settings = hdconfig.merge(settings, own["trajectories"])
     if wildcards.arch != settings["net"]:
         raise WorkflowError(
             f"[buffer_experts] results/{wildcards.dataset}/experts/{wildcards.arch}.h5: "
@@ -15,6 +25,17 @@ def trajectory_settings(wildcards):
             "to buffer these experts"
         )
     return hdparams.without_operational(settings)
+
+
+def expert_buffer(name, method):
+    """The expert store a trajectory method reads: its own (distill.methods.<method>.
+    trajectories set) or the dataset's shared one."""
+    own = section(name, "distill")["methods"].get(method, {})
+    settings = section(name, "trajectories")
+    if "trajectories" in own:
+        net = hdconfig.merge(settings, own["trajectories"])["net"]
+        return f"results/{name}/experts/{net}_{method}.h5"
+    return f"results/{name}/experts/{settings['net']}.h5"
 
 
 def method_inputs(wildcards):
@@ -25,8 +46,7 @@ def method_inputs(wildcards):
     if wildcards.method == "histodd":
         return {"pool": f"results/{name}/pool.pt"}
     if wildcards.method in ("mtt", "ptm"):
-        net = section(name, "trajectories")["net"]
-        return {"experts": f"results/{name}/experts/{net}.h5"}
+        return {"experts": expert_buffer(name, wildcards.method)}
     if wildcards.method in ("glad", "slfd"):
         return {"autoencoder": f"results/{name}/generate/autoencoder.pt"}
     return {}
