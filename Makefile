@@ -64,7 +64,8 @@ pcam: $(VENV_OK)
 	@if [ -d $(PCAM) ]; then \
 	  $(PY) -m snakemake --cores $(CORES) $(PCAM_RESULTS) && \
 	  $(PY) -m histodistill.tables results/pcam --collect docs/results/pcam && \
-	  $(PY) -m histodistill.tables docs/results/pcam --readme docs/results.md; \
+	  $(PY) -m histodistill.tables docs/results/pcam --readme docs/results.md && \
+	  $(PY) -m histodistill.tables docs/results/pcam --frontier docs/results/pcam_frontier.png; \
 	else echo "pcam: $(PCAM) is missing (it is not shipped with the project); skipping"; fi
 
 # The generator stages and the sets made from them on PCam (about 1.7 hours on 2 CPU cores)

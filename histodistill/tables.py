@@ -153,6 +153,45 @@ def seeds_table(folder: str | Path) -> str | None:
     return "\n".join(lines)
 
 
+def frontier(folder: str | Path, out: str | Path, space: str = "pixel") -> list[dict]:
+    """The utility-privacy frontier: each audited set's test accuracy (first architecture, its
+    own stain protocol) against the share of its images memorised in ``space``, one point per
+    method and ipc, drawn to ``out`` (PNG); returns the points. A user picks a method for
+    sharing with both in view: up is better, left is safer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted((json.loads(p.read_text()) for p in result_files(folder)), key=_order)
+    points = [{"method": r["method"], "ipc": r["ipc"],
+               "memorised": r["privacy"]["spaces"][space]["memorised"],
+               "acc": next(iter(r["patch"].values()))["acc"]["mean"],
+               "std": next(iter(r["patch"].values()))["acc"]["std"]}
+              for r in results if "privacy" in r and space in r["privacy"]["spaces"]]
+    if not points:
+        raise FileNotFoundError(f"no audited result files in {folder}")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for pt in points:
+        ax.errorbar(100 * pt["memorised"], 100 * pt["acc"], yerr=100 * pt["std"], fmt="o",
+                    capsize=3)
+        ax.annotate(f"{pt['method']} ipc{pt['ipc']}", (100 * pt["memorised"], 100 * pt["acc"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    full = next(iter(results[0]["full"].values()), None)
+    if full is not None:
+        ax.axhline(100 * full["acc"]["mean"], ls="--", lw=1, color="grey", label="full data")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel(f"memorised images, {space} space (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_title(f"{Path(folder).name}: utility against memorisation", fontsize=10)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return points
+
+
 def collect(results: str | Path, docs: str | Path) -> list[Path]:
     """Copy the small JSON files behind a dataset's tables (result files, seed summaries, tuning
     choices, the budget calibration) from ``results`` into ``docs``, where they are committed
@@ -379,12 +418,17 @@ if __name__ == "__main__":
                         help="each method's own stain protocol, or the other one")
     parser.add_argument("--collect", metavar="DOCS_FOLDER",
                         help="copy the folder's small result JSON files here (committed)")
+    parser.add_argument("--frontier", metavar="PNG",
+                        help="draw accuracy against memorised share (pixel space) per method")
     args = parser.parse_args()
     if args.augment:
         print(augment_table(args.augment))
     elif args.collect:
         for path in collect(args.folder, args.collect):
             print(path)
+    elif args.frontier:
+        for point in frontier(args.folder, args.frontier):
+            print(point)
     elif args.folder is None:
         parser.error("give a results folder or --augment FILE")
     else:

@@ -141,3 +141,15 @@ def test_seed_summaries_and_collected_files(tmp_path):
     written = {p.relative_to(docs).as_posix() for p in tables.collect(folder, docs)}
     assert written == {"histodd_ipc10.json", "seeds/histodd_ipc10.json", "tuning/histodd_ipc10.json"}
     assert tables.seeds_table(tmp_path / "nothing") is None
+
+
+def test_the_frontier_plots_each_audited_set_at_its_memorisation_and_accuracy(tmp_path):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for method, acc in [("random", 0.5), ("histodd", 0.75)]:
+        (folder / f"{method}_ipc10.json").write_text(json.dumps(audited(method, acc, 0.4)))
+    (folder / "dm_ipc10.json").write_text(json.dumps(result("dm", 0.6)))  # not audited: left out
+    points = tables.frontier(folder, tmp_path / "f.png")
+    assert [(p["method"], p["memorised"], p["acc"]) for p in points] == [
+        ("histodd", 1.0, 0.75), ("random", 1.0, 0.5)]
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
