@@ -25,8 +25,8 @@ from test_workflow import planned_jobs, tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
-BELOW_TEMPLATE = {"stain_template": 1, "distill": 3, "full_train": 1, "evaluate": 3,
-                  "privacy_audit": 3, "result": 3, "demo": 1, "distill_slides": 3,
+BELOW_TEMPLATE = {"stain_template": 1, "pretrain_pool": 1, "distill": 3, "full_train": 1,
+                  "evaluate": 3, "privacy_audit": 3, "result": 3, "demo": 1, "distill_slides": 3,
                   "extract_features": 3, "evaluate_mil": 3}
 
 

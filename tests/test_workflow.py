@@ -156,13 +156,14 @@ def test_slide_stage_refuses_at_dag_time_what_it_cannot_do(built):
 def test_editing_a_section_reruns_only_its_stage_and_below(built):
     below_stain = {"distill": 3, "full_train": 1, "evaluate": 3, "privacy_audit": 3, "result": 3,
                    "demo": 1,  # histodd, dm, random
+                   "pretrain_pool": 1,  # Histo-DD's pool trains under stain normalisation
                    "distill_slides": 3, "extract_features": 3, "evaluate_mil": 3}  # synthetic bags
     try:
         tiny_config(built / "config.yaml", stain={"beta": 0.2})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
-            "tile_slides": 4, "tile": 1, "stain_template": 1, "pretrain_pool": 1, **below_stain,
+            "tile_slides": 4, "tile": 1, "stain_template": 1, **below_stain,
             "train_encoder": 1, "extract_features": 4, "full_mil": 2}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
