@@ -74,7 +74,22 @@ def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict
             errors = sorted(plain.iter_errors(entry[key]), key=lambda e: list(e.absolute_path))
             if errors:
                 raise ConfigError("invalid config: " + _message(errors[0], ("datasets", name, key)))
+        _check_own_experts(config, name)
     return config
+
+
+def _check_own_experts(config: dict[str, Any], name: str) -> None:
+    """A trajectory method with its own expert buffer (``distill.methods.<m>.trajectories``)
+    needs experts that reach its last end point: checked on load, naming the key."""
+    trajectories = section(config, name, "trajectories")
+    for method, cfg in section(config, name, "distill")["methods"].items():
+        if "trajectories" not in cfg or "end_epoch" not in cfg:
+            continue
+        epochs = merge(trajectories, cfg["trajectories"])["epochs"]
+        if epochs < cfg["end_epoch"]:
+            raise ConfigError(f"invalid config: 'distill.methods.{method}.trajectories.epochs' is "
+                              f"{epochs} for dataset {name!r}, below its end_epoch "
+                              f"{cfg['end_epoch']}: the experts must reach the last end point")
 
 
 def _typed(value: Any) -> Any:

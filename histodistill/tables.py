@@ -66,7 +66,7 @@ def rows(results: list[dict], protocol: str = "own") -> tuple[list[str], list[li
     head = ["method", "ipc", "stain norm"] + [f"{a} {m}" for a in archs for m in ("acc %", "AUC %")]
     head += ["cross-arch acc %"] * cross
     head += ["memorised % pixel / feature", "MIA AUC sources", "saturated %", "distill s",
-             "image updates"]
+             "image updates", "selection s"]
     body = []
     for r in results:
         view = _view(r, protocol)
@@ -83,11 +83,13 @@ def rows(results: list[dict], protocol: str = "own") -> tuple[list[str], list[li
         cells.append(f"{100 * r['saturated_fraction']:.1f}")
         cells.append(f"{r['distill']['seconds']:.0f}")
         cells.append(str(r["distill"].get("image_updates", "-")))
+        tuning = r["distill"].get("tuning")
+        cells.append(f"{sum(c['seconds'] for c in tuning['candidates']):.0f}" if tuning else "-")
         body.append(cells)
     full = results[0]["full"]
     body.append(["full data", "all", "-"]
                 + [c for a in archs for c in (_pct(full[a]["acc"]), _pct(full[a]["auc"]))]
-                + ["-"] * cross + ["-"] * 5)
+                + ["-"] * cross + ["-"] * 6)
     return head, body
 
 
@@ -105,7 +107,8 @@ def table(folder: str | Path, protocol: str = "own") -> str:
     budget = Path(folder) / "budget.json"
     lines.append("")
     lines.append(f"Mean ± std over {runs} seeded training runs on the distilled set, tested on the "
-                 f"real test split; full data: one run on the whole training split. "
+                 f"real test split; full data: one run on the whole training split, under "
+                 f"`evaluate.stain_norm`. "
                  + ("Stain norm: each method under its paper's test-time protocol (on: every "
                     "input stain-normalised to the template). " if protocol == "own" else
                     "Stain norm: every method under the other protocol than its paper's. ")
@@ -113,7 +116,10 @@ def table(folder: str | Path, protocol: str = "own") -> str:
                  "percentile of held-out patches; MIA AUC: membership attack on the set's source "
                  "patches (0.5: no leak). Saturated: share of "
                  "synthetic pixels at 0 or 255 in some channel. Distill s: the loop's seconds on "
-                 "the machine that ran it; image updates: optimiser steps on the set. "
+                 "the machine that ran it; image updates: optimiser steps on the set; selection s: "
+                 "the distillation seconds of every candidate of the method's grid, spent to "
+                 "choose its setting on the validation split (the chosen candidate's set is the "
+                 "row's). "
                  + (f"Budget: {json.loads(budget.read_text())['budget_s']:.0f} s of distillation "
                     "per method and set (iteration counts calibrated in budget.json). "
                     if budget.exists() else "")

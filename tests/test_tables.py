@@ -25,7 +25,7 @@ def test_table_rows_and_readme_block(tmp_path):
     text = tables.table(folder)
     lines = text.splitlines()
     assert lines[2].startswith("| histodd | 10 | off | 75.0 ± 1.0") and lines[3].startswith("| random")
-    assert lines[2].endswith("| - | - | 2.5 | 12 | - |")  # no audit; saturated %, seconds
+    assert lines[2].endswith("| - | - | 2.5 | 12 | - | - |")  # no audit; saturated %, seconds
     assert "| full data | all |" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:toy:start -->\nold\n<!-- results:toy:end -->\nend\n")
@@ -102,6 +102,8 @@ def audited(method: str, acc: float, other_acc: float) -> dict:
     r["other_protocol"] = {"stain_norm": method != "histodd",
                            "patch": {"convnet": {"acc": metric, "auc": metric}}}
     r["distill"]["image_updates"] = 400
+    if method == "histodd":  # chosen among two candidates of 8 and 12 s
+        r["distill"]["tuning"] = {"candidates": [{"seconds": 8.0}, {"seconds": 12.0}]}
     r["privacy"] = {"attack_space": "pixel", "spaces": {
         "pixel": {"memorised": 1.0, "attack": {"sources": {"auc": 0.93}}},
         "feature": {"memorised": 0.35, "attack": {}}}}
@@ -116,7 +118,7 @@ def test_the_table_shows_privacy_beside_accuracy_and_either_stain_protocol(tmp_p
     (folder / "budget.json").write_text(json.dumps({"budget_s": 900}))
     own = tables.table(folder).splitlines()
     assert own[2] == ("| histodd | 10 | on | 75.0 ± 1.0 | 75.0 ± 1.0 | 100 / 35 | 0.93 | 2.5 | "
-                      "12 | 400 |")
+                      "12 | 400 | 20 |")
     assert own[3].startswith("| random | 10 | off | 50.0 ± 1.0")
     assert "Budget: 900 s of distillation" in tables.table(folder)
     other = tables.table(folder, "other").splitlines()

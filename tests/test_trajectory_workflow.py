@@ -91,3 +91,11 @@ def test_ptm_with_its_own_experts_gets_its_own_buffer_and_mtt_keeps_the_shared_o
                                   "privacy_audit": 1, "result": 1, "demo": 1}
     assert "output: results/demo/experts/convnet_ptm.h5" in proc.stdout
     assert "output: results/demo/mtt_ipc2.json" not in proc.stdout
+
+    def short(cfg: dict) -> None:  # experts that stop before PTM's last end point (2)
+        cfg["datasets"]["demo"]["distill"]["methods"]["ptm"]["trajectories"] = {"epochs": 1}
+
+    with edited_config(state, short):
+        text = failure(state, "-n", "demo")
+    assert ("'distill.methods.ptm.trajectories.epochs' is 1 for dataset 'demo', below its "
+            "end_epoch 2") in text

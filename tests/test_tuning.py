@@ -117,3 +117,28 @@ def test_the_budget_fills_the_seconds_with_each_methods_measured_cost(stores):
                                                  "iterations": 900}}}}}
     block = yaml.safe_load(budget.profile_block(calibration))
     assert block == {"histodd": {"outer_loop": {10: 30}}, "dm": {"iterations": {2: 1800, 10: 900}}}
+
+
+def test_the_probe_times_iterations_across_the_run_not_only_its_start(stores):
+    """PTM's iterations grow dearer with its end point: the probe spreads its iterations over
+    the run, so a cost rising from 0 to 18 ms is measured near its mean, not near 0."""
+    import time
+
+    from histodistill.distill import budget
+    from histodistill.distill.base import METHODS, Distiller, register
+
+    @register("rising_cost")
+    class Rising(Distiller):
+        def init_state(self) -> None:
+            self.iterations = 10
+
+        def step(self, it: int) -> float:
+            time.sleep(0.002 * it)
+            return 0.0
+
+    try:
+        args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0}
+        cost = budget.seconds_per_iteration("rising_cost", {}, 2, args, probe=5)
+        assert 0.007 < cost < 0.02  # points 0, 2, 4, 6, 8: a mean of 8 ms
+    finally:
+        METHODS.pop("rising_cost")

@@ -3,8 +3,8 @@ iteration counts that fill one stated budget of distillation seconds.
 
 A comparison of methods is fair only at an equal budget. The unit here is distillation
 wall-clock on one machine (the loop's seconds, as every cost file records them beside the image
-updates): each method is run for a few iterations at its dataset's settings, its seconds per
-iteration measured, and ``budget / seconds per iteration`` iterations written out as the YAML
+updates): a few iterations of each method, spread over its run, are timed at its dataset's
+settings on an otherwise idle machine, its seconds per iteration measured, and ``budget / seconds per iteration`` iterations written out as the YAML
 block to paste into the dataset's profile, so that a rerun is reproducible from the counts. The
 measurement is recorded (JSON) with the machine it was taken on.
 
@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +34,44 @@ from histodistill.io import write_json
 COUNT_KEY = {"histodd": "outer_loop"}
 
 
-def method_inputs(dataset: str, method: str) -> dict[str, str]:
-    """The rule inputs a method needs beyond store and template, at their pipeline paths."""
+def method_inputs(cfg: dict[str, Any], dataset: str, method: str) -> dict[str, str]:
+    """The rule inputs a method needs beyond store and template, at their pipeline paths (a
+    trajectory method's own expert buffer when it has one, else the dataset's)."""
     root = f"results/{dataset}"
+    if method in ("mtt", "ptm"):
+        trajectories = hdconfig.section(cfg, dataset, "trajectories")
+        own = hdconfig.section(cfg, dataset, "distill")["methods"].get(method, {})
+        if "trajectories" in own:
+            net = hdconfig.merge(trajectories, own["trajectories"])["net"]
+            return {"experts": f"{root}/experts/{net}_{method}.h5"}
+        return {"experts": f"{root}/experts/{trajectories['net']}.h5"}
     return {"histodd": {"pool_path": f"{root}/pool.pt"},
-            "mtt": {"experts": f"{root}/experts/convnet.h5"},
-            "ptm": {"experts": f"{root}/experts/convnet.h5"},
             "glad": {"autoencoder": f"{root}/generate/autoencoder.pt"},
             "slfd": {"autoencoder": f"{root}/generate/autoencoder.pt"}}.get(method, {})
 
 
 def seconds_per_iteration(method: str, cfg: dict[str, Any], ipc: int, ctx_args: dict[str, Any],
                           probe: int) -> float:
-    """Mean loop seconds of ``probe`` iterations of ``method`` (no checkpoint written)."""
+    """Mean seconds of ``probe`` iterations of ``method`` spread evenly over its run (a method
+    whose iterations grow dearer along its schedule, as PTM's with its end point, is measured
+    across it, not at its cheap start)."""
     ctx = context(progress=False, **ctx_args)
     distiller = build(method, {**cfg, "checkpoint_every": 10**9}, ipc, ctx)
-    distiller.run(stop_after=probe)
-    return distiller.seconds / probe
+    distiller.init_state()
+    total = 0.0
+    points = sorted({int(k * distiller.iterations / probe) for k in range(probe)})
+    for it in points:
+        start = time.perf_counter()
+        distiller.step(it)
+        total += time.perf_counter() - start
+    return total / len(points)
 
 
 def calibrate(cfg: dict[str, Any], dataset: str, methods: list[str], ipcs: list[int],
               seconds: float, probe: int = 3) -> dict[str, Any]:
     """Seconds per iteration and the counts filling ``seconds`` for each method and ipc."""
     root = f"results/{dataset}"
-    seed = hdconfig.section(cfg, dataset, "distill")["seed"]
+    distill_cfg = hdconfig.section(cfg, dataset, "distill")
     out: dict[str, Any] = {"dataset": dataset, "budget_s": seconds, "probe_iterations": probe,
                            "machine": {"cpu": platform.processor() or platform.machine(),
                                        "threads": torch.get_num_threads(),
@@ -68,7 +83,9 @@ def calibrate(cfg: dict[str, Any], dataset: str, methods: list[str], ipcs: list[
             m_cfg = hdconfig.method_config(cfg, dataset, method, ipc)
             args = {"store_path": f"{root}/patches.zarr",
                     "template_path": f"{root}/stain/template.json", "pool_path": None,
-                    "seed": seed, **method_inputs(dataset, method)}
+                    "seed": distill_cfg["seed"], "cache_mb": distill_cfg["cache_mb"],
+                    "max_per_class": distill_cfg["max_real_per_class"],
+                    **method_inputs(cfg, dataset, method)}
             missing = [p for p in args.values() if isinstance(p, str) and not Path(p).exists()]
             if missing:
                 raise FileNotFoundError(f"budget: {method} needs {missing}; build them first")

@@ -132,7 +132,7 @@ def transfer_input(wildcards):
 
 def transfer_settings(wildcards):
     """What transfer reads: mil.transfer, its MIL model's settings, and how evaluate trains a
-    patch classifier (the arch's kwargs, augmentation, stain normalisation)."""
+    patch classifier (the arch's kwargs, augmentation, the method's stain protocol)."""
     cfg, ev = mil_cfg(wildcards.dataset), section(wildcards.dataset, "evaluate")
     arch = cfg["transfer"]["patch_arch"]
     return hdparams.canonical(
@@ -141,6 +141,6 @@ def transfer_settings(wildcards):
             "model_settings": cfg["settings"][cfg["transfer"]["model"]],
             "arch_kwargs": ev.get("arch_kwargs", {}).get(arch, {}),
             "augment": ev["augment"],
-            "stain_norm": ev["stain_norm"],
+            "stain_norm": hdparams.stain_protocol(ev, wildcards.method),
         }
     )

@@ -32,9 +32,9 @@ def expert_buffer(name, method):
     trajectories set) or the dataset's shared one."""
     own = section(name, "distill")["methods"].get(method, {})
     settings = section(name, "trajectories")
-    if "trajectories" in own:
-        net = hdconfig.merge(settings, own["trajectories"])["net"]
-        return f"results/{name}/experts/{net}_{method}.h5"
+    if "trajectories" in own:  # its epochs reach end_epoch (checked on load)
+        merged = hdconfig.merge(settings, own["trajectories"])
+        return f"results/{name}/experts/{merged['net']}_{method}.h5"
     return f"results/{name}/experts/{settings['net']}.h5"
 
 
