@@ -28,7 +28,8 @@ rule pretrain_pool:
 
 rule distill:
     """Distil ipc synthetic (or coreset) patches per class with the method in the target name;
-    a tuned method takes its chosen candidate's settings (and, at distill.seed, its set)."""
+    a tuned method takes its chosen candidate's settings (and, at distill.seed, its set).
+    """
     input:
         unpack(method_inputs),
         unpack(tuning_inputs),
@@ -41,7 +42,11 @@ rule distill:
             "results/{dataset}/distilled/{method}_ipc{ipc}{seed}.png",
             caption="../report/distilled.rst",
             category="Distilled sets",
-            labels={"dataset": "{dataset}", "method": "{method}", "ipc": "{ipc}{seed}"},
+            labels={
+                "dataset": "{dataset}",
+                "method": "{method}",
+                "ipc": "{ipc}{seed}",
+            },
         ),
     log:
         "logs/distill/{dataset}/{method}_ipc{ipc}{seed}.log",
@@ -72,7 +77,8 @@ rule distill:
 
 rule tune_candidate:
     """One candidate of a method's declared grid (tuning.candidates): distilled at the method's
-    budget with distill.seed, trained on and tested on the validation split, never on test."""
+    budget with distill.seed, trained on and tested on the validation split, never on test.
+    """
     input:
         unpack(method_inputs),
         store="results/{dataset}/patches.zarr",
