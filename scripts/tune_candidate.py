@@ -12,7 +12,8 @@ with rule_logging(sm.log[0]):
     distill(sm.input.store, sm.input.template, sm.input.get("pool"), sm.wildcards.method,
             int(sm.wildcards.ipc), cfg, sm.params.seed, sm.output.zarr, sm.output.grid,
             sm.output.cost, sm.params.checkpoint, sm.resources.cache_mb, sm.params.max_per_class,
-            experts=sm.input.get("experts"), autoencoder=sm.input.get("autoencoder"))
+            experts=sm.input.get("experts"), autoencoder=sm.input.get("autoencoder"),
+            keep_diverged=True)
     evaluate = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}
     evaluate_candidate(sm.output.zarr, sm.output.cost, sm.input.store, sm.input.template, evaluate,
                        sm.params.overrides, sm.output.json)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_toy_store
 from histodistill import evaluate
@@ -142,3 +143,40 @@ def test_the_probe_times_iterations_across_the_run_not_only_its_start(stores):
         assert 0.007 < cost < 0.02  # points 0, 2, 4, 6, 8: a mean of 8 ms
     finally:
         METHODS.pop("rising_cost")
+
+
+def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores, tmp_path):
+    """Images that stop being finite (plain SGD at too high a rate): the pipeline's distill
+    refuses the set and writes nothing; a tuning candidate records the iteration and the tuner
+    passes it over even when its (meaningless) accuracy is the highest."""
+    from histodistill.distill.base import METHODS, register
+    from histodistill.distill.dm import DM as DMMethod
+
+    @register("blows_up")
+    class BlowsUp(DMMethod):
+        def step(self, it: int) -> float:
+            loss = super().step(it)
+            if it == 1:
+                with torch.no_grad():
+                    self.images[0, 0, 0, 0] = float("nan")
+            return loss
+
+    try:
+        out = tmp_path / "d.zarr"
+        with pytest.raises(FloatingPointError, match=r"blows_up ipc 2.*iteration 1"):
+            distill(stores["val"], None, None, "blows_up", 2, DM, 0, out, tmp_path / "d.png",
+                    tmp_path / "d.json", None, 64, progress=False)
+        assert not out.exists() and not (tmp_path / "d.json").exists()
+        distill(stores["val"], None, None, "blows_up", 2, DM, 0, out, tmp_path / "d.png",
+                tmp_path / "d.json", None, 64, progress=False, keep_diverged=True)
+        assert json.loads((tmp_path / "d.json").read_text())["diverged_at"] == 1
+    finally:
+        METHODS.pop("blows_up")
+    files = [_candidate(tmp_path, k, acc) for k, acc in enumerate([0.6, 0.9])]
+    record = json.loads(files[1].read_text())
+    record["distill"]["diverged_at"] = 3
+    files[1].write_text(json.dumps(record))
+    choice = choose(files, tmp_path / "choice.json")
+    assert choice["choice"] == 0 and choice["candidates"][1]["diverged_at"] == 3
+    with pytest.raises(ValueError, match="every candidate diverged"):
+        choose([files[1]], tmp_path / "none.json")

@@ -94,6 +94,7 @@ class Distiller(ABC):
         # seconds spent in the loop (the budget unit of a comparison; docs: results protocol)
         self.image_updates = 0
         self.seconds = 0.0
+        self.diverged_at: int | None = None  # first iteration whose images were not finite
         counts = ctx.real.counts
         short = [c for c, n in enumerate(counts) if n < ipc]
         if short and not ctx.per_slide:
@@ -248,6 +249,10 @@ class Distiller(ABC):
             began = time.perf_counter()
             loss = self.step(it)
             self.seconds += time.perf_counter() - began
+            if self.diverged_at is None and not bool(torch.isfinite(self.images).all()):
+                self.diverged_at = it
+                log.warning("%s: the synthetic images are not finite after iteration %d (loss "
+                            "%s): the optimisation diverged", self.name, it, loss)
             bar.set_postfix(loss=f"{loss:.4g}")
             if (it + 1) % every == 0 or it + 1 == self.iterations:
                 self._save(it + 1)
@@ -258,7 +263,7 @@ class Distiller(ABC):
 
     def _key(self) -> str:
         cfg = {k: v for k, v in self.cfg.items() if k != "checkpoint_every"}
-        return settings_hash({"format": 2, "method": self.name, "cfg": cfg, "ipc": self.ipc,
+        return settings_hash({"format": 3, "method": self.name, "cfg": cfg, "ipc": self.ipc,
                               "seed": self.ctx.seed, "counts": self.ctx.real.counts,
                               "inputs": self.ctx.fingerprint})
 
@@ -268,7 +273,8 @@ class Distiller(ABC):
         state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                  "real": self.ctx.real.state_dict(), "extra": self.extra_state(),
-                 "image_updates": self.image_updates, "seconds": self.seconds}
+                 "image_updates": self.image_updates, "seconds": self.seconds,
+                 "diverged_at": self.diverged_at}
         tmp = self.ctx.checkpoint.with_suffix(".tmp")
         self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
@@ -290,6 +296,7 @@ class Distiller(ABC):
         self.load_extra_state(state.get("extra", {}))
         self.image_updates = int(state["image_updates"])
         self.seconds = float(state["seconds"])
+        self.diverged_at = state["diverged_at"]
         log.info("resuming %s from iteration %d", self.name, state["done"])
         return int(state["done"])
 

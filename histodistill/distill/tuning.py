@@ -63,18 +63,24 @@ def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
 
 def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """The candidate with the best mean validation accuracy of the first evaluated
-    architecture (ties: the first); writes every candidate's figures and the choice."""
+    architecture (ties: the first; a diverged candidate never); writes every candidate's
+    figures and the choice."""
     records = [json.loads(Path(p).read_text()) for p in candidates]
     if any(r["split"] == "test" for r in records):
         raise ValueError("tune: a candidate was evaluated on the test split")
     arch = next(iter(records[0]["patch"]))
-    scores = [r["patch"][arch]["acc"]["mean"] for r in records]
+    # a candidate whose images stopped being finite is never chosen
+    scores = [-np.inf if r["distill"].get("diverged_at") is not None
+              else r["patch"][arch]["acc"]["mean"] for r in records]
+    if all(np.isneginf(scores)):
+        raise ValueError(f"tune: every candidate diverged: {[r['overrides'] for r in records]}")
     best = int(np.argmax(scores))  # first maximum
     choice = {"split": records[0]["split"], "arch": arch, "choice": best,
               "overrides": records[best]["overrides"],
               "candidates": [{"overrides": r["overrides"], "acc": r["patch"][arch]["acc"],
                               "auc": r["patch"][arch]["auc"],
                               "seconds": r["distill"]["seconds"],
+                              "diverged_at": r["distill"].get("diverged_at"),
                               "image_updates": r["distill"].get("image_updates")}
                              for r in records]}
     write_json(out, choice)
