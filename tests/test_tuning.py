@@ -146,9 +146,11 @@ def test_the_probe_times_iterations_across_the_run_not_only_its_start(stores):
 
 
 def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores, tmp_path):
-    """Images that stop being finite (plain SGD at too high a rate): the pipeline's distill
+    """A loss or images that stop being finite (plain SGD at too high a rate): the pipeline's
+    distill
     refuses the set and writes nothing; a tuning candidate records the iteration and the tuner
     passes it over even when its (meaningless) accuracy is the highest."""
+    import math
     from histodistill.distill.base import METHODS, register
     from histodistill.distill.dm import DM as DMMethod
 
@@ -161,7 +163,16 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
                     self.images[0, 0, 0, 0] = float("nan")
             return loss
 
+    @register("nan_loss")
+    class NanLoss(DMMethod):
+        def step(self, it: int) -> float:
+            loss = super().step(it)
+            return math.nan if it == 0 else loss
+
     try:
+        with pytest.raises(FloatingPointError, match=r"nan_loss ipc 2.*iteration 0"):
+            distill(stores["val"], None, None, "nan_loss", 2, DM, 0, tmp_path / "n.zarr",
+                    tmp_path / "n.png", tmp_path / "n.json", None, 64, progress=False)
         out = tmp_path / "d.zarr"
         with pytest.raises(FloatingPointError, match=r"blows_up ipc 2.*iteration 1"):
             distill(stores["val"], None, None, "blows_up", 2, DM, 0, out, tmp_path / "d.png",
@@ -172,6 +183,7 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
         assert json.loads((tmp_path / "d.json").read_text())["diverged_at"] == 1
     finally:
         METHODS.pop("blows_up")
+        METHODS.pop("nan_loss")
     files = [_candidate(tmp_path, k, acc) for k, acc in enumerate([0.6, 0.9])]
     record = json.loads(files[1].read_text())
     record["distill"]["diverged_at"] = 3

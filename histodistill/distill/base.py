@@ -16,6 +16,7 @@ network. Either way they are clamped to the valid pixel range after every image 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from abc import ABC
@@ -94,7 +95,7 @@ class Distiller(ABC):
         # seconds spent in the loop (the budget unit of a comparison; docs: results protocol)
         self.image_updates = 0
         self.seconds = 0.0
-        self.diverged_at: int | None = None  # first iteration whose images were not finite
+        self.diverged_at: int | None = None  # first iteration with a non-finite loss or image
         counts = ctx.real.counts
         short = [c for c, n in enumerate(counts) if n < ipc]
         if short and not ctx.per_slide:
@@ -249,10 +250,11 @@ class Distiller(ABC):
             began = time.perf_counter()
             loss = self.step(it)
             self.seconds += time.perf_counter() - began
-            if self.diverged_at is None and not bool(torch.isfinite(self.images).all()):
+            if self.diverged_at is None and not (math.isfinite(loss)
+                                                 and bool(torch.isfinite(self.images).all())):
                 self.diverged_at = it
-                log.warning("%s: the synthetic images are not finite after iteration %d (loss "
-                            "%s): the optimisation diverged", self.name, it, loss)
+                log.warning("%s: the loss (%s) or the synthetic images are not finite at "
+                            "iteration %d: the optimisation diverged", self.name, loss, it)
             bar.set_postfix(loss=f"{loss:.4g}")
             if (it + 1) % every == 0 or it + 1 == self.iterations:
                 self._save(it + 1)

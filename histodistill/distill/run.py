@@ -98,8 +98,8 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     """Distil ``ipc`` images per class with ``method`` and write set, grid and cost.
     ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts);
     latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``; ``extra_cost``
-    joins the cost file (how the settings were chosen). A run whose images stop being finite
-    is refused (FloatingPointError, nothing written) unless ``keep_diverged`` (a tuning
+    joins the cost file (how the settings were chosen). A run whose loss or images stop being
+    finite is refused (FloatingPointError, nothing written) unless ``keep_diverged`` (a tuning
     candidate: recorded as diverged, never chosen)."""
     ctx = context(store_path, template_path, pool_path, seed, checkpoint, cache_mb,
                   max_per_class, progress, experts, autoencoder)
@@ -110,9 +110,9 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     wall = time.perf_counter() - start
     if distiller.diverged_at is not None and not keep_diverged:
         raise FloatingPointError(
-            f"[distill] {method} ipc {ipc}: the synthetic images stopped being finite at "
-            f"iteration {distiller.diverged_at} (the optimisation diverged; a lower image "
-            f"learning rate or unit_grad steps keep it stable); nothing was written")
+            f"[distill] {method} ipc {ipc}: the loss or the synthetic images stopped being "
+            f"finite at iteration {distiller.diverged_at} (the optimisation diverged; a lower "
+            f"image learning rate or unit_grad steps keep it stable); nothing was written")
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
              "source_store": str(store_path), "class_names": real.store.class_names}
     write_distilled(to_uint8(images), labels.cpu().numpy(), attrs, out_zarr, out_png, out_json,
