@@ -186,7 +186,7 @@ def frontier(folder: str | Path, out: str | Path, space: str = "pixel") -> list[
     full = next(iter(results[0]["full"].values()), None)
     if full is not None:
         ax.axhline(100 * full["acc"]["mean"], ls="--", lw=1, color="grey", label="full data")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(f"memorised images, {space} space (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlim(-5, 105)
@@ -213,7 +213,7 @@ def collect(results: str | Path, docs: str | Path) -> list[Path]:
             dst.write_text(src.read_text())
             written.append(dst)
     for src in sorted(results.glob("tuning/*_ipc*.json")):
-        if re.search(r"_c\d+$", src.stem) is None:  # the choices, not each candidate's record
+        if re.search(r"_c\d+(_cost)?$", src.stem) is None:  # the choices, not the candidates
             dst = docs / src.relative_to(results)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(src.read_text())

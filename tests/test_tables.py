@@ -137,6 +137,7 @@ def test_seed_summaries_and_collected_files(tmp_path):
     (folder / "histodd_ipc10.json").write_text(json.dumps(result("histodd", 0.6)))
     (folder / "tuning" / "histodd_ipc10.json").write_text("{}")
     (folder / "tuning" / "histodd_ipc10_c0.json").write_text("{}")
+    (folder / "tuning" / "histodd_ipc10_c0_cost.json").write_text("{}")
     text = tables.seeds_table(folder)
     assert "| histodd | 10 | 3 | 60.0 ± 2.0 | 58.0 / 60.0 / 62.0 | 901 |" in text
     docs = tmp_path / "docs"
