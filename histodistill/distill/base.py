@@ -170,12 +170,14 @@ class Distiller(ABC):
         if self.cfg.get("unit_grad", False):
             for group in self.opt.param_groups:
                 for p in group["params"]:
-                    if p.grad is None:
+                    g = p.grad
+                    if g is None:
                         continue
-                    rows = p.grad.flatten(1) if p is self.images else p.grad.reshape(1, -1)
-                    norm = rows.norm(dim=1).clamp_min(1e-12)
-                    p.grad.div_(norm.reshape((-1,) + (1,) * (p.dim() - 1)) if p is self.images
-                                else norm)
+                    if p is self.images:  # per image
+                        g.div_(g.flatten(1).norm(dim=1).clamp_min(1e-12)
+                               .view(-1, *[1] * (g.dim() - 1)))
+                    else:  # per tensor
+                        g.div_(g.norm().clamp_min(1e-12))
         self.opt.step()
         self.image_updates += 1
         self.clamp_()

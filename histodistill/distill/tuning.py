@@ -99,26 +99,22 @@ def seed_summary(results: list[str | os.PathLike], seeds: list[int],
         values = [pick(e) for e in evals]
         return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": values}
 
+    def figures(view: Any) -> dict[str, Any]:
+        """Per-architecture (and cross-architecture) metrics over seeds of ``view(e)``."""
+        first = view(evals[0])
+        out = {"patch": {a: {m: over_seeds(lambda e, a=a, m=m: view(e)["patch"][a][m]["mean"])
+                             for m in METRICS} for a in first["patch"]}}
+        if "cross_arch" in first:
+            out["cross_arch"] = {m: over_seeds(lambda e, m=m: view(e)["cross_arch"][m]["mean"])
+                                 for m in METRICS}
+        return out
+
     summary: dict[str, Any] = {"method": evals[0]["method"], "ipc": evals[0]["ipc"],
                                "dataset": evals[0]["dataset"], "seeds": seeds,
-                               "stain_norm": evals[0]["stain_norm"], "patch": {}}
-    for arch in evals[0]["patch"]:
-        summary["patch"][arch] = {m: over_seeds(lambda e, a=arch, m=m: e["patch"][a][m]["mean"])
-                                  for m in METRICS}
-    if "cross_arch" in evals[0]:
-        summary["cross_arch"] = {m: over_seeds(lambda e, m=m: e["cross_arch"][m]["mean"])
-                                 for m in METRICS}
+                               "stain_norm": evals[0]["stain_norm"], **figures(lambda e: e)}
     if "other_protocol" in evals[0]:
-        other = evals[0]["other_protocol"]
-        summary["other_protocol"] = {
-            "stain_norm": other["stain_norm"],
-            "patch": {arch: {m: over_seeds(lambda e, a=arch, m=m:
-                                           e["other_protocol"]["patch"][a][m]["mean"])
-                             for m in METRICS} for arch in other["patch"]}}
-        if "cross_arch" in other:
-            summary["other_protocol"]["cross_arch"] = {
-                m: over_seeds(lambda e, m=m: e["other_protocol"]["cross_arch"][m]["mean"])
-                for m in METRICS}
+        summary["other_protocol"] = {"stain_norm": evals[0]["other_protocol"]["stain_norm"],
+                                     **figures(lambda e: e["other_protocol"])}
     summary["saturated_fraction"] = over_seeds(lambda e: e["saturated_fraction"])
     summary["distill"] = {"seconds": over_seeds(lambda e: e["distill"]["seconds"]),
                           "image_updates": over_seeds(lambda e: e["distill"].get("image_updates", 0))}
