@@ -414,40 +414,50 @@ def train_on_set(images: np.ndarray, labels: np.ndarray, store_path: str | os.Pa
             for arch in archs}
 
 
+def set_record(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
+               store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+               cfg: dict[str, Any], split: str = "test") -> dict[str, Any]:
+    """What every evaluation of a distilled set records: each architecture trained on it and
+    tested on the real ``split`` (cross-architecture figure with ``extra_archs``), its saturated
+    share, the distillation's cost file and the settings; with ``both_protocols``, the same
+    under the other stain protocol (``other_protocol``)."""
+    group = zarr.open_group(str(distilled), mode="r")
+    attrs = dict(group.attrs)
+    images, labels = group["images"][:], group["labels"][:]
+
+    def figures(protocol: dict[str, Any]) -> dict[str, Any]:
+        patch = train_on_set(images, labels, store_path, template_path, protocol, split=split)
+        out = {"stain_norm": bool(protocol.get("stain_norm", False)), "patch": patch}
+        if protocol.get("extra_archs"):
+            out["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
+        return out
+
+    record = {"method": attrs["method"], "ipc": attrs["ipc"], "split": split, **figures(cfg),
+              "saturated_fraction": saturated_fraction(images),
+              "distill": json.loads(Path(distill_stats).read_text()),
+              "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]}}
+    if cfg.get("both_protocols"):
+        record["other_protocol"] = figures({**cfg, "stain_norm": not cfg.get("stain_norm", False)})
+    return record
+
+
 def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
                        store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                        full: dict[str, str | os.PathLike], cfg: dict[str, Any], dataset: str,
                        out: str | os.PathLike) -> dict[str, Any]:
     """Train every configured architecture on the distilled set, test on the real test split,
-    and write the shared result JSON (see docs: "Result files"). The set is evaluated under its
-    method's stain protocol (``cfg['stain_norm']``, resolved per method by the rule) and, with
-    ``both_protocols``, also under the other one (``other_protocol``)."""
-    group = zarr.open_group(str(distilled), mode="r")
-    attrs = dict(group.attrs)
-    images, labels = group["images"][:], group["labels"][:]
-    patch = train_on_set(images, labels, store_path, template_path, cfg)
+    and write the shared result JSON (see docs: "Result files"): :func:`set_record` under the
+    method's stain protocol (``cfg['stain_norm']``, resolved per method by the rule), the
+    full-data upper bounds and the training-time ratios."""
+    record = set_record(distilled, distill_stats, store_path, template_path, cfg)
     full_results, ratio = {}, {}
     for arch in cfg["archs"]:  # upper bounds of the evaluated archs, not of the cross-arch extras
         if arch in full:
             full_results[arch] = json.loads(Path(full[arch]).read_text())
-            ratio[arch] = full_results[arch]["train_time_s"] / max(patch[arch]["train_time_s"], 1e-9)
-    result = {"dataset": dataset, "method": attrs["method"], "ipc": attrs["ipc"],
-              "stain_norm": bool(cfg["stain_norm"]), "patch": patch,
-              "full": full_results, "train_time_ratio": ratio,
-              "saturated_fraction": saturated_fraction(images),
-              "distill": json.loads(Path(distill_stats).read_text()),
-              "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]},
+            ratio[arch] = (full_results[arch]["train_time_s"]
+                           / max(record["patch"][arch]["train_time_s"], 1e-9))
+    result = {"dataset": dataset, **record, "full": full_results, "train_time_ratio": ratio,
               "versions": _versions()}
-    if cfg.get("both_protocols"):
-        other = {**cfg, "stain_norm": not cfg["stain_norm"]}
-        result["other_protocol"] = {"stain_norm": other["stain_norm"],
-                                    "patch": train_on_set(images, labels, store_path,
-                                                          template_path, other)}
-    if cfg.get("extra_archs"):
-        result["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
-        if "other_protocol" in result:
-            result["other_protocol"]["cross_arch"] = cross_arch(
-                result["other_protocol"]["patch"], attrs["config"].get("net"))
     write_json(out, result)
     return result
 

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from conftest import make_toy_store
 from histodistill import evaluate
 from histodistill.config import ConfigError, with_candidate
 from histodistill.distill.run import distill
-from histodistill.distill.tuning import choose, evaluate_candidate, seed_summary, selection_split
+from histodistill.distill.tuning import (choose, distill_or_adopt, evaluate_candidate, seed_summary,
+                                        selection_split)
 from histodistill.data.store import PatchStore
 from histodistill.io import InputError
 
@@ -47,6 +49,61 @@ def test_no_tuning_code_path_reads_the_test_split(stores, monkeypatch):
                                 EVALUATE, {"lr_img": 1.0}, tmp / "c0.json")
     assert "test" not in read and "val" in read
     assert record["split"] == "val" and len(record["patch"]["convnet"]["acc"]["runs"]) == 2
+
+
+def test_the_chosen_set_is_adopted_at_its_seed_and_distilled_with_its_settings_at_others(stores):
+    """At the candidates' seed the distill rule's set is the chosen candidate's, byte for byte;
+    at another seed it is distilled with the chosen overrides; both cost files record the
+    choice; an untuned method is distilled with its own settings."""
+    tmp = stores["tmp"] / "adopt"
+    tmp.mkdir()
+    for k, lr in enumerate([1.0, 0.5]):
+        distill(stores["val"], None, None, "dm", 2, {**DM, "lr_img": lr}, 0, tmp / f"c{k}.zarr",
+                tmp / f"c{k}.png", tmp / f"c{k}_cost.json", None, 64, progress=False)
+    choice = {"choice": 1, "overrides": {"lr_img": 0.5}, "split": "val"}
+    (tmp / "choice.json").write_text(json.dumps(choice))
+
+    def run(name, seed, choice_path):
+        out = {"zarr": tmp / f"{name}.zarr", "grid": tmp / f"{name}.png",
+               "cost": tmp / f"{name}_cost.json"}
+        distill_or_adopt(choice_path, str(tmp / "c"), 0, "dm", 2, DM, seed, out,
+                         store_path=stores["val"], template_path=None, pool_path=None,
+                         checkpoint=None, cache_mb=64, progress=False)
+        return zarr.open_group(str(out["zarr"]), mode="r"), json.loads(out["cost"].read_text())
+
+    adopted, cost = run("s0", 0, tmp / "choice.json")
+    chosen = zarr.open_group(str(tmp / "c1.zarr"), mode="r")
+    assert np.array_equal(adopted["images"][:], chosen["images"][:])
+    assert cost["tuning"] == choice
+    other, cost = run("s1", 1, tmp / "choice.json")
+    assert other.attrs["config"]["lr_img"] == 0.5 and other.attrs["seed"] == 1
+    assert cost["tuning"] == choice
+    untuned, cost = run("plain", 1, None)
+    assert untuned.attrs["config"]["lr_img"] == 1.0 and "tuning" not in cost
+
+
+def test_a_result_holds_both_protocols_and_their_cross_architecture_figures(stores):
+    """With both_protocols the result records the method's stain protocol and the other one,
+    each with its per-architecture and cross-architecture figures, from the same set."""
+    from histodistill.stain import StainTemplate
+
+    tmp = stores["tmp"] / "protocols"
+    tmp.mkdir()
+    StainTemplate([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], [1.0, 0.5]).save(tmp / "t.json")
+    distill(stores["val"], None, None, "dm", 2, DM, 0, tmp / "s.zarr", tmp / "s.png",
+            tmp / "s_cost.json", None, 64, progress=False)
+    (tmp / "full.json").write_text(json.dumps({"train_time_s": 4.0}))
+    cfg = {**EVALUATE, "runs": 1, "both_protocols": True, "extra_archs": ["lenet"]}
+    result = evaluate.evaluate_distilled(tmp / "s.zarr", tmp / "s_cost.json", stores["val"],
+                                         tmp / "t.json", {"convnet": tmp / "full.json"}, cfg,
+                                         "toy", tmp / "r.json")
+    assert result["split"] == "test" and result["stain_norm"] is False
+    assert result["other_protocol"]["stain_norm"] is True
+    for view in (result, result["other_protocol"]):
+        assert set(view["patch"]) == {"convnet", "lenet"}
+        assert view["cross_arch"]["excluded"] == "convnet" and view["cross_arch"]["archs"] == ["lenet"]
+    assert result["train_time_ratio"]["convnet"] > 0 and set(result["full"]) == {"convnet"}
+    assert json.loads((tmp / "r.json").read_text()) == result
 
 
 def test_a_store_without_val_is_refused_not_judged_on_test(stores):

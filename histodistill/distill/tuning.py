@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
+from histodistill.config import with_candidate
 from histodistill.data.store import PatchStore
-from histodistill.evaluate import METRICS, cross_arch, saturated_fraction, train_on_set
+from histodistill.distill.run import distill
+from histodistill.distilled import adopt
+from histodistill.evaluate import METRICS, set_record
 from histodistill.io import InputError, write_json
 
 STAGE = "tune"
@@ -46,17 +48,9 @@ def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
     """Train the evaluation architectures on one candidate's set and test them on the
     validation split; write the candidate's record (overrides, validation figures, cost)."""
     split = selection_split(PatchStore(store_path))
-    group = zarr.open_group(str(distilled), mode="r")
-    images = group["images"][:]
-    patch = train_on_set(images, group["labels"][:], store_path, template_path, evaluate,
-                         split=split)
-    attrs = dict(group.attrs)
-    record = {"overrides": overrides, "split": split, "patch": patch,
-              "saturated_fraction": saturated_fraction(images),
-              "distill": json.loads(Path(cost).read_text()),
-              "config": {"distill": attrs["config"], "evaluate": evaluate, "seed": attrs["seed"]}}
-    if evaluate.get("extra_archs"):
-        record["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
+    record = {"overrides": overrides,
+              **set_record(distilled, cost, store_path, template_path,
+                           {**evaluate, "both_protocols": False}, split=split)}
     write_json(out, record)
     return record
 
@@ -85,6 +79,28 @@ def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[
                              for r in records]}
     write_json(out, choice)
     return choice
+
+
+def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
+                     tuned_seed: int, method: str, ipc: int, cfg: dict[str, Any], seed: int,
+                     out: dict[str, str | os.PathLike], **inputs: Any) -> None:
+    """Rule distill's set. An untuned method (no ``choice_path``) is distilled with ``cfg``. A
+    tuned one runs with its chosen candidate's overrides: at ``tuned_seed`` (the seed its
+    candidates were distilled with) the chosen candidate's set ``<candidate_stem><k>.*`` is that
+    set and is taken as it is; at other seeds it is distilled. The cost file records the choice.
+    ``out`` holds ``zarr``, ``grid`` and ``cost``; ``inputs`` are :func:`distill`'s other
+    arguments (store, template, pool, checkpoint, experts, autoencoder, ...)."""
+    choice = json.loads(Path(choice_path).read_text()) if choice_path else None
+    if choice is not None and seed == tuned_seed:
+        stem = f"{candidate_stem}{choice['choice']}"
+        adopt({"zarr": f"{stem}.zarr", "grid": f"{stem}.png", "cost": f"{stem}_cost.json"}, out,
+              {"tuning": choice})
+        return
+    if choice is not None:
+        cfg = with_candidate(cfg, choice["overrides"], method)
+    distill(inputs.pop("store_path"), inputs.pop("template_path"), inputs.pop("pool_path"),
+            method, ipc, cfg, seed, out["zarr"], out["grid"], out["cost"],
+            extra_cost={"tuning": choice} if choice else None, **inputs)
 
 
 def seed_summary(results: list[str | os.PathLike], seeds: list[int],
