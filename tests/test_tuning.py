@@ -249,3 +249,14 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
     assert choice["choice"] == 0 and choice["candidates"][1]["diverged_at"] == 3
     with pytest.raises(ValueError, match="every candidate diverged"):
         choose([files[1]], tmp_path / "none.json")
+
+
+def test_a_choice_applies_its_overrides_except_those_the_use_sets_itself():
+    from histodistill.distill.tuning import apply_choice
+
+    cfg = {"lr_img": 1.0, "iterations": 50, "unit_grad": True}
+    choice = {"overrides": {"lr_img": 0.5, "iterations": 9}}
+    assert apply_choice(cfg, None, "dm") == cfg
+    assert apply_choice(cfg, choice, "dm") == {**cfg, "lr_img": 0.5, "iterations": 9}
+    # per-slide overrides (mil.distill.<method>) win over the chosen candidate's
+    assert apply_choice(cfg, choice, "dm", keep={"iterations": 5}) == {**cfg, "lr_img": 0.5}

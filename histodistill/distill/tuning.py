@@ -81,6 +81,21 @@ def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[
     return choice
 
 
+def apply_choice(cfg: dict[str, Any], choice: dict[str, Any] | None, method: str,
+                 keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``cfg`` with the chosen candidate's overrides (none: unchanged), except the keys that
+    ``keep`` sets: settings the user gave for this use (per-slide overrides) win."""
+    if choice is None:
+        return cfg
+    overrides = {k: v for k, v in choice["overrides"].items() if k not in (keep or {})}
+    return with_candidate(cfg, overrides, method)
+
+
+def read_choice(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """A tuned method's choice file (rule tune); None when the method is not tuned."""
+    return json.loads(Path(path).read_text()) if path else None
+
+
 def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
                      tuned_seed: int, method: str, ipc: int, cfg: dict[str, Any], seed: int,
                      out: dict[str, str | os.PathLike], **inputs: Any) -> None:
@@ -90,17 +105,15 @@ def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
     set and is taken as it is; at other seeds it is distilled. The cost file records the choice.
     ``out`` holds ``zarr``, ``grid`` and ``cost``; ``inputs`` are :func:`distill`'s other
     arguments (store, template, pool, checkpoint, experts, autoencoder, ...)."""
-    choice = json.loads(Path(choice_path).read_text()) if choice_path else None
+    choice = read_choice(choice_path)
     if choice is not None and seed == tuned_seed:
         stem = f"{candidate_stem}{choice['choice']}"
         adopt({"zarr": f"{stem}.zarr", "grid": f"{stem}.png", "cost": f"{stem}_cost.json"}, out,
               {"tuning": choice})
         return
-    if choice is not None:
-        cfg = with_candidate(cfg, choice["overrides"], method)
     distill(inputs.pop("store_path"), inputs.pop("template_path"), inputs.pop("pool_path"),
-            method, ipc, cfg, seed, out["zarr"], out["grid"], out["cost"],
-            extra_cost={"tuning": choice} if choice else None, **inputs)
+            method, ipc, apply_choice(cfg, choice, method), seed, out["zarr"], out["grid"],
+            out["cost"], extra_cost={"tuning": choice} if choice else None, **inputs)
 
 
 def seed_summary(results: list[str | os.PathLike], seeds: list[int],

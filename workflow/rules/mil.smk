@@ -31,6 +31,9 @@ rule distill_slides:
         cfg=lambda wc: hdparams.without_operational(slide_method_cfg(wc)),
         seed=setting("distill", "seed"),
         slides=slide_batch,
+        per_slide=lambda wc: hdparams.canonical(
+            mil_cfg(wc.dataset)["distill"].get(wc.method, {})
+        ),
         code=library("distill_slides.py"),
     script:
         "../../scripts/distill_slides.py"

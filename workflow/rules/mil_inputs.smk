@@ -46,12 +46,15 @@ def slide_batch(wildcards):
 
 
 def slide_distill_input(wildcards):
-    """Store, stain template and, for Histo-DD, its network pool."""
+    """Store, stain template, for Histo-DD its network pool, and for a tuned method its choice
+    (the patch-level candidates' validation figures)."""
     slide_batch(wildcards)
     out = {
         "store": f"results/{wildcards.dataset}/patches.zarr",
         "template": f"results/{wildcards.dataset}/stain/template.json",
     }
+    if candidates(wildcards):
+        out["choice"] = tuning_inputs(wildcards)["choice"]
     if wildcards.method == "histodd":
         out["pool"] = f"results/{wildcards.dataset}/pool.pt"
     return out
