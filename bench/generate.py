@@ -42,6 +42,7 @@ from histodistill.generate.sample import build  # noqa: E402
 from histodistill.evaluate import device  # noqa: E402
 from histodistill.generate.train import save_model  # noqa: E402
 from histodistill.io import save_figures  # noqa: E402
+from histodistill.state import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 # preset -> (image size, AE downsampling, U-ViT patch size, batch): tiny is the demo's geometry,
@@ -140,7 +141,7 @@ def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
         """Seconds the training loop of ``train_generator`` spent on ``steps`` steps."""
         train_generator(store, paths["autoencoder"], tmp / "g.pt", {**gcfg, "steps": steps},
                         "cond", 0, progress=False)
-        return float(torch.load(tmp / "g.pt", weights_only=False)["seconds"])
+        return float(load_state(tmp / "g.pt")["seconds"])
 
     steps = 4
     mem = peak(lambda: (sample(), train_seconds(2)))

@@ -39,7 +39,8 @@ from histodistill.data.real import RealData, Stats
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.data.stream import iterate
 from histodistill.evaluate import EpochCheckpoint, TrainConfig, device, scheduler, train
-from histodistill.io import InputError, atomic_path, settings_hash
+from histodistill.io import InputError, settings_hash
+from histodistill.state import load_input, save_state
 
 log = logging.getLogger(__name__)
 KINDS = ("supervised", "simclr", "resnet50_trunc")
@@ -203,11 +204,10 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
             _train_simclr(net, dim, real, cfg, aug, gen, ckpt)
         ckpt.remove()
     encoder = Encoder(net.eval(), stats, kind, dim)
-    with atomic_path(out) as tmp:
-        torch.save({"kind": kind, "net": cfg.get("net"), "net_kwargs": cfg.get("net_kwargs", {}),
-                    "num_classes": num_classes, "im_size": im_size, "dim": dim,
-                    "mean": stats.mean, "std": stats.std, "config": cfg,
-                    "state": {k: v.cpu() for k, v in net.state_dict().items()}}, tmp)
+    save_state({"kind": kind, "net": cfg.get("net"), "net_kwargs": cfg.get("net_kwargs", {}),
+                "num_classes": num_classes, "im_size": im_size, "dim": dim,
+                "mean": list(stats.mean), "std": list(stats.std), "config": cfg,
+                "state": {k: v.cpu() for k, v in net.state_dict().items()}}, out)
     return encoder
 
 
@@ -238,7 +238,7 @@ def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
 def load_encoder(path: str | os.PathLike, dev: torch.device | None = None) -> Encoder:
     """The encoder saved by :func:`train_encoder`, in eval mode on ``dev`` (default: CUDA if
     present)."""
-    info = torch.load(path, map_location="cpu", weights_only=False)
+    info = load_input(path, "train_encoder")
     net, dim = _build(info["kind"], info["net"], info["net_kwargs"], info["num_classes"],
                       info["im_size"])
     net.load_state_dict(info["state"])

@@ -30,9 +30,10 @@ from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import Stats
 from histodistill.data.stream import iterate
-from histodistill.io import atomic_path, settings_hash, write_json
+from histodistill.io import settings_hash, write_json
 from histodistill.stain import MacenkoNormaliser, StainTemplate
 from histodistill.data.store import PatchStore, fingerprint
+from histodistill.state import load_resume, save_state
 
 log = logging.getLogger(__name__)
 METRICS = ("acc", "f1", "auc", "sensitivity", "specificity")
@@ -153,11 +154,8 @@ class EpochCheckpoint:
     def load(self, objs: dict[str, Any], gen: torch.Generator) -> dict[str, Any] | None:
         """Restore ``objs`` (name -> object with load_state_dict) and ``gen``; the saved extras,
         or None when there is nothing to resume."""
-        if self.path is None or not self.path.exists():
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
-            log.info("checkpoint %s is from other settings; starting afresh", self.path)
+        state = load_resume(self.path, self.key)
+        if state is None:
             return None
         for name, obj in objs.items():
             obj.load_state_dict(state[name])
@@ -172,8 +170,7 @@ class EpochCheckpoint:
         state = {name: obj.state_dict() for name, obj in objs.items()}
         state.update(key=self.key, gen=gen.get_state(), torch_rng=torch.get_rng_state(),
                      extra=extra)
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_state(state, self.path)
 
     def remove(self) -> None:
         if self.path is not None and self.path.exists():

@@ -12,11 +12,12 @@ import zarr
 
 from conftest import make_toy_store
 from histodistill import models
-from histodistill.augment import Augment, AugmentConfig
+from histodistill.augment import Augment
 from histodistill.data import RealData
 from histodistill.distill import METHODS, Context, build
 from histodistill.distill.coreset import herding_order
 from histodistill.distill.matching import match_loss, matched_params, model_augment
+from histodistill.state import save_state
 from histodistill.data.store import fingerprint
 from histodistill.data.store import PatchStore
 
@@ -284,7 +285,7 @@ def test_every_set_records_the_real_rows_it_was_made_from(method, store, tmp_pat
     from histodistill.distill.run import distill
 
     out, pool_file = tmp_path / "d.zarr", tmp_path / "pool.pt"
-    torch.save(pool(), pool_file)
+    save_state(pool(), pool_file)
     distill(store.path, None, pool_file, method, 3, SETTINGS[method], 0, out, tmp_path / "d.png",
             tmp_path / "d.json", None, progress=False)
     group = zarr.open_group(str(out), mode="r")

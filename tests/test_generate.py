@@ -22,6 +22,7 @@ from histodistill.generate.generator import train_generator
 from histodistill.generate.sample import sample_synthetic
 from histodistill.generate.uvit import UViT, build
 from histodistill.io import InputError
+from histodistill.state import load_state
 
 AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "downsample": 2,
       "lr": 1e-3, "batch": 8, "steps": 4, "kl_weight": 1e-6, "disc_weight": 0.5, "disc_start": 2,
@@ -248,7 +249,7 @@ def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Pa
     train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", GEN, "cond", 3,
                     checkpoint=ckpt, checkpoint_every=100, progress=False)
     assert not ckpt.exists()  # the output supersedes the checkpoint
-    a, b = (torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in "ab")
+    a, b = (load_state(tmp_path / f"{k}.pt") for k in "ab")
     assert a["ema"].keys() == b["ema"].keys()
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert a["history"] == b["history"]
@@ -284,7 +285,7 @@ def test_decoder_finetuning_changes_only_the_decoder(toy: dict[str, Path]) -> No
     assert all(torch.equal(before[k], after[k]) for k in others)  # encoder, quant_conv, scale
     changed = [k for k in decoder if not torch.equal(before[k], after[k])]
     assert len(changed) > len(decoder) // 2
-    saved = torch.load(toy["decoder"].with_name("d2.pt"), weights_only=False)
+    saved = load_state(toy["decoder"].with_name("d2.pt"))
     assert sorted(saved["decoder"]) == sorted(decoder)
 
 

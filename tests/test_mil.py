@@ -9,7 +9,6 @@ import pytest
 import torch
 import zarr
 
-from histodistill import models
 from histodistill.config import ConfigError, check_per_slide
 from histodistill.data import ClassSampler, record_channel_stats
 from histodistill.data.store import SPLITS, PatchStore, StoreWriter, store_slides

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from abc import ABC
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from histodistill.distill.matching import cross_entropy, match_loss
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.registry import registrar
+from histodistill.state import load_resume, save_state
 
 METHODS: dict[str, type["Distiller"]] = {}
 log = logging.getLogger(__name__)
@@ -279,18 +279,11 @@ class Distiller(ABC):
                  "real": self.ctx.real.state_dict(), "extra": self.extra_state(),
                  "image_updates": self.image_updates, "seconds": self.seconds,
                  "diverged_at": self.diverged_at}
-        tmp = self.ctx.checkpoint.with_suffix(".tmp")
-        self.ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, self.ctx.checkpoint)
+        save_state(state, self.ctx.checkpoint)
 
     def _resume(self) -> int:
-        path = self.ctx.checkpoint
-        if path is None or not path.exists():
-            return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("key") != self._key():
-            log.info("checkpoint %s is from other settings or inputs; starting afresh", path)
+        state = load_resume(self.ctx.checkpoint, self._key())
+        if state is None:
             return 0
         with torch.no_grad():
             self.images.copy_(state["images"].to(self.images.device))

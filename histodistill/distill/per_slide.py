@@ -35,6 +35,7 @@ from histodistill.distilled import to_uint8, write_set
 from histodistill.evaluate import device
 from histodistill.io import InputError, settings_hash
 from histodistill.stain import StainTemplate
+from histodistill.state import load_input
 
 log = logging.getLogger(__name__)
 STAGE = "distill_slides"
@@ -68,7 +69,7 @@ def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLi
     partial.mkdir(parents=True, exist_ok=True)
     template = StainTemplate.load(template_path) if template_path else None
     dev = device()
-    pool = torch.load(pool_path, map_location=dev) if pool_path else {}
+    pool = load_input(pool_path, "pretrain_pool") if pool_path else {}
     inputs = fingerprint(store, pool_path, template_path)
     settings = {k: v for k, v in cfg.items() if k != "checkpoint_every"}
     done = []

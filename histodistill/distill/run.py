@@ -17,10 +17,11 @@ from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
 from histodistill.evaluate import TrainConfig, device, train
 from histodistill.distilled import peak_memory_mb, to_uint8, write_distilled
-from histodistill.io import atomic_path, settings_hash
+from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.trajectories.store import ExpertStore
+from histodistill.state import load_input, save_state
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
                       train_cfg, torch.Generator().manual_seed(seed * 1000 + k), aug,
                       on_epoch=snapshot, progress=True)
         log.info("pool network %d/%d trained (%.1fs)", k + 1, cfg["size"], sum(times))
-    with atomic_path(out) as tmp:
-        torch.save({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, tmp)
+    save_state({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, out)
 
 
 def context(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
@@ -76,7 +76,7 @@ def context(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     store and autoencoder paths, and the fingerprint of their contents (the resume key)."""
     real = real_data(store_path, cache_mb, seed, max_per_class)
     template = StainTemplate.load(template_path) if template_path else None
-    pool = torch.load(pool_path, map_location=real.device) if pool_path else {}
+    pool = load_input(pool_path, "pretrain_pool") if pool_path else {}
     inputs = fingerprint(real.store, pool_path, template_path, autoencoder)
     if experts:  # its key covers its settings and data; hashing gigabytes of it would not pay
         store = ExpertStore(experts)

@@ -36,6 +36,7 @@ from histodistill.evaluate import device
 from histodistill.generate.data import PatchSource, Sources, sources
 from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
 from histodistill.io import InputError
+from histodistill.state import load_input
 
 STAGE = "train_autoencoder"
 log = logging.getLogger(__name__)
@@ -413,7 +414,7 @@ def latent_scale(std: float) -> float:
 
 def load_autoencoder(path: str | os.PathLike, dev: torch.device) -> AutoencoderKL:
     """The trained autoencoder of ``train_autoencoder``, frozen, in eval mode."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_input(path, "train_autoencoder")
     ae = AutoencoderKL.from_config(saved["config"], saved["image_size"])
     ae.load_state_dict(saved["state"])
     return ae.to(dev).eval().requires_grad_(False)

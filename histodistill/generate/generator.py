@@ -23,13 +23,14 @@ from histodistill.generate.diffusion import Schedule
 from histodistill.evaluate import device
 from histodistill.generate.train import (TrainState, finish, fit, inputs_key, save_model, seeded,
                                          warmup)
+from histodistill.state import load_input
 
 log = logging.getLogger(__name__)
 
 
 def load_uvit(path: str | os.PathLike, dev: torch.device) -> tuple[uvit.UViT, dict[str, Any]]:
     """The EMA weights of a trained U-ViT, frozen, and its saved metadata."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_input(path, "train_generator")
     net = uvit.build(saved["config"], saved["z_channels"], saved["latent_size"],
                      saved["num_classes"])
     net.load_state_dict(saved["ema"])

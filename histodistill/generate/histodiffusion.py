@@ -33,6 +33,7 @@ from histodistill.generate.data import PatchSource, sources
 from histodistill.generate.diffusion import Schedule, timestep_embedding
 from histodistill.evaluate import device
 from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
+from histodistill.state import load_input
 
 log = logging.getLogger(__name__)
 DECODER_KEYS = ("decoder.", "post_quant_conv.")
@@ -88,7 +89,7 @@ def build_classifier(cfg: dict[str, Any], z_channels: int, latent_size: int,
 
 def load_classifier(path: str | os.PathLike, dev: torch.device
                     ) -> tuple[LatentClassifier, dict[str, Any]]:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_input(path, "train_latent_classifier")
     clf = build_classifier(saved["config"], saved["z_channels"], saved["latent_size"],
                            len(saved["class_names"]))
     clf.load_state_dict(saved["state"])
@@ -159,7 +160,7 @@ def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.Path
 
 def apply_decoder(ae: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
     """Load the fine-tuned decoder of ``finetune_decoder`` into ``ae`` (in place)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_input(path, "finetune_decoder")
     missing = [k for k in ae.state_dict() if k.startswith(DECODER_KEYS) and k not in saved["decoder"]]
     if missing:
         raise ValueError(f"{path} holds no fine-tuned weights for {missing[:3]}")

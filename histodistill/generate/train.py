@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from histodistill.data.store import PatchStore, fingerprint
-from histodistill.io import atomic_path, settings_hash
+from histodistill.io import settings_hash
+from histodistill.state import load_resume, save_state
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,14 @@ class TrainState:
                 "data": self.data.state_dict() if self.data is not None else None}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint atomically (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write the checkpoint (:func:`histodistill.state.save_state`)."""
+        save_state(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> bool:
-        """Restore from ``path`` if it exists and was written with this key; else False."""
-        path = Path(path)
-        if not path.exists():
-            return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
-            log.info("checkpoint %s is from other settings or inputs; starting afresh", path)
+        """Restore from ``path`` if it holds an intact checkpoint written with this key; else
+        False (a damaged one is logged and removed: the training starts afresh)."""
+        state = load_resume(path, self.key)
+        if state is None:
             return False
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
@@ -163,9 +157,8 @@ def inputs_key(settings: Any, stores: list[str | os.PathLike],
 
 
 def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write a trained model's file (weights and metadata) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Write a trained model's file (weights and plain metadata)."""
+    save_state(payload, path)
 
 
 def finish(checkpoint: str | os.PathLike | None) -> None:

@@ -1,0 +1,160 @@
+"""State files: what a stage writes and reads back (resume checkpoints, Histo-DD's pool, encoders,
+generators, trained models).
+
+Every state file holds tensors and plain data only and is read back with torch's weights-only
+loader, so a pickle planted under ``results/`` runs nothing: it is refused. A header written
+last carries the payload's length and SHA-256, so a file truncated by a kill, a full disk or a
+copy, or altered afterwards, is detected and named instead of half-read. A damaged resume
+checkpoint is logged by name and the work redone (:func:`load_resume`); a damaged input of a
+stage is an error naming the file and the rule to rerun (:func:`load_input`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from histodistill.io import InputError, atomic_path
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"histodistill-state/1"
+HEADER = len(MAGIC) + 1 + 64 + 1 + 16 + 1  # magic, sha256 hex, payload length, newline
+CHUNK = 1 << 24
+
+
+class StateError(ValueError):
+    """A state file that cannot be trusted: missing, truncated, altered, or holding objects
+    other than tensors and plain data. The message names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+class _HashingWriter(io.RawIOBase):
+    """Write through to ``f``, hashing and counting what passes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        self.sha.update(view)
+        self.size += len(view)
+        return self.f.write(view)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _Offset(io.RawIOBase):
+    """``f`` seen from ``offset`` on: the payload after the header, for torch's reader."""
+
+    def __init__(self, f: BinaryIO, offset: int) -> None:
+        self.f, self.offset = f, offset
+        f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos += self.offset
+        return self.f.seek(pos, whence) - self.offset
+
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+    def readinto(self, b: Any) -> int:
+        return self.f.readinto(b)
+
+
+def save_state(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` (tensors and plain data) to ``path`` atomically, its header last."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"\0" * HEADER)
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.seek(0)
+        f.write(b"%s %s %016d\n" % (MAGIC, writer.sha.hexdigest().encode(), writer.size))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_state(path: str | os.PathLike) -> Any:
+    """Read a state file written by :func:`save_state`, on the CPU; :class:`StateError` when
+    it is missing, is not one, is truncated or altered, or holds anything but tensors and
+    plain data (nothing in it is executed)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise StateError(path, f"cannot be read ({err.strerror or err})") from None
+    with f:
+        header = f.read(HEADER)
+        parts = header.rstrip(b"\n").split(b" ")
+        if len(header) < HEADER or parts[0] != MAGIC or len(parts) != 3:
+            raise StateError(path, "is not a histodistill state file (or its header is damaged)")
+        digest, size = parts[1].decode(errors="replace"), int(parts[2] or -1)
+        sha, seen = hashlib.sha256(), 0
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            seen += len(chunk)
+        if seen != size:
+            raise StateError(path, f"is truncated or extended ({seen} of {size} payload bytes)")
+        if sha.hexdigest() != digest:
+            raise StateError(path, "fails its checksum (the file was altered or damaged)")
+        try:
+            return torch.load(_Offset(f, HEADER), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f"a reference to {found.group(1)}" if found else "an object torch refuses"
+            raise StateError(path, "holds objects other than tensors and plain data "
+                             f"({what}); refused, nothing in it was run") from None
+        except (RuntimeError, EOFError, ValueError) as err:
+            raise StateError(path, f"cannot be decoded ({type(err).__name__})") from None
+
+
+def load_input(path: str | os.PathLike, rule: str) -> Any:
+    """A state file that ``rule`` wrote, read as another stage's input; a damaged or foreign
+    one is an :class:`InputError` naming that rule, the file and how to rewrite it."""
+    try:
+        return load_state(path)
+    except StateError as err:
+        raise InputError(rule, err.path, f"{err.reason}; delete it and rerun rule {rule} to "
+                         "write it again") from None
+
+
+def load_resume(path: str | os.PathLike | None, key: str) -> dict[str, Any] | None:
+    """A resume checkpoint written under ``key`` (the work's settings and inputs), or None when
+    there is none to resume. One from other settings is ignored; a damaged or foreign one is
+    logged by name, removed, and the work redone: resume state is never reused unverified and
+    never fatal."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = load_state(path)
+    except StateError as err:
+        log.warning("resume state %s is damaged (%s); removed, redoing that work", err.path,
+                    err.reason)
+        Path(path).unlink(missing_ok=True)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.info("checkpoint %s is from other settings or inputs; starting afresh", path)
+        return None
+    return state

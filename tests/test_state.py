@@ -1,0 +1,185 @@
+"""State files: no pickle is ever executed, damage is detected and named, damaged resume state is
+redone (never reused, never fatal)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_toy_store
+from histodistill.data import RealData
+from histodistill.data.store import PatchStore
+from histodistill.distill import Context, build
+from histodistill.evaluate import EpochCheckpoint
+from histodistill.io import InputError
+from histodistill.state import HEADER, MAGIC, StateError, load_resume, load_state, save_state
+
+DM = {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 4,
+      "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
+
+
+class Planted:
+    """What an attacker writes: unpickling it runs a shell command (it creates ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path, headed: bool) -> None:
+    """A malicious pickle at ``path``: a plain torch file, or one behind a valid header and
+    checksum (an attacker who knows the format)."""
+    buf = io.BytesIO()
+    torch.save({"key": "k", "x": Planted(marker)}, buf)
+    payload = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if headed:
+        head = b"%s %s %016d\n" % (MAGIC, hashlib.sha256(payload).hexdigest().encode(), len(payload))
+        assert len(head) == HEADER
+        payload = head + payload
+    path.write_bytes(payload)
+
+
+def test_a_state_round_trips_tensors_and_plain_data(tmp_path):
+    state = {"w": torch.randn(7, 3), "n": 3, "x": [1.5, (2, "a")], "none": None,
+             "gen": torch.Generator().manual_seed(1).get_state()}
+    save_state(state, tmp_path / "s.pt")
+    back = load_state(tmp_path / "s.pt")
+    assert torch.equal(back["w"], state["w"]) and back["x"] == [1.5, (2, "a")]
+    assert torch.equal(back["gen"], state["gen"]) and back["none"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # no temporary left
+
+
+@pytest.mark.parametrize("headed", [False, True])
+def test_a_planted_pickle_is_refused_and_nothing_runs(tmp_path, headed):
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "s.pt", marker, headed)
+    reason = "other than tensors and plain data.*posix.system" if headed else "not a histodistill state"
+    with pytest.raises(StateError, match=reason):
+        load_state(tmp_path / "s.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty", "header"])
+def test_damage_is_detected_and_named(tmp_path, damage):
+    path = tmp_path / "s.pt"
+    save_state({"w": torch.arange(1000.0)}, path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-50]
+    elif damage == "flip":
+        data[-200] ^= 0xFF
+    elif damage == "extend":
+        data += b"\0"
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match=str(path).replace(".", r"\.")):
+        load_state(path)
+
+
+def _loaders():
+    """Every reader of a state file another rule wrote, with that rule."""
+    from histodistill.distill.run import context
+    from histodistill.encoders import load_encoder
+    from histodistill.generate.autoencoder import load_autoencoder, AutoencoderKL
+    from histodistill.generate.generator import load_uvit
+    from histodistill.generate.histodiffusion import apply_decoder, load_classifier
+
+    cpu = torch.device("cpu")
+    return {
+        "pretrain_pool": lambda p, store: context(store, None, p, 0, progress=False),
+        "train_encoder": lambda p, store: load_encoder(p, cpu),
+        "train_autoencoder": lambda p, store: load_autoencoder(p, cpu),
+        "train_generator": lambda p, store: load_uvit(p, cpu),
+        "train_latent_classifier": lambda p, store: load_classifier(p, cpu),
+        "finetune_decoder": lambda p, store: apply_decoder(AutoencoderKL.__new__(AutoencoderKL), p),
+    }
+
+
+@pytest.mark.parametrize("rule", list(_loaders()))
+@pytest.mark.parametrize("headed", [False, True])
+def test_every_model_file_reader_refuses_a_planted_pickle_naming_file_and_rule(tmp_path, rule,
+                                                                                headed):
+    store = make_toy_store(tmp_path / "p.zarr")
+    marker, path = tmp_path / "pwned", tmp_path / f"{rule}.pt"
+    plant(path, marker, headed)
+    with pytest.raises(InputError, match=rf"\[{rule}\] .*{path.name}: .*rerun rule {rule}"):
+        _loaders()[rule](path, store)
+    assert not marker.exists()
+
+
+def _distill(store, ckpt=None):
+    real = RealData(PatchStore(store), "train", 64, 0, torch.device("cpu"))
+    return build("dm", DM, 2, Context(real, 0, None, ckpt, {}, progress=False))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "planted", "planted_headed", "garbage"])
+def test_damaged_distillation_checkpoint_is_logged_and_redone_to_the_clean_result(
+        tmp_path, caplog, damage):
+    store = make_toy_store(tmp_path / "p.zarr")
+    reference, _ = _distill(store).run()
+    ckpt, marker = tmp_path / "dm.ckpt", tmp_path / "pwned"
+    _distill(store, ckpt).run(stop_after=2)
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    elif damage == "garbage":
+        ckpt.write_bytes(b'{"not": "a checkpoint"')
+    else:
+        plant(ckpt, marker, damage == "planted_headed")
+    with caplog.at_level(logging.WARNING, logger="histodistill.state"):
+        resumed, _ = _distill(store, ckpt).run()
+    torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
+    assert not marker.exists()
+    assert any(str(ckpt) in r.getMessage() and "redoing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "planted_headed"])
+def test_damaged_epoch_checkpoint_starts_afresh(tmp_path, damage):
+    net = torch.nn.Linear(2, 2)
+    gen = torch.Generator().manual_seed(0)
+    ckpt = EpochCheckpoint(tmp_path / "e.ckpt", "k")
+    ckpt.save({"net": net}, gen, epoch=1)
+    assert ckpt.load({"net": net}, gen) == {"epoch": 1}
+    marker = tmp_path / "pwned"
+    if damage == "truncate":
+        ckpt.path.write_bytes(ckpt.path.read_bytes()[:-10])
+    else:
+        plant(ckpt.path, marker, True)
+    assert ckpt.load({"net": net}, gen) is None
+    assert not ckpt.path.exists() and not marker.exists()  # removed: the next save is clean
+
+
+def test_resume_state_from_other_settings_is_ignored_not_removed(tmp_path):
+    save_state({"key": "a", "done": 3}, tmp_path / "c.ckpt")
+    assert load_resume(tmp_path / "c.ckpt", "b") is None and (tmp_path / "c.ckpt").exists()
+    assert load_resume(tmp_path / "c.ckpt", "a") == {"key": "a", "done": 3}
+    assert load_resume(tmp_path / "absent.ckpt", "a") is None and load_resume(None, "a") is None
+
+
+def test_damaged_generator_checkpoint_starts_afresh(tmp_path):
+    from histodistill.generate.train import TrainState
+
+    def state() -> TrainState:
+        net = torch.nn.Linear(2, 2)
+        return TrainState({"net": net}, {"net": torch.optim.SGD(net.parameters(), 0.1)},
+                          torch.Generator().manual_seed(0), "k", None)
+
+    first = state()
+    first.step = 5
+    first.save(tmp_path / "g.ckpt")
+    assert state().load(tmp_path / "g.ckpt")
+    plant(tmp_path / "g.ckpt", tmp_path / "pwned", True)
+    again = state()
+    assert not again.load(tmp_path / "g.ckpt") and again.step == 0
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "g.ckpt").exists()
