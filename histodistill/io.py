@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,22 +27,28 @@ class InputError(ValueError):
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``final``, on error remove it.
 
-    Works for files and directories (zarr stores), so a crash never leaves a partial output.
+    Works for files and directories (zarr stores), so a crash never leaves a partial output;
+    the temporaries a killed earlier write left beside ``final`` are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkdtemp's names
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        if ours.fullmatch(stale.name):
+            remove_path(stale)  # left by a killed earlier write of the same output
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     shutil.rmtree(tmp)  # only the unique name is wanted; the caller creates file or directory
     try:
         yield tmp
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
-    _remove(final)
+    remove_path(final)
     os.replace(tmp, final)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree, if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():

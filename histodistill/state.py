@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from histodistill.io import InputError, atomic_path
+from histodistill.io import InputError, atomic_path, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +159,80 @@ def load_resume(path: str | os.PathLike | None, key: str) -> dict[str, Any] | No
         log.info("checkpoint %s is from other settings or inputs; starting afresh", path)
         return None
     return state
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (relative names, sizes and bytes)."""
+    sha = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        sha.update(f"{f.relative_to(path).as_posix() if f != path else ''}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                sha.update(chunk)
+    return sha.hexdigest()
+
+
+class Pieces:
+    """The finished pieces of a resumable job (one per slide, or per expert) in
+    ``<out>.partial``. Each piece, file or directory, is sealed when written: a sidecar
+    ``<piece>.sealed``, written last, holds its key (settings and inputs) and the SHA-256 of
+    its contents. A rerun keeps a piece only when its seal holds the same key and its contents
+    still match; an unsealed (unfinished), altered or truncated piece is logged by name,
+    removed and redone. :meth:`finish` drops pieces no longer wanted and the seals, then
+    renames the folder onto ``out``."""
+
+    SUFFIX = ".sealed"
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.partial / name
+
+    def _seal(self, name: str) -> Path:
+        return self.partial / (name + self.SUFFIX)
+
+    def done(self, name: str, key: str) -> bool:
+        """Whether piece ``name`` is finished for ``key`` and intact; if not, it is removed."""
+        piece, seal = self.path(name), self._seal(name)
+        if not piece.exists() and not seal.exists():
+            return False
+        try:
+            info = json.loads(seal.read_text())
+            recorded = (info["key"], info["sha256"])
+        except (OSError, ValueError, TypeError, KeyError):
+            log.warning("%s has no intact seal (unfinished or damaged); removed, redoing it", piece)
+        else:
+            if recorded[0] != key:
+                log.info("%s is from other settings or inputs; redoing it", piece)
+            elif not piece.exists():
+                log.warning("%s is missing although sealed; redoing it", piece)
+            elif _digest(piece) != recorded[1]:
+                log.warning("%s differs from its seal (damaged: a file changed, truncated or "
+                            "missing); removed, redoing it", piece)
+            else:
+                return True
+        for path in (piece, seal):
+            remove_path(path)
+        return False
+
+    def seal(self, name: str, key: str) -> None:
+        """Mark piece ``name`` finished: its key and digest, written atomically, last."""
+        with atomic_path(self._seal(name)) as tmp:
+            tmp.write_text(json.dumps({"key": key, "sha256": _digest(self.path(name))}))
+
+    def clear_stale(self, keep: set[str]) -> None:
+        """Remove everything but the pieces in ``keep`` (their seals go too)."""
+        for entry in list(self.partial.iterdir()):
+            if entry.name not in keep:
+                remove_path(entry)
+
+    def finish(self, keep: set[str]) -> Path:
+        """Keep only the pieces in ``keep`` and rename the folder onto ``out``."""
+        self.clear_stale(keep)
+        remove_path(self.out)
+        os.replace(self.partial, self.out)
+        return self.out

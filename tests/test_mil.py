@@ -247,17 +247,43 @@ def test_random_per_slide_keeps_real_patches_of_that_slide(store, tmp_path):
     assert all((own == img.reshape(-1)).all(1).any() for img in images)
 
 
-def test_per_slide_distillation_resumes_slide_by_slide(store, tmp_path):
-    out = tmp_path / "b"
-    first = distill_slides(store.path, None, None, "random", 5, {}, 0, ["n1"], out, progress=False)
-    (first / "n1.zarr").rename(tmp_path / "keep.zarr")  # a crash after n1: n1 done in .partial
-    partial = tmp_path / "b.partial"
-    partial.mkdir()
-    (tmp_path / "keep.zarr").rename(partial / "n1.zarr")
-    stamp = (partial / "n1.zarr" / "zarr.json").stat().st_mtime_ns
-    distill_slides(store.path, None, None, "random", 5, {}, 0, ["n1", "t1"], out, progress=False)
-    assert (out / "n1.zarr" / "zarr.json").stat().st_mtime_ns == stamp  # kept, not redone
-    assert (out / "t1.zarr").exists() and not partial.exists()
+def _crash_before(monkeypatch, slide_name):
+    """Make per-slide distillation die (as a kill would) when it reaches ``slide_name``."""
+    import histodistill.distill.per_slide as per_slide
+
+    real = per_slide._distil_one
+
+    def crashing(store_, slide, *args, **kwargs):
+        if slide.name == slide_name:
+            raise KeyboardInterrupt
+        return real(store_, slide, *args, **kwargs)
+
+    monkeypatch.setattr(per_slide, "_distil_one", crashing)
+    return lambda: monkeypatch.setattr(per_slide, "_distil_one", real)
+
+
+@pytest.mark.parametrize("damage", [None, "chunk", "attrs"])
+def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slide(
+        store, tmp_path, monkeypatch, damage):
+    clean = distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"],
+                           tmp_path / "clean", progress=False)
+    out, partial = tmp_path / "b", tmp_path / "b.partial"
+    restore = _crash_before(monkeypatch, "t1")
+    with pytest.raises(KeyboardInterrupt):
+        distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+    restore()
+    n1 = partial / "n1.zarr"
+    if damage == "chunk":  # a chunk of the finished slide's images lost
+        next(p for p in sorted((n1 / "images").rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
+    elif damage == "attrs":
+        (n1 / "zarr.json").write_text("{not json")
+    stamp = (n1 / "zarr.json").stat().st_mtime_ns
+    distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+    assert ((out / "n1.zarr" / "zarr.json").stat().st_mtime_ns == stamp) == (damage is None)
+    assert not partial.exists() and sorted(p.name for p in out.iterdir()) == ["n1.zarr", "t1.zarr"]
+    for name in ("n1.zarr", "t1.zarr"):  # ends identical to the uninterrupted run
+        a, b = (zarr.open_group(str(d / name), mode="r") for d in (clean, out))
+        assert np.array_equal(a["images"][:], b["images"][:])
 
 
 def test_per_slide_bad_requests_give_one_clear_error(store, tmp_path):
@@ -307,6 +333,37 @@ def test_extracted_bags_match_their_slides(store, bags):
     syn_rows = {r["slide_id"]: r for r in read_manifest(syn)}
     assert {k: v["patches"] for k, v in syn_rows.items()} == {"n1": 5, "n2": 5, "t1": 8, "t2": 7}
     assert (read_bag(syn / "t1.h5").coords == -1).all()
+
+
+def test_bag_extraction_resumes_and_redoes_a_damaged_bag(store, bags, tmp_path, monkeypatch):
+    """A crash mid-extraction keeps the finished, sealed bags; one damaged after it is redone;
+    the result equals the uninterrupted extraction."""
+    import histodistill.mil.bags as bag_module
+
+    real, _, _ = bags
+    enc = real.parent / "enc.pt"
+    out = tmp_path / "real"
+    original, calls = bag_module._embed_rows, []
+
+    def crashing(encoder, store_, split, rows, *args):
+        calls.append(len(rows))
+        if len(calls) == 3 and crash:
+            raise KeyboardInterrupt
+        return original(encoder, store_, split, rows, *args)
+
+    monkeypatch.setattr(bag_module, "_embed_rows", crashing)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        extract_real_bags(store.path, enc, out, batch=5, progress=False)
+    first = sorted((tmp_path / "real.partial").glob("*.h5"))[0]
+    first.write_bytes(first.read_bytes()[:-64])  # truncated after it was sealed
+    crash, calls[:] = False, []
+    extract_real_bags(store.path, enc, out, batch=5, progress=False)
+    assert len(calls) == len(SLIDES) - 1  # the intact finished bag was kept
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in real.iterdir())
+    for name in SLIDES:
+        assert np.array_equal(read_bag(out / f"{name}.h5").features,
+                              read_bag(real / f"{name}.h5").features)
 
 
 def test_training_learns_a_separable_bag_task():

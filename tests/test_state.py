@@ -183,3 +183,17 @@ def test_damaged_generator_checkpoint_starts_afresh(tmp_path):
     again = state()
     assert not again.load(tmp_path / "g.ckpt") and again.step == 0
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "g.ckpt").exists()
+
+
+def test_an_atomic_write_removes_the_temporaries_a_killed_write_left(tmp_path):
+    from histodistill.io import atomic_path
+
+    left = [tmp_path / ".p.zarr.ab12cd_9.tmp", tmp_path / ".p.zarr.zz99yy00.tmp"]
+    left[0].mkdir()
+    (left[0] / "chunk").write_bytes(b"x" * 100)
+    left[1].write_bytes(b"partial")
+    other = tmp_path / ".p.zarr.png.ab12cd34.tmp"  # another output's temporary: not ours
+    other.write_bytes(b"busy")
+    with atomic_path(tmp_path / "p.zarr") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "p.zarr"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -85,7 +84,8 @@ def test_tile_cohort_store_layout(small_cohort, tmp_path):
     assert not (tmp_path / "p.zarr.partial").exists()
 
 
-def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", [None, "chunk"])
+def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, monkeypatch, damage):
     rows = rows_of(small_cohort)
     reference = PatchStore(tiling.tile_cohort(rows, CFG, tmp_path / "ref.zarr", CLASSES))
     real_read, calls = wsi.read_patches, []
@@ -101,11 +101,17 @@ def test_failure_leaves_no_output_and_resume_matches(small_cohort, tmp_path, mon
     with pytest.raises(RuntimeError):
         tiling.tile_cohort(rows, CFG, out, CLASSES)
     assert not out.exists() and not (tmp_path / "run.zarr.slides").exists()
-    assert sorted(p.name for p in (tmp_path / "run.zarr.slides.partial").iterdir()) == [
-        "normal_001.zarr", "tumor_001.zarr"]  # finished slides kept, the crashed one removed
+    partial = tmp_path / "run.zarr.slides.partial"
+    assert sorted(p.name for p in partial.iterdir()) == [  # finished slides kept and sealed,
+        "normal_001.zarr", "normal_001.zarr.sealed",      # the crashed one removed
+        "tumor_001.zarr", "tumor_001.zarr.sealed"]
+    if damage == "chunk":  # a finished slide loses a chunk of its patches: redone, not reused
+        next(p for p in sorted((partial / "normal_001.zarr" / "patches").rglob("*"))
+             if p.is_file() and p.name != "zarr.json").unlink()
     monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
     resumed = PatchStore(tiling.tile_cohort(rows, CFG, out, CLASSES))
-    assert len(calls) == 5  # two slides before the crash, the crashed one again, one more
+    # two slides before the crash, the crashed one again, one more (and the damaged one again)
+    assert len(calls) == 5 + (damage == "chunk")
     for name in ("coords", "slide", "label", "split"):
         np.testing.assert_array_equal(resumed.array(name), reference.array(name))
     np.testing.assert_array_equal(resumed.patches(), reference.patches())
@@ -193,16 +199,28 @@ def test_batched_jobs_gather_to_the_one_process_store(small_cohort, tmp_path):
 def test_finished_slides_are_kept_unless_their_file_or_settings_change(small_cohort, tmp_path,
                                                                        monkeypatch):
     rows = [r for b in tiling.batches(rows_of(small_cohort)[:2], 1).values() for r in b]
-    partial = tmp_path / "job.partial"
     real_read, calls = wsi.read_patches, []
-    monkeypatch.setattr(wsi, "read_patches", lambda *a, **k: (calls.append(a[0]), real_read(*a, **k))[1])
-    tiling.tile_slides(rows[:1], CFG, tmp_path / "job", CLASSES)
-    os.replace(tmp_path / "job", partial)  # as if the job died after its first slide
+
+    def reading(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2 and crash:
+            raise KeyboardInterrupt  # the job dies on its second slide
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(wsi, "read_patches", reading)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+    crash = False
     tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
-    assert calls == [rows[0]["path"], rows[1]["path"]]  # the first slide was not redone
-    os.replace(tmp_path / "job", partial)
-    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job", CLASSES)
-    assert len(calls) == 4  # new settings: both redone
+    assert calls == [rows[0]["path"], rows[1]["path"], rows[1]["path"]]  # the first not redone
+    calls.clear()
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job2", CLASSES)
+    crash = False
+    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.5}, tmp_path / "job2", CLASSES)
+    assert len(calls) == 4  # other settings than the finished slide's: both redone
 
 
 def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):

@@ -177,13 +177,33 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
     buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, 0, cache_mb=64, progress=False)
     with h5py.File(out) as a, h5py.File(experts) as b:
         assert a.attrs["key"] != b.attrs["key"]
-    # experts of other settings are not reused
-    (tmp_path / "convnet.h5.partial").mkdir()
-    (tmp_path / "convnet.h5.partial" / "key.json").write_text('"other"')
-    np.save(tmp_path / "convnet.h5.partial" / "expert_0000.npy", np.zeros(3))
+    # experts of other settings, unsealed (a kill while writing) or damaged are not reused
+    crashes.append(2)
+    trained.clear()
+    with pytest.raises(RuntimeError, match="job lost"):
+        buffer.buffer_experts(store_path, out, {**BUFFER, "train": {**BUFFER["train"], "lr": 0.02}}, 0, cache_mb=64,
+                              progress=False)
+    assert trained == [0, 1, "crashed"]
     trained.clear()
     buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
-    assert trained == [0, 1, 2]
+    assert trained == [0, 1, 2]  # other settings: nothing reused
+    partial = tmp_path / "convnet.h5.partial"
+    for damage in ("truncate", "unsealed", "bad seal"):
+        crashes.append(2)
+        with pytest.raises(RuntimeError, match="job lost"):
+            buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+        npy = partial / "expert_0001.npy"
+        if damage == "truncate":
+            npy.write_bytes(npy.read_bytes()[:-40])
+        elif damage == "unsealed":
+            (partial / "expert_0001.npy.sealed").unlink()
+        else:
+            (partial / "expert_0001.npy.sealed").write_text("{")
+        trained.clear()
+        buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+        assert trained == [1, 2], damage  # the damaged expert redone, the intact one kept
+        with h5py.File(out) as a, h5py.File(experts) as b:
+            assert np.array_equal(a["params"][:], b["params"][:])
 
 
 def test_a_file_that_is_not_a_store_gets_one_message(tmp_path):

@@ -9,8 +9,8 @@ synthetic patches (initialised from all of them, then optimised as the others), 
 none, so a slide's set never holds more than ``ipc`` patches of a class (README: slide level).
 
 :func:`distill_slides` handles one batch of slides (one job of rule ``distill_slides``). Slides
-are done one at a time into ``<out>.partial``: a finished slide is kept there (keyed by its
-settings and inputs) and an unfinished iterative one resumes from its checkpoint, so a rerun
+are done one at a time into ``<out>.partial``: a finished slide is kept there (sealed with its
+settings, inputs and contents; a damaged one is redone) and an unfinished iterative one resumes from its checkpoint, so a rerun
 after a crash redoes nothing; ``out`` appears when every slide of the batch is done.
 """
 
@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from histodistill.config import check_per_slide
 from histodistill.data.real import RealData
@@ -36,6 +34,7 @@ from histodistill.evaluate import device
 from histodistill.io import InputError, settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.state import load_input
+from histodistill.state import Pieces
 
 log = logging.getLogger(__name__)
 STAGE = "distill_slides"
@@ -64,9 +63,7 @@ def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLi
     store = PatchStore(store_path)
     found = {s.name: s for s in store_slides(store)}
     skipped = set(store.attrs.get("skipped_slides", []))
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    pieces = Pieces(out)
     template = StainTemplate.load(template_path) if template_path else None
     dev = device()
     pool = load_input(pool_path, "pretrain_pool") if pool_path else {}
@@ -85,21 +82,17 @@ def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLi
         if slide.split != "train":
             raise InputError(STAGE, store_path, f"slide {name!r} is a {slide.split} slide; only "
                              "training slides are distilled")
-        target = partial / f"{name}.zarr"
+        target = f"{name}.zarr"
         key = settings_hash({"method": method, "cfg": settings, "ipc": ipc, "seed": seed,
                              "slide": name, "rows": slide.rows.tolist(), "inputs": inputs})
-        done.append(target.name)
-        if target.exists() and zarr.open_group(str(target), mode="r").attrs.get("key") == key:
+        done.append(target)
+        if pieces.done(target, key):
             log.info("%s: already distilled, kept", name)
             continue
         _distil_one(store, slide, method, ipc, cfg, slide_seed(seed, slide.index), template,
-                    pool, inputs, dev, cache_mb, partial, key, progress)
-    for stale in set(os.listdir(partial)) - set(done):  # checkpoints, slides left the batch
-        path = partial / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return out
+                    pool, inputs, dev, cache_mb, pieces.partial, key, progress)
+        pieces.seal(target, key)
+    return pieces.finish(set(done))  # checkpoints and slides that left the batch go
 
 
 def _distil_one(store: PatchStore, slide: Slide, method: str, ipc: int, cfg: dict[str, Any],

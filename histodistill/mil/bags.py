@@ -20,7 +20,6 @@ import csv
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from histodistill.data.store import PatchStore, fingerprint, store_slides
 from histodistill.data.stream import iterate
 from histodistill.encoders import Encoder, embed_array, load_encoder
 from histodistill.io import InputError, atomic_path, settings_hash
+from histodistill.state import Pieces
 
 log = logging.getLogger(__name__)
 STAGE = "extract_features"
@@ -137,36 +137,30 @@ def _file_digest(path: str | os.PathLike) -> str:
 
 
 class _Writer:
-    """Bags into ``<out>.partial``, keeping finished slides whose key matches; renamed onto
+    """Bags into ``<out>.partial``, each sealed when written (:class:`Pieces`): finished,
+    intact slides of the same key are kept on a rerun, damaged ones redone; renamed onto
     ``out`` with its manifest by :meth:`finish`."""
 
     def __init__(self, out: str | os.PathLike) -> None:
-        self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
+        self.pieces = Pieces(out)
         self.rows: list[dict[str, Any]] = []
 
     def done(self, slide: str, key: str) -> bool:
-        path = bag_path(self.partial, slide)
-        if not path.exists():
-            return False
-        try:
-            with h5py.File(path, "r") as f:
-                return _py_value(f.attrs.get("key")) == key
-        except OSError:
-            return False
+        return self.pieces.done(bag_path("", slide).name, key)
+
+    def write(self, slide: str, key: str, features: np.ndarray, coords: np.ndarray,
+              attrs: dict[str, Any]) -> None:
+        write_bag(bag_path(self.pieces.partial, slide), features, coords, {**attrs, "key": key})
+        self.pieces.seal(bag_path("", slide).name, key)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
     def finish(self) -> Path:
-        wanted = {f"{r['slide_id']}.h5" for r in self.rows}
-        for stale in set(os.listdir(self.partial)) - wanted:
-            (self.partial / stale).unlink()
-        _write_manifest(self.partial, self.rows)
-        shutil.rmtree(self.out, ignore_errors=True)
-        os.replace(self.partial, self.out)
-        return self.out
+        wanted = {bag_path("", r["slide_id"]).name for r in self.rows}
+        self.pieces.clear_stale(wanted)
+        _write_manifest(self.pieces.partial, self.rows)
+        return self.pieces.finish(wanted | {MANIFEST})
 
 
 def _row(slide: str, label: str, split: str, centre: int, patches: int) -> dict[str, Any]:
@@ -191,10 +185,10 @@ def extract_real_bags(store_path: str | os.PathLike, encoder_path: str | os.Path
             continue
         feats = np.concatenate(list(_embed_rows(encoder, store, slide.split, slide.rows, batch,
                                                 buffer_mb)))
-        write_bag(bag_path(writer.partial, slide.name), feats, coords[slide.rows],
-                  {"slide": slide.name, "label": slide.label, "split": slide.split,
-                   "centre": slide.centre, "kind": "real", "encoder": encoder.kind,
-                   "patch_size": int(store.attrs["patch_size"]), "key": key})
+        writer.write(slide.name, key, feats, coords[slide.rows],
+                     {"slide": slide.name, "label": slide.label, "split": slide.split,
+                      "centre": slide.centre, "kind": "real", "encoder": encoder.kind,
+                      "patch_size": int(store.attrs["patch_size"])})
     return writer.finish()
 
 
@@ -224,9 +218,9 @@ def extract_synthetic_bags(distilled: list[str | os.PathLike], encoder_path: str
         if writer.done(attrs["slide"], key):
             continue
         feats = embed_array(encoder, group["images"][:], batch)
-        write_bag(bag_path(writer.partial, attrs["slide"]), feats, np.full((n, 2), -1),
-                  {"slide": attrs["slide"], "label": attrs["label"], "split": "train",
-                   "centre": int(attrs["centre"]), "kind": "synthetic", "method": attrs["method"],
-                   "ipc": int(attrs["ipc"]), "encoder": encoder.kind,
-                   "patch_size": int(attrs["patch_size"]), "key": key})
+        writer.write(attrs["slide"], key, feats, np.full((n, 2), -1),
+                     {"slide": attrs["slide"], "label": attrs["label"], "split": "train",
+                      "centre": int(attrs["centre"]), "kind": "synthetic",
+                      "method": attrs["method"], "ipc": int(attrs["ipc"]),
+                      "encoder": encoder.kind, "patch_size": int(attrs["patch_size"])})
     return writer.finish()

@@ -2,7 +2,8 @@
 
 :func:`tile_slides` tiles some slides of the slide table into one small store per slide, built
 in ``<out>.partial`` and renamed onto ``<out>`` when the batch is done; a slide finished before a
-crash is kept there (keyed by its settings and file) and not redone. :func:`gather` concatenates
+crash is kept there (sealed with its settings, file and contents: :class:`histodistill.state.Pieces`)
+and not redone; a damaged one is redone. :func:`gather` concatenates
 the per-slide stores in slide-table order into the dataset's patch store, records the channel
 statistics and renames it into place. :func:`tile_cohort` runs both in one process.
 """
@@ -23,6 +24,7 @@ from histodistill.slides import annotations, wsi
 from histodistill.data.stream import record_channel_stats
 from histodistill.io import InputError, settings_hash
 from histodistill.data.store import FIELDS, SPLITS, StoreWriter
+from histodistill.state import Pieces
 
 log = logging.getLogger(__name__)
 STAGE = "tile"
@@ -178,22 +180,15 @@ def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.P
     only when every slide is done. A slide without tissue is recorded as skipped (no rows) when
     ``skip_empty`` is set, else it fails the job.
     """
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    pieces = Pieces(out)
     for row in rows:
-        target = partial / f"{row['slide']}.zarr"
-        key = _slide_key(row, cfg, class_names)
-        if target.exists() and zarr.open_group(str(target), mode="r").attrs.get("key") == key:
+        name, key = f"{row['slide']}.zarr", _slide_key(row, cfg, class_names)
+        if pieces.done(name, key):
             log.info("%s: already tiled, kept", row["slide"])
             continue
-        _tile_one(row, cfg, class_names, target, key, threads)
-    wanted = {f"{row['slide']}.zarr" for row in rows}
-    for stale in set(os.listdir(partial)) - wanted:  # slides no longer in this batch
-        shutil.rmtree(partial / stale)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return out
+        _tile_one(row, cfg, class_names, pieces.path(name), key, threads)
+        pieces.seal(name, key)
+    return pieces.finish({f"{row['slide']}.zarr" for row in rows})  # slides left the batch go
 
 
 def _slide_key(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str]) -> str:

@@ -8,8 +8,9 @@ and plain SGD (the reference: lr 0.01, no momentum, no weight decay, batch 256, 
 Its parameters before training and after every epoch form its trajectory.
 
 Experts are independent resumable units: each finished trajectory is written atomically into
-``<out>.partial/`` (with a key of the settings, seed and store contents), so a rerun after a
-crash or a lost job trains only the experts that had not finished; the store is assembled from
+``<out>.partial/`` and sealed with a key of the settings, seed and store contents and a digest of
+its bytes (:class:`histodistill.state.Pieces`), so a rerun after a crash or a lost job trains
+only the experts that had not finished, and redoes one that was damaged; the store is assembled from
 them, one expert at a time, when all are done. Expert e depends only on the settings, the seed
 and e, so the key leaves out the number of experts: a run asked for fewer or more experts than an
 interrupted one reuses the experts that run finished.
@@ -17,11 +18,9 @@ interrupted one reuses the experts that run finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from histodistill.evaluate import Inputs, TrainConfig, device, train
 from histodistill.io import atomic_path, settings_hash
 from histodistill.trajectories.store import DTYPES, write_store
 from histodistill.trajectories.unroll import Student
+from histodistill.state import Pieces
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,20 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
     # the finished experts' key: the same without the number of experts
     per_expert = {k: v for k, v in settings.items() if k != "experts"}
     expert_key = settings_hash({"settings": per_expert, "seed": seed, "store": store_key(store)})
-    partial = Path(f"{out}.partial")
-    key_file = partial / "key.json"
-    if partial.exists() and (not key_file.exists()
-                             or json.loads(key_file.read_text()) != expert_key):
-        log.info("%s holds experts of other settings or data; starting afresh", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(expert_key))
+    pieces = Pieces(out)
     experts = int(cfg["experts"])
-    files = [partial / f"expert_{e:04d}.npy" for e in range(experts)]
-    for e, path in enumerate(files):
-        if path.exists():
-            log.info("expert %d/%d already trained (%s)", e + 1, experts, path)
+    names = [f"expert_{e:04d}.npy" for e in range(experts)]
+    for e, name in enumerate(names):
+        if pieces.done(name, expert_key):
+            log.info("expert %d/%d already trained (%s)", e + 1, experts, pieces.path(name))
             continue
         traj = train_expert(cfg, inputs, seed, e, progress)
-        with atomic_path(path) as tmp:
+        with atomic_path(pieces.path(name)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, traj)
-        log.info("expert %d/%d trained and kept in %s", e + 1, experts, partial)
+        pieces.seal(name, expert_key)
+        log.info("expert %d/%d trained and kept in %s", e + 1, experts, pieces.partial)
+    files = [pieces.path(name) for name in names]
     student = Student(new_expert(cfg, inputs, 0))
     attrs = {"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}),
              "num_classes": len(store.class_names), "im_size": int(store.attrs["patch_size"]),
@@ -121,4 +116,4 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
              "source_store": str(store_path)}
     write_store(out, (np.load(f, mmap_mode="r") for f in files), experts, int(cfg["epochs"]),
                 student.num_params, cfg.get("dtype", "float32"), attrs)
-    shutil.rmtree(partial)
+    shutil.rmtree(pieces.partial)
