@@ -315,6 +315,18 @@ def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path
     assert not b.exists() and (tmp_path / "b.zarr.partial").exists()
     sample_synthetic(name, files, b, SAMPLING[name], 0, 5, 2, progress=False)
     assert np.array_equal(PatchStore(b).patches(), store.patches())
+    # a finished batch damaged (a chunk of the partial store lost), or the metadata: redone
+    for damage in ("chunk", "metadata"):
+        d = tmp_path / f"d_{damage}.zarr"
+        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, stop_after=2, progress=False)
+        partial = tmp_path / f"d_{damage}.zarr.partial"
+        if damage == "chunk":
+            next(p for p in sorted((partial / "patches").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json").unlink()
+        else:
+            (partial / "zarr.json").write_text("{")
+        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, progress=False)
+        assert np.array_equal(PatchStore(d).patches(), store.patches()), damage
     other = sample_synthetic(name, files, tmp_path / "c.zarr", SAMPLING[name], 1, 5, 2,
                              progress=False)
     assert not np.array_equal(PatchStore(other).patches(), store.patches())

@@ -12,11 +12,13 @@ The store has the patch-store layout (:class:`~histodistill.data.store.StoreWrit
 attributes also record the generator, the sampling settings, the seed and the model files.
 Rows are written class by class in batches; batch k of class c draws its noise from a generator
 seeded with (seed, c, k), so a run resumed after a crash (from ``<out>.partial``, whole batches
-kept) ends with the same store as an uninterrupted one.
+kept, each verified against the digest recorded after it was written: a damaged batch and those
+after it are sampled again) ends with the same store as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -130,8 +132,7 @@ def sample_synthetic(name: str, files: dict[str, str | os.PathLike], out: str | 
     generator = build(name, files, cfg)
     key = settings_hash({"generator": name, "cfg": cfg, "seed": seed, "per_class": per_class,
                          "batch": batch, "files": {k: _digest(v) for k, v in files.items()}})
-    if partial.exists() and zarr.open_group(str(partial), mode="r").attrs.get("resume_key") != key:
-        log.info("%s is from other settings; starting afresh", partial)
+    if partial.exists() and not _resumable(partial, key):
         shutil.rmtree(partial)
     attrs = {"class_names": generator.class_names, "split_names": list(SPLITS), "slides": [],
              "patch_size": generator.image_size, "synthetic": True, "generator": name,
@@ -140,13 +141,19 @@ def sample_synthetic(name: str, files: dict[str, str | os.PathLike], out: str | 
     writer = StoreWriter(partial, generator.image_size, attrs=attrs)
     per_batch = [(c, k, min(batch, per_class - k * batch)) for c in range(len(generator.class_names))
                  for k in range(-(-per_class // batch))]
+    digests = list(writer.group.attrs.get("batch_sha256", []))
     done, rows = 0, 0
-    while done < len(per_batch) and rows + per_batch[done][2] <= writer.n:
+    while (done < min(len(per_batch), len(digests)) and rows + per_batch[done][2] <= writer.n):
+        if _rows_digest(writer, rows, rows + per_batch[done][2]) != digests[done]:
+            log.warning("%s: batch %d (rows %d-%d) differs from its digest (damaged); "
+                        "resampling from there", partial, done, rows, rows + per_batch[done][2])
+            break
         rows += per_batch[done][2]
         done += 1
-    writer.truncate(rows)  # drop a batch half written when the run died
+    writer.truncate(rows)  # drop a batch half written when the run died, or a damaged one
+    digests = digests[:done]
     if done:
-        log.info("resuming %s after %d of %d batches", partial, done, len(per_batch))
+        log.info("resuming %s after %d of %d verified batches", partial, done, len(per_batch))
     start, calls = time.perf_counter(), 0
     for c, k, n in tqdm(per_batch[done:], desc=f"sample {name}", disable=not progress,
                         initial=done, total=len(per_batch)):
@@ -154,6 +161,8 @@ def sample_synthetic(name: str, files: dict[str, str | os.PathLike], out: str | 
         images = generator.sample(c, n, gen)
         writer.append(images, np.full((n, 2), -1), np.full(n, -1), np.full(n, c),
                       np.full(n, SPLITS.index("train")))
+        digests.append(_rows_digest(writer, writer.n - n, writer.n))
+        writer.group.attrs["batch_sha256"] = digests  # after the rows: a batch's seal
         calls += 1
         if stop_after is not None and calls >= stop_after:
             return None
@@ -164,6 +173,28 @@ def sample_synthetic(name: str, files: dict[str, str | os.PathLike], out: str | 
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def _resumable(partial: Path, key: str) -> bool:
+    """Whether a partial store can be resumed: readable and written with ``key``. A damaged one
+    (unreadable metadata) is logged by name; either way the caller starts afresh."""
+    try:
+        found = zarr.open_group(str(partial), mode="r").attrs.get("resume_key")
+    except Exception as err:  # noqa: BLE001 (zarr raises many kinds on damaged metadata)
+        log.warning("%s is damaged (%s: %s); removed, sampling afresh", partial,
+                    type(err).__name__, err)
+        return False
+    if found != key:
+        log.info("%s is from other settings; starting afresh", partial)
+        return False
+    return True
+
+
+def _rows_digest(writer: StoreWriter, start: int, stop: int) -> str:
+    """SHA-256 of rows ``start:stop`` of the store, pixels and labels as stored."""
+    sha = hashlib.sha256(np.ascontiguousarray(writer.group["patches"][start:stop]).tobytes())
+    sha.update(np.ascontiguousarray(writer.group["label"][start:stop]).tobytes())
+    return sha.hexdigest()
 
 
 def _digest(path: str | os.PathLike) -> str:
