@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,9 @@ def image_tree(root: Path, layout: dict[str, list[str]]) -> None:
     """``{"Train/adi": [...], ...}``: folders of 8 x 8 PNGs, one per listed name."""
     for folder, names in layout.items():
         (root / folder).mkdir(parents=True)
-        for k, name in enumerate(names):
-            Image.fromarray(pixels(1, seed=k)[0]).save(root / folder / f"{name}.png")
+        for name in names:  # distinct pixels per file: a copy in two splits is an error
+            seed = zlib.crc32(f"{folder}/{name}".encode())
+            Image.fromarray(pixels(1, seed=seed)[0]).save(root / folder / f"{name}.png")
 
 
 def test_imagefolder_split_folders_are_recognised_in_any_spelling(tmp_path):

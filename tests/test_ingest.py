@@ -75,7 +75,7 @@ def test_label_csv_format(tmp_path):
         lines = ["image_id,top_label_name"]
         for name, label in rows:
             (root / "800" / label).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images(len(lines), 1, 20)[0]).save(root / "800" / label / name)
+            Image.fromarray(images(ord(name[0]), 1, 20)[0]).save(root / "800" / label / name)
             lines.append(f"{name},{label}")
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     cfg = {"format": "csv", "root": str(root), "csv": {"train": "{root}/train.csv", "test": "{root}/test.csv"},

@@ -9,6 +9,9 @@ given; coordinates and slides are -1 (unknown).
 from __future__ import annotations
 
 import csv
+import difflib
+import hashlib
+import logging
 import os
 import zipfile
 import zlib
@@ -24,26 +27,109 @@ from histodistill.io import InputError, atomic_path
 from histodistill.data.store import SPLITS, StoreWriter
 
 STAGE = "ingest"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+log = logging.getLogger(__name__)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}  # matched ignoring case
 
 
-def _load(path: Path, size: int | None, crop: int | None = None) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if crop:
-                w, h = im.size
-                if crop > min(w, h):
-                    raise InputError(STAGE, path, f"center_crop={crop} exceeds the image ({w}x{h})")
-                left, top = (w - crop) // 2, (h - crop) // 2
-                im = im.crop((left, top, left + crop, top + crop))
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
+MIN_SIZE = 8  # px: below it a ConvNet's three poolings leave nothing of a patch
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+CONVERTED = {"L": "grayscale, expanded to RGB", "1": "bilevel, expanded to RGB",
+             "P": "palette, converted to RGB", "CMYK": "CMYK, converted to RGB",
+             "YCbCr": "YCbCr, converted to RGB", "RGBX": "RGBX, padding dropped"}
+
+
+class ImagePolicy:
+    """How pre-tiled image files become RGB uint8 patches (README: "Bad input", images), with
+    a count of every conversion for the rule log.
+
+    - 8-bit RGB is taken as it is; grayscale, bilevel, palette, CMYK and YCbCr are converted
+      to RGB; 16-bit grayscale is scaled to 8 bits (v / 257, rounded), never clipped; Pillow
+      reads 16-bit RGB PNGs as 8-bit (their high byte);
+    - transparency (RGBA, LA, PA, a palette or colour key with transparency) is composited on
+      white, the colour of empty glass;
+    - refused, naming the file: floating-point or 32-bit integer pixels outside 0-65535 (an
+      ambiguous range), multi-frame files (multi-page TIFF, animated GIF/PNG), other pixel
+      modes, images smaller than :data:`MIN_SIZE`, non-square images without ``center_crop``,
+      unreadable files;
+    - sizes: without ``patch_size`` every image must have the first one's size (mixed sizes are
+      an error that names both); with it, every other size is resized to it with Pillow's
+      antialiased bilinear filter, and the resized counts are logged per original size.
+    """
+
+    def __init__(self, size: int | None, crop: int | None) -> None:
+        self.size, self.crop, self.resize = size, crop, size is not None
+        self.first: Path | None = None
+        self.counts: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def read(self, path: Path) -> np.ndarray:
+        """One patch, (size, size, 3) uint8."""
+        try:
+            with Image.open(path) as im:
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:
+                    raise InputError(STAGE, path, f"holds {frames} frames (a multi-page or "
+                                     "animated file); give one patch per file")
+                rgb = self._rgb(im, path)
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise InputError(STAGE, path, f"image cannot be read ({err})") from err
+        return self._shape(rgb, path)
+
+    def _rgb(self, im: Image.Image, path: Path) -> np.ndarray:
+        mode = im.mode
+        if mode in SIXTEEN_BIT:
+            values = np.asarray(im).astype(np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise InputError(STAGE, path, f"{mode} pixels span {values.min()} to "
+                                 f"{values.max()}, outside 16 bits; convert it to 8-bit RGB")
+            self._count("16-bit grayscale, scaled to 8 bits")
+            gray = np.round(values / 257).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, -1)
+        if mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            self._count(f"{mode} with transparency, composited on white")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, im.convert("RGBA")).convert("RGB"))
+        if mode == "RGB":
             return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(STAGE, path, f"image cannot be read ({err})") from err
+        if mode in CONVERTED:
+            self._count(f"{mode} ({CONVERTED[mode]})")
+            return np.asarray(im.convert("RGB"))
+        raise InputError(STAGE, path, f"pixel mode {mode!r} is not supported (8 or 16-bit "
+                         "grayscale, RGB, RGBA, palette, CMYK or YCbCr; floating-point pixels "
+                         "have no agreed range): convert it to 8-bit RGB")
+
+    def _shape(self, rgb: np.ndarray, path: Path) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        if min(h, w) < MIN_SIZE:
+            raise InputError(STAGE, path, f"is {w}x{h} px, smaller than {MIN_SIZE} px")
+        if self.crop:
+            if self.crop > min(w, h):
+                raise InputError(STAGE, path, f"center_crop={self.crop} exceeds the image ({w}x{h})")
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+            rgb, h, w = rgb[top:top + self.crop, left:left + self.crop], self.crop, self.crop
+        if h != w:
+            raise InputError(STAGE, path, f"is {w}x{h} px, not square; set center_crop to keep "
+                             "its central square (nothing is squashed)")
+        if self.first is None:
+            self.first, self.size = path, self.size or h
+        elif not self.resize and h != self.size:  # mixed sizes need an explicit patch_size
+            raise InputError(STAGE, path, f"is {h} px but {self.first} is {self.size} px: "
+                             "images of mixed sizes; set datasets.<name>.patch_size to resize "
+                             "them all to one size (bilinear)")
+        if h != self.size:
+            self._count(f"{h} px, resized to {self.size} px (bilinear, antialiased)")
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.size, self.size),
+                                                         Image.Resampling.BILINEAR))
+        return np.ascontiguousarray(rgb)
+
+    def log_counts(self, total: int) -> None:
+        """One log line per conversion applied, with its count."""
+        for what, n in sorted(self.counts.items()):
+            log.info("%d of %d images: %s", n, total, what)
 
 
 def imagefolder_items(root: Path, split_fraction: float, seed: int
@@ -59,9 +145,7 @@ def imagefolder_items(root: Path, split_fraction: float, seed: int
     items: list[tuple[Path, str, str]] = []
     for split, base in split_dirs.items() or [("", root)]:
         for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            for path in sorted(cls_dir.rglob("*")):
-                if path.suffix.lower() in IMAGE_EXTS:
-                    items.append((path, cls_dir.name, split))
+            items += [(path, cls_dir.name, split) for path in _class_images(cls_dir)]
     if not items:
         raise InputError(STAGE, root, "no images found (expected root/[split/]class/*.png)")
     classes = sorted({c for _, c, _ in items})
@@ -74,6 +158,32 @@ def imagefolder_items(root: Path, split_fraction: float, seed: int
             out += [(p, c, "test" if k in test else "train") for k, (p, c, _) in enumerate(members)]
         items = out
     return items, classes
+
+
+IGNORED_FILES = {"Thumbs.db", "desktop.ini"}  # written by file browsers, never images
+
+
+def _class_images(cls_dir: Path) -> list[Path]:
+    """The image files of one class folder. A nested folder is an error (its images would be
+    counted as this class); a file without an image extension is refused by name; hidden files
+    and file-browser files (``.DS_Store``, ``Thumbs.db``) are skipped, with a log line."""
+    images, skipped = [], []
+    for path in sorted(cls_dir.iterdir()):
+        if path.name.startswith(".") or path.name in IGNORED_FILES:
+            skipped.append(path.name)
+        elif path.is_dir():
+            raise InputError(STAGE, path, f"a folder inside class folder {cls_dir.name!r}: its "
+                             f"images would be counted as class {cls_dir.name!r}; move it out of "
+                             "the dataset or make it a class folder of its own")
+        elif path.suffix.lower() in IMAGE_EXTS:
+            images.append(path)
+        else:
+            raise InputError(STAGE, path, f"not an image file (extensions read: "
+                             f"{sorted(IMAGE_EXTS)}); remove it from the class folder")
+    if skipped:
+        log.info("%s: skipped %d hidden or file-browser files (%s)", cls_dir, len(skipped),
+                 ", ".join(skipped[:3]))
+    return images
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -96,11 +206,17 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 
 def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str, str]], list[str]]:
-    """(path, class, split) from one label CSV per split (``csv: {train: ..., test: ...}``)."""
+    """(path, class, split) from one label CSV per split (``csv: {train: ..., test: ...}``).
+
+    Every image path must stay inside ``root`` (no absolute paths, no ``..`` out of it); a file
+    listed twice, in one split or in two, is an error naming both rows. Labels are taken exactly
+    as written: a label that differs from another only in case or spaces is an error.
+    """
     image_col = dataset.get("image_column", "image")
     label_col = dataset.get("label_column", "label")
     image_dir = dataset.get("image_dir", "{split}")
-    items = []
+    items, rows, seen = [], [], {}
+    base = os.path.normpath(os.path.abspath(root))
     for split, rel in dataset["csv"].items():
         path = Path(str(rel).format(root=root))
         if split not in SPLITS:
@@ -112,41 +228,106 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
             missing = {image_col, label_col} - set(reader.fieldnames or [])
             if missing:
                 raise InputError(STAGE, path, f"missing column(s) {sorted(missing)}")
-            for rec in reader:
-                label = rec[label_col].strip()
+            for line, rec in enumerate(reader, start=2):
+                where = f"{path}, line {line}"
+                label, name = rec[label_col], rec[image_col]
                 folder = root / image_dir.format(split=split, label=label)
-                items.append((folder / rec[image_col].strip(), label, split))
+                image = Path(os.path.normpath(os.path.abspath(folder / name)))
+                if os.path.commonpath([base, str(image)]) != base:
+                    raise InputError(STAGE, where, f"image {name!r} resolves to {image}, outside "
+                                     f"the dataset root {base}; list images inside it")
+                if image in seen:
+                    raise InputError(STAGE, where, f"image {name!r} is listed again (first at "
+                                     f"{seen[image]}); a patch belongs to one row of one split")
+                seen[image] = where
+                items.append((image, label, split))
+                rows.append(where)
     if not items:
         raise InputError(STAGE, root,
                          f"the label CSVs {sorted(dataset['csv'].values())} list no images")
-    return items, sorted({c for _, c, _ in items})
+    folded: dict[str, str] = {}
+    for (_, label, _), where in zip(items, rows):
+        first = folded.setdefault(label.strip().lower(), label)
+        if label != label.strip() or first != label:
+            other = f"{first!r}" if first != label else "its stripped form"
+            raise InputError(STAGE, where, f"label {label!r} differs from {other} only in case "
+                             "or spaces; labels are matched exactly: write one spelling")
+    labels = sorted(set(folded.values()))
+    return items, labels
+
+
+def closest_class(label: str, classes: list[str]) -> str:
+    """' (did you mean 'x'?)' for the class that ``label`` matches ignoring case and spaces, or
+    the nearest spelling; '' when none is close."""
+    folded = {c.strip().lower(): c for c in classes}
+    match = folded.get(label.strip().lower()) or next(
+        iter(difflib.get_close_matches(label, classes, n=1, cutoff=0.6)), None)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: Path,
                   patch_size: int | None, attrs: dict[str, Any], batch: int = 512,
-                  crop: int | None = None) -> Path:
+                  crop: int | None = None, dedupe: bool = False) -> Path:
     """Write (path, class, split) items into a new patch store at ``out`` (atomically),
-    optionally keeping the central ``crop`` pixels before resizing to ``patch_size``."""
+    optionally keeping the central ``crop`` pixels before resizing to ``patch_size``
+    (:class:`ImagePolicy`). The same pixels in two splits (a leak between training and test)
+    are an error naming both files, unless ``dedupe``: then the copy in the later split
+    (train, val, test order) is dropped and counted. Within one split, identical patches are
+    kept and counted in the log (public sets, PCam among them, hold some)."""
     unknown = sorted({c for _, c, _ in items} - set(classes))
     if unknown:
         where = next(p for p, c, _ in items if c == unknown[0])
-        raise InputError(STAGE, where, f"class(es) {unknown} are not among the configured classes "
-                         f"{classes} (datasets.<name>.classes)")
-    labels = np.array([classes.index(c) for _, c, _ in items], np.int64)
-    splits = np.array([SPLITS.index(sp) for _, _, sp in items], np.int8)
-    _check_training_classes(labels, splits, classes,
+        raise InputError(STAGE, where, f"class {unknown[0]!r} is not among the configured "
+                         f"classes {classes} (datasets.<name>.classes; classes are matched "
+                         f"exactly){closest_class(unknown[0], classes)}")
+    _check_training_classes(np.array([classes.index(c) for _, c, _ in items], np.int64),
+                            np.array([SPLITS.index(sp) for _, _, sp in items], np.int8), classes,
                             Path(os.path.commonpath([p for p, _, _ in items])))
-    if patch_size is None:
-        patch_size = _load(items[0][0], None, crop).shape[0]
+    if dedupe:  # the copy kept is the one in the earliest split (training is never thinned)
+        items = sorted(items, key=lambda it: SPLITS.index(it[2]))
+    policy = ImagePolicy(patch_size, crop)
+    seen: dict[bytes, tuple[Path, str]] = {}
+    dropped, repeats = [], 0
+
+    def admitted(chunk: list[tuple[Path, str, str]]) -> tuple[list[np.ndarray], list[int]]:
+        nonlocal repeats
+        imgs, kept = [], []
+        for k, (path, _, split) in enumerate(chunk):
+            img = policy.read(path)
+            digest = hashlib.sha1(img.tobytes()).digest()
+            if digest in seen and seen[digest][1] != split:
+                if not dedupe:
+                    raise InputError(STAGE, path, f"holds the same pixels as {seen[digest][0]} "
+                                     f"({seen[digest][1]} split): a patch in two splits leaks "
+                                     "between training and test; remove one, or set "
+                                     "datasets.<name>.dedupe: true to drop the later copy")
+                dropped.append(path)
+                continue
+            repeats += digest in seen
+            seen.setdefault(digest, (path, split))
+            imgs.append(img)
+            kept.append(k)
+        return imgs, kept
+
     with atomic_path(out) as tmp:
-        writer = StoreWriter(tmp, patch_size, attrs=_meta(classes, patch_size, attrs))
+        writer = None
         for s in range(0, len(items), batch):
             chunk = items[s:s + batch]
-            imgs = np.stack([_load(p, patch_size, crop) for p, _, _ in chunk])
-            n = len(chunk)
-            writer.append(imgs, np.full((n, 2), -1), np.full(n, -1), labels[s:s + batch],
-                          splits[s:s + batch])
+            imgs, kept = admitted(chunk)
+            if not kept:
+                continue
+            writer = writer or StoreWriter(tmp, policy.size, attrs=_meta(classes, policy.size, attrs))
+            lab = np.array([classes.index(chunk[k][1]) for k in kept], np.int64)
+            spl = np.array([SPLITS.index(chunk[k][2]) for k in kept], np.int8)
+            n = len(kept)
+            writer.append(np.stack(imgs), np.full((n, 2), -1), np.full(n, -1), lab, spl)
         record_channel_stats(tmp)
+    policy.log_counts(len(items))
+    if repeats:
+        log.info("%d patches repeat the pixels of another patch of their split (kept)", repeats)
+    if dropped:
+        log.warning("dedupe: dropped %d patches whose pixels are in an earlier split (first: %s)",
+                    len(dropped), dropped[0])
     return out
 
 
@@ -276,4 +457,4 @@ def ingest_dataset(name: str, dataset: dict[str, Any], out: str | os.PathLike,
     else:
         items, classes = csv_items(root, dataset)
     return ingest_images(items, dataset.get("classes") or classes, out, size, attrs,
-                         crop=dataset.get("center_crop"))
+                         crop=dataset.get("center_crop"), dedupe=bool(dataset.get("dedupe")))
