@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import glob
 import hashlib
 import json
@@ -53,6 +54,30 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def confine(path: str | os.PathLike, roots: list[str | os.PathLike], stage: str,
+            where: str | os.PathLike, what: str) -> Path:
+    """``path`` made absolute and normalised (lexically: a symlink inside a root is the user's
+    own choice), or an :class:`InputError` at ``where`` when it lies outside every root (an
+    absolute path or ``..`` leading elsewhere would read files the dataset does not hold)."""
+    full = os.path.normpath(os.path.abspath(path))
+    bases = [os.path.normpath(os.path.abspath(r)) for r in roots]
+    if not any(os.path.commonpath([b, full]) == b for b in bases):
+        raise InputError(stage, where, f"{what} {str(path)!r} resolves to {full}, outside the "
+                         f"dataset root{'s' if len(bases) > 1 else ''} {', '.join(bases)}; list "
+                         "files inside it (or name their folder in datasets.<name>.extra_roots)")
+    return Path(full)
+
+
+def did_you_mean(value: str, options: list[str]) -> str:
+    """' (did you mean 'x'?)' for the option that ``value`` matches ignoring case and spaces,
+    else the nearest spelling; '' when none is close. Nothing is matched for the user: the
+    suggestion goes into the error."""
+    folded = {o.strip().lower(): o for o in options}
+    match = folded.get(value.strip().lower()) or next(
+        iter(difflib.get_close_matches(value, options, n=1, cutoff=0.6)), None)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def settings_hash(obj: Any) -> str:

@@ -213,7 +213,41 @@ def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, t
     table.write_text(f"slide,label,path,annotation\ns1,tumor,{tumour_slide},{tmp_path / 'gone.xml'}\n")
     with pytest.raises(InputError, match=r"\[cohort\] .*gone.xml: annotation of slide s1 does not exist"):
         cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
+                                 "table": str(table), "extra_roots": [str(tumour_slide.parent)]})
+
+
+@pytest.mark.parametrize("row, message", [
+    ("s1,tumor,{slide},,training,", r"line 2: split 'training' is not one of \['train', 'val', "
+                                    r"'test'\].*\(did you mean 'train'\?\)"),
+    ("s1,tumor,{slide},,train,A", r"line 2: centre 'A' is not an integer"),
+    ("s1,tumor,{outside},,train,", r"line 2: slide path .* outside the dataset root"),
+    ("s1,tumor,../../x.tif,,train,", r"line 2: slide path '../../x.tif' resolves to .* outside"),
+    ("s1,tumor,{slide},/etc/x.xml,train,", r"line 2: annotation '/etc/x.xml' resolves to .* outside"),
+])
+def test_slide_table_values_are_checked_at_the_cohort_stage(tumour_slide, tmp_path, row, message):
+    root = tmp_path / "cohort"
+    (root / "slides").mkdir(parents=True)
+    shutil.copy(tumour_slide, root / "slides" / "s1.tif")
+    table = root / "labels.csv"
+    table.write_text("slide,label,path,annotation,split,centre\n"
+                     + row.format(slide=root / "slides" / "s1.tif", outside=tumour_slide) + "\n")
+    with pytest.raises(InputError, match=r"^\[cohort\] .*labels.csv, " + message):
+        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(root),
                                  "table": str(table)})
+
+
+def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumour_slide, tmp_path):
+    """'Tumor' against class 'tumor' used to tile every patch as the unannotated label."""
+    root = tmp_path / "cohort"
+    (root / "slides").mkdir(parents=True)
+    shutil.copy(tumour_slide, root / "slides" / "s1.tif")
+    (root / "labels.csv").write_text("slide,label,split\ns1,Tumor,train\n")
+    rows = cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(root),
+                                    "table": str(root / "labels.csv")})
+    for check in (CHECK, CHECK | {"unannotated_label": "slide"}):
+        with pytest.raises(InputError, match=r"s1.tif: dataset 't': label 'Tumor' is not one of "
+                                             r"the classes .*\(did you mean 'tumor'\?\)"):
+            tiling.check_cohort("t", rows, check, ["normal", "tumor"], ["s1"])
 
 
 @pytest.mark.parametrize("direct", [True, False])

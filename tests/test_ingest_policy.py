@@ -157,7 +157,7 @@ def csv_set(root: Path, rows: dict[str, list[tuple[str, str]]]) -> dict:
 
 @pytest.mark.parametrize("train, test, message", [
     ([("x.png", "a"), ("y.png", "b"), ("../../outside/secret.png", "a")], [("z.png", "a")],
-     r"train.csv, line 4: image '../../outside/secret.png' resolves to .*outside the dataset root"),
+     r"train.csv, line 4: image .*secret.png. resolves to .*outside the dataset root"),
     ([("x.png", "a"), ("y.png", "b"), ("/etc/hostname", "a")], [("z.png", "a")],
      r"line 4: image '/etc/hostname' resolves to .*outside the dataset root"),
     ([("x.png", "a"), ("y.png", "b")], [("x.png", "a")],

@@ -9,7 +9,6 @@ given; coordinates and slides are -1 (unknown).
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import logging
 import os
@@ -23,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from histodistill.slides.cohort import resolve_root
 from histodistill.data.stream import record_channel_stats
-from histodistill.io import InputError, atomic_path
+from histodistill.io import InputError, atomic_path, confine, did_you_mean
 from histodistill.data.store import SPLITS, StoreWriter
 
 STAGE = "ingest"
@@ -216,7 +215,7 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
     label_col = dataset.get("label_column", "label")
     image_dir = dataset.get("image_dir", "{split}")
     items, rows, seen = [], [], {}
-    base = os.path.normpath(os.path.abspath(root))
+    roots = [root, *dataset.get("extra_roots", [])]
     for split, rel in dataset["csv"].items():
         path = Path(str(rel).format(root=root))
         if split not in SPLITS:
@@ -232,10 +231,7 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
                 where = f"{path}, line {line}"
                 label, name = rec[label_col], rec[image_col]
                 folder = root / image_dir.format(split=split, label=label)
-                image = Path(os.path.normpath(os.path.abspath(folder / name)))
-                if os.path.commonpath([base, str(image)]) != base:
-                    raise InputError(STAGE, where, f"image {name!r} resolves to {image}, outside "
-                                     f"the dataset root {base}; list images inside it")
+                image = confine(folder / name, roots, STAGE, where, "image")
                 if image in seen:
                     raise InputError(STAGE, where, f"image {name!r} is listed again (first at "
                                      f"{seen[image]}); a patch belongs to one row of one split")
@@ -256,15 +252,6 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
     return items, labels
 
 
-def closest_class(label: str, classes: list[str]) -> str:
-    """' (did you mean 'x'?)' for the class that ``label`` matches ignoring case and spaces, or
-    the nearest spelling; '' when none is close."""
-    folded = {c.strip().lower(): c for c in classes}
-    match = folded.get(label.strip().lower()) or next(
-        iter(difflib.get_close_matches(label, classes, n=1, cutoff=0.6)), None)
-    return f" (did you mean {match!r}?)" if match else ""
-
-
 def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: Path,
                   patch_size: int | None, attrs: dict[str, Any], batch: int = 512,
                   crop: int | None = None, dedupe: bool = False) -> Path:
@@ -279,7 +266,7 @@ def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: P
         where = next(p for p, c, _ in items if c == unknown[0])
         raise InputError(STAGE, where, f"class {unknown[0]!r} is not among the configured "
                          f"classes {classes} (datasets.<name>.classes; classes are matched "
-                         f"exactly){closest_class(unknown[0], classes)}")
+                         f"exactly){did_you_mean(unknown[0], classes)}")
     _check_training_classes(np.array([classes.index(c) for _, c, _ in items], np.int64),
                             np.array([SPLITS.index(sp) for _, _, sp in items], np.int8), classes,
                             Path(os.path.commonpath([p for p, _, _ in items])))

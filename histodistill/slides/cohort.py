@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from histodistill.io import InputError, atomic_path
+from histodistill.data.store import SPLITS
+from histodistill.io import InputError, atomic_path, confine, did_you_mean
 
 STAGE = "cohort"
 COLUMNS = ("slide", "path", "label", "split", "centre", "annotation")
@@ -109,12 +110,25 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
             raise InputError(STAGE, table, f"missing column(s) {sorted(missing)}")
         records = list(reader)
     rows = []
-    for rec in records:
+    roots = [root, *dataset.get("extra_roots", [])]
+    for line, rec in enumerate(records, start=2):
+        where = f"{table}, line {line}"
         name = rec[slide_col].strip()
-        path = Path(rec["path"]) if rec.get("path") else _find_slide(slide_dir, name)
-        rows.append({"slide": Path(name).stem, "path": str(path), "label": rec[label_col].strip(),
-                     "split": rec.get("split", "").strip(), "centre": int(rec.get("centre") or -1),
-                     "annotation": rec.get("annotation", "") or ""})
+        path = (confine(rec["path"], roots, STAGE, where, "slide path") if rec.get("path")
+                else _find_slide(slide_dir, name))
+        annotation = rec.get("annotation", "") or ""
+        if annotation:
+            annotation = str(confine(annotation, roots, STAGE, where, "annotation"))
+        split = rec.get("split", "") or ""
+        if split not in ("", *SPLITS):
+            raise InputError(STAGE, where, f"split {split!r} is not one of {list(SPLITS)} (or "
+                             f"empty: a seeded split){did_you_mean(split, list(SPLITS))}")
+        centre = rec.get("centre") or "-1"
+        if not re.fullmatch(r"-?\d+", centre.strip()):
+            raise InputError(STAGE, where, f"centre {centre!r} is not an integer (the centre's "
+                             "number, or -1 for unknown)")
+        rows.append({"slide": Path(name).stem, "path": str(path), "label": rec[label_col],
+                     "split": split, "centre": int(centre), "annotation": annotation})
     if any(not r["split"] for r in rows):
         rows = _split_by_slide(rows, float(dataset.get("test_fraction", 0.25)),
                                int(dataset.get("seed", 0)))

@@ -22,7 +22,7 @@ import zarr
 
 from histodistill.slides import annotations, wsi
 from histodistill.data.stream import record_channel_stats
-from histodistill.io import InputError, settings_hash
+from histodistill.io import did_you_mean, InputError, settings_hash
 from histodistill.data.store import FIELDS, SPLITS, StoreWriter
 from histodistill.state import Pieces
 
@@ -104,8 +104,7 @@ def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
         if row["slide"] in seen:
             raise InputError(STAGE, row["path"], f"dataset {name!r} lists slide {row['slide']!r} twice")
         seen.add(row["slide"])
-        if slide_label:
-            _known(name, row["path"], row["label"], class_names)
+        _known(name, row["path"], row["label"], class_names)  # exactly: 'Tumor' is no 'tumor'
         if row["annotation"] and not Path(row["annotation"]).is_file():
             raise InputError(STAGE, row["annotation"], f"annotation of slide {row['slide']} "
                              f"(dataset {name!r}) does not exist")
@@ -121,7 +120,8 @@ def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
 def _known(name: str, where: str, label: str, class_names: list[str]) -> None:
     if label not in class_names:
         raise InputError(STAGE, where, f"dataset {name!r}: label {label!r} is not one of the "
-                         f"classes {class_names}")
+                         f"classes {class_names} (labels are matched exactly)"
+                         f"{did_you_mean(label, class_names)}")
 
 
 def batches(rows: list[dict[str, Any]], slides_per_job: int) -> dict[str, list[dict[str, Any]]]:
