@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import glob
 import hashlib
 import json
@@ -24,28 +25,65 @@ class InputError(ValueError):
         super().__init__(f"[{stage}] {where}: {message}")
 
 
+WRITE_ERRORS = {errno.EACCES: "permission denied (a read-only folder?)",
+                errno.EPERM: "operation not permitted (a read-only folder?)",
+                errno.EROFS: "the file system is read-only",
+                errno.ENOSPC: "no space left on the device (a full disk)",
+                errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "file too large (a file-size limit, or a full disk)"}
+
+
+class OutputError(OSError):
+    """An output that cannot be written (a read-only folder, a full disk): names the file; the
+    partial write is removed."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"[write] {path}: cannot be written: {reason}; nothing partial was "
+                         "left behind")
+
+
+def output_error(err: BaseException, path: str | os.PathLike) -> OutputError | None:
+    """``err`` as an :class:`OutputError` for ``path`` when it is a failed write (a write
+    errno, or torch's serialiser failing), else None."""
+    if isinstance(err, OutputError):
+        return err
+    if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
+        return OutputError(err.filename or path, WRITE_ERRORS[err.errno])
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err)
+                                          or "inline_container" in str(err)):
+        return OutputError(path, "torch could not write it (a full disk or a read-only folder?)")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``final``, on error remove it.
 
     Works for files and directories (zarr stores), so a crash never leaves a partial output;
-    the temporaries a killed earlier write left beside ``final`` are removed first.
+    the temporaries a killed earlier write left beside ``final`` are removed first. A failed
+    write (read-only folder, full disk) is an :class:`OutputError` naming ``final``.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    ours = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkdtemp's names
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-        if ours.fullmatch(stale.name):
-            remove_path(stale)  # left by a killed earlier write of the same output
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    shutil.rmtree(tmp)  # only the unique name is wanted; the caller creates file or directory
+    final, tmp = Path(final), None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        ours = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkdtemp's names
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+            if ours.fullmatch(stale.name):
+                remove_path(stale)  # left by a killed earlier write of the same output
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        shutil.rmtree(tmp)  # only the unique name is wanted; the caller creates file or directory
         yield tmp
-    except BaseException:
-        remove_path(tmp)
+        remove_path(final)
+        os.replace(tmp, final)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                remove_path(tmp)
+        failed = output_error(err, final)
+        if failed is not None:
+            raise failed from None
         raise
-    remove_path(final)
-    os.replace(tmp, final)
 
 
 def remove_path(path: Path) -> None:

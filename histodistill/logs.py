@@ -10,13 +10,14 @@ import sys
 from collections.abc import Iterator
 
 from histodistill.config import ConfigError
-from histodistill.io import InputError
+from histodistill.io import InputError, OutputError, output_error
 from histodistill.memory import start_trimmer
 
 
 @contextlib.contextmanager
 def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
-    """Send logging and stderr to ``log_path``; turn InputError/ConfigError into exit code 1.
+    """Send logging and stderr to ``log_path``; turn bad input, bad config and failed writes
+    (read-only folder, full disk) into one line and exit code 1.
     Also starts the allocator trimmer, so memory does not grow with the job's length."""
     start_trimmer()
     console = sys.stderr
@@ -27,9 +28,19 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             yield
-        except (InputError, ConfigError) as err:
-            logging.error("%s", err)
-            print(f"histodistill error: {err}", file=console)
-            raise SystemExit(1) from None
+        except (InputError, ConfigError, OutputError) as err:
+            _one_line(err, console)
+        except OSError as err:  # a write that failed outside atomic_path: the file it names
+            failed = output_error(err, err.filename or log_path)
+            if failed is None:
+                raise
+            _one_line(failed, console)
         finally:
             sys.stderr = console
+
+
+def _one_line(err: BaseException, console: object) -> None:
+    """Report ``err`` as one line in the log and on the console; exit with status 1."""
+    logging.error("%s", err)
+    print(f"histodistill error: {err}", file=console)
+    raise SystemExit(1) from None

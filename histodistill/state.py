@@ -46,6 +46,7 @@ class _HashingWriter(io.RawIOBase):
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch reports a failed write without its cause
 
     def writable(self) -> bool:
         return True
@@ -54,7 +55,11 @@ class _HashingWriter(io.RawIOBase):
         view = memoryview(b).cast("B")
         self.sha.update(view)
         self.size += len(view)
-        return self.f.write(view)
+        try:
+            return self.f.write(view)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -90,7 +95,12 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(b"\0" * HEADER)
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # the disk's own error (full, read-only), not torch's
+                raise writer.error from None
+            raise
         f.seek(0)
         f.write(b"%s %s %016d\n" % (MAGIC, writer.sha.hexdigest().encode(), writer.size))
         f.flush()

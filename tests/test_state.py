@@ -197,3 +197,50 @@ def test_an_atomic_write_removes_the_temporaries_a_killed_write_left(tmp_path):
     with atomic_path(tmp_path / "p.zarr") as tmp:
         tmp.mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "p.zarr"]
+
+
+FULL_DISK = """
+import resource, sys
+import numpy as np, torch
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # every file stops at 20 kB
+from histodistill.io import write_json
+from histodistill.state import save_state
+from histodistill.logs import rule_logging
+out = sys.argv[1]
+with rule_logging(out + "/rule.log"):
+    if sys.argv[2] == "state":
+        save_state({"w": torch.randn(100000)}, out + "/s.pt")
+    else:
+        write_json(out + "/r.json", {"x": list(range(20000))})
+"""
+
+
+@pytest.mark.parametrize("kind", ["state", "json"])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, kind):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), kind],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    name = "s.pt" if kind == "state" else "r.json"
+    assert proc.stderr.strip().splitlines() == [
+        f"histodistill error: [write] {tmp_path / name}: cannot be written: file too large (a "
+        "file-size limit, or a full disk); nothing partial was left behind"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rule.log"]  # no temporary, no output
+
+
+def test_a_read_only_folder_is_one_error_naming_the_output(tmp_path, monkeypatch):
+    import errno
+
+    from histodistill.io import OutputError, atomic_path
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)  # as a folder root cannot write to would
+    with pytest.raises(OutputError, match=r"\[write\] .*out.pt: cannot be written: permission "
+                                          r"denied \(a read-only folder\?\)"):
+        with atomic_path(tmp_path / "out.pt") as tmp:
+            tmp.write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
