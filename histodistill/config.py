@@ -46,6 +46,8 @@ def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> s
         return f"config key '{key}' = {err.instance!r} is not allowed; choose one of {err.validator_value}"
     if err.validator == "required":
         return f"config key '{key}': {err.message}"
+    if err.validator == "oneOf" and err.schema.get("description"):  # e.g. a per-ipc count
+        return f"config key '{key}' = {err.instance!r}: expected {err.schema['description']}"
     return f"config key '{key}' = {err.instance!r}: {err.message}"
 
 
@@ -189,6 +191,9 @@ def per_ipc(value: Any, ipc: int, where: str) -> Any:
 def method_config(config: dict[str, Any], name: str, method: str, ipc: int) -> dict[str, Any]:
     """Settings of one distillation method for a dataset and ipc, per-ipc values resolved."""
     dist = section(config, name, "distill")
+    if ipc < 1:
+        raise ConfigError(f"target {method}_ipc{ipc} of dataset {name!r}: ipc is the number of "
+                          "images per class, at least 1")
     if method not in dist["methods"]:
         raise ConfigError(f"distillation method {method!r} is not configured under "
                           f"distill.methods; configured: {sorted(dist['methods'])}")

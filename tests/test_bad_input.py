@@ -38,12 +38,43 @@ TILING = config.validate({"datasets": {}})["tiling"] | {"magnification": 10, "pa
      r"'datasets.demo.evaluate.full.epoch' is not recognised; allowed keys here: \['batch'"),
     ("tiling", {"patchsize": 64},
      r"'datasets.demo.tiling.patchsize' is not recognised; allowed keys here: \['default_mpp'"),
+    ("tiling", {"patch_size": 0}, r"'datasets.demo.tiling.patch_size' = 0: 0 is less than the minimum of 8"),
+    ("tiling", {"stride": -4}, r"'datasets.demo.tiling.stride' = -4: -4 is less than the minimum"),
+    ("distill", {"methods": {"dm": {"iterations": {10: 0}}}},
+     r"'datasets.demo.distill.methods.dm.iterations' = \{10: 0\}: expected one count \(at least 1\)"),
+    ("distill", {"methods": {"dm": {"lr_img": -1.0}}},
+     r"'datasets.demo.distill.methods.dm.lr_img' = -1.0: expected one rate \(above 0\)"),
+    ("distill", {"seed": -1}, r"'datasets.demo.distill.seed' = -1: -1 is less than the minimum of 0"),
 ])
 def test_dataset_override_typos_fail_at_load(section, override, message):
     cfg = copy.deepcopy(CONFIG)
     cfg["datasets"]["demo"][section] = override
     with pytest.raises(config.ConfigError, match=message):
         config.validate(cfg)
+
+
+@pytest.mark.parametrize("size", [0, -4])
+def test_a_pre_tiled_patch_size_below_the_minimum_fails_at_load(size):
+    cfg = copy.deepcopy(CONFIG)
+    cfg["datasets"]["pcam"]["patch_size"] = size
+    with pytest.raises(config.ConfigError, match=rf"'datasets.pcam.patch_size' = {size}: {size} is "
+                                                 "less than the minimum of 8"):
+        config.validate(cfg)
+
+
+def test_ipc_zero_and_ipc_above_a_class_count_are_one_error(tmp_path):
+    from conftest import make_toy_store
+    from histodistill.distill.run import distill
+
+    with pytest.raises(config.ConfigError, match=r"target dm_ipc0 of dataset 'demo': ipc is the "
+                                                 r"number of images per class, at least 1"):
+        config.method_config(config.validate(copy.deepcopy(CONFIG)), "demo", "dm", 0)
+    store = make_toy_store(tmp_path / "p.zarr")  # 24 training patches per class
+    with pytest.raises(InputError, match=r"^\[distill\] .*p.zarr: ipc 25 exceeds the 24 training "
+                                         r"patches of class 'dark'.*choose ipc <= 24"):
+        distill(store, None, None, "random", 25, {}, 0, tmp_path / "r.zarr", tmp_path / "r.png",
+                tmp_path / "r.json", None, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # nothing written
 
 
 def test_dataset_overrides_get_no_schema_defaults():

@@ -112,6 +112,22 @@ class PatchStore:
                 digest.update(f"{f.relative_to(chunks)}:{st.st_size}:{st.st_mtime_ns};".encode())
         return digest.hexdigest()[:16]
 
+    def split_counts(self, split: str) -> dict[str, int]:
+        """Patches per class in one split, by class name."""
+        labels = self.array("label")[self.indices(split)]
+        counts = np.bincount(labels, minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, counts)}
+
+    def check_ipc(self, ipc: int, stage: str) -> None:
+        """An :class:`InputError` when a class has fewer training patches than ``ipc`` (every
+        method starts from, or picks, ``ipc`` real patches per class)."""
+        short = {c: n for c, n in self.split_counts("train").items() if n < ipc}
+        if short:
+            name, n = next(iter(short.items()))
+            raise InputError(stage, self.path, f"ipc {ipc} exceeds the {n} training patches of "
+                             f"class {name!r} (per class: {self.split_counts('train')}); choose "
+                             f"ipc <= {min(self.split_counts('train').values())}")
+
     def indices(self, split: str) -> np.ndarray:
         """Row indices of one split."""
         return np.flatnonzero(self.array("split") == SPLITS.index(split))

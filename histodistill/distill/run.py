@@ -101,6 +101,7 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
     joins the cost file (how the settings were chosen). A run whose loss or images stop being
     finite is refused (FloatingPointError, nothing written) unless ``keep_diverged`` (a tuning
     candidate: recorded as diverged, never chosen)."""
+    PatchStore(store_path).check_ipc(ipc, "distill")
     ctx = context(store_path, template_path, pool_path, seed, checkpoint, cache_mb,
                   max_per_class, progress, experts, autoencoder)
     real = ctx.real

@@ -1,7 +1,9 @@
 # Config validation and the small helpers every rule reads its settings through.
+import os
 from pathlib import Path
 
 import histodistill.config as hdconfig
+import histodistill.io as hdio
 import histodistill.params as hdparams
 
 # Methods whose set is made by distillation (optimisation, coresets) or by selection from a pool
@@ -83,6 +85,20 @@ def method_cfg(wildcards):
     return hdconfig.method_config(
         config, wildcards.dataset, wildcards.method, int(wildcards.ipc)
     )
+
+
+def check_ipc(wildcards):
+    """ipc against the training patches per class, at DAG time when the store is built (else
+    the distill job checks it first): one error naming the class and its count."""
+    store = f"results/{wildcards.dataset}/patches.zarr"
+    if not os.path.exists(f"{store}/zarr.json"):
+        return
+    from histodistill.data.store import PatchStore
+
+    try:
+        PatchStore(store).check_ipc(int(wildcards.ipc), "distill")
+    except hdio.InputError as err:
+        raise WorkflowError(str(err)) from None
 
 
 def seed_of(wildcards):

@@ -43,6 +43,7 @@ def method_inputs(wildcards):
     trajectory matching the expert trajectories of the configured network, the latent methods
     (GLaD, SLFD) the generator's autoencoder."""
     name = wildcards.dataset
+    check_ipc(wildcards)
     if wildcards.method == "histodd":
         return {"pool": f"results/{name}/pool.pt"}
     if wildcards.method in ("mtt", "ptm"):
