@@ -5,7 +5,6 @@ rerun, ends identical to an uninterrupted run, with no temporary left behind; a 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
