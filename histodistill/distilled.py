@@ -7,11 +7,9 @@ and a cost file (seconds, peak memory, device)."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 import zarr
 from PIL import Image
 
-from histodistill.io import atomic_path, write_json
+from histodistill.io import atomic_path, read_json, write_json
 
 
 def peak_memory_mb() -> float:
@@ -66,7 +64,7 @@ def adopt(src: dict[str, str | os.PathLike], out: dict[str, str | os.PathLike],
         shutil.copytree(src["zarr"], tmp)
     with atomic_path(out["grid"]) as tmp:
         shutil.copyfile(src["grid"], tmp)
-    cost = json.loads(Path(src["cost"]).read_text())
+    cost = read_json(src["cost"], "distill")
     write_json(out["cost"], {**cost, **extra_cost})
 
 

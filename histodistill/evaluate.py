@@ -9,7 +9,6 @@ batches (:func:`histodistill.data.iterate`); only distilled sets, which are smal
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -30,7 +29,7 @@ from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import Stats
 from histodistill.data.stream import iterate
-from histodistill.io import settings_hash, write_json
+from histodistill.io import read_json, settings_hash, write_json
 from histodistill.stain import MacenkoNormaliser, StainTemplate
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.state import load_resume, save_state
@@ -431,7 +430,7 @@ def set_record(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
 
     record = {"method": attrs["method"], "ipc": attrs["ipc"], "split": split, **figures(cfg),
               "saturated_fraction": saturated_fraction(images),
-              "distill": json.loads(Path(distill_stats).read_text()),
+              "distill": read_json(distill_stats, "evaluate"),
               "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]}}
     if cfg.get("both_protocols"):
         record["other_protocol"] = figures({**cfg, "stain_norm": not cfg.get("stain_norm", False)})
@@ -450,7 +449,7 @@ def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.Pat
     full_results, ratio = {}, {}
     for arch in cfg["archs"]:  # upper bounds of the evaluated archs, not of the cross-arch extras
         if arch in full:
-            full_results[arch] = json.loads(Path(full[arch]).read_text())
+            full_results[arch] = read_json(full[arch], "evaluate")
             ratio[arch] = (full_results[arch]["train_time_s"]
                            / max(record["patch"][arch]["train_time_s"], 1e-9))
     result = {"dataset": dataset, **record, "full": full_results, "train_time_ratio": ratio,

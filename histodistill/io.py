@@ -123,6 +123,21 @@ def settings_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_json(path: str | os.PathLike, stage: str) -> Any:
+    """A JSON file a stage reads (a pipeline output, a template, a result), or one
+    :class:`InputError` naming the stage and the file when it is missing or damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(stage, path, "does not exist") from None
+    except json.JSONDecodeError as err:
+        raise InputError(stage, path, f"is not valid JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno}); delete it so that the rule writing it reruns"
+                         ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(stage, path, f"cannot be read ({err})") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically."""
     with atomic_path(path) as tmp:

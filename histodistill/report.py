@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from histodistill.io import InputError, atomic_path
+from histodistill.io import InputError, atomic_path, read_json
 from histodistill.tables import result_files, rows, slide_rows
 
 
@@ -61,7 +60,7 @@ def report_result(result_path: str | os.PathLike, curves: str | os.PathLike,
                   table: str | os.PathLike) -> None:
     """Write the curves PNG and the table HTML of one result JSON; a result written before
     curves were recorded is refused with a message saying how to refresh it."""
-    result = json.loads(Path(result_path).read_text())
+    result = read_json(result_path, "report")
     if any("curve" not in summary for summary in result["patch"].values()):
         raise InputError("report", result_path, "has no training curves (written before they were "
                          "recorded): rerun it with `snakemake -R evaluate <this file>`")

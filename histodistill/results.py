@@ -8,24 +8,22 @@ written by its own rule, so a stage's settings rerun that stage and this join on
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
-from histodistill.io import InputError, write_json
+from histodistill.io import InputError, read_json, write_json
 
 
 def assemble(parts: dict[str, str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Join ``parts`` (name -> JSON file; ``patch`` required) into one result at ``out``."""
     if "patch" not in parts:
         raise InputError("result", out, "a result needs its patch-level evaluation ('patch')")
-    result = json.loads(Path(parts["patch"]).read_text())
+    result = read_json(parts["patch"], "result")
     for name, path in parts.items():
         if name == "patch":
             continue
         if name in result:
             raise InputError("result", path, f"section {name!r} is already in the patch result")
-        result[name] = json.loads(Path(path).read_text())
+        result[name] = read_json(path, "result")
     write_json(out, result)
     return result

@@ -10,17 +10,15 @@ input (used as a stain-aware augmentation during distillation).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from histodistill.io import InputError, atomic_path, write_json
+from histodistill.io import InputError, atomic_path, read_json, write_json
 from histodistill.data.store import PatchStore
 
 IO = 240.0  # transmitted light intensity (0-255 scale), as in Macenko's reference code
@@ -51,7 +49,7 @@ class StainTemplate:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StainTemplate":
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "stain_template")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from histodistill.io import InputError, atomic_path, remove_path
+from histodistill.io import InputError, atomic_path, read_json, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,17 @@ def load_input(path: str | os.PathLike, rule: str) -> Any:
 
 
 def load_resume(path: str | os.PathLike | None, key: str) -> dict[str, Any] | None:
-    """A resume checkpoint written under ``key`` (the work's settings and inputs), or None when
-    there is none to resume. One from other settings is ignored; a damaged or foreign one is
-    logged by name, removed, and the work redone: resume state is never reused unverified and
-    never fatal."""
+    """A resume checkpoint (a state file, or a JSON file of finished runs) written under ``key``
+    (the work's settings and inputs), or None when there is none to resume. One from other
+    settings is ignored; a damaged or foreign one is logged by name, removed, and the work
+    redone: resume state is never reused unverified and never fatal."""
     if path is None or not Path(path).exists():
         return None
     try:
-        state = load_state(path)
-    except StateError as err:
-        log.warning("resume state %s is damaged (%s); removed, redoing that work", err.path,
-                    err.reason)
+        state = read_json(path, "resume") if str(path).endswith(".json") else load_state(path)
+    except (StateError, InputError) as err:
+        log.warning("resume state %s is damaged (%s); removed, redoing that work", path,
+                    getattr(err, "reason", err))
         Path(path).unlink(missing_ok=True)
         return None
     if not isinstance(state, dict) or state.get("key") != key:

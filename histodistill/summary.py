@@ -5,13 +5,13 @@ Usage: python -m histodistill.summary results/<dataset>
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from histodistill.data.store import SPLITS, PatchStore
+from histodistill.io import read_json
 from histodistill.tables import result_files
 
 
@@ -31,11 +31,11 @@ def summarise(folder: str | Path) -> str:
                      f"{store.attrs['patch_size']} px ({counts})")
     template = folder / "stain" / "template.json"
     if template.exists():
-        info = json.loads(template.read_text())
+        info = read_json(template, "summary")
         lines.append(f"  stain     {template}  template patch {info['index']} "
                      f"(slide {info['slide'] or '-'}), image {template.with_suffix('.png')}")
     for result in result_files(folder):
-        info = json.loads(result.read_text())
+        info = read_json(result, "summary")
         accs = ", ".join(f"{arch} acc {100 * m['acc']['mean']:.1f} ± {100 * m['acc']['std']:.1f}%"
                          for arch, m in info["patch"].items())
         lines.append(f"  result    {result}  ({accs})")

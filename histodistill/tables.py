@@ -15,9 +15,10 @@ the figures of ``results/bench/<name>.txt``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
+
+from histodistill.io import read_json
 
 ORDER = ["histodd", "ptm", "mtt", "dsa", "dc", "dm", "herding", "forgetting", "random", "slfd", "glad",
          "infodist", "infodist_real", "centroid", "synrandom"]
@@ -96,7 +97,7 @@ def rows(results: list[dict], protocol: str = "own") -> tuple[list[str], list[li
 def table(folder: str | Path, protocol: str = "own") -> str:
     """Markdown table of every result file in ``folder`` (see ``rows``) with a note on how it
     was measured."""
-    results = [json.loads(p.read_text()) for p in result_files(folder)]
+    results = [read_json(p, "tables") for p in result_files(folder)]
     if not results:
         raise FileNotFoundError(f"no result files (*_ipc*.json) in {folder}")
     head, body = rows(results, protocol)
@@ -120,7 +121,7 @@ def table(folder: str | Path, protocol: str = "own") -> str:
                  "the distillation seconds of every candidate of the method's grid, spent to "
                  "choose its setting on the validation split (the chosen candidate's set is the "
                  "row's). "
-                 + (f"Budget: {json.loads(budget.read_text())['budget_s']:.0f} s of distillation "
+                 + (f"Budget: {read_json(budget, 'tables')['budget_s']:.0f} s of distillation "
                     "per method and set (iteration counts calibrated in budget.json). "
                     if budget.exists() else "")
                  + ("Cross-arch: mean over the architectures in `evaluate.cross_arch` other than "
@@ -138,7 +139,7 @@ def seeds_table(folder: str | Path) -> str | None:
     files = sorted((Path(folder) / "seeds").glob("*_ipc*.json"))
     if not files:
         return None
-    results = sorted((json.loads(p.read_text()) for p in files), key=_order)
+    results = sorted((read_json(p, "tables") for p in files), key=_order)
     arch = next(iter(results[0]["patch"]))
     cross = any("cross_arch" in r for r in results)
     head = ["method", "ipc", "seeds", f"{arch} acc % (mean ± std over seeds)", "per seed"]
@@ -169,7 +170,7 @@ def frontier(folder: str | Path, out: str | Path, space: str = "pixel") -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = sorted((json.loads(p.read_text()) for p in result_files(folder)), key=_order)
+    results = sorted((read_json(p, "tables") for p in result_files(folder)), key=_order)
     points = [{"method": r["method"], "ipc": r["ipc"],
                "memorised": r["privacy"]["spaces"][space]["memorised"],
                "acc": next(iter(r["patch"].values()))["acc"]["mean"],
@@ -235,7 +236,7 @@ def _spaces(spaces: dict, key: str) -> str:
 def privacy_table(folder: str | Path) -> str | None:
     """Markdown table of the privacy audits (``privacy`` sections) of the result files in
     ``folder``, one row per method and ipc; None when no result has one."""
-    results = [json.loads(p.read_text()) for p in result_files(folder)]
+    results = [read_json(p, "tables") for p in result_files(folder)]
     results = sorted((r for r in results if "privacy" in r), key=_order)
     if not results:
         return None
@@ -308,7 +309,7 @@ def _markdown(head: list[str], body: list[list[str]]) -> list[str]:
 def slide_table(folder: str | Path) -> str | None:
     """Markdown table of the slide level of every result file in ``folder`` that has one; None
     when none has."""
-    results = [json.loads(p.read_text()) for p in result_files(folder)]
+    results = [read_json(p, "tables") for p in result_files(folder)]
     head, body = slide_rows(results)
     if not body:
         return None
@@ -324,7 +325,7 @@ def slide_table(folder: str | Path) -> str | None:
 def transfer_table(folder: str | Path) -> str | None:
     """Markdown table of every cross-centre transfer result in ``folder``; None when there is
     none."""
-    results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("transfer_*.json"))]
+    results = [read_json(p, "tables") for p in sorted(Path(folder).glob("transfer_*.json"))]
     if not results:
         return None
     runs = results[0]["config"]["transfer"]["runs"]
@@ -343,7 +344,7 @@ def generate_table(folder: str | Path) -> str | None:
         return None
     body = []
     for path in files:
-        q = json.loads(path.read_text())
+        q = read_json(path, "tables")
         per_class = q.get("class_agreement_per_class")
         agree = "-" if per_class is None else (
             f"{100 * q['class_agreement']:.1f} ("
@@ -356,7 +357,7 @@ def generate_table(folder: str | Path) -> str | None:
             "class agreement % (per class)", "real agreement %"]
     return "\n".join(_markdown(head, body) + ["", (
         "In the feature space of the pipeline's supervised encoder, against at most "
-        f"{json.loads(files[0].read_text())['n_real']} real training patches. Class agreement: share of "
+        f"{read_json(files[0], 'tables')['n_real']} real training patches. Class agreement: share of "
         "samples its classifier head assigns to the class they were generated for (real "
         "agreement: the same on the real patches). Generated by `python -m histodistill.tables "
         f"{Path(folder).as_posix()}` from `generate/*_quality.json`.")])
@@ -365,7 +366,7 @@ def generate_table(folder: str | Path) -> str | None:
 def augment_table(path: str | Path) -> str:
     """Markdown table of one augmentation study (``augment_<method>.json``, rule
     ``augment_study``): a row per setting."""
-    study = json.loads(Path(path).read_text())
+    study = read_json(Path(path), "tables")
     lines = ["| added | synthetic per class | acc % | macro F1 % | sensitivity % | specificity % | FID (in-domain) |",
              "|---|---|---|---|---|---|---|"]
     for row in study["settings"]:

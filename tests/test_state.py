@@ -244,3 +244,15 @@ def test_a_read_only_folder_is_one_error_naming_the_output(tmp_path, monkeypatch
         with atomic_path(tmp_path / "out.pt") as tmp:
             tmp.write_bytes(b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_json_input_is_one_error_and_damaged_json_resume_state_is_redone(tmp_path):
+    from histodistill.stain import StainTemplate
+
+    (tmp_path / "template.json").write_text('{"stains": [[0.6, 0.7')  # cut off mid-write
+    with pytest.raises(InputError, match=r"^\[stain_template\] .*template.json: is not valid "
+                                         r"JSON .*line 1.*delete it so that the rule"):
+        StainTemplate.load(tmp_path / "template.json")
+    (tmp_path / "runs.json").write_text('{"key": "k", "runs": [{"metrics"')
+    assert load_resume(tmp_path / "runs.json", "k") is None
+    assert not (tmp_path / "runs.json").exists()  # removed: the runs are redone

@@ -14,9 +14,7 @@ tested over several distillation seeds (:func:`seed_summary`).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,7 @@ from histodistill.data.store import PatchStore
 from histodistill.distill.run import distill
 from histodistill.distilled import adopt
 from histodistill.evaluate import METRICS, set_record
-from histodistill.io import InputError, write_json
+from histodistill.io import InputError, read_json, write_json
 
 STAGE = "tune"
 
@@ -59,7 +57,7 @@ def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[
     """The candidate with the best mean validation accuracy of the first evaluated
     architecture (ties: the first; a diverged candidate never); writes every candidate's
     figures and the choice."""
-    records = [json.loads(Path(p).read_text()) for p in candidates]
+    records = [read_json(p, "tune") for p in candidates]
     if any(r["split"] == "test" for r in records):
         raise ValueError("tune: a candidate was evaluated on the test split")
     arch = next(iter(records[0]["patch"]))
@@ -93,7 +91,7 @@ def apply_choice(cfg: dict[str, Any], choice: dict[str, Any] | None, method: str
 
 def read_choice(path: str | os.PathLike | None) -> dict[str, Any] | None:
     """A tuned method's choice file (rule tune); None when the method is not tuned."""
-    return json.loads(Path(path).read_text()) if path else None
+    return read_json(path, "tune") if path else None
 
 
 def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
@@ -122,7 +120,7 @@ def seed_summary(results: list[str | os.PathLike], seeds: list[int],
     file: its mean over training runs) and, per metric and architecture, their mean and std over
     seeds (the spread a paper's claim has to clear); cross-architecture and the other stain
     protocol likewise when present."""
-    evals = [json.loads(Path(p).read_text()) for p in results]
+    evals = [read_json(p, "seeds") for p in results]
 
     def over_seeds(pick: Any) -> dict[str, Any]:
         values = [pick(e) for e in evals]

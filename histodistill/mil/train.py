@@ -19,7 +19,6 @@ resumes at the next run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,9 +30,10 @@ import torch
 from tqdm import tqdm
 
 from histodistill.evaluate import device, metrics, summarise_runs
-from histodistill.io import InputError, settings_hash, write_json
+from histodistill.io import InputError, read_json, settings_hash, write_json
 from histodistill.mil.bags import bag_path, folder_bytes, read_bag, read_manifest
 from histodistill.mil.base import MILModel, build
+from histodistill.state import load_resume
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate_mil"
@@ -160,10 +160,8 @@ def run_model(name: str, cfg: dict[str, Any], train: Bags, test: Bags, num_class
     Finished runs are kept in ``resume`` (a JSON file keyed by ``cfg``, seeds and bags)."""
     key = settings_hash([name, cfg, seed, [r["slide_id"] for r in train.rows], train.bytes,
                          test.bytes])
-    done: list[dict[str, Any]] = []
-    if resume is not None and resume.exists():
-        state = json.loads(resume.read_text())
-        done = state["runs"] if state.get("key") == key else []
+    state = load_resume(resume, key)  # a damaged file of finished runs is logged and redone
+    done: list[dict[str, Any]] = state["runs"] if state is not None else []
     for run in tqdm(range(len(done), runs), desc=f"{name} runs", disable=not progress,
                     initial=len(done), total=runs):
         model, times, curve = train_model(name, cfg, train, num_classes, seed + run)
@@ -215,7 +213,7 @@ def evaluate_mil(synthetic_bags: str | os.PathLike, real_bags: str | os.PathLike
         cfg = settings["settings"][name]
         synthetic = run_model(name, cfg, train, test, len(class_names), int(settings["runs"]),
                               int(settings["seed"]), _resume(out, name))
-        reference = json.loads(Path(full[name]).read_text())
+        reference = read_json(full[name], "evaluate_mil")
         full_bags = reference.pop("bags")
         ratio = reference["epoch_time_s"] / max(synthetic["epoch_time_s"], 1e-12)
         models[name] = {"synthetic": synthetic, "full": reference, "epoch_time_ratio": ratio,

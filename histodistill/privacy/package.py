@@ -32,7 +32,7 @@ from PIL import Image
 
 from histodistill.data.store import SPLITS, PatchStore
 from histodistill.distill import METHODS
-from histodistill.io import InputError, atomic_path, write_json
+from histodistill.io import InputError, atomic_path, read_json, write_json
 
 FORMAT = "histodistill-share/1"
 # Files a package holds beside those its manifest lists: the checksum files themselves, and the
@@ -259,7 +259,7 @@ def write_package(distilled: str | os.PathLike, result_path: str | os.PathLike,
                   datasheet_html: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any]:
     """Rule ``package``: the guard, then the package directory ``out`` (written atomically) and
     its datasheet as HTML for the report. Returns the manifest."""
-    result = json.loads(Path(result_path).read_text())
+    result = read_json(result_path, "package")
     statements = guard(result, settings, result_path)
     group = zarr.open_group(str(distilled), mode="r")
     images, labels = group["images"][:], group["labels"][:].astype(np.int64)
@@ -301,7 +301,7 @@ def verify_package(path: str | os.PathLike) -> None:
     """Check every file the manifest lists against its size and sha256, and that no other file
     is there (but :data:`UNLISTED`); raises InputError naming the first mismatching files."""
     root = Path(path)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = read_json(root / "manifest.json", "package")
     listed = {e["path"]: e for e in manifest["files"]}
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     problems = [f"{p}: not in the manifest" for p in sorted(present - set(listed) - UNLISTED)]
