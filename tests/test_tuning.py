@@ -260,3 +260,20 @@ def test_a_choice_applies_its_overrides_except_those_the_use_sets_itself():
     assert apply_choice(cfg, choice, "dm") == {**cfg, "lr_img": 0.5, "iterations": 9}
     # per-slide overrides (mil.distill.<method>) win over the chosen candidate's
     assert apply_choice(cfg, choice, "dm", keep={"iterations": 5}) == {**cfg, "lr_img": 0.5}
+
+
+def test_budget_measurements_of_one_comparison_accumulate_in_one_file(tmp_path):
+    from histodistill.distill.budget import merged
+
+    def measured(method, ipc, budget=900.0):
+        return {"dataset": "pcam", "budget_s": budget, "methods": {method: {
+            "key": "iterations", "ipc": {ipc: {"seconds_per_iteration": 1.0, "iterations": 900}}}}}
+
+    path = tmp_path / "budget.json"
+    assert merged(path, measured("dm", 10)) == measured("dm", 10)  # nothing there yet
+    path.write_text(json.dumps(measured("dm", 10)))
+    both = merged(path, measured("dm", 2))
+    assert set(both["methods"]["dm"]["ipc"]) == {"2", "10"}
+    path.write_text(json.dumps(both))
+    assert set(merged(path, measured("histodd", 2))["methods"]) == {"dm", "histodd"}
+    assert merged(path, measured("dm", 2, budget=600.0)) == measured("dm", 2, budget=600.0)

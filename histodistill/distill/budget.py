@@ -28,7 +28,7 @@ import yaml
 from histodistill import config as hdconfig
 from histodistill.distill.base import build
 from histodistill.distill.run import context
-from histodistill.io import write_json
+from histodistill.io import read_json, write_json
 
 # the iteration count of each method family, by the setting that holds it
 COUNT_KEY = {"histodd": "outer_loop"}
@@ -116,8 +116,24 @@ def main(argv: list[str] | None = None) -> None:
     cfg = hdconfig.validate(yaml.safe_load(Path(args.config).read_text()))
     torch.set_num_threads(int(os.environ.get("BUDGET_THREADS", torch.get_num_threads())))
     calibration = calibrate(cfg, args.dataset, args.methods, args.ipc, args.seconds, args.probe)
-    write_json(args.out, calibration)
+    write_json(args.out, merged(args.out, calibration))
     print(profile_block(calibration))
+
+
+def merged(path: str | os.PathLike, calibration: dict[str, Any]) -> dict[str, Any]:
+    """``calibration`` joined to the measurements already in ``path`` for the same dataset and
+    budget (one file holds every method and ipc of a comparison); another budget replaces it."""
+    if not Path(path).exists():
+        return calibration
+    old = read_json(path, "budget")
+    if (old.get("dataset"), old.get("budget_s")) != (calibration["dataset"],
+                                                     calibration["budget_s"]):
+        return calibration
+    methods = old["methods"]
+    for method, new in calibration["methods"].items():
+        entry = methods.setdefault(method, {"key": new["key"], "ipc": {}})
+        entry["ipc"].update({str(ipc): v for ipc, v in new["ipc"].items()})
+    return {**calibration, "methods": methods}
 
 
 if __name__ == "__main__":
