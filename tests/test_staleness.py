@@ -226,14 +226,16 @@ def test_canonical_settings_ignore_order_and_what_the_rule_does_not_read():
 
 def test_a_declared_grid_is_distilled_per_candidate_and_chosen_before_the_set(state):
     """tuning.candidates.dm: each candidate distilled and evaluated on val, one choice, then the
-    dm set (which takes the chosen candidate's); nothing else reruns."""
+    dm set (which takes the chosen candidate's) and dm's per-slide sets (which run with the
+    chosen settings) with what reads them; nothing else reruns."""
     def grid(cfg: dict) -> None:
         cfg.setdefault("tuning", {})["candidates"] = {"dm": [{"lr_img": 0.5}, {"lr_img": 2.0}]}
 
     with edited_config(state, grid):
         jobs = planned(state)
     assert jobs == {"tune_candidate": 2, "tune": 1, "distill": 1, "evaluate": 1,
-                    "privacy_audit": 1, "result": 1, "demo": 1}
+                    "privacy_audit": 1, "result": 1, "demo": 1, "distill_slides": 1,
+                    "extract_features": 1, "evaluate_mil": 1}
 
     def typo(cfg: dict) -> None:
         cfg.setdefault("tuning", {})["candidates"] = {"dm": [{"lr_image": 0.5}]}
