@@ -58,7 +58,7 @@ bench: $(VENV_OK) $(REAL)
 # distill.seeds seeds; the small result files are copied to docs/results/pcam (committed) and
 # docs/results.md's tables regenerated from them (docs/results.md: the protocol)
 PCAM := ../shared/data/pcam
-PCAM_RESULTS := $(foreach m,histodd dm random,results/pcam/$(m)_ipc10.json) \
+PCAM_RESULTS := $(foreach m,histodd dm random,$(foreach i,2 10,results/pcam/$(m)_ipc$(i).json)) \
 	$(foreach m,histodd random,results/pcam/seeds/$(m)_ipc10.json)
 pcam: $(VENV_OK)
 	@if [ -d $(PCAM) ]; then \

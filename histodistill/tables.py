@@ -20,6 +20,7 @@ from pathlib import Path
 
 from histodistill.io import read_json
 
+SATURATED_LIMIT = 0.02  # a set with more saturated pixels is flagged "(!)": clipped noise, not tissue
 ORDER = ["histodd", "ptm", "mtt", "dsa", "dc", "dm", "herding", "forgetting", "random", "slfd", "glad",
          "infodist", "infodist_real", "centroid", "synrandom"]
 
@@ -81,7 +82,8 @@ def rows(results: list[dict], protocol: str = "own") -> tuple[list[str], list[li
         if cross:
             cells.append(_pct(view["cross_arch"]["acc"]) if "cross_arch" in view else "-")
         cells += _privacy_cells(r)
-        cells.append(f"{100 * r['saturated_fraction']:.1f}")
+        flag = " (!)" if r["saturated_fraction"] > SATURATED_LIMIT else ""
+        cells.append(f"{100 * r['saturated_fraction']:.1f}{flag}")
         cells.append(f"{r['distill']['seconds']:.0f}")
         cells.append(str(r["distill"].get("image_updates", "-")))
         tuning = r["distill"].get("tuning")
@@ -116,7 +118,8 @@ def table(folder: str | Path, protocol: str = "own") -> str:
                  + "Memorised: share of the set closer to a real training patch than the 5th "
                  "percentile of held-out patches; MIA AUC: membership attack on the set's source "
                  "patches (0.5: no leak). Saturated: share of "
-                 "synthetic pixels at 0 or 255 in some channel. Distill s: the loop's seconds on "
+                 "synthetic pixels at 0 or 255 in some channel, (!) above "
+                 f"{100 * SATURATED_LIMIT:.0f} %. Distill s: the loop's seconds on "
                  "the machine that ran it; image updates: optimiser steps on the set; selection s: "
                  "the distillation seconds of every candidate of the method's grid, spent to "
                  "choose its setting on the validation split (the chosen candidate's set is the "

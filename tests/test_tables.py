@@ -25,7 +25,7 @@ def test_table_rows_and_readme_block(tmp_path):
     text = tables.table(folder)
     lines = text.splitlines()
     assert lines[2].startswith("| histodd | 10 | off | 75.0 ± 1.0") and lines[3].startswith("| random")
-    assert lines[2].endswith("| - | - | 2.5 | 12 | - | - |")  # no audit; saturated %, seconds
+    assert lines[2].endswith("| - | - | 2.5 (!) | 12 | - | - |")  # no audit; saturated % above 2 flagged
     assert "| full data | all |" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:toy:start -->\nold\n<!-- results:toy:end -->\nend\n")
