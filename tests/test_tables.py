@@ -117,7 +117,7 @@ def test_the_table_shows_privacy_beside_accuracy_and_either_stain_protocol(tmp_p
         (folder / f"{method}_ipc10.json").write_text(json.dumps(audited(method, acc, other)))
     (folder / "budget.json").write_text(json.dumps({"budget_s": 900}))
     own = tables.table(folder).splitlines()
-    assert own[2] == ("| histodd | 10 | on | 75.0 ± 1.0 | 75.0 ± 1.0 | 100 / 35 | 0.93 | 2.5 | "
+    assert own[2] == ("| histodd | 10 | on | 75.0 ± 1.0 | 75.0 ± 1.0 | 100 / 35 | 0.93 | 2.5 (!) | "
                       "12 | 400 | 20 |")
     assert own[3].startswith("| random | 10 | off | 50.0 ± 1.0")
     assert "Budget: 900 s of distillation" in tables.table(folder)
