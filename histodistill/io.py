@@ -49,7 +49,7 @@ def output_error(err: BaseException, path: str | os.PathLike) -> OutputError | N
     if isinstance(err, OutputError):
         return err
     if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
-        return OutputError(err.filename or path, WRITE_ERRORS[err.errno])
+        return OutputError(path, WRITE_ERRORS[err.errno])  # the output, not a temporary's name
     if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err)
                                           or "inline_container" in str(err)):
         return OutputError(path, "torch could not write it (a full disk or a read-only folder?)")
@@ -97,8 +97,9 @@ def remove_path(path: Path) -> None:
 def confine(path: str | os.PathLike, roots: list[str | os.PathLike], stage: str,
             where: str | os.PathLike, what: str) -> Path:
     """``path`` made absolute and normalised (lexically: a symlink inside a root is the user's
-    own choice), or an :class:`InputError` at ``where`` when it lies outside every root (an
-    absolute path or ``..`` leading elsewhere would read files the dataset does not hold)."""
+    own choice; callers store the path as given and use this one to compare), or an
+    :class:`InputError` at ``where`` when it lies outside every root (an absolute path or ``..``
+    leading elsewhere would read files the dataset does not hold)."""
     full = os.path.normpath(os.path.abspath(path))
     bases = [os.path.normpath(os.path.abspath(r)) for r in roots]
     if not any(os.path.commonpath([b, full]) == b for b in bases):

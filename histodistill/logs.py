@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 
 from histodistill.config import ConfigError
-from histodistill.io import InputError, OutputError, output_error
+from histodistill.io import WRITE_ERRORS, InputError, OutputError
 from histodistill.memory import start_trimmer
 
 
@@ -30,16 +30,16 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
             yield
         except (InputError, ConfigError, OutputError) as err:
             _one_line(err, console)
-        except OSError as err:  # a write that failed outside atomic_path: the file it names
-            failed = output_error(err, err.filename or log_path)
-            if failed is None:
+        except OSError as err:  # a full disk or a refused file outside atomic_path
+            if err.errno not in WRITE_ERRORS:
                 raise
-            _one_line(failed, console)
+            _one_line(f"[io] {err.filename or 'a file of this job'}: {err.strerror} "
+                      f"({WRITE_ERRORS[err.errno]})", console)
         finally:
             sys.stderr = console
 
 
-def _one_line(err: BaseException, console: object) -> None:
+def _one_line(err: BaseException | str, console: object) -> None:
     """Report ``err`` as one line in the log and on the console; exit with status 1."""
     logging.error("%s", err)
     print(f"histodistill error: {err}", file=console)

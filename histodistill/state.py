@@ -119,9 +119,10 @@ def load_state(path: str | os.PathLike) -> Any:
     with f:
         header = f.read(HEADER)
         parts = header.rstrip(b"\n").split(b" ")
-        if len(header) < HEADER or parts[0] != MAGIC or len(parts) != 3:
+        if (len(header) < HEADER or parts[0] != MAGIC or len(parts) != 3
+                or not parts[2].isdigit()):
             raise StateError(path, "is not a histodistill state file (or its header is damaged)")
-        digest, size = parts[1].decode(errors="replace"), int(parts[2] or -1)
+        digest, size = parts[1].decode(errors="replace"), int(parts[2])
         sha, seen = hashlib.sha256(), 0
         while chunk := f.read(CHUNK):
             sha.update(chunk)
@@ -235,14 +236,17 @@ class Pieces:
             tmp.write_text(json.dumps({"key": key, "sha256": _digest(self.path(name))}))
 
     def clear_stale(self, keep: set[str]) -> None:
-        """Remove everything but the pieces in ``keep`` (their seals go too)."""
+        """Remove everything but the pieces in ``keep`` and their seals."""
         for entry in list(self.partial.iterdir()):
-            if entry.name not in keep:
+            if entry.name not in keep and entry.name.removesuffix(self.SUFFIX) not in keep:
                 remove_path(entry)
 
     def finish(self, keep: set[str]) -> Path:
-        """Keep only the pieces in ``keep`` and rename the folder onto ``out``."""
+        """Keep only the pieces in ``keep``, rename the folder onto ``out``, then drop the seals
+        (a kill before the rename leaves every finished piece sealed)."""
         self.clear_stale(keep)
         remove_path(self.out)
         os.replace(self.partial, self.out)
+        for seal in self.out.glob(f"*{self.SUFFIX}"):
+            seal.unlink()
         return self.out

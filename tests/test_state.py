@@ -68,7 +68,7 @@ def test_a_planted_pickle_is_refused_and_nothing_runs(tmp_path, headed):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty", "header"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty", "header", "length"])
 def test_damage_is_detected_and_named(tmp_path, damage):
     path = tmp_path / "s.pt"
     save_state({"w": torch.arange(1000.0)}, path)
@@ -81,6 +81,8 @@ def test_damage_is_detected_and_named(tmp_path, damage):
         data += b"\0"
     elif damage == "empty":
         data = bytearray()
+    elif damage == "length":
+        data[HEADER - 5:HEADER - 1] = b"x" * 4
     else:
         data[3] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -235,15 +237,19 @@ def test_a_read_only_folder_is_one_error_naming_the_output(tmp_path, monkeypatch
 
     from histodistill.io import OutputError, atomic_path
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    import tempfile
 
-    monkeypatch.setattr(os, "replace", refuse)  # as a folder root cannot write to would
-    with pytest.raises(OutputError, match=r"\[write\] .*out.pt: cannot be written: permission "
-                                          r"denied \(a read-only folder\?\)"):
-        with atomic_path(tmp_path / "out.pt") as tmp:
-            tmp.write_bytes(b"x")
-    assert list(tmp_path.iterdir()) == []
+    def refuse(*args, **kwargs):  # what a read-only folder does to the temporary's creation
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".out.pt.x.tmp"))
+
+    for target in ((tempfile, "mkdtemp"), (os, "replace")):
+        with monkeypatch.context() as patch:
+            patch.setattr(*target, refuse)
+            with pytest.raises(OutputError, match=r"\[write\] .*/out.pt: cannot be written: "
+                                                  r"permission denied \(a read-only folder\?\)"):
+                with atomic_path(tmp_path / "out.pt") as tmp:
+                    tmp.write_bytes(b"x")
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_a_damaged_json_input_is_one_error_and_damaged_json_resume_state_is_redone(tmp_path):

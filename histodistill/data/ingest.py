@@ -74,7 +74,8 @@ class ImagePolicy:
                     raise InputError(STAGE, path, f"holds {frames} frames (a multi-page or "
                                      "animated file); give one patch per file")
                 rgb = self._rgb(im, path)
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as err:
             raise InputError(STAGE, path, f"image cannot be read ({err})") from err
         return self._shape(rgb, path)
 
@@ -147,6 +148,12 @@ def imagefolder_items(root: Path, split_fraction: float, seed: int
             items += [(path, cls_dir.name, split) for path in _class_images(cls_dir)]
     if not items:
         raise InputError(STAGE, root, "no images found (expected root/[split/]class/*.png)")
+    folded: dict[str, str] = {}
+    for path, cls, _ in items:  # class folders are matched exactly, as labels are
+        first = folded.setdefault(cls.strip().lower(), cls)
+        if first != cls or cls != cls.strip():
+            raise InputError(STAGE, path.parent, f"class folder {cls!r} differs from {first!r} "
+                             "only in case or spaces; name each class's folders alike")
     classes = sorted({c for _, c, _ in items})
     if not split_dirs:
         rng = np.random.default_rng(seed)
@@ -231,12 +238,12 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
                 where = f"{path}, line {line}"
                 label, name = rec[label_col], rec[image_col]
                 folder = root / image_dir.format(split=split, label=label)
-                image = confine(folder / name, roots, STAGE, where, "image")
+                image = confine(folder / name, roots, STAGE, where, "image")  # compared
                 if image in seen:
                     raise InputError(STAGE, where, f"image {name!r} is listed again (first at "
                                      f"{seen[image]}); a patch belongs to one row of one split")
                 seen[image] = where
-                items.append((image, label, split))
+                items.append((folder / name, label, split))
                 rows.append(where)
     if not items:
         raise InputError(STAGE, root,
@@ -258,8 +265,8 @@ def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: P
     """Write (path, class, split) items into a new patch store at ``out`` (atomically),
     optionally keeping the central ``crop`` pixels before resizing to ``patch_size``
     (:class:`ImagePolicy`). The same pixels in two splits (a leak between training and test)
-    are an error naming both files, unless ``dedupe``: then the copy in the later split
-    (train, val, test order) is dropped and counted. Within one split, identical patches are
+    are an error naming both files, unless ``dedupe``: then rows are written split by split
+    (train, val, test) and the copy in the later split is dropped and counted. Within one split, identical patches are
     kept and counted in the log (public sets, PCam among them, hold some)."""
     unknown = sorted({c for _, c, _ in items} - set(classes))
     if unknown:

@@ -114,11 +114,12 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     for line, rec in enumerate(records, start=2):
         where = f"{table}, line {line}"
         name = rec[slide_col].strip()
-        path = (confine(rec["path"], roots, STAGE, where, "slide path") if rec.get("path")
-                else _find_slide(slide_dir, name))
+        if rec.get("path"):
+            confine(rec["path"], roots, STAGE, where, "slide path")
+        path = Path(rec["path"]) if rec.get("path") else _find_slide(slide_dir, name)
         annotation = rec.get("annotation", "") or ""
         if annotation:
-            annotation = str(confine(annotation, roots, STAGE, where, "annotation"))
+            confine(annotation, roots, STAGE, where, "annotation")
         split = rec.get("split", "") or ""
         if split not in ("", *SPLITS):
             raise InputError(STAGE, where, f"split {split!r} is not one of {list(SPLITS)} (or "

@@ -78,7 +78,10 @@ def gather_input(wildcards):
 def ingest_input(wildcards):
     """The source files an ingest job reads; large file sets as a listing written here."""
     name = wildcards.dataset
-    files, listing = hdsources.ingest_inputs(name, hdconfig.dataset(config, name))
+    try:
+        files, listing = hdsources.ingest_inputs(name, hdconfig.dataset(config, name))
+    except hdio.InputError as err:  # a bad label CSV: one message, no traceback
+        raise WorkflowError(str(err)) from None
     if listing is not None:
         files.append(
             hdsources.write_if_changed(f"results/{name}/sources/ingest.txt", listing)
