@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from histodistill import config, models
-from histodistill.data import RealData
+from histodistill.data.real import RealData
 from histodistill.distill import Context, build
 from histodistill.distill.matching import match_loss, matched_params
 from histodistill.io import save_figures

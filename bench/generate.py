@@ -39,7 +39,7 @@ from histodistill.generate.autoencoder import AutoencoderKL  # noqa: E402
 from histodistill.generate.diffusion import randn  # noqa: E402
 from histodistill.generate.generator import train_generator  # noqa: E402
 from histodistill.generate.sample import build  # noqa: E402
-from histodistill.evaluate import device  # noqa: E402
+from histodistill.runtime import device  # noqa: E402
 from histodistill.generate.train import save_model  # noqa: E402
 from histodistill.io import save_figures  # noqa: E402
 from histodistill.state import load_state
@@ -71,7 +71,7 @@ def sync() -> None:
 
 def toy_store(path: Path, size: int, n: int = 256) -> Path:
     """A two-class store of random patches at ``size`` px (timing only)."""
-    from histodistill.data import record_channel_stats
+    from histodistill.data.stream import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
 
     rng = np.random.default_rng(0)

@@ -47,7 +47,7 @@ EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}}, "ru
 
 def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     """Three classes of textured patches, 80 % train and 20 % test, interleaved."""
-    from histodistill.data import record_channel_stats
+    from histodistill.data.stream import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
 
     rng = np.random.default_rng(seed)
@@ -112,7 +112,7 @@ def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, floa
     import torch
 
     from histodistill import models
-    from histodistill.data import RealData
+    from histodistill.data.real import RealData
     from histodistill.distill import Context, build
     from histodistill.data.store import PatchStore
 

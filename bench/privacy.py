@@ -54,7 +54,7 @@ def crops(n: int, seed: int) -> np.ndarray:
 def make_store(path: Path, per_class: int) -> Path:
     """``per_class`` training and HELD_OUT test patches per class (darker or paler than the
     image's median crop), the test patches the same whatever ``per_class``."""
-    from histodistill.data import record_channel_stats
+    from histodistill.data.stream import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
 
     def labelled(x: np.ndarray) -> np.ndarray:

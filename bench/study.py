@@ -17,7 +17,7 @@ from typing import Any
 
 from histodistill import config
 from histodistill.distill.run import distill
-from histodistill.distill.tuning import evaluate_candidate
+from histodistill.evaluate import evaluate_candidate
 from histodistill.params import without_operational
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -67,10 +67,10 @@ def child(args: argparse.Namespace) -> None:
     """Time ``args.repeats`` iterations of one configuration; print seconds and peak MB."""
     import torch
 
-    from histodistill.data import RealData
+    from histodistill.data.real import RealData
     from histodistill.data.store import PatchStore
     from histodistill.distill import Context, build
-    from histodistill.evaluate import device
+    from histodistill.runtime import device
 
     torch.set_num_threads(args.threads)
     dev = device()

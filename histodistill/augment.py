@@ -1,7 +1,7 @@
 """Differentiable augmentation (DSA, Zhao & Bilen 2021) with stain normalisation.
 
 Images are float tensors (B, 3, H, W) in the network's *normalised* space (per-channel
-``(x - mean) / std`` with the dataset's statistics, :class:`histodistill.data.Stats`), as in the
+``(x - mean) / std`` with the dataset's statistics, :class:`histodistill.data.real.Stats`), as in the
 DSA reference code. So colour strengths mean what they mean there, and every geometric fill
 (crop, cutout, scale, rotate) is 0, the dataset mean. ``stain`` maps back to pixels, applies the
 differentiable Macenko normaliser and maps forward again.

@@ -38,7 +38,9 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData, Stats
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.data.stream import iterate
-from histodistill.evaluate import EpochCheckpoint, TrainConfig, device, scheduler, train
+from histodistill.runtime import device
+from histodistill.state import Checkpoint
+from histodistill.training import TrainConfig, loop_state, restore_loop, scheduler, train
 from histodistill.io import InputError, settings_hash
 from histodistill.state import load_input, save_state
 
@@ -135,7 +137,7 @@ class _SimCLR(nn.Module):
 
 
 def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[str, Any],
-                  aug: Augment, gen: torch.Generator, checkpoint: EpochCheckpoint) -> None:
+                  aug: Augment, gen: torch.Generator, checkpoint: Checkpoint) -> None:
     """SimCLR on the real training split: two augmented views per patch, NT-Xent, Adam with
     a cosine schedule; resumable per epoch."""
     tc = TrainConfig.from_config(cfg["train"])
@@ -145,8 +147,12 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = scheduler(opt, tc.schedule, tc.epochs)
     objs = {"model": model, "opt": opt, "sched": sched}
-    resumed = checkpoint.load(objs, gen)
-    first = resumed["epoch"] if resumed else 0
+    resumed = checkpoint.load()
+    first = 0
+    if resumed is not None:
+        restore_loop(resumed, objs, gen)
+        first = resumed["epoch"]
+        log.info("resuming SimCLR from %s (epoch %d)", checkpoint.path, first)
     model.train()
     for epoch in tqdm(range(first, tc.epochs), desc="simclr epochs", initial=first, total=tc.epochs):
         total, steps = 0.0, 0
@@ -160,7 +166,7 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
             total, steps = total + float(loss.detach()), steps + 1
         sched.step()
         log.info("simclr epoch %d/%d: loss %.4f", epoch + 1, tc.epochs, total / max(steps, 1))
-        checkpoint.save(objs, gen, epoch=epoch + 1)
+        checkpoint.save(loop_state(objs, gen, epoch=epoch + 1))
 
 
 def _build(kind: str, net: str, net_kwargs: dict[str, Any], num_classes: int, im_size: int
@@ -195,7 +201,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
         stats = real.stats
         aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, stats.mean, stats.std)
         gen = torch.Generator().manual_seed(seed)
-        ckpt = EpochCheckpoint(checkpoint, settings_hash([cfg, fingerprint(store)]))
+        ckpt = Checkpoint(checkpoint, settings_hash([cfg, fingerprint(store)]))
         if kind == "supervised":
             tc = TrainConfig.from_config(cfg["train"])
             train(net, lambda epoch: real.epoch(tc.batch, seed * 100003 + epoch), tc, gen, aug,

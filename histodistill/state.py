@@ -172,6 +172,30 @@ def load_resume(path: str | os.PathLike | None, key: str) -> dict[str, Any] | No
     return state
 
 
+class Checkpoint:
+    """The resume file of one long loop (a distillation, a training run, a generator's
+    training): written whole at each save, read back only when intact and written under the
+    same ``key`` (the work's settings and inputs, :func:`load_resume`), removed once the
+    output that supersedes it is written. ``path`` None: a loop that does not checkpoint."""
+
+    def __init__(self, path: str | os.PathLike | None, key: str) -> None:
+        self.path, self.key = (Path(path) if path else None), key
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is nothing (intact, of this key) to resume."""
+        return load_resume(self.path, self.key)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (tensors and plain data) under this checkpoint's key."""
+        if self.path is not None:
+            save_state({**state, "key": self.key}, self.path)
+
+    def remove(self) -> None:
+        """Drop the file (its work is done)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def _digest(path: Path) -> str:
     """SHA-256 of a file, or of a directory's files (relative names, sizes and bytes)."""
     sha = hashlib.sha256()

@@ -2,7 +2,7 @@
 import torch
 
 from histodistill.distill.run import distill
-from histodistill.distill.tuning import evaluate_candidate
+from histodistill.evaluate import evaluate_candidate
 from histodistill.logs import rule_logging
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)

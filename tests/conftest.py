@@ -53,7 +53,7 @@ def make_toy_store(path: Path, n_per_class: int = 24, size: int = 16, seed: int 
     """A two-class patch store (dark, fine texture vs bright, coarse) with train, val (when
     ``n_val``) and test rows, classes interleaved, and its channel statistics recorded, as the
     pipeline builds stores."""
-    from histodistill.data import record_channel_stats
+    from histodistill.data.stream import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
 
     rng = np.random.default_rng(seed)

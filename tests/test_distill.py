@@ -13,7 +13,7 @@ import zarr
 from conftest import make_toy_store
 from histodistill import models
 from histodistill.augment import Augment
-from histodistill.data import RealData
+from histodistill.data.real import RealData
 from histodistill.distill import METHODS, Context, build
 from histodistill.distill.coreset import herding_order
 from histodistill.distill.matching import match_loss, matched_params, model_augment

@@ -16,7 +16,8 @@ from histodistill import models
 from histodistill.data.store import PatchStore
 from histodistill.encoders import (embed_array, embed_split, load_encoder, nt_xent,
                                    train_encoder)
-from histodistill.evaluate import EpochCheckpoint, TrainConfig, tensor_batches, train
+from histodistill.state import Checkpoint
+from histodistill.training import TrainConfig, tensor_batches, train
 from histodistill.io import InputError
 from histodistill.results import assemble
 
@@ -51,7 +52,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     train(net, tensor_batches(x, y, cfg.batch, gen), cfg, gen)
     expected = net.state_dict()
 
-    ckpt = EpochCheckpoint(tmp_path / "run.ckpt", key="k")
+    ckpt = Checkpoint(tmp_path / "run.ckpt", key="k")
     net, gen = fresh()
     inner = tensor_batches(x, y, cfg.batch, gen)
 
@@ -68,8 +69,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(v, expected[k]), k
     assert len(curve["loss"]) == 4  # epochs before the interruption kept
-    other = EpochCheckpoint(tmp_path / "run.ckpt", key="other settings")
-    assert other.load({"net": net}, gen) is None  # another key never resumes
+    other = Checkpoint(tmp_path / "run.ckpt", key="other settings")
+    assert other.load() is None  # another key never resumes
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +102,16 @@ def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
            "augment": {"preset": "simclr"}}
     whole = train_encoder(toy, tmp_path / "a.pt", cfg, cache_mb=8)
     ckpt = tmp_path / "b.ckpt"
-    real_save = EpochCheckpoint.save
+    real_save = Checkpoint.save
 
-    def save_then_stop(self, objs, gen, **extra):
-        real_save(self, objs, gen, **extra)
+    def save_then_stop(self, state):
+        real_save(self, state)
         raise _Interrupted  # the job dies right after its first epoch's checkpoint
 
-    monkeypatch.setattr(EpochCheckpoint, "save", save_then_stop)
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
     with pytest.raises(_Interrupted):
         train_encoder(toy, tmp_path / "b.pt", cfg, cache_mb=8, checkpoint=ckpt)
-    monkeypatch.setattr(EpochCheckpoint, "save", real_save)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     assert ckpt.exists() and not (tmp_path / "b.pt").exists()
     resumed = train_encoder(toy, tmp_path / "b.pt", cfg, cache_mb=8, checkpoint=ckpt)
     assert not ckpt.exists()  # removed once the encoder is saved

@@ -11,8 +11,9 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 from conftest import make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
-from histodistill.evaluate import (Inputs, TrainConfig, boundary_loss, metrics, predict,
-                                   saturated_fraction, summarise_runs, tensor_batches, train)
+from histodistill.metrics import metrics, saturated_fraction, summarise_runs
+from histodistill.select.boundary import boundary_loss, boundary_term
+from histodistill.training import Inputs, TrainConfig, predict, tensor_batches, train
 from histodistill.stain import fit
 from histodistill.data.store import PatchStore
 
@@ -66,9 +67,10 @@ def test_training_learns_a_separable_toy_problem():
     y = torch.arange(2).repeat_interleave(32)
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
-    cfg = TrainConfig(epochs=15, lr=0.05, batch=16, boundary={"weight": 1.0, "rho": 0.5, "tau": 0.1})
+    cfg = TrainConfig(epochs=15, lr=0.05, batch=16)
+    boundary = boundary_term({"weight": 1.0, "rho": 0.5, "tau": 0.1})
     seen, curve = [], {}
-    times = train(net, tensor_batches(x, y, 16, gen), cfg, gen, curve=curve,
+    times = train(net, tensor_batches(x, y, 16, gen), cfg, gen, curve=curve, extra_loss=boundary,
                   on_epoch=lambda e, rows, correct: seen.append((sorted(rows.tolist()), correct.float().mean())))
     assert len(times) == 15 and len(seen) == 15 and seen[-1][1] == 1.0
     # the curve's accuracy is the share classified correctly when presented, as on_epoch sees it

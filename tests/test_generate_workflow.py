@@ -61,6 +61,8 @@ def test_operational_knobs_and_unrelated_code_rerun_nothing(state: Path) -> None
     assert planned(state, "--config", "generate={checkpoint_every: 7, cache_mb: 64}") == {}
     with edited_module(state, "generate/quality.py"):
         assert planned(state) == {"generator_quality": 2}
+    with edited_module(state, "evaluate.py"):  # no generator stage imports the evaluator
+        assert planned(state) == {}
     with edited_module(state, "generate/uvit.py"):  # the stages that build or load a U-ViT
         assert planned(state) == {"train_generator": 2, "sample_synthetic": 2,
                                   "generator_quality": 2}

@@ -194,7 +194,7 @@ def test_glad_needs_the_autoencoder(toy) -> None:
 
 
 def test_cross_arch_is_the_mean_over_the_architectures_not_distilled_with() -> None:
-    from histodistill.evaluate import METRICS, cross_arch
+    from histodistill.metrics import METRICS, cross_arch
     from histodistill.params import evaluate_settings
 
     patch = {a: {m: {"mean": mean, "std": std} for m in METRICS}

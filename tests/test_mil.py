@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from histodistill.config import ConfigError, check_per_slide
-from histodistill.data import ClassSampler, record_channel_stats
+from histodistill.data.stream import ClassSampler, record_channel_stats
 from histodistill.data.store import SPLITS, PatchStore, StoreWriter, store_slides
 from histodistill.distill.per_slide import distill_slides
 from histodistill.io import InputError

@@ -37,7 +37,7 @@ def tiles(target_image: np.ndarray) -> np.ndarray:
 def store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train and test splits of disjoint real tiles; the class is the tile's darkness (above or
     below its split's median: balanced classes), the rest of the tiles are left out of the store."""
-    from histodistill.data import record_channel_stats
+    from histodistill.data.stream import record_channel_stats
 
     path = tmp_path_factory.mktemp("priv") / "p.zarr"
     x = tiles[:N_TRAIN + N_TEST]

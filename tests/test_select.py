@@ -14,9 +14,9 @@ import zarr
 from conftest import make_toy_store
 from histodistill.data.store import PatchStore
 from histodistill.encoders import load_encoder, train_encoder
-from histodistill.evaluate import Inputs
+from histodistill.training import Inputs
 from histodistill.io import InputError
-from histodistill.select import Candidates, Context, build
+from histodistill.select.run import Candidates, Context, build
 from histodistill.select.centroid import class_centroids, normalised, ranking
 from histodistill.select.graph import softmax_graph
 from histodistill.select.infodist import Communities, allocate, communities, pick

@@ -184,11 +184,9 @@ def test_library_edit_reruns_the_rules_that_run_it(state):
     with edited_module(state, "stain.py"):  # the template, and the stages that import it
         assert planned(state) == {**BELOW_TEMPLATE, "pretrain_pool": 1,  # pool training augments
                                   "train_encoder": 1, "extract_features": 4,  # with it, as do the
-                                  "full_mil": 2}  # encoders; MIL imports evaluate, which imports it
-    with edited_module(state, "evaluate.py"):
-        jobs = planned(state)
-        assert jobs["full_train"] == 1 and jobs["evaluate"] == 3
-        assert not {"demo_cohort", "cohort", "stain_template"} & set(jobs)
+                                  "full_mil": 2}  # encoders; MIL trains with training.py, which imports it
+    with edited_module(state, "evaluate.py"):  # the evaluator: evaluations only, not distillation
+        assert planned(state) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
     with edited_module(state, "params.py"):  # imported by the Snakefile only, not by a rule
         assert planned(state) == {}
     assert planned(state) == {}  # the edit undone: back to up to date
@@ -256,3 +254,52 @@ def test_further_distillation_seeds_add_only_their_own_sets(state):
     with edited_config(state, seeds):
         jobs = planned(state, goals=("results/demo/seeds/dm_ipc10.json",))
     assert jobs == {"distill": 2, "evaluate": 2, "seeds": 1}
+
+
+LOADED_BY_SCRIPTS = r"""
+import ast, json, os, sys
+import numpy, torch, zarr  # loaded once here, then every script's imports run in a fork
+out = {}
+for script in sys.argv[1:]:
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.close(read)
+        tree = ast.parse(open(script).read())
+        imports = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], [])
+        exec(compile(imports, script, "exec"), {})
+        files = sorted(m.__file__ for name, m in sys.modules.items()
+                       if name.split(".")[0] == "histodistill" and getattr(m, "__file__", None))
+        os.write(write, json.dumps(files).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out[script] = json.loads(pipe.read())
+    os.wait()
+print(json.dumps(out))
+"""
+
+
+def test_code_hash_covers_every_module_a_script_loads():
+    """Each rule script's imports, run for real in a fresh process: every library module they
+    load is in the files its code hash covers (lazy or dynamic imports would escape it)."""
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", LOADED_BY_SCRIPTS, *scripts], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=True)
+    loaded = __import__("json").loads(proc.stdout)
+    assert sorted(loaded) == scripts
+    for script, files in loaded.items():
+        covered = {str(p) for p in params.library_files(script)}
+        missing = {str(Path(f).resolve()) for f in files} - covered
+        assert not missing, f"{script} loads modules its code hash does not cover: {missing}"
+        assert files, script
+
+
+def test_no_lazy_module_attributes_in_the_library():
+    """A module-level ``__getattr__`` resolves names at run time, where the hash walker cannot
+    follow them (the data package did so until the walker missed a module through it)."""
+    import ast
+
+    lazy = [str(p) for p in params.PACKAGE.rglob("*.py")
+            if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__"
+                   for n in ast.parse(p.read_text()).body)]
+    assert lazy == []

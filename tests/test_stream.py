@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histodistill.data import ClassSampler, channel_stats, iterate, read_rows
+from histodistill.data.stream import ClassSampler, channel_stats, iterate, read_rows
 from histodistill.data.store import SPLITS, PatchStore, StoreWriter
 
 N, SIZE, CHUNK = 600, 8, 16

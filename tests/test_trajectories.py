@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
-from histodistill.data import RealData
+from histodistill.data.real import RealData
 from histodistill.data.store import PatchStore
 from histodistill.distill import Context, build
 from histodistill.distill.mtt import matching_loss

@@ -10,11 +10,12 @@ import torch
 import zarr
 
 from conftest import make_toy_store
-from histodistill import evaluate
+from histodistill import evaluate, training
+from histodistill.metrics import METRICS
 from histodistill.config import ConfigError, with_candidate
 from histodistill.distill.run import distill
-from histodistill.distill.tuning import (choose, distill_or_adopt, evaluate_candidate, seed_summary,
-                                        selection_split)
+from histodistill.distill.tuning import choose, distill_or_adopt, seed_summary
+from histodistill.evaluate import evaluate_candidate, selection_split
 from histodistill.data.store import PatchStore
 from histodistill.io import InputError
 
@@ -35,8 +36,8 @@ def stores(tmp_path_factory):
 def test_no_tuning_code_path_reads_the_test_split(stores, monkeypatch):
     """A candidate is distilled from train and judged on val: the test rows are never read."""
     read = []
-    real_iterate = evaluate.iterate
-    monkeypatch.setattr(evaluate, "iterate",
+    real_iterate = training.iterate
+    monkeypatch.setattr(training, "iterate",
                         lambda store, split, *a, **k: read.append(split) or real_iterate(
                             store, split, *a, **k))
     real_indices = PatchStore.indices
@@ -141,13 +142,13 @@ def test_seed_summary_is_the_mean_and_std_over_seeds_of_each_seeds_mean(tmp_path
     files = []
     for seed, acc in enumerate([0.60, 0.64, 0.62]):
         patch = {"convnet": {m: {"mean": acc, "std": 0.01, "runs": [acc]}
-                             for m in evaluate.METRICS}}
+                             for m in METRICS}}
         path = tmp_path / f"s{seed}.json"
         path.write_text(json.dumps({"method": "dm", "ipc": 10, "dataset": "toy", "patch": patch,
                                     "stain_norm": False, "saturated_fraction": 0.01 * seed,
                                     "distill": {"seconds": 100.0, "image_updates": 50},
                                     "cross_arch": {m: {"mean": acc - 0.1, "std": 0.0}
-                                                   for m in evaluate.METRICS}}))
+                                                   for m in METRICS}}))
         files.append(path)
     out = seed_summary(files, [0, 1, 2], tmp_path / "seeds.json")
     acc = out["patch"]["convnet"]["acc"]

@@ -1,7 +1,7 @@
 """One interface for every distillation method, with seeded RNG and checkpoint/resume.
 
 A method gets a :class:`Context`: the real training split as a streamed, class-balanced
-:class:`~histodistill.data.RealData` (never loaded whole), the stain template, the network pool
+:class:`~histodistill.data.real.RealData` (never loaded whole), the stain template, the network pool
 and a checkpoint path. It returns synthetic images in [0, 1] and labels. Iterative methods
 implement :meth:`Distiller.init_state` and :meth:`Distiller.step`; the base class runs the loop,
 saves a checkpoint (images, optimiser, RNG and sampler state, iteration) every
@@ -34,7 +34,7 @@ from histodistill.distill.matching import cross_entropy, match_loss
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.registry import registrar
-from histodistill.state import load_resume, save_state
+from histodistill.state import Checkpoint
 
 METHODS: dict[str, type["Distiller"]] = {}
 log = logging.getLogger(__name__)
@@ -272,17 +272,15 @@ class Distiller(ABC):
                               "inputs": self.ctx.fingerprint})
 
     def _save(self, done: int) -> None:
-        if self.ctx.checkpoint is None:
-            return
-        state = {"key": self._key(), "done": done, "images": self.images.detach().cpu(),
+        state = {"done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                  "real": self.ctx.real.state_dict(), "extra": self.extra_state(),
                  "image_updates": self.image_updates, "seconds": self.seconds,
                  "diverged_at": self.diverged_at}
-        save_state(state, self.ctx.checkpoint)
+        Checkpoint(self.ctx.checkpoint, self._key()).save(state)
 
     def _resume(self) -> int:
-        state = load_resume(self.ctx.checkpoint, self._key())
+        state = Checkpoint(self.ctx.checkpoint, self._key()).load()
         if state is None:
             return 0
         with torch.no_grad():

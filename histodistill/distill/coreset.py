@@ -13,7 +13,7 @@ import torch
 
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.distill.base import Distiller, register
-from histodistill.evaluate import TrainConfig, train
+from histodistill.training import TrainConfig, train
 
 
 class _Coreset(Distiller):

@@ -3,7 +3,7 @@ each training slide separately, from that slide's patches to at most ``ipc`` syn
 per class present on it.
 
 The method code is the one of :mod:`histodistill.distill` (registry, resume, seeding); only its
-real data changes: a :class:`~histodistill.data.RealData` restricted to the slide's store rows
+real data changes: a :class:`~histodistill.data.real.RealData` restricted to the slide's store rows
 (streamed like the whole split). A class with ``n < ipc`` patches on the slide gets ``n``
 synthetic patches (initialised from all of them, then optimised as the others), an absent class
 none, so a slide's set never holds more than ``ipc`` patches of a class (README: slide level).
@@ -30,7 +30,7 @@ from histodistill.data.real import RealData
 from histodistill.data.store import PatchStore, Slide, fingerprint, store_slides
 from histodistill.distill.base import Context, build
 from histodistill.distilled import to_uint8, write_set
-from histodistill.evaluate import device
+from histodistill.runtime import device
 from histodistill.io import InputError, settings_hash
 from histodistill.stain import StainTemplate
 from histodistill.state import load_input

@@ -15,7 +15,8 @@ from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
 from histodistill.distill.base import Context, build
-from histodistill.evaluate import TrainConfig, device, train
+from histodistill.runtime import device
+from histodistill.training import TrainConfig, train
 from histodistill.distilled import peak_memory_mb, to_uint8, write_distilled
 from histodistill.io import settings_hash
 from histodistill.stain import StainTemplate

@@ -2,9 +2,10 @@
 
 A method's declared grid (``tuning.candidates.<method>``: a list of setting overrides) is
 distilled once per candidate at the method's configured budget, and each candidate set is
-trained on and tested on the **validation** split (:func:`selection_split`); the candidate with
+trained on and tested on the **validation** split (:func:`histodistill.evaluate.evaluate_candidate`,
+rule tune_candidate); the candidate with
 the best mean validation accuracy is the method's setting (ties: the first listed). The test
-split never picks a setting: nothing in this module reads it. The distill rule then takes the
+split never picks a setting: nothing here or in the candidates' evaluation reads it. The distill rule then takes the
 chosen candidate's set (same settings, same seed, so the same set) and the result records the
 choice.
 
@@ -20,38 +21,10 @@ from typing import Any
 import numpy as np
 
 from histodistill.config import with_candidate
-from histodistill.data.store import PatchStore
 from histodistill.distill.run import distill
 from histodistill.distilled import adopt
-from histodistill.evaluate import METRICS, set_record
-from histodistill.io import InputError, read_json, write_json
-
-STAGE = "tune"
-
-
-def selection_split(store: PatchStore) -> str:
-    """The split settings are chosen on: ``val``. A store without one is refused (settings are
-    never chosen on the test split)."""
-    if len(store.indices("val")) == 0:
-        raise InputError(STAGE, store.path, "has no val split to choose settings on; give the "
-                         "dataset a validation split (a val folder or array, or val_fraction for "
-                         "a slide cohort): settings are never chosen on the test split")
-    return "val"
-
-
-def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
-                       store_path: str | os.PathLike, template_path: str | os.PathLike | None,
-                       evaluate: dict[str, Any], overrides: dict[str, Any],
-                       out: str | os.PathLike) -> dict[str, Any]:
-    """Train the evaluation architectures on one candidate's set and test them on the
-    validation split; write the candidate's record (overrides, validation figures, cost)."""
-    split = selection_split(PatchStore(store_path))
-    record = {"overrides": overrides,
-              **set_record(distilled, cost, store_path, template_path,
-                           {**evaluate, "both_protocols": False}, split=split)}
-    write_json(out, record)
-    return record
-
+from histodistill.metrics import METRICS
+from histodistill.io import read_json, write_json
 
 def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """The candidate with the best mean validation accuracy of the first evaluated

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodistill.evaluate import device
+from histodistill.runtime import device
 from histodistill.generate.data import PatchSource, Sources, sources
-from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
+from histodistill.generate.train import TrainState, fit, inputs_key, save_model, seeded
 from histodistill.io import InputError
-from histodistill.state import load_input
+from histodistill.state import Checkpoint, load_input
 
 STAGE = "train_autoencoder"
 log = logging.getLogger(__name__)
@@ -474,5 +474,5 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
     save_model(out, {"kind": "autoencoder", "config": cfg, "image_size": data.image_size,
                      "state": ae.state_dict(), "class_names": data.class_names,
                      "history": state.history, "seconds": seconds, "device": str(dev)})
-    finish(checkpoint)
+    Checkpoint(checkpoint, state.key).remove()
     return ae

@@ -1,6 +1,6 @@
 """Real patches for the generator stages, streamed from one or several patch stores.
 
-Each (store, split) gets a :class:`~histodistill.data.ClassSampler` (the whole split when it fits
+Each (store, split) gets a :class:`~histodistill.data.stream.ClassSampler` (the whole split when it fits
 its share of ``cache_mb``, otherwise a refreshed reservoir), so no split is ever loaded beyond the
 budget. A batch draws each row's source in proportion to the sources' sizes, so pooled stores are
 sampled uniformly by patch. Images come out in [-1, 1] (the autoencoder's range).
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histodistill.data import ClassSampler
+from histodistill.data.stream import ClassSampler
 from histodistill.data.store import SPLITS, PatchStore
 from histodistill.io import InputError
 

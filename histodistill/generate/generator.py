@@ -20,10 +20,10 @@ from histodistill.generate import uvit
 from histodistill.generate.autoencoder import load_autoencoder
 from histodistill.generate.data import PatchSource, Sources, sources
 from histodistill.generate.diffusion import Schedule
-from histodistill.evaluate import device
-from histodistill.generate.train import (TrainState, finish, fit, inputs_key, save_model, seeded,
+from histodistill.runtime import device
+from histodistill.generate.train import (TrainState, fit, inputs_key, save_model, seeded,
                                          warmup)
-from histodistill.state import load_input
+from histodistill.state import Checkpoint, load_input
 
 log = logging.getLogger(__name__)
 
@@ -89,5 +89,5 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
                          "image_size": data.image_size, "history": state.history,
                          "seconds": seconds, "device": str(dev),
                          "autoencoder": Path(autoencoder).name})
-        finish(checkpoint)
+        Checkpoint(checkpoint, state.key).remove()
     return state

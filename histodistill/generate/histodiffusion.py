@@ -31,9 +31,9 @@ from histodistill.data.store import PatchStore
 from histodistill.generate.autoencoder import AutoencoderKL, Encoder, load_autoencoder
 from histodistill.generate.data import PatchSource, sources
 from histodistill.generate.diffusion import Schedule, timestep_embedding
-from histodistill.evaluate import device
-from histodistill.generate.train import TrainState, finish, fit, inputs_key, save_model, seeded
-from histodistill.state import load_input
+from histodistill.runtime import device
+from histodistill.generate.train import TrainState, fit, inputs_key, save_model, seeded
+from histodistill.state import Checkpoint, load_input
 
 log = logging.getLogger(__name__)
 DECODER_KEYS = ("decoder.", "post_quant_conv.")
@@ -154,7 +154,7 @@ def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.Path
                          "z_channels": ae.z_channels, "latent_size": ae.latent_size,
                          "class_names": data.class_names, "schedule": schedule_cfg,
                          "history": state.history, "seconds": seconds, "device": str(dev)})
-        finish(checkpoint)
+        Checkpoint(checkpoint, state.key).remove()
     return clf
 
 
@@ -232,5 +232,5 @@ def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
                          "class_names": data.class_names, "history": state.history,
                          "seconds": seconds, "device": str(dev),
                          "autoencoder": Path(autoencoder).name})
-        finish(checkpoint)
+        Checkpoint(checkpoint, state.key).remove()
     return ae

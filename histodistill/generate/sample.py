@@ -32,9 +32,9 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from histodistill.data import record_channel_stats
+from histodistill.data.stream import record_channel_stats
 from histodistill.data.store import SPLITS, StoreWriter
-from histodistill.evaluate import device
+from histodistill.runtime import device
 from histodistill.generate.diffusion import Schedule, cfg_eps, seed_for
 from histodistill.generate.autoencoder import load_autoencoder
 from histodistill.generate.data import to_uint8

@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.io import settings_hash
-from histodistill.state import load_resume, save_state
+from histodistill.state import Checkpoint, save_state
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +82,8 @@ class TrainState:
                 "gen": self.gen.get_state(),
                 "data": self.data.state_dict() if self.data is not None else None}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint (:func:`histodistill.state.save_state`)."""
-        save_state(self.state_dict(), path)
-
-    def load(self, path: str | os.PathLike) -> bool:
-        """Restore from ``path`` if it holds an intact checkpoint written with this key; else
-        False (a damaged one is logged and removed: the training starts afresh)."""
-        state = load_resume(path, self.key)
-        if state is None:
-            return False
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
         for k, m in self.ema.items():
@@ -106,8 +97,6 @@ class TrainState:
             self.data.load_state_dict(state["data"])
         self.step, self.history = int(state["step"]), list(state["history"])
         self.window = dict(state["window"])
-        log.info("resuming from step %d (%s)", self.step, path)
-        return True
 
 
 def fit(state: TrainState, step_fn: Callable[[int], dict[str, float]], steps: int,
@@ -117,8 +106,11 @@ def fit(state: TrainState, step_fn: Callable[[int], dict[str, float]], steps: in
     spent in this call. ``step_fn(step)`` does one optimisation step and returns its losses;
     schedules and EMA advance after it. ``stop_after`` ends early after that many steps in this
     call, leaving a checkpoint (to test resume)."""
-    if checkpoint is not None:
-        state.load(checkpoint)
+    ckpt = Checkpoint(checkpoint, state.key)
+    resumed = ckpt.load()
+    if resumed is not None:
+        state.load_state_dict(resumed)
+        log.info("resuming %s from step %d (%s)", desc, state.step, checkpoint)
     start = time.perf_counter()
     bar = tqdm(range(state.step, steps), desc=desc, initial=state.step, total=steps,
                disable=not progress, mininterval=5)
@@ -142,7 +134,7 @@ def fit(state: TrainState, step_fn: Callable[[int], dict[str, float]], steps: in
             state.window = {}
         stop = stop_after is not None and done >= stop_after
         if checkpoint is not None and (state.step % every == 0 or state.step == steps or stop):
-            state.save(checkpoint)
+            ckpt.save(state.state_dict())
         if stop:
             break
     return time.perf_counter() - start
@@ -159,9 +151,3 @@ def inputs_key(settings: Any, stores: list[str | os.PathLike],
 def save_model(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write a trained model's file (weights and plain metadata)."""
     save_state(payload, path)
-
-
-def finish(checkpoint: str | os.PathLike | None) -> None:
-    """Remove the checkpoint once the output is written (the output supersedes it)."""
-    if checkpoint is not None and Path(checkpoint).exists():
-        Path(checkpoint).unlink()

@@ -9,7 +9,7 @@ attributes record the slide, its label, split and centre, the kind of bag (``rea
 ``slide_id``, ``label`` as CLAM's dataset CSVs, then ``split``, ``centre``, ``patches``).
 
 Extraction streams patches: real bags read one slide's store rows at a time in batches
-(:func:`histodistill.data.iterate`), synthetic bags one per-slide distilled set at a time.
+(:func:`histodistill.data.stream.iterate`), synthetic bags one per-slide distilled set at a time.
 Slides are written into ``<out>.partial`` and kept there once done (keyed by encoder and
 inputs), so a crashed job resumes slide by slide; ``out`` appears when every slide is done.
 """

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from histodistill.evaluate import device, metrics, summarise_runs
+from histodistill.metrics import metrics, summarise_runs
+from histodistill.runtime import device
 from histodistill.io import InputError, read_json, settings_hash, write_json
 from histodistill.mil.bags import bag_path, folder_bytes, read_bag, read_manifest
 from histodistill.mil.base import MILModel, build

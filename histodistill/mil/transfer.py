@@ -30,8 +30,9 @@ from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore, store_slides
 from histodistill.data.stream import iterate
-from histodistill.evaluate import (Batches, Inputs, TrainConfig, device, metrics, predict,
-                                   summarise_runs, tensor_batches, train)
+from histodistill.metrics import metrics, summarise_runs
+from histodistill.runtime import device
+from histodistill.training import Batches, Inputs, TrainConfig, predict, tensor_batches, train
 from histodistill.io import InputError, write_json
 from histodistill.mil.train import Bags, bag_storage, bag_metrics, train_model
 from histodistill.stain import StainTemplate

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from histodistill.data.store import SPLITS, PatchStore
 from histodistill.data.stream import iterate, read_rows
 from histodistill.encoders import Encoder, load_encoder
-from histodistill.evaluate import device
+from histodistill.runtime import device
 from histodistill.io import InputError, atomic_path, write_json
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histodistill.data import iterate, read_rows
+from histodistill.data.stream import iterate, read_rows
 from histodistill.data.store import PatchStore
 from histodistill.encoders import Encoder
 from histodistill.registry import registrar

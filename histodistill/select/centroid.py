@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histodistill.data import iterate
+from histodistill.data.stream import iterate
 from histodistill.data.store import PatchStore
 from histodistill.encoders import Encoder
 from histodistill.select.base import Selector, register

@@ -11,6 +11,8 @@ over the communities, and within each community the most central nodes.
 * Ranking inside a community: ``modular_centrality`` (InfoDist's default), ``enter_flow``,
   ``exit_flow`` or ``flow``, highest first (ties by node index). InfoDist's code takes the
   first nodes in Infomap's tree order, which is by flow.
+
+A network trained on an InfoDist set adds InfoDist's boundary loss (:mod:`.boundary`).
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from histodistill.data import read_rows
+from histodistill.data.stream import read_rows
 from histodistill.data.store import PatchStore
 from histodistill.distilled import peak_memory_mb, write_distilled
 from histodistill.encoders import load_encoder
-from histodistill.evaluate import device
+from histodistill.runtime import device
 from histodistill.io import InputError
+from histodistill.select import centroid, infodist  # noqa: F401  (registers the selectors)
 from histodistill.select.base import Candidates, Context, Selector, build
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from histodistill.augment import Augment, AugmentConfig
-from histodistill.data import iterate
+from histodistill.data.stream import iterate
 from histodistill.data.store import PatchStore
-from histodistill.evaluate import (Batches, Inputs, TrainConfig, _versions, device,
-                                   evaluate_arch)
+from histodistill.runtime import device, versions
+from histodistill.training import Batches, Inputs, TrainConfig, evaluate_arch
 from histodistill.generate.quality import frechet_distance, real_rows, store_features
 from histodistill.io import InputError, write_json
 from histodistill.select.base import build
@@ -115,6 +115,6 @@ def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], c
               "real_per_class": k_real, "arch": cfg["arch"], "pool": str(pool_path),
               "candidates": len(ctx.pool.rows), "n_real_fid": len(real_feats), "settings": results,
               "config": {"select": sel_cfg, "augment_study": cfg, "seed": seed},
-              "versions": _versions()}
+              "versions": versions()}
     write_json(out, result)
     return result

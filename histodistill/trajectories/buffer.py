@@ -2,7 +2,7 @@
 parameter trajectories (MTT's ``buffer.py``).
 
 Each expert starts from its own seeded initialisation and trains ``epochs`` epochs on the whole
-training split, streamed from the patch store (:func:`histodistill.data.iterate` through a
+training split, streamed from the patch store (:func:`histodistill.data.stream.iterate` through a
 bounded shuffle buffer, as ``full_train`` does), with per-image augmentation (DSA by default)
 and plain SGD (the reference: lr 0.01, no momentum, no weight decay, batch 256, constant rate).
 Its parameters before training and after every epoch form its trajectory.
@@ -29,7 +29,8 @@ import torch
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore
-from histodistill.evaluate import Inputs, TrainConfig, device, train
+from histodistill.runtime import device
+from histodistill.training import Inputs, TrainConfig, train
 from histodistill.io import atomic_path, settings_hash
 from histodistill.trajectories.store import DTYPES, write_store
 from histodistill.trajectories.unroll import Student
