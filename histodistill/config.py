@@ -14,6 +14,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from histodistill import catalogue
+
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -56,13 +58,22 @@ OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "priva
              "generate", "select", "tuning")
 
 
+def load_schema(schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
+    """The config schema, its method enums (``$defs.method``, ``$defs.selection_method``)
+    filled in from the catalogue."""
+    with open(schema) as f:
+        spec = yaml.safe_load(f)
+    spec["$defs"]["method"]["enum"] = catalogue.names()
+    spec["$defs"]["selection_method"]["enum"] = catalogue.names("select")
+    return spec
+
+
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
     """Validate ``config`` in place (filling defaults) and return it, or raise ConfigError.
 
     Each ``datasets.<name>.<section>`` override is checked against the schema of the global
     section, without filling defaults (a default there would replace the global value)."""
-    with open(schema) as f:
-        spec = yaml.safe_load(f)
+    spec = load_schema(schema)
     validator = _with_defaults(jsonschema.Draft202012Validator)(spec)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -214,35 +225,15 @@ def with_candidate(cfg: dict[str, Any], overrides: dict[str, Any], method: str
     return {**cfg, **overrides}
 
 
-# Distillation methods that cannot distil one slide at a time (rule distill_slides), and why.
-PER_SLIDE_UNSUPPORTED = {
-    "herding": "its feature network would be trained on one slide's patches, mostly of one class, "
-               "so the features it herds in carry no class information",
-    "forgetting": "forgetting events need a network trained on several classes; on one slide's "
-                  "patches (mostly one class) nothing is ever forgotten and the ranking is random",
-    "mtt": "it matches expert trajectories trained on the whole training split, which one slide's "
-           "patches (often one class, a class short of ipc) cannot follow; per-slide experts "
-           "are not buffered",
-    "ptm": "it matches expert trajectories trained on the whole training split (as mtt) and splits "
-           "each class's images into halves, which a class with fewer than two patches cannot",
-    "glad": "latent distillation through the generator's autoencoder is not wired into "
-            "distill_slides (one autoencoder per dataset, not per slide)",
-    "slfd": "latent distillation through the generator's autoencoder is not wired into "
-            "distill_slides (one autoencoder per dataset, not per slide)",
-    **{m: "it selects from a pool of generated images per class, not from one slide's patches"
-       for m in ("infodist", "centroid", "synrandom")},
-    "infodist_real": "its communities are found among a class's patches across the cohort; one "
-                     "slide's few patches per class give no community structure",
-}
-
-
 def check_per_slide(method: str) -> None:
-    """Raise ConfigError when ``method`` cannot be applied to each slide separately."""
-    if method in PER_SLIDE_UNSUPPORTED:
+    """Raise ConfigError when ``method`` cannot be applied to each slide separately (its
+    catalogue row says why)."""
+    why = catalogue.get(method).not_per_slide
+    if why:
+        can = [m.name for m in catalogue.CATALOGUE if not m.not_per_slide]
         raise ConfigError(f"distillation method {method!r} cannot run per slide (slide-level "
-                          f"evaluation distils each slide separately): "
-                          f"{PER_SLIDE_UNSUPPORTED[method]}; every method not in "
-                          f"{sorted(PER_SLIDE_UNSUPPORTED)} can")
+                          f"evaluation distils each slide separately): {why}; the methods that "
+                          f"can: {can}")
 
 
 def slide_method_config(config: dict[str, Any], name: str, method: str, ipc: int

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from histodistill import catalogue
+
 PACKAGE = Path(__file__).resolve().parent
 
 # How a rule runs (memory budget, checkpoint cadence), not which method settings it runs with:
@@ -89,7 +91,8 @@ def _imported_modules(path: Path) -> frozenset[str]:
     """Modules of this package that ``path`` imports (statically, at any depth in the file), with
     their parent packages (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -99,7 +102,19 @@ def _imported_modules(path: Path) -> frozenset[str]:
         for name in names:
             parts = name.split(".")
             found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    found.update(_registered(tree))
     return frozenset(m for m in found if m.split(".")[0] == PACKAGE.name)
+
+
+def _registered(tree: ast.Module) -> list[str]:
+    """The catalogue's modules of the stage a module declares with ``__registry__ = "<stage>"``
+    (it imports them by name: :func:`histodistill.registry.import_catalogued`)."""
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "__registry__"
+                and isinstance(node.value, ast.Constant)):
+            return catalogue.modules(node.value.value)
+    return []
 
 
 @lru_cache(maxsize=None)

@@ -3,8 +3,11 @@ generators, MIL models, patch classifiers): config files name a method, the regi
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TypeVar
+
+from histodistill import catalogue
 
 T = TypeVar("T", bound=type)
 
@@ -22,3 +25,12 @@ def registrar(table: dict[str, type]) -> Callable[[str], Callable[[T], T]]:
         return wrap
 
     return register
+
+
+def import_catalogued(stage: str) -> None:
+    """Import every module the catalogue names for ``stage`` (their imports register the
+    methods). A module that calls this declares ``__registry__ = "<stage>"`` at module level,
+    so the code-hash walker (:func:`histodistill.params.library_files`) follows these imports
+    too."""
+    for module in catalogue.modules(stage):
+        importlib.import_module(module)

@@ -18,11 +18,11 @@ import argparse
 import re
 from pathlib import Path
 
+from histodistill import catalogue
 from histodistill.io import read_json
 
 SATURATED_LIMIT = 0.02  # a set with more saturated pixels is flagged "(!)": clipped noise, not tissue
-ORDER = ["histodd", "ptm", "mtt", "dsa", "dc", "dm", "herding", "forgetting", "random", "slfd", "glad",
-         "infodist", "infodist_real", "centroid", "synrandom"]
+ORDER = catalogue.names()  # rows in the catalogue's order
 
 
 def _pct(metric: dict) -> str:

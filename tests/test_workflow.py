@@ -251,14 +251,14 @@ def test_each_method_family_builds(built):
     matching with its per-slide sets, a trained coreset, and both methods of the expert buffer.
     dc, dsa and herding take the same rules and scripts as histodd, dm and forgetting (the
     library tests run each of them, per slide too)."""
-    from histodistill.config import PER_SLIDE_UNSUPPORTED
+    from histodistill import catalogue
 
     methods = ("dm", "forgetting", "mtt", "ptm")
     snakemake(built, "--cores", "2", *(f"results/demo/{m}_ipc2.json" for m in methods))
     for method in methods:
         result = json.loads((built / f"results/demo/{method}_ipc2.json").read_text())
         assert result["ipc"] == 2 and 0 <= result["patch"]["convnet"]["acc"]["mean"] <= 1
-        assert ("slide" in result) == (method not in PER_SLIDE_UNSUPPORTED)
+        assert ("slide" in result) == (not catalogue.get(method).not_per_slide)
         assert "privacy" in result
 
 

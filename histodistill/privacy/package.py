@@ -30,8 +30,8 @@ import numpy as np
 import zarr
 from PIL import Image
 
+from histodistill import catalogue
 from histodistill.data.store import SPLITS, PatchStore
-from histodistill.distill import METHODS
 from histodistill.io import InputError, atomic_path, read_json, write_json
 
 FORMAT = "histodistill-share/1"
@@ -42,8 +42,9 @@ Block = tuple[str, Any]  # ("h1" | "h2" | "p" | "ul" | "table" | "code", content
 
 
 def is_coreset(method: str) -> bool:
-    """Whether ``method`` releases real patches (a registered coreset)."""
-    return bool(getattr(METHODS.get(method), "real_patches", False))
+    """Whether ``method``'s images are real patches (a coreset, or a selection of real
+    patches: its catalogue row)."""
+    return catalogue.get(method).real_patches
 
 
 def guard(result: dict[str, Any], settings: dict[str, Any], where: str | os.PathLike) -> list[str]:

@@ -18,8 +18,11 @@ from histodistill.distilled import peak_memory_mb, write_distilled
 from histodistill.encoders import load_encoder
 from histodistill.runtime import device
 from histodistill.io import InputError
-from histodistill.select import centroid, infodist  # noqa: F401  (registers the selectors)
+from histodistill.registry import import_catalogued
 from histodistill.select.base import Candidates, Context, Selector, build
+
+__registry__ = "select"
+import_catalogued(__registry__)  # the selectors of the catalogue's selection methods
 
 log = logging.getLogger(__name__)
 STAGE = "select"

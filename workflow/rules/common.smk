@@ -2,25 +2,15 @@
 import os
 from pathlib import Path
 
+import histodistill.catalogue as hdcatalogue
 import histodistill.config as hdconfig
 import histodistill.io as hdio
 import histodistill.params as hdparams
 
-# Methods whose set is made by distillation (optimisation, coresets) or by selection from a pool
-DISTILL_METHODS = [
-    "histodd",
-    "dc",
-    "dsa",
-    "dm",
-    "random",
-    "herding",
-    "forgetting",
-    "mtt",
-    "ptm",
-    "glad",
-    "slfd",
-]
-SELECT_METHODS = ["infodist", "infodist_real", "centroid", "synrandom"]
+# Methods whose set is made by distillation (optimisation, coresets) or by selection from a
+# pool: the catalogue's rows (histodistill/catalogue.py)
+DISTILL_METHODS = hdcatalogue.names("distill")
+SELECT_METHODS = hdcatalogue.names("select")
 
 try:
     hdconfig.apply_overrides(config, workflow.config_settings.overwrite_config)
@@ -193,7 +183,7 @@ def result_parts(wildcards):
     )
     parts = {"patch": stem.format("patch_eval"), "privacy": stem.format("privacy")}
     if hdconfig.dataset(config, wildcards.dataset)["format"] == "wsi" and (
-        wildcards.method not in hdconfig.PER_SLIDE_UNSUPPORTED
+        not hdcatalogue.get(wildcards.method).not_per_slide
     ):  # slide level: WSI datasets, methods that can distil one slide at a time
         parts["slide"] = stem.format("slide_eval")
     return parts

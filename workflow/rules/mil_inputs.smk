@@ -46,8 +46,8 @@ def slide_batch(wildcards):
 
 
 def slide_distill_input(wildcards):
-    """Store, stain template, for Histo-DD its network pool, and for a tuned method its choice
-    (the patch-level candidates' validation figures)."""
+    """Store, stain template, the method's extra inputs (Histo-DD: its network pool) and for a
+    tuned method its choice (the patch-level candidates' validation figures)."""
     slide_batch(wildcards)
     out = {
         "store": f"results/{wildcards.dataset}/patches.zarr",
@@ -55,9 +55,7 @@ def slide_distill_input(wildcards):
     }
     if candidates(wildcards):
         out["choice"] = tuning_inputs(wildcards)["choice"]
-    if wildcards.method == "histodd":
-        out["pool"] = f"results/{wildcards.dataset}/pool.pt"
-    return out
+    return {**out, **extra_inputs(wildcards.dataset, wildcards.method)}
 
 
 def slide_distilled(wildcards):

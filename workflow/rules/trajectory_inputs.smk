@@ -1,6 +1,5 @@
 # Settings and inputs of the trajectory-matching stages: the buffer_experts rule
-# (trajectories.smk), and every method's extra inputs of the distill rule in distill.smk (the
-# pool, the expert trajectories, the autoencoder).
+# (trajectories.smk) and the expert store a trajectory method's distill job reads.
 
 
 def trajectory_settings(wildcards):
@@ -37,17 +36,3 @@ def expert_buffer(name, method):
         return f"results/{name}/experts/{merged['net']}_{method}.h5"
     return f"results/{name}/experts/{settings['net']}.h5"
 
-
-def method_inputs(wildcards):
-    """What a method needs beyond the store and the template: Histo-DD its network pool,
-    trajectory matching the expert trajectories of the configured network, the latent methods
-    (GLaD, SLFD) the generator's autoencoder."""
-    name = wildcards.dataset
-    check_ipc(wildcards)
-    if wildcards.method == "histodd":
-        return {"pool": f"results/{name}/pool.pt"}
-    if wildcards.method in ("mtt", "ptm"):
-        return {"experts": expert_buffer(name, wildcards.method)}
-    if wildcards.method in ("glad", "slfd"):
-        return {"autoencoder": f"results/{name}/generate/autoencoder.pt"}
-    return {}
