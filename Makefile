@@ -6,7 +6,7 @@ REAL    := resources/real/cmu_small_region.svs
 CORES   ?= 2
 TARGET  ?= demo
 
-.PHONY: demo test test-slurm lint report venv resources bench table pcam pcam-generate clean
+.PHONY: demo test test-all test-slurm lint report venv resources bench table pcam pcam-generate clean
 
 venv: $(VENV_OK)
 
@@ -26,7 +26,12 @@ demo: $(VENV_OK) $(REAL)
 	$(PY) -m snakemake --cores $(CORES) $(TARGET)
 	@$(PY) -m histodistill.summary results/demo
 
+# The fast tier (unit tests and one tiny end-to-end run, about 3 minutes on 2 cores); test-all
+# runs every test, the Snakemake end-to-end and staleness suites included (tests marked slow)
 test: $(VENV_OK) $(REAL)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(VENV_OK) $(REAL)
 	$(PY) -m pytest -q tests
 
 # `snakemake --profile slurm` on a tiny demo target through a single-node cluster started here
@@ -37,6 +42,7 @@ test-slurm: $(VENV_OK)
 lint: $(VENV_OK)
 	$(PY) -m snakemake --lint
 	.venv/bin/snakefmt --check Snakefile workflow/rules
+	.venv/bin/ruff check histodistill scripts bench tests
 
 # report.html from whatever has been built (the workflow description alone on a fresh clone)
 report: $(VENV_OK)

@@ -9,8 +9,8 @@ Needs the dataset's store, template, full-data result and expert buffer (e.g.
 one is missing. With the dataset's settings from config.yaml, in one run: mtt and ptm once per
 lr_img and random real patches, each evaluated with the dataset's evaluation settings. Prints one
 `name: value` line per figure; the image grids and the full results go to --out (default
-results/bench/trajectory_lr_<dataset>), the figures to the file of that name with .txt. About 15 minutes per run on 2 idle CPU cores at the
-pre-tiled demo's profile.
+results/bench/trajectory_lr_<dataset>), the figures to the file of that name with .txt. About
+15 minutes per run on 2 idle CPU cores at the pre-tiled demo's profile.
 """
 
 from __future__ import annotations

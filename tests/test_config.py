@@ -24,8 +24,10 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["tiling"].update(magnifcation=5), r"'tiling.magnifcation' is not recognised; allowed keys here: \['default_mpp'"),
-    (lambda c: c["datasets"]["demo"].update(format="svs"), r"'datasets.demo.format' = 'svs' is not allowed; choose one of \['wsi'"),
+    (lambda c: c["tiling"].update(magnifcation=5),
+     r"'tiling.magnifcation' is not recognised; allowed keys here: \['default_mpp'"),
+    (lambda c: c["datasets"]["demo"].update(format="svs"),
+     r"'datasets.demo.format' = 'svs' is not allowed; choose one of \['wsi'"),
     (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['dataset', 'datasets', 'demo'"),
     (lambda c: c["stain"].update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
     (lambda c: c["datasets"]["demo"]["tiling"].update(patch_size="64"), r"'datasets.demo.tiling.patch_size' = '64'"),

@@ -150,7 +150,7 @@ def csv_set(root: Path, rows: dict[str, list[tuple[str, str]]]) -> dict:
         (root / "img").mkdir(parents=True, exist_ok=True)
         Image.fromarray(noise(50 + k)).save(root / "img" / name)
     for split, lines in rows.items():
-        (root / f"{split}.csv").write_text("image,label\n" + "".join(f"{i},{l}\n" for i, l in lines))
+        (root / f"{split}.csv").write_text("image,label\n" + "".join(f"{i},{label}\n" for i, label in lines))
     return {"format": "csv", "root": str(root), "image_dir": "img",
             "csv": {s: f"{{root}}/{s}.csv" for s in rows}}
 

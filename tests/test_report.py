@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import snakemake
 from histodistill.io import InputError
 from histodistill.report import build_report, report_result, report_targets
 
@@ -31,8 +30,7 @@ def built_args(work: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(built: Path) -> Path:
     """The shared tiny demo run with one more finished result file (dm, ipc 2)."""
-    subprocess.run([sys.executable, "-m", "snakemake", "results/demo/dm_ipc2.json", "--cores", "2",
-                    *built_args(built)], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    snakemake(built, "results/demo/dm_ipc2.json", "--cores", "2")
     return built
 
 
@@ -83,8 +81,8 @@ def test_report_shows_the_datasheet_of_a_package(finished, tmp_path):
     optin = tmp_path / "optin.yaml"  # the tiny DM may stay close to its real start: opt in
     optin.write_text("privacy: {package: {allow_memorised: true, licence: CC-BY-4.0}}\n")
     args = [*built_args(finished), str(optin)]
-    subprocess.run([sys.executable, "-m", "snakemake", "results/demo/dm_ipc2.share", "--cores",
-                    "1", *args], check=True, capture_output=True, cwd=ROOT, timeout=600)
+    snakemake(finished, "results/demo/dm_ipc2.share", "--cores", "1",
+              "--configfile", str(finished / "config.yaml"), str(optin))
     assert "results/demo/report/dm_ipc2_datasheet.html" in report_targets(finished)
     build_report(finished / "report.html", finished, args)
     text = embedded(finished / "report.html")

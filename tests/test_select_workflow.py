@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import edited_config, edited_module, recorded_state, planned as plan
 from histodistill.config import merge
-import test_staleness as staleness
-from test_staleness import edited_config, edited_module, recorded_state
 
 pytestmark = pytest.mark.slow
 TARGETS = tuple(f"results/demo/{m}_ipc10.json" for m in ("infodist", "centroid", "synrandom", "glad", "slfd")
@@ -19,7 +18,7 @@ GENERATOR = {"train_autoencoder", "train_generator", "finetune_decoder", "train_
 
 
 def planned(work: Path, *args: str) -> dict[str, int]:
-    return staleness.planned(work, *args, goals=TARGETS)
+    return plan(work, *args, goals=TARGETS)
 
 
 @pytest.fixture(scope="module")

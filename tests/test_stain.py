@@ -42,7 +42,8 @@ def test_normaliser_returns_the_template_for_the_template():
 
 
 def test_normaliser_maps_another_stain_onto_the_template():
-    h2 = np.array([0.45, 0.80, 0.40]); e2 = np.array([0.35, 0.80, 0.48])
+    h2 = np.array([0.45, 0.80, 0.40])
+    e2 = np.array([0.35, 0.80, 0.48])
     target = synthesise(H, E, seed=2)
     source = synthesise(h2 / np.linalg.norm(h2), e2 / np.linalg.norm(e2), seed=2, scale=(1.4, 0.6))
     out = stain.normalise(source.transpose(2, 0, 1)[None].copy(), stain.fit(target))[0]

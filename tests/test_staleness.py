@@ -8,19 +8,14 @@ library module), with every output of the tiny demo target created empty and rec
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import edited_config, edited_module, planned, planned_jobs, recorded_state, snakemake
 from histodistill import params
-from test_workflow import planned_jobs, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -30,87 +25,9 @@ BELOW_TEMPLATE = {"stain_template": 1, "pretrain_pool": 1, "distill": 3, "full_t
                   "extract_features": 3, "evaluate_mil": 3}
 
 
-def run(work: Path, *args: str) -> subprocess.CompletedProcess:
-    """snakemake in ``work`` on its own copy of the workflow and library."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=work,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(work)})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
-
-
-def planned(work: Path, *args: str, goals: tuple[str, ...] = ("demo",)) -> dict[str, int]:
-    """Jobs a dry run of ``goals`` (default: the demo target) plans: rule -> count."""
-    return planned_jobs(run(work, "-n", *goals, *args, *TRIGGERS))
-
-
-def recorded_state(work: Path, *goals: str, **edits: dict) -> Path:
-    """A copy of the workflow and library in ``work`` with the tiny config (``tiny_config`` with
-    ``edits``), every output of the target rules or files ``goals`` (default: ``demo``) created
-    empty and recorded as built and up to date with ``snakemake --touch``."""
-    goals = goals or ("demo",)
-    for name in ("Snakefile", "workflow", "scripts", "histodistill", "envs"):
-        copy_ = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy_(ROOT / name, work / name)
-    (work / "profiles").symlink_to("workflow/profiles")
-    tiny_config(work / "config.yaml", **edits)
-    slide_table(work)
-    for line in run(work, "--summary", *goals).stdout.splitlines()[1:]:
-        out = work / line.split("\t")[0]
-        if out.suffix in ("", ".zarr"):  # directory outputs
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.touch()
-    run(work, "--touch", "--forceall", "--cores", "1", *goals)
-    assert planned(work, goals=goals) == {}
-    return work
-
-
-def slide_table(work: Path) -> None:
-    """The tiny demo's slide table (the cohort checkpoint's output) and empty slide files, so
-    the jobs planned from the table (tiling, per-slide distillation) are part of the state."""
-    cohort = work / "results/demo/cohort"
-    rows = ["slide,path,label,split,centre,annotation"]
-    for name, label, split in (("normal_001", "normal", "train"), ("tumor_001", "tumor", "train"),
-                               ("test_001", "normal", "test"), ("test_002", "tumor", "test")):
-        folder = f"training/{label}" if split == "train" else "testing/images"
-        slide = cohort / folder / f"{name}.tif"
-        slide.parent.mkdir(parents=True, exist_ok=True)
-        slide.touch()
-        rows.append(f"{name},{slide.relative_to(work)},{label},{split},{-1 if split == 'test' else 0},")
-    (work / "results/demo/slides.csv").write_text("\n".join(rows) + "\n")
-
-
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return recorded_state(tmp_path_factory.mktemp("staleness"))
-
-
-@contextmanager
-def edited_config(work: Path, edit) -> Iterator[None]:  # noqa: ANN001
-    """The state's config.yaml changed by ``edit(cfg)`` for the duration of the block."""
-    path = work / "config.yaml"
-    original = path.read_text()
-    cfg = yaml.safe_load(original)
-    edit(cfg)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    try:
-        yield
-    finally:
-        path.write_text(original)
-
-
-@contextmanager
-def edited_module(work: Path, module: str) -> Iterator[None]:
-    """A comment appended to one library module of the state for the duration of the block."""
-    path = work / "histodistill" / module
-    original = path.read_text()
-    path.write_text(original + "\n# edited\n")
-    try:
-        yield
-    finally:
-        path.write_text(original)
 
 
 def reversed_keys(section: dict) -> dict:
@@ -128,7 +45,7 @@ def test_evaluate_runs_reruns_evaluate_but_not_the_cached_full_train(state):
 def test_adding_an_architecture_trains_only_the_new_one(state):
     archs = ["convnet", "lenet"]
     with edited_config(state, lambda c: c["datasets"]["demo"]["evaluate"].update(archs=archs)):
-        proc = run(state, "-n", "demo", *TRIGGERS)
+        proc = snakemake(state, "-n", "demo", *TRIGGERS)
         assert planned_jobs(proc) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
         assert "results/demo/full/lenet.json" in proc.stdout
         assert "output: results/demo/full/convnet.json" not in proc.stdout
@@ -142,7 +59,7 @@ def test_operational_knobs_rerun_nothing(state):
     knobs = ("distill={checkpoint_every: 3, cache_mb: 64}", "evaluate={cache_mb: 32}",
              "mil={batch: 64, cache_mb: 32}")
     assert planned(state, "--config", *knobs) == {}
-    forced = run(state, "-n", "--forceall", "demo", "--config", *knobs).stdout
+    forced = snakemake(state, "-n", "--forceall", "demo", "--config", *knobs).stdout
     assert "cache_mb=64, checkpoint_every=3" in forced and "cache_mb=32" in forced  # they apply
     # while a setting that changes what distillation computes does rerun it
     assert planned(state, "--config", "distill={max_real_per_class: 50}") == {
@@ -239,9 +156,7 @@ def test_a_declared_grid_is_distilled_per_candidate_and_chosen_before_the_set(st
         cfg.setdefault("tuning", {})["candidates"] = {"dm": [{"lr_image": 0.5}]}
 
     with edited_config(state, typo):
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "demo"], cwd=state,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(state)})
+        proc = snakemake(state, "-n", "demo", check=False)
     assert proc.returncode != 0 and "'lr_image'" in proc.stdout + proc.stderr
 
 

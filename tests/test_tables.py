@@ -59,7 +59,7 @@ def test_privacy_table_and_readme_block(tmp_path):
     text = tables.privacy_table(folder)
     assert text.splitlines()[2] == ("| histodd | 10 | 0.25 / 0.10 | 0.50 / 0.50 | 0.97 [0.90, 1.00] | "
                                     "0.51 [0.45, 0.57] | - | 3 |")
-    assert len([l for l in text.splitlines() if l.startswith("| ")]) == 2 and "test" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 2 and "test" in text
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:toy:start -->\n<!-- results:toy:end -->\n"
                       "<!-- privacy:toy:start -->\nold\n<!-- privacy:toy:end -->\n")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import planned_jobs, snakemake, tiny_config
 from histodistill.slides import cohort, tiling
 from histodistill.data.store import PatchStore
-from test_workflow import planned_jobs, snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
 TILING = {"magnification": 10, "patch_size": 32, "stride": 32, "max_patches_per_slide": 40}

@@ -159,7 +159,8 @@ def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("slide,label,path\n" + "".join(
         f"{p.stem},{'tumor' if p.stem in ('tumor_001', 'test_002') else 'normal'},{p}\n" for p in slides))
-    cfg = {"format": "wsi", "layout": "table", "root": str(tmp_path), "table": str(table), "extra_roots": [str(small_cohort)],
+    cfg = {"format": "wsi", "layout": "table", "root": str(tmp_path), "table": str(table),
+           "extra_roots": [str(small_cohort)],
            "test_fraction": 0.5, "seed": 0}
     rows = cohort.build_table("t", cfg)
     by_label = {lab: [r["split"] for r in rows if r["label"] == lab] for lab in ("normal", "tumor")}

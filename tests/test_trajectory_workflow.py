@@ -3,15 +3,12 @@ target is mtt and ptm at ipc 2 (one shared buffer)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_staleness import TRIGGERS, edited_config, planned, recorded_state, run
-from test_workflow import planned_jobs
+from conftest import TRIGGERS, edited_config, planned, planned_jobs, recorded_state, snakemake
+
 
 pytestmark = pytest.mark.slow
 BELOW_BUFFER = {"buffer_experts": 1, "distill": 2, "evaluate": 2, "privacy_audit": 2, "result": 2,
@@ -25,7 +22,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_mtt_and_ptm_share_one_buffer(state):
-    proc = run(state, "-n", "--forceall", "demo", *TRIGGERS)
+    proc = snakemake(state, "-n", "--forceall", "demo", *TRIGGERS)
     jobs = planned_jobs(proc)
     assert jobs["buffer_experts"] == 1 and jobs["distill"] == 2
     assert "results/demo/experts/convnet.h5" in proc.stdout
@@ -35,7 +32,7 @@ def test_editing_ptm_settings_reruns_ptm_and_its_evaluation_only(state):
     def edit(cfg: dict) -> None:
         cfg["datasets"]["demo"]["distill"]["methods"]["ptm"]["beta_overlap"] = 0.5
     with edited_config(state, edit):
-        proc = run(state, "-n", "demo", *TRIGGERS)
+        proc = snakemake(state, "-n", "demo", *TRIGGERS)
         assert planned_jobs(proc) == {"distill": 1, "evaluate": 1, "privacy_audit": 1, "result": 1,
                                            "demo": 1}
         assert "output: results/demo/ptm_ipc2.json" in proc.stdout
@@ -58,9 +55,7 @@ def test_editing_the_trajectory_settings_rebuilds_the_buffer_and_what_uses_it(st
 
 def failure(work: Path, *args: str) -> str:
     """The output of a snakemake run in ``work`` that must fail."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=work,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(work)})
+    proc = snakemake(work, *args, check=False)
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
 
@@ -86,7 +81,7 @@ def test_ptm_with_its_own_experts_gets_its_own_buffer_and_mtt_keeps_the_shared_o
             "experts": 4, "epochs": 2, "train": {"sam_rho": 0.05}}
 
     with edited_config(state, own):
-        proc = run(state, "-n", "demo", *TRIGGERS)
+        proc = snakemake(state, "-n", "demo", *TRIGGERS)
     assert planned_jobs(proc) == {"buffer_experts": 1, "distill": 1, "evaluate": 1,
                                   "privacy_audit": 1, "result": 1, "demo": 1}
     assert "output: results/demo/experts/convnet_ptm.h5" in proc.stdout

@@ -3,91 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import planned_jobs, snakemake, tiny_config
 from histodistill.data.store import PatchStore
 from histodistill.summary import summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake from the repo root (so `--profile slurm` resolves) on ``workdir``."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> count from a dry run's 'Job stats' table (empty when nothing is to be done)."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
-
-
-NET = {"width": 8, "norm": "none"}
-TINY_DISTILL = {
-    "pool": {"net": "convnet", "net_kwargs": NET, "size": 2, "train": {"epochs": 1},
-             "save_epochs": [1]},
-    "methods": {
-        "histodd": {"outer_loop": 2, "inner_loop": 2, "batch_real": 16, "batch_net": 16,
-                    "n_data": 32},
-        "dc": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
-        "dsa": {"net_kwargs": NET, "iterations": 2, "outer_loop": 2, "inner_loop": 2, "batch_real": 16},
-        "dm": {"net_kwargs": NET, "iterations": 3, "batch_real": 16},
-        "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 1}},
-        "forgetting": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 2}},
-        "mtt": {"iterations": 2, "syn_steps": 3, "max_start_epoch": 1, "expert_epochs": 1},
-        "ptm": {"iterations": 2, "syn_steps": 1, "end_epoch": 2, "retrain": 1},
-    },
-}
-TINY_TRAJECTORIES = {"experts": 2, "epochs": 2, "net_kwargs": {"width": 8},
-                     "train": {"batch": 64}}
-TINY_EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8, "norm": "batchnorm"}},
-                 "runs": 2, "train": {"epochs": 3}, "full": {"epochs": 1}}
-TINY_ENCODERS = {"supervised": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "batchnorm"},
-                                "train": {"epochs": 1}}}
-TINY_MIL = {  # two of the four models (each is unit-tested; CI time)
-    "encoder": "supervised",  # the privacy audit's encoder: one encoder to train
-    "models": ["clam_sb", "dsmil"],
-    "runs": 1,
-    "distill": {"histodd": {"outer_loop": 1, "inner_loop": 1, "n_data": 16},
-                "dm": {"iterations": 2}},
-    "settings": {"clam_sb": {"epochs": 2}, "clam_mb": {"epochs": 2}, "dsmil": {"epochs": 2},
-                 "transmil": {"epochs": 2, "dim": 16, "landmarks": 4}},
-    "transfer": {"patch_arch": "convnet", "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
-                 "runs": 1},
-}
-
-
-def tiny_config(path: Path, **edits: dict) -> None:
-    """The shipped config shrunk to 4 small slides and a few iterations; ``edits`` update
-    top-level sections."""
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["demo"].update(n_train=2, n_test=2, width=1024, height=768, levels=3)
-    demo = cfg["datasets"]["demo"]
-    demo["centre_split"] = {"normal": 1, "tumor": 1}
-    demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
-    demo["distill"], demo["evaluate"] = TINY_DISTILL, TINY_EVALUATE
-    demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
-    demo["trajectories"] = TINY_TRAJECTORIES
-    for section, values in edits.items():
-        cfg[section].update(values)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def test_demo_target_builds_every_stage(built):
