@@ -63,6 +63,11 @@ def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def outputs(work: Path, stem: str) -> dict[str, Path]:
+    """The set, grid and cost files of one distillation in ``work``."""
+    return {"zarr": work / f"{stem}.zarr", "grid": work / f"{stem}.png", "cost": work / f"{stem}.json"}
+
+
 def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) -> None:
     """Run one stage in this (child) process and print its peak RSS in MB and its seconds. Like
     every rule, it starts the allocator trimmer first, unless ``untrimmed``."""
@@ -81,15 +86,15 @@ def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) ->
     w = Path(work)
     if name == "distill_histodd":
         pretrain_pool(store, None, w / "pool.pt", POOL, 0, cache_mb)
-        distill(store, None, w / "pool.pt", "histodd", 10, HISTODD, 0, w / "h.zarr", w / "h.png",
-                w / "h.json", None, cache_mb, progress=False)
+        distill("histodd", 10, HISTODD, 0, outputs(w, "h"), store_path=store,
+                pool_path=w / "pool.pt", cache_mb=cache_mb, progress=False)
     elif name == "distill_dm":
-        distill(store, None, None, "dm", 10, DM, 0, w / "d.zarr", w / "d.png", w / "d.json", None,
-                cache_mb, progress=False)
+        distill("dm", 10, DM, 0, outputs(w, "d"), store_path=store, cache_mb=cache_mb,
+                progress=False)
     else:
         full_train(store, None, "convnet", EVALUATE, w / "full.json")
-        distill(store, None, None, "random", 10, {}, 0, w / "r.zarr", w / "r.png", w / "r.json",
-                None, cache_mb, progress=False)
+        distill("random", 10, {}, 0, outputs(w, "r"), store_path=store, cache_mb=cache_mb,
+                progress=False)
         evaluate_distilled(w / "r.zarr", w / "r.json", store, None, {"convnet": w / "full.json"},
                            EVALUATE, "bench", w / "result.json")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -110,9 +110,10 @@ def run_set(ds: Dataset, name: str, method: str, ipc: int, m_cfg: dict[str, Any]
     r = _reusable(out / f"{name}.json", m_cfg, seed, evaluate)
     if r is None:
         zarr_path, cost = Path(tmp) / f"{name}.zarr", Path(tmp) / f"{name}_cost.json"
-        distill(ds.store, ds.template, None, method, ipc, m_cfg, seed, zarr_path,
-                out / f"{name}.png", cost, None, ds.section("distill")["cache_mb"],
-                progress=False, experts=ds.experts, autoencoder=ds.autoencoder)
+        distill(method, ipc, m_cfg, seed, {"zarr": zarr_path, "grid": out / f"{name}.png", "cost": cost},
+                store_path=ds.store, template_path=ds.template,
+                cache_mb=ds.section("distill")["cache_mb"], progress=False, experts=ds.experts,
+                autoencoder=ds.autoencoder)
         r = evaluate_candidate(zarr_path, cost, ds.store, ds.template, evaluate, {},
                                out / f"{name}.json")
     return result_summary(r)

@@ -233,7 +233,8 @@ def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
     try:
         missing, _ = full.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that do not fit
-        raise InputError("train_encoder", path, f"not a ResNet50 state dict: {str(err).splitlines()[-1].strip()}") from None
+        reason = str(err).splitlines()[-1].strip()
+        raise InputError("train_encoder", path, f"not a ResNet50 state dict: {reason}") from None
     needed = [k for k in missing if not k.startswith(("layer4", "fc"))]
     if needed:
         raise InputError("train_encoder", path, f"not a ResNet50 state dict: missing {needed[:3]}")

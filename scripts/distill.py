@@ -9,11 +9,11 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     distill_or_adopt(
-        sm.input.get("choice"), sm.params.candidate, sm.params.tuned_seed, sm.wildcards.method,
-        int(sm.wildcards.ipc),
+        sm.wildcards.method, int(sm.wildcards.ipc),
         {**sm.params.cfg, "checkpoint_every": sm.resources.checkpoint_every},  # not a param
         sm.params.seed, {"zarr": sm.output.zarr, "grid": sm.output.grid, "cost": sm.output.cost},
-        store_path=sm.input.store, template_path=sm.input.template,
+        choice_path=sm.input.get("choice"), candidate_stem=sm.params.candidate,
+        tuned_seed=sm.params.tuned_seed, store_path=sm.input.store, template_path=sm.input.template,
         pool_path=sm.input.get("pool"), checkpoint=sm.params.checkpoint,
         cache_mb=sm.resources.cache_mb, max_per_class=sm.params.max_per_class,
         experts=sm.input.get("experts"), autoencoder=sm.input.get("autoencoder"))

@@ -100,14 +100,17 @@ TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Snakemake on ``workdir``: in it, with its own workflow and library, when it is a copy
     (:func:`workflow_copy`); else the repository's workflow, run from the repository root (so
-    ``--profile slurm`` resolves) on ``workdir`` and its config.yaml. ``check``: a failure
+    ``--profile slurm`` resolves) on ``workdir`` and its config.yaml (unless ``args`` name
+    config files). ``check``: a failure
     raises, with the end of its output."""
     if (workdir / "Snakefile").exists():
         cmd, cwd = [sys.executable, "-m", "snakemake", *args], workdir
         env = {**os.environ, "PYTHONPATH": str(workdir)}
     else:
-        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
+        # targets first: an option of several values (--configfile) would take them in
+        config = [] if "--configfile" in args else ["--configfile", str(workdir / "config.yaml")]
+        cmd = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(workdir), *config]
         cwd, env = ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:

@@ -72,8 +72,9 @@ def test_ipc_zero_and_ipc_above_a_class_count_are_one_error(tmp_path):
     store = make_toy_store(tmp_path / "p.zarr")  # 24 training patches per class
     with pytest.raises(InputError, match=r"^\[distill\] .*p.zarr: ipc 25 exceeds the 24 training "
                                          r"patches of class 'dark'.*choose ipc <= 24"):
-        distill(store, None, None, "random", 25, {}, 0, tmp_path / "r.zarr", tmp_path / "r.png",
-                tmp_path / "r.json", None, progress=False)
+        distill("random", 25, {}, 0,
+                {"zarr": tmp_path / "r.zarr", "grid": tmp_path / "r.png", "cost": tmp_path / "r.json"},
+                store_path=store, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # nothing written
 
 

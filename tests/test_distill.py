@@ -65,6 +65,7 @@ def test_every_method_is_registered_and_configured_here():
     assert set(METHODS) == set(SETTINGS) | {"mtt", "ptm", "glad", "slfd"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_method_returns_ipc_images_per_class(method, store):
     images, labels = build(method, SETTINGS[method], 3, context(store)).run()
@@ -149,6 +150,7 @@ def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(store, width,
         assert moves[False] > 10 * moves[True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", ["l1", "cos"])
 def test_matching_distance_is_zero_for_identical_batches_and_images_move_to_reduce_it(distance):
     torch.manual_seed(0)
@@ -238,6 +240,7 @@ def test_real_and_synthetic_batches_get_identical_augmentation(store, monkeypatc
     assert nets and all(v.numel() == 5 for _, p in nets[0][1] for v in p.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["histodd", "dc", "dm"])
 def test_interrupted_run_resumes_to_the_same_result(method, store, tmp_path):
     cfg = SETTINGS[method]
@@ -250,6 +253,7 @@ def test_interrupted_run_resumes_to_the_same_result(method, store, tmp_path):
         torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_settings_or_inputs_is_ignored(store, tmp_path):
     ckpt = tmp_path / "h.ckpt"
     build("histodd", SETTINGS["histodd"], 2, context(store, ckpt)).run(stop_after=1)
@@ -279,6 +283,7 @@ def test_histodd_starts_from_the_random_coreset(store):
     torch.testing.assert_close(images, start)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_every_set_records_the_real_rows_it_was_made_from(method, store, tmp_path):
     """The privacy audit's most exposed members: a coreset's picks, a real initialisation."""
@@ -286,8 +291,8 @@ def test_every_set_records_the_real_rows_it_was_made_from(method, store, tmp_pat
 
     out, pool_file = tmp_path / "d.zarr", tmp_path / "pool.pt"
     save_state(pool(), pool_file)
-    distill(store.path, None, pool_file, method, 3, SETTINGS[method], 0, out, tmp_path / "d.png",
-            tmp_path / "d.json", None, progress=False)
+    distill(method, 3, SETTINGS[method], 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
+            store_path=store.path, template_path=None, pool_path=pool_file, checkpoint=None, progress=False)
     group = zarr.open_group(str(out), mode="r")
     sources, labels = group["sources"][:], group["labels"][:]
     assert len(sources) == 6 and (store.array("split")[sources] == 0).all()  # training rows
@@ -365,6 +370,7 @@ def test_checkpoint_key_covers_store_pool_and_template_contents(tmp_path):
     assert dict(group.attrs) == attrs and len(set(keys)) == len(keys)
 
 
+@pytest.mark.slow
 def test_relabelled_store_gives_a_fresh_run_not_a_resume(tmp_path):
     path = make_toy_store(tmp_path / "p.zarr")
     ckpt = tmp_path / "h.ckpt"
@@ -411,6 +417,7 @@ def test_the_pool_trains_under_distillations_augmentation_with_the_stain_templat
         run.pretrain_pool(store.path, None, tmp_path / "pool2.pt", cfg, 0, 64)
 
 
+@pytest.mark.slow
 def test_the_cost_of_a_run_counts_image_updates_and_seconds_through_a_resume(store, tmp_path):
     """The budget figures of a comparison: DM takes one image step per iteration, Histo-DD one
     per class per inner step; an interrupted run's resume carries both counts on."""

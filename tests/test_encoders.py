@@ -78,6 +78,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory):
     return make_toy_store(tmp_path_factory.mktemp("enc") / "toy.zarr", n_per_class=32, size=16)
 
 
+@pytest.mark.slow
 def test_supervised_encoder_separates_classes_and_round_trips(toy, tmp_path):
     cfg = {"kind": "supervised", "net": "convnet", "net_kwargs": NET, "seed": 0,
            "train": {"epochs": 3, "lr": 0.05, "batch": 16}, "augment": {"preset": "none"}}
@@ -96,6 +97,7 @@ def test_supervised_encoder_separates_classes_and_round_trips(toy, tmp_path):
     assert (nearest == labels).mean() == 1.0
 
 
+@pytest.mark.slow
 def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
     cfg = {"kind": "simclr", "net": "convnet", "net_kwargs": NET, "seed": 0, "proj_dim": 8,
            "temperature": 0.5, "train": {"epochs": 2, "lr": 1e-3, "batch": 16},
@@ -119,6 +121,7 @@ def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_resnet50_trunc_loads_local_weights_and_refuses_none(toy, tmp_path):
     cfg = {"kind": "resnet50_trunc", "net": "resnet18", "seed": 0}
     with pytest.raises(InputError, match=r"\[train_encoder\] encoders.<name>.weights: .*local"):

@@ -60,6 +60,7 @@ def test_boundary_loss_known_answer():
     assert loss.item() == pytest.approx(0.3 + 0.1 + 0.3 + 0.1, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_training_learns_a_separable_toy_problem():
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(32, 3, 16, 16, generator=gen) - 1,

@@ -19,6 +19,8 @@ from PIL import Image
 
 from conftest import make_toy_store
 
+pytestmark = pytest.mark.slow  # outside the fast tier (make test-all)
+
 TESTS = Path(__file__).parent
 
 # One stage per call, in a child process: argv = stage, JSON arguments. It prints READY when

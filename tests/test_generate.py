@@ -184,6 +184,7 @@ def test_autoencoder_shapes_and_kl(size: int, mult: list[int]) -> None:
     assert torch.allclose(shifted.kl(), torch.full((2,), 0.5 * 48))  # mu^2 / 2 per element
 
 
+@pytest.mark.slow
 def test_perceptual_loads_local_weights_only(tmp_path: Path) -> None:
     import torchvision
 
@@ -204,6 +205,7 @@ def test_perceptual_loads_local_weights_only(tmp_path: Path) -> None:
 
 
 # ---- guidance -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_classifier_guidance_raises_the_guided_class_probability() -> None:
     """A latent classifier trained to tell latents of mean -1 from mean +1 at every noise
     level; DDIM from the same noise, guided to each class, ends with a higher probability of
@@ -239,6 +241,7 @@ def test_classifier_guidance_raises_the_guided_class_probability() -> None:
 
 
 # ---- trainings: resume and decoder-only fine-tuning ---------------------------------------
+@pytest.mark.slow
 def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Path) -> None:
     whole = train_generator(toy["store"], toy["autoencoder"], tmp_path / "a.pt", GEN, "cond", 3,
                             checkpoint=tmp_path / "a.ckpt", checkpoint_every=2, progress=False)
@@ -260,6 +263,7 @@ def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Pa
     assert not all(torch.equal(c.ema["net"].state_dict()[k], a["ema"][k]) for k in a["ema"])
 
 
+@pytest.mark.slow
 def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path],
                                                              tmp_path: Path) -> None:
     """With the discriminator on and the split streamed through a small reservoir."""
@@ -275,6 +279,7 @@ def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_decoder_finetuning_changes_only_the_decoder(toy: dict[str, Path]) -> None:
     before = load_autoencoder(toy["autoencoder"], torch.device("cpu")).state_dict()
     after = finetune_decoder(toy["store"], toy["autoencoder"], toy["decoder"].with_name("d2.pt"),
@@ -294,6 +299,7 @@ SAMPLING = {"uvit": {"steps": 4, "eta": 0.0, "cfg_scale": 0.4},
             "histodiffusion": {"steps": 4, "eta": 1.0, "guidance_scale": 1.0}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["uvit", "histodiffusion"])
 def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path: Path,
                                                   name: str) -> None:

@@ -102,6 +102,7 @@ def test_the_modules_input_comes_from_the_generator_not_the_matching_network(toy
     assert torch.allclose(seen[0], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_slfd_steps_its_module_like_its_latents(toy) -> None:
     """unit_grad: each module tensor moves by exactly lr_module in its first step (no momentum
     yet), as each latent moves by lr_latent."""
@@ -173,6 +174,7 @@ def test_latent_distillation_changes_only_the_latents_and_the_stochastic_module(
     assert torch.allclose(images, ((ae.images(d.images.detach()) + 1) / 2).clamp(0, 1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_slfd_resumes_to_the_same_images_and_module(toy) -> None:
     whole = distiller(toy, "slfd", SLFD)
     images, _ = whole.run()

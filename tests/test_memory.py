@@ -35,6 +35,7 @@ def _run(mode: str) -> tuple[str, float]:
     return out[0], float(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_trimmer_returns_freed_heap_to_the_system():
     started, trimmed = _run("trim")

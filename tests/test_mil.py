@@ -262,6 +262,7 @@ def _crash_before(monkeypatch, slide_name):
     return lambda: monkeypatch.setattr(per_slide, "_distil_one", real)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [None, "chunk", "attrs"])
 def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slide(
         store, tmp_path, monkeypatch, damage):
@@ -322,6 +323,7 @@ def bags(store, tmp_path_factory):
     return real, syn, distilled
 
 
+@pytest.mark.slow
 def test_extracted_bags_match_their_slides(store, bags):
     real, syn, _ = bags
     rows = {r["slide_id"]: r for r in read_manifest(real)}
@@ -366,6 +368,7 @@ def test_bag_extraction_resumes_and_redoes_a_damaged_bag(store, bags, tmp_path, 
                               read_bag(real / f"{name}.h5").features)
 
 
+@pytest.mark.slow
 def test_training_learns_a_separable_bag_task():
     """Tumour bags hold a few patches with a raised first feature; every model learns it."""
     rng = np.random.default_rng(0)
@@ -451,6 +454,7 @@ def test_slide_and_transfer_tables_come_from_the_result_files(tmp_path):
     assert "| slide (clam_sb) |" in text and "| 1.00 / 10.00 |" in text
 
 
+@pytest.mark.slow
 def test_transfer_runs_both_directions_and_records_storage(store, bags, tmp_path):
     from histodistill.mil.transfer import transfer
 

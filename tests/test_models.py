@@ -10,6 +10,7 @@ from histodistill import models
 BATCH = {28: 4, 64: 2, 224: 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [28, 64, 224])
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_forward_backward_any_size(name, size):

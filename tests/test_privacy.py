@@ -108,6 +108,7 @@ def test_attack_auc_is_one_when_the_set_is_the_training_split(store, tiles, tmp_
     assert null["ci"][0] < 0.5 < null["ci"][1]
 
 
+@pytest.mark.slow
 def test_coreset_is_memorised_with_sources_found_and_noise_is_not(store, tiles, encoder, tmp_path):
     rows = np.arange(0, N_TRAIN, 30)  # 20 training patches, as a coreset records them
     coreset = distilled(tmp_path / "random.zarr", tiles[rows], "random", rows)
@@ -129,6 +130,7 @@ def test_coreset_is_memorised_with_sources_found_and_noise_is_not(store, tiles, 
     assert section["memorised"] == 0.0 and section["spaces"]["pixel"]["median_ratio"] > 2
 
 
+@pytest.mark.slow
 def test_streamed_minima_do_not_depend_on_the_block_size(store, tiles, encoder, tmp_path):
     images = np.concatenate([tiles[N_TRAIN + N_TEST:][:10], tiles[:10], noise(4)])
     path = distilled(tmp_path / "mixed.zarr", images, sources=np.arange(10))
@@ -244,6 +246,7 @@ def _decoded(share: Path) -> list[np.ndarray]:
     return pngs + list(zarr.open_group(str(share / "images.zarr"), mode="r")["images"][:])
 
 
+@pytest.mark.slow
 def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(store, tiles,
                                                                             encoder, tmp_path):
     # stand-in for a distilled set: far from every real patch (the guard lets it through)
@@ -274,6 +277,7 @@ def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(stor
     assert "<h2>Privacy audit</h2>" in (tmp_path / "datasheet.html").read_text()
 
 
+@pytest.mark.slow
 def test_manifest_catches_a_changed_missing_or_extra_file(store, encoder, tmp_path):
     share = _package(tmp_path, store, noise(20), "dm", None, encoder)
     verify_package(share)
@@ -300,6 +304,7 @@ def test_a_set_without_an_audit_is_not_packaged(store, tmp_path):
     assert not (tmp_path / "out.share").exists()
 
 
+@pytest.mark.slow
 def test_coreset_package_is_refused_without_the_opt_in(store, tiles, encoder, tmp_path):
     rows = np.arange(0, N_TRAIN, 30)
     with pytest.raises(InputError, match=r"random_ipc10 is a coreset.*privacy.memorised = 1.00"
@@ -313,6 +318,7 @@ def test_coreset_package_is_refused_without_the_opt_in(store, tiles, encoder, tm
     assert json.loads((share / "manifest.json").read_text())["real_patches"] is True
 
 
+@pytest.mark.slow
 def test_memorised_synthetic_set_is_refused_without_the_opt_in(store, tiles, encoder, tmp_path):
     # a "distilled" set holding two copies of training patches among noise
     images = noise(20)

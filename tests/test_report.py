@@ -11,6 +11,8 @@ from conftest import snakemake
 from histodistill.io import InputError
 from histodistill.report import build_report, report_result, report_targets
 
+pytestmark = pytest.mark.slow  # outside the fast tier (make test-all)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests/slurm/tiny.yaml"  # the demo shrunk to seconds per stage
 

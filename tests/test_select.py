@@ -133,6 +133,7 @@ def context(toy: dict[str, Path], features: np.ndarray | None = None) -> Context
     return Context(pool, store, enc, seed=0)
 
 
+@pytest.mark.slow
 def test_infodist_selector_splits_each_class_over_its_communities(toy) -> None:
     store = PatchStore(toy["store"])
     labels = store.array("label")[store.indices("train")]
@@ -224,6 +225,7 @@ def test_study_subset_is_balanced_and_mixed_batches_cover_both_sources_once(toy)
     assert x.dtype == torch.float32 and abs(float(x.mean())) < 3  # normalised network inputs
 
 
+@pytest.mark.slow
 def test_umap_embedding_and_knn_graph_path(toy) -> None:
     """UMAP to a few dimensions and its kNN graph (InfoDist's other graph); one process-wide
     numba compilation (~20 s), so one test."""

@@ -70,6 +70,7 @@ def test_close_to_reference_macenko_on_real_tissue(target_image, cmu_slide):
     assert np.abs(crop.astype(float) - reference.numpy()).mean() > 10  # normalising did change it
 
 
+@pytest.mark.slow
 def test_normaliser_passes_gradcheck():
     # Percentiles are differentiable away from ties, so jitter breaks the ties of uint8 pixels.
     img = synthesise(H, E, seed=4, size=12).transpose(2, 0, 1)[None] / 255.0

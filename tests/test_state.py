@@ -126,6 +126,7 @@ def _distill(store, ckpt=None):
     return build("dm", DM, 2, Context(real, 0, None, ckpt, {}, progress=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "planted", "planted_headed", "garbage"])
 def test_damaged_distillation_checkpoint_is_logged_and_redone_to_the_clean_result(
         tmp_path, caplog, damage):
@@ -220,6 +221,7 @@ with rule_logging(out + "/rule.log"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["state", "json"])
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, kind):
     import subprocess

@@ -64,6 +64,7 @@ def toy_problem(seed: int = 0, steps: int = 7):
     return student, student.flat(), images, labels, aug, plan
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segment", [1, 3, 7])
 def test_checkpointed_unroll_gives_the_plain_unrolls_end_point_and_gradients(segment):
     student, theta0, images, labels, aug, plan = toy_problem()
@@ -112,6 +113,7 @@ def test_networks_with_buffers_are_refused():
 
 
 # ---- the expert buffer ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_buffered_trajectory_loads_into_a_network_bit_exactly(store_path, experts):
     es = ExpertStore(experts)
     assert (es.experts, es.epochs) == (3, 3)
@@ -139,6 +141,7 @@ def test_float16_store_holds_the_rounded_trajectory(store_path, experts, tmp_pat
     assert torch.equal(ExpertStore(out).params(0, 2), full.half().float())
 
 
+@pytest.mark.slow
 def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_path, monkeypatch):
     out = tmp_path / "convnet.h5"
     trained, crashes = [], [2]
@@ -225,6 +228,7 @@ def test_mtt_gradient_reaches_the_images_and_the_learning_rate(store_path, exper
     assert (d.images >= lo - 1e-6).all() and (d.images <= hi + 1e-6).all()
 
 
+@pytest.mark.slow
 def test_mtt_draws_segments_within_the_configured_epochs(store_path, experts, monkeypatch):
     d = build("mtt", {**MTT, "max_start_epoch": 2, "expert_epochs": 1}, 2,
               context(store_path, experts))
@@ -245,6 +249,7 @@ def test_segments_beyond_the_store_are_refused(store_path, experts):
         build("ptm", {**PTM, "end_epoch": 4}, 2, context(store_path, experts)).init_state()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,stop", [("mtt", 2), ("ptm", 3), ("ptm", 6)])
 def test_resume_mid_run_gives_the_images_of_an_uninterrupted_run(store_path, experts, tmp_path,
                                                                 method, stop):
@@ -285,6 +290,7 @@ def ptm_rounds(d, monkeypatch) -> tuple[list[int], list[int]]:
     return seen, steps
 
 
+@pytest.mark.slow
 def test_ptm_always_starts_from_theta0_and_follows_the_schedule(store_path, experts, monkeypatch):
     d = build("ptm", PTM, 2, context(store_path, experts))
     d.init_state()

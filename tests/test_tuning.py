@@ -44,14 +44,15 @@ def test_no_tuning_code_path_reads_the_test_split(stores, monkeypatch):
     monkeypatch.setattr(PatchStore, "indices",
                         lambda self, split: read.append(split) or real_indices(self, split))
     tmp = stores["tmp"]
-    distill(stores["val"], None, None, "dm", 2, DM, 0, tmp / "c0.zarr", tmp / "c0.png",
-            tmp / "c0_cost.json", None, 64, progress=False)
+    distill("dm", 2, DM, 0, {"zarr": tmp / "c0.zarr", "grid": tmp / "c0.png", "cost": tmp / "c0_cost.json"},
+            store_path=stores["val"], cache_mb=64, progress=False)
     record = evaluate_candidate(tmp / "c0.zarr", tmp / "c0_cost.json", stores["val"], None,
                                 EVALUATE, {"lr_img": 1.0}, tmp / "c0.json")
     assert "test" not in read and "val" in read
     assert record["split"] == "val" and len(record["patch"]["convnet"]["acc"]["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_the_chosen_set_is_adopted_at_its_seed_and_distilled_with_its_settings_at_others(stores):
     """At the candidates' seed the distill rule's set is the chosen candidate's, byte for byte;
     at another seed it is distilled with the chosen overrides; both cost files record the
@@ -59,15 +60,17 @@ def test_the_chosen_set_is_adopted_at_its_seed_and_distilled_with_its_settings_a
     tmp = stores["tmp"] / "adopt"
     tmp.mkdir()
     for k, lr in enumerate([1.0, 0.5]):
-        distill(stores["val"], None, None, "dm", 2, {**DM, "lr_img": lr}, 0, tmp / f"c{k}.zarr",
-                tmp / f"c{k}.png", tmp / f"c{k}_cost.json", None, 64, progress=False)
+        distill("dm", 2, {**DM, "lr_img": lr}, 0,
+                {"zarr": tmp / f"c{k}.zarr", "grid": tmp / f"c{k}.png", "cost": tmp / f"c{k}_cost.json"},
+                store_path=stores["val"], cache_mb=64, progress=False)
     choice = {"choice": 1, "overrides": {"lr_img": 0.5}, "split": "val"}
     (tmp / "choice.json").write_text(json.dumps(choice))
 
     def run(name, seed, choice_path):
         out = {"zarr": tmp / f"{name}.zarr", "grid": tmp / f"{name}.png",
                "cost": tmp / f"{name}_cost.json"}
-        distill_or_adopt(choice_path, str(tmp / "c"), 0, "dm", 2, DM, seed, out,
+        distill_or_adopt("dm", 2, DM, seed, out, choice_path=choice_path,
+                         candidate_stem=str(tmp / "c"), tuned_seed=0,
                          store_path=stores["val"], template_path=None, pool_path=None,
                          checkpoint=None, cache_mb=64, progress=False)
         return zarr.open_group(str(out["zarr"]), mode="r"), json.loads(out["cost"].read_text())
@@ -91,8 +94,8 @@ def test_a_result_holds_both_protocols_and_their_cross_architecture_figures(stor
     tmp = stores["tmp"] / "protocols"
     tmp.mkdir()
     StainTemplate([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], [1.0, 0.5]).save(tmp / "t.json")
-    distill(stores["val"], None, None, "dm", 2, DM, 0, tmp / "s.zarr", tmp / "s.png",
-            tmp / "s_cost.json", None, 64, progress=False)
+    distill("dm", 2, DM, 0, {"zarr": tmp / "s.zarr", "grid": tmp / "s.png", "cost": tmp / "s_cost.json"},
+            store_path=stores["val"], cache_mb=64, progress=False)
     (tmp / "full.json").write_text(json.dumps({"train_time_s": 4.0}))
     cfg = {**EVALUATE, "runs": 1, "both_protocols": True, "extra_archs": ["lenet"]}
     result = evaluate.evaluate_distilled(tmp / "s.zarr", tmp / "s_cost.json", stores["val"],
@@ -229,15 +232,16 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
 
     try:
         with pytest.raises(FloatingPointError, match=r"nan_loss ipc 2.*iteration 0"):
-            distill(stores["val"], None, None, "nan_loss", 2, DM, 0, tmp_path / "n.zarr",
-                    tmp_path / "n.png", tmp_path / "n.json", None, 64, progress=False)
+            distill("nan_loss", 2, DM, 0,
+                    {"zarr": tmp_path / "n.zarr", "grid": tmp_path / "n.png", "cost": tmp_path / "n.json"},
+                    store_path=stores["val"], cache_mb=64, progress=False)
         out = tmp_path / "d.zarr"
         with pytest.raises(FloatingPointError, match=r"blows_up ipc 2.*iteration 1"):
-            distill(stores["val"], None, None, "blows_up", 2, DM, 0, out, tmp_path / "d.png",
-                    tmp_path / "d.json", None, 64, progress=False)
+            distill("blows_up", 2, DM, 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
+                    store_path=stores["val"], cache_mb=64, progress=False)
         assert not out.exists() and not (tmp_path / "d.json").exists()
-        distill(stores["val"], None, None, "blows_up", 2, DM, 0, out, tmp_path / "d.png",
-                tmp_path / "d.json", None, 64, progress=False, keep_diverged=True)
+        distill("blows_up", 2, DM, 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
+                store_path=stores["val"], cache_mb=64, progress=False, keep_diverged=True)
         assert json.loads((tmp_path / "d.json").read_text())["diverged_at"] == 1
     finally:
         METHODS.pop("blows_up")

@@ -4,7 +4,8 @@ iteration counts that fill one stated budget of distillation seconds.
 A comparison of methods is fair only at an equal budget. The unit here is distillation
 wall-clock on one machine (the loop's seconds, as every cost file records them beside the image
 updates): a few iterations of each method, spread over its run, are timed at its dataset's
-settings on an otherwise idle machine, its seconds per iteration measured, and ``budget / seconds per iteration`` iterations written out as the YAML
+settings on an otherwise idle machine, its seconds per iteration measured, and ``budget / seconds
+per iteration`` iterations written out as the YAML
 block to paste into the dataset's profile, so that a rerun is reproducible from the counts. The
 measurement is recorded (JSON) with the machine it was taken on.
 

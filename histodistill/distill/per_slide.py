@@ -10,7 +10,8 @@ none, so a slide's set never holds more than ``ipc`` patches of a class (README:
 
 :func:`distill_slides` handles one batch of slides (one job of rule ``distill_slides``). Slides
 are done one at a time into ``<out>.partial``: a finished slide is kept there (sealed with its
-settings, inputs and contents; a damaged one is redone) and an unfinished iterative one resumes from its checkpoint, so a rerun
+settings, inputs and contents; a damaged one is redone) and an unfinished iterative one resumes from
+its checkpoint, so a rerun
 after a crash redoes nothing; ``out`` appears when every slide of the batch is done.
 """
 

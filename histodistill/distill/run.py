@@ -88,16 +88,19 @@ def context(store_path: str | os.PathLike, template_path: str | os.PathLike | No
                    autoencoder=Path(autoencoder) if autoencoder else None)
 
 
-def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
-            pool_path: str | os.PathLike | None, method: str, ipc: int, cfg: dict[str, Any],
-            seed: int, out_zarr: str | os.PathLike, out_png: str | os.PathLike,
-            out_json: str | os.PathLike, checkpoint: str | os.PathLike | None,
-            cache_mb: float = 1024, max_per_class: int = 0, progress: bool = True,
+def distill(method: str, ipc: int, cfg: dict[str, Any], seed: int,
+            out: dict[str, str | os.PathLike], *, store_path: str | os.PathLike,
+            template_path: str | os.PathLike | None = None,
+            pool_path: str | os.PathLike | None = None,
+            checkpoint: str | os.PathLike | None = None, cache_mb: float = 1024,
+            max_per_class: int = 0, progress: bool = True,
             experts: str | os.PathLike | None = None,
             autoencoder: str | os.PathLike | None = None,
             extra_cost: dict[str, Any] | None = None, keep_diverged: bool = False) -> None:
-    """Distil ``ipc`` images per class with ``method`` and write set, grid and cost.
-    ``experts`` is the expert-trajectory store of trajectory matching (rule buffer_experts);
+    """Distil ``ipc`` images per class with ``method`` and write the set, its grid and its
+    cost (``out``: ``zarr``, ``grid``, ``cost``), reading the patch store, the stain template
+    and Histo-DD's ``pool_path``; resumable from ``checkpoint``. ``experts`` is the expert-
+    trajectory store of trajectory matching (rule buffer_experts);
     latent methods (GLaD, SLFD) decode through the generator's ``autoencoder``; ``extra_cost``
     joins the cost file (how the settings were chosen). A run whose loss or images stop being
     finite is refused (FloatingPointError, nothing written) unless ``keep_diverged`` (a tuning
@@ -117,7 +120,8 @@ def distill(store_path: str | os.PathLike, template_path: str | os.PathLike | No
             f"image learning rate or unit_grad steps keep it stable); nothing was written")
     attrs = {"method": method, "ipc": ipc, "seed": seed, "config": cfg,
              "source_store": str(store_path), "class_names": real.store.class_names}
-    write_distilled(to_uint8(images), labels.cpu().numpy(), attrs, out_zarr, out_png, out_json,
+    write_distilled(to_uint8(images), labels.cpu().numpy(), attrs, out["zarr"], out["grid"],
+                    out["cost"],
                     {"seconds": distiller.seconds if distiller.iterations else wall,
                      "image_updates": distiller.image_updates,
                      "iterations": distiller.iterations, "diverged_at": distiller.diverged_at,

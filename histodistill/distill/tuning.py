@@ -67,9 +67,10 @@ def read_choice(path: str | os.PathLike | None) -> dict[str, Any] | None:
     return read_json(path, "tune") if path else None
 
 
-def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
-                     tuned_seed: int, method: str, ipc: int, cfg: dict[str, Any], seed: int,
-                     out: dict[str, str | os.PathLike], **inputs: Any) -> None:
+def distill_or_adopt(method: str, ipc: int, cfg: dict[str, Any], seed: int,
+                     out: dict[str, str | os.PathLike], *,
+                     choice_path: str | os.PathLike | None, candidate_stem: str,
+                     tuned_seed: int, **inputs: Any) -> None:
     """Rule distill's set. An untuned method (no ``choice_path``) is distilled with ``cfg``. A
     tuned one runs with its chosen candidate's overrides: at ``tuned_seed`` (the seed its
     candidates were distilled with) the chosen candidate's set ``<candidate_stem><k>.*`` is that
@@ -82,9 +83,8 @@ def distill_or_adopt(choice_path: str | os.PathLike | None, candidate_stem: str,
         adopt({"zarr": f"{stem}.zarr", "grid": f"{stem}.png", "cost": f"{stem}_cost.json"}, out,
               {"tuning": choice})
         return
-    distill(inputs.pop("store_path"), inputs.pop("template_path"), inputs.pop("pool_path"),
-            method, ipc, apply_choice(cfg, choice, method), seed, out["zarr"], out["grid"],
-            out["cost"], extra_cost={"tuning": choice} if choice else None, **inputs)
+    distill(method, ipc, apply_choice(cfg, choice, method), seed, out,
+            extra_cost={"tuning": choice} if choice else None, **inputs)
 
 
 def seed_summary(results: list[str | os.PathLike], seeds: list[int],

@@ -35,4 +35,3 @@ def expert_buffer(name, method):
         merged = hdconfig.merge(settings, own["trajectories"])
         return f"results/{name}/experts/{merged['net']}_{method}.h5"
     return f"results/{name}/experts/{settings['net']}.h5"
-
