@@ -208,16 +208,19 @@ def test_the_probe_times_iterations_across_the_run_not_only_its_start(stores):
 
 def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores, tmp_path):
     """A loss or images that stop being finite (plain SGD at too high a rate): the pipeline's
-    distill
-    refuses the set and writes nothing; a tuning candidate records the iteration and the tuner
-    passes it over even when its (meaningless) accuracy is the highest."""
+    distill refuses the set and writes nothing; a tuning candidate stops there, records the
+    iteration, and the tuner passes it over even when its (meaningless) accuracy is the
+    highest."""
     import math
     from histodistill.distill.base import METHODS, register
     from histodistill.distill.dm import DM as DMMethod
 
     @register("blows_up")
     class BlowsUp(DMMethod):
+        steps = 0
+
         def step(self, it: int) -> float:
+            BlowsUp.steps += 1
             loss = super().step(it)
             if it == 1:
                 with torch.no_grad():
@@ -240,9 +243,12 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
             distill("blows_up", 2, DM, 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
                     store_path=stores["val"], cache_mb=64, progress=False)
         assert not out.exists() and not (tmp_path / "d.json").exists()
-        distill("blows_up", 2, DM, 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
+        BlowsUp.steps = 0
+        distill("blows_up", 2, {**DM, "iterations": 5},
+                0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
                 store_path=stores["val"], cache_mb=64, progress=False, keep_diverged=True)
         assert json.loads((tmp_path / "d.json").read_text())["diverged_at"] == 1
+        assert BlowsUp.steps == 2  # iterations 0 and 1 of 5: none spent after the divergence
     finally:
         METHODS.pop("blows_up")
         METHODS.pop("nan_loss")

@@ -239,6 +239,7 @@ class Distiller(ABC):
 
     def run(self, stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run to the end (resuming from a checkpoint) and return images in [0, 1] and labels.
+        A loss or images that stop being finite end the run there (``diverged_at``).
 
         ``stop_after`` ends the loop early after that many iterations in this call, leaving
         the checkpoint behind (used to test resume).
@@ -252,11 +253,12 @@ class Distiller(ABC):
             began = time.perf_counter()
             loss = self.step(it)
             self.seconds += time.perf_counter() - began
-            if self.diverged_at is None and not (math.isfinite(loss)
-                                                 and bool(torch.isfinite(self.images).all())):
+            if not (math.isfinite(loss) and bool(torch.isfinite(self.images).all())):
                 self.diverged_at = it
                 log.warning("%s: the loss (%s) or the synthetic images are not finite at "
-                            "iteration %d: the optimisation diverged", self.name, loss, it)
+                            "iteration %d: the optimisation diverged; stopping (the rest of "
+                            "the budget cannot recover it)", self.name, loss, it)
+                break
             bar.set_postfix(loss=f"{loss:.4g}")
             if (it + 1) % every == 0 or it + 1 == self.iterations:
                 self._save(it + 1)
