@@ -274,6 +274,8 @@ class Distiller(ABC):
                               "inputs": self.ctx.fingerprint})
 
     def _save(self, done: int) -> None:
+        if self.ctx.checkpoint is None:  # nothing to write: skip copying the state
+            return
         state = {"done": done, "images": self.images.detach().cpu(),
                  "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                  "real": self.ctx.real.state_dict(), "extra": self.extra_state(),

@@ -5,7 +5,7 @@ optimiser and schedule (:mod:`histodistill.mil.base`), ``epochs`` passes over th
 in a seeded random order (CLAM's ``weighted_sample`` draws bags with probability inversely
 proportional to their class's count instead), gradients accumulated over ``grad_accum`` bags
 (TransMIL: 2). Models are trained ``runs`` times (seeds seed, seed + 1, ...) and every run is
-tested on the real test slides; metrics come from :func:`histodistill.evaluate.metrics`.
+tested on the real test slides; metrics come from :func:`histodistill.metrics.metrics`.
 
 Departure: the references stop early on a validation split's loss (CLAM patience 20 from epoch
 50, DSMIL 10, TransMIL 10); the datasets here have no validation slides by default, so every
