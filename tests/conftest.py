@@ -109,8 +109,10 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     else:
         # targets first: an option of several values (--configfile) would take them in
         config = [] if "--configfile" in args else ["--configfile", str(workdir / "config.yaml")]
-        cmd = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(ROOT / "Snakefile"),
-               "--directory", str(workdir), *config]
+        # after "--" everything is a target: the harness's options go before it
+        cut = args.index("--") if "--" in args else len(args)
+        cmd = [sys.executable, "-m", "snakemake", *args[:cut], "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(workdir), *config, *args[cut:]]
         cwd, env = ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:

@@ -46,8 +46,9 @@ elif stage == "buffer":
 elif stage == "distill":
     from histodistill.distill.run import distill
     print("READY", flush=True)
-    distill(a["store"], None, None, "dm", 2, a["cfg"], 0, a["out"], a["out"] + ".png",
-            a["out"] + ".json", a["out"] + ".ckpt", 64, progress=False)
+    distill("dm", 2, a["cfg"], 0,
+            {"zarr": a["out"], "grid": a["out"] + ".png", "cost": a["out"] + ".json"},
+            store_path=a["store"], checkpoint=a["out"] + ".ckpt", cache_mb=64, progress=False)
 elif stage == "evaluate":
     from histodistill.evaluate import full_train
     print("READY", flush=True)
