@@ -39,7 +39,7 @@ import tifffile
 from histodistill import config
 from histodistill.slides import tiling, wsi
 from histodistill.io import atomic_path, save_figures
-from histodistill.synth import DemoSpec, render_slide
+from histodistill.synth.cohort import DemoSpec, render_slide
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["normal", "tumor"]
@@ -174,7 +174,7 @@ def best_of(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]
 def demo_slide() -> Path:
     path = ROOT / "results/demo/cohort/training/tumor/tumor_001.tif"
     if not path.exists():
-        from histodistill.synth import DemoSpec, make_cohort
+        from histodistill.synth.cohort import DemoSpec, make_cohort
 
         path = make_cohort(ROOT / "results/bench/cohort", DemoSpec(), progress=False)
         path = path / "training/tumor/tumor_001.tif"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from histodistill.synth import DemoSpec, make_cohort
+from histodistill.synth.cohort import DemoSpec, make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "resources" / "real"

@@ -10,7 +10,8 @@ import pytest
 
 from histodistill.data import ingest
 from histodistill.data.store import SPLITS, PatchStore
-from histodistill.synth import CENTRES, PATCH_CLASSES, PatchDemoSpec, _unit, make_patch_demo
+from histodistill.synth.patches import PATCH_CLASSES, PatchDemoSpec, make_patch_demo
+from histodistill.synth.tissue import CENTRES, unit_vector
 
 SPEC = PatchDemoSpec(n_train=30, n_val=2, n_test=3, seed=5)
 COUNTS = {"train": SPEC.n_train, "val": SPEC.n_val, "test": SPEC.n_test}
@@ -49,7 +50,7 @@ def test_same_seed_same_arrays_other_seed_differs(tmp_path, demo):
 def test_classes_differ_in_colour_as_in_h_and_e(demo):
     data = np.load(demo)
     images, labels = data["train_images"].astype(np.float64), data["train_labels"][:, 0]
-    stains = np.stack([_unit(v) for v in CENTRES[0]["stains"]])
+    stains = np.stack([unit_vector(v) for v in CENTRES[0]["stains"]])
     conc = (-np.log(np.maximum(images, 1) / 255)).reshape(-1, 3) @ np.linalg.pinv(stains)
     conc = conc.reshape(images.shape[:3] + (2,))
     stat = {name: (images[labels == c].mean(), conc[labels == c][..., 0].mean(),

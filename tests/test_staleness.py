@@ -117,6 +117,13 @@ def test_library_hash_follows_imports_and_nothing_else(tmp_path):
     distill = {p.relative_to(params.PACKAGE).as_posix()
                for p in params.library_files(str(ROOT / "scripts" / "distill.py"))}
     assert {"distill/histodd.py", "distill/coreset.py", "data/stream.py", "models.py"} <= distill
+    # the two demos share their rendering primitives, not each other's code
+    cohort = {p.relative_to(params.PACKAGE).as_posix()
+              for p in params.library_files(str(ROOT / "scripts" / "demo_cohort.py"))}
+    patches = {p.relative_to(params.PACKAGE).as_posix()
+               for p in params.library_files(str(ROOT / "scripts" / "demo_patches.py"))}
+    assert "synth/tissue.py" in cohort & patches
+    assert "synth/patches.py" not in cohort and "synth/cohort.py" not in patches
     script = tmp_path / "s.py"
     script.write_text("import os\nfrom histodistill.logs import rule_logging\n")
     other = tmp_path / "t.py"
