@@ -31,6 +31,8 @@ include: "workflow/rules/generate_inputs.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/select_inputs.smk"
 include: "workflow/rules/select.smk"
+include: "workflow/rules/studies_inputs.smk"
+include: "workflow/rules/studies.smk"
 include: "workflow/rules/report.smk"
 
 

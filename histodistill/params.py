@@ -151,6 +151,12 @@ def tuning_settings(evaluate: dict[str, Any], tuning: dict[str, Any], method: st
     return canonical({**picked, "runs": tuning["runs"], "both_protocols": False})
 
 
+def study_settings(evaluate: dict[str, Any], method: str) -> dict[str, Any]:
+    """How a study set is evaluated: ``method``'s evaluation settings (its cross-architecture
+    extras included: a study may ask about them) under its own stain protocol only."""
+    return canonical({**evaluate_settings(evaluate, method), "both_protocols": False})
+
+
 def privacy_audit_settings(privacy: dict[str, Any]) -> dict[str, Any]:
     """What ``privacy_audit`` reads: the ``privacy`` section without ``package`` (the package's
     opt-ins, licence and texts rerun only the package) and without the block size ``batch``

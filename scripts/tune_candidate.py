@@ -1,4 +1,5 @@
-"""Rule tune_candidate: distil one candidate of a method's grid and evaluate it on val."""
+"""Rules tune_candidate and study_set: distil one declared variant of a method (a tuning
+candidate, a study set) and evaluate it on val."""
 import torch
 
 from histodistill.distill.run import distill

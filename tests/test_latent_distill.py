@@ -24,7 +24,7 @@ GLAD = {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "iterations": 
         "outer_loop": 1, "inner_loop": 1, "lr_latent": 1.0, "lr_net": 0.01, "batch_real": 8,
         "augment": {"preset": "dsa"}, "checkpoint_every": 1}
 SLFD = {**GLAD, "rank": 2, "mc_samples": 4, "lr_module": 0.1, "init_var": 0.01, "min_var": 1e-4,
-        "max_var": 1.0}
+        "max_var": 1.0, "learn_shift": True}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,18 @@ def test_slfd_steps_its_module_like_its_latents(toy) -> None:
     assert any(m > 0 for m in moved)
     steps = (d.images.detach() - latents).flatten(1).norm(dim=1)
     assert torch.allclose(steps, torch.full_like(steps, 0.2), rtol=1e-4)
+
+
+def test_without_learn_shift_the_module_learns_the_covariance_only(toy) -> None:
+    """learn_shift false (the latent_distill study's slfd_no_shift): the mean layer stays at
+    zero while the covariance layers move."""
+    d = distiller(toy, "slfd", {**SLFD, "unit_grad": True, "learn_shift": False})
+    d.init_state()
+    before = {k: v.clone() for k, v in d.head.state_dict().items()}
+    d.step(0)
+    after = d.head.state_dict()
+    assert all(torch.equal(after[k], torch.zeros_like(after[k])) for k in ("mean.weight", "mean.bias"))
+    assert any(not torch.equal(after[k], before[k]) for k in after if not k.startswith("mean."))
 
 
 def test_stochastic_loss_is_cross_entropy_when_the_variance_is_zero() -> None:

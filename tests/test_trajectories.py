@@ -32,7 +32,8 @@ MTT = {"iterations": 4, "syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 2
        "lr_lr": 1e-5, "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
 PTM = {"iterations": 9, "syn_steps": 2, "end_epoch": 3, "lr_img": 1000, "lr_lr": 1e-5,
        "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "retrain": 2, "beta_match": 1.0,
-       "beta_overlap": 0.01, "sigma": 1.0, "match_points": "end", "checkpoint_every": 1}
+       "beta_overlap": 0.01, "sigma": 1.0, "match_points": "end", "start_window": 0,
+       "checkpoint_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -301,13 +302,15 @@ def test_ptm_always_starts_from_theta0_and_follows_the_schedule(store_path, expe
 
 
 def test_a_later_start_epoch_unrolls_only_the_rest_of_the_way(store_path, experts, monkeypatch):
-    """The start hook bench/ptm_ablation.py varies: start one epoch before the end point."""
-    d = build("ptm", PTM, 2, context(store_path, experts))
+    """start_window (the ptm_ablation study's window variants): with 1 the student starts one
+    epoch before the end point; with 2, two, but never before theta_0."""
+    d = build("ptm", {**PTM, "start_window": 1}, 2, context(store_path, experts))
     d.init_state()
-    monkeypatch.setattr(d, "start_epoch", lambda t: t - 1)
     seen, steps = ptm_rounds(d, monkeypatch)
     assert seen[0::2] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and seen[1::2] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert steps == [2] * 9
+    assert [build("ptm", {**PTM, "start_window": 2}, 2, context(store_path, experts)).start_epoch(t)
+            for t in (1, 2, 3)] == [0, 0, 1]
 
 
 def test_retraining_points_and_their_iterations():

@@ -160,8 +160,10 @@ class PTM(MTT):
 
     def start_epoch(self, t: int) -> int:
         """The expert epoch the student starts from when matching end point t: theta_0 in every
-        round (PTM's progressive matching; bench/ptm_ablation.py varies it)."""
-        return 0
+        round (PTM's progressive matching), or with ``start_window`` k > 0 the epoch t - k
+        (MTT's span with PTM's schedule: not PTM, the ablation of its from-theta_0 matching)."""
+        window = int(self.cfg["start_window"])
+        return max(0, t - window) if window else 0
 
     def match(self, expert: int, s: int, t: int) -> torch.Tensor:
         """L_match of one round: the student unrolled from the expert's epoch s to t,

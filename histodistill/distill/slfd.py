@@ -85,8 +85,9 @@ class SLFD(GLaD):
         with torch.no_grad():
             dim = self.condition(self.images[:1]).shape[1]
         self.head = StochasticHead(dim, self.ctx.num_classes, int(c["rank"]), float(c["init_var"]),
-                                   float(c.get("min_var", 1e-4)), float(c.get("max_var", 1.0))
-                                   ).to(self.ctx.device)
+                                   float(c["min_var"]), float(c["max_var"])).to(self.ctx.device)
+        if not c["learn_shift"]:  # the ablation: the module learns the covariance only
+            self.head.mean.requires_grad_(False)
         self.opt.add_param_group({"params": list(self.head.parameters()),
                                   "lr": float(c["lr_module"])})
         self._cond: torch.Tensor | None = None
