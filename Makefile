@@ -43,6 +43,7 @@ lint: $(VENV_OK)
 	$(PY) -m snakemake --lint
 	.venv/bin/snakefmt --check Snakefile workflow/rules
 	.venv/bin/ruff check histodistill scripts bench tests
+	$(PY) -m mypy histodistill
 
 # report.html from whatever has been built (the workflow description alone on a fresh clone)
 report: $(VENV_OK)

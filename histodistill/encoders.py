@@ -67,7 +67,7 @@ class Encoder:
     """A feature network with its input normalisation; ``head`` is the classifier's linear head
     for ``supervised`` encoders (class probabilities for centroid selection), else None."""
 
-    net: nn.Module
+    net: models.Classifier | ResNet50Trunc
     stats: Stats
     kind: str
     dim: int
@@ -170,7 +170,7 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
 
 
 def _build(kind: str, net: str, net_kwargs: dict[str, Any], num_classes: int, im_size: int
-           ) -> tuple[nn.Module, int]:
+           ) -> tuple[models.Classifier | ResNet50Trunc, int]:
     if kind == "resnet50_trunc":
         return ResNet50Trunc(), 1024
     model = models.build(net, num_classes, im_size, **net_kwargs)
@@ -195,6 +195,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     net = net.to(dev)
     if kind == "resnet50_trunc":
         stats = IMAGENET
+        assert isinstance(net, ResNet50Trunc)  # what _build makes for this kind
         _load_trunc_weights(net, weights, cfg)
     else:
         real = RealData(store, "train", cache_mb, seed, dev)
@@ -207,6 +208,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
             train(net, lambda epoch: real.epoch(tc.batch, seed * 100003 + epoch), tc, gen, aug,
                   progress=True, checkpoint=ckpt)
         else:
+            assert isinstance(net, models.Classifier)  # what _build makes for every other kind
             _train_simclr(net, dim, real, cfg, aug, gen, ckpt)
         ckpt.remove()
     encoder = Encoder(net.eval(), stats, kind, dim)

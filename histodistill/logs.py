@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 from histodistill.config import ConfigError
 from histodistill.io import WRITE_ERRORS, InputError, OutputError
@@ -39,7 +40,7 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
             sys.stderr = console
 
 
-def _one_line(err: BaseException | str, console: object) -> None:
+def _one_line(err: BaseException | str, console: TextIO) -> None:
     """Report ``err`` as one line in the log and on the console; exit with status 1."""
     logging.error("%s", err)
     print(f"histodistill error: {err}", file=console)

@@ -7,14 +7,13 @@ matching and herding) and ``head`` maps them to logits. All accept any square in
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import nn
 from histodistill.registry import registrar
 
-MODELS: dict[str, Callable[..., "Classifier"]] = {}
+MODELS: dict[str, type["Classifier"]] = {}
 
 
 register = registrar(MODELS)
@@ -85,7 +84,7 @@ class _APBlock(nn.Module):
         self.pool = nn.AvgPool2d(2) if down else nn.Identity()
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.n2 = norm_layer(norm, cout)
-        self.short = nn.Identity()
+        self.short: nn.Module = nn.Identity()
         if down or cin != cout:
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
                                        nn.AvgPool2d(2) if down else nn.Identity(),

@@ -112,7 +112,7 @@ def _registered(tree: ast.Module) -> list[str]:
     for node in tree.body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "__registry__"
-                and isinstance(node.value, ast.Constant)):
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
             return catalogue.modules(node.value.value)
     return []
 

@@ -18,7 +18,7 @@ def registrar(table: dict[str, type]) -> Callable[[str], Callable[[T], T]]:
 
     def register(name: str) -> Callable[[T], T]:
         def wrap(cls: T) -> T:
-            cls.name = name
+            setattr(cls, "name", name)  # T is any class: the attribute may be new to it
             table[name] = cls
             return cls
 

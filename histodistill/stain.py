@@ -165,6 +165,9 @@ class MacenkoNormaliser(torch.nn.Module):
     (blank background) pass through unchanged.
     """
 
+    stains: torch.Tensor  # buffers (registered in __init__)
+    max_c: torch.Tensor
+
     def __init__(self, template: StainTemplate) -> None:
         super().__init__()
         self.io, self.alpha, self.beta = template.io, template.alpha, template.beta
@@ -250,7 +253,8 @@ def build_template(store_path: str | os.PathLike, json_path: str | os.PathLike,
         raise InputError("stain_template", store_path, str(err)) from err
     slide_idx = int(store.array("slide")[template.index])
     template.slide = store.attrs["slides"][slide_idx] if slide_idx >= 0 else ""
-    template.coords = tuple(int(c) for c in store.array("coords")[template.index])
+    x, y = store.array("coords")[template.index]
+    template.coords = (int(x), int(y))
     patch = store.patches(np.array([template.index]))[0].transpose(1, 2, 0)
     with atomic_path(png_path) as tmp:
         Image.fromarray(patch).save(tmp, format="PNG")

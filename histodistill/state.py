@@ -68,7 +68,7 @@ class _HashingWriter(io.RawIOBase):
 class _Offset(io.RawIOBase):
     """``f`` seen from ``offset`` on: the payload after the header, for torch's reader."""
 
-    def __init__(self, f: BinaryIO, offset: int) -> None:
+    def __init__(self, f: io.BufferedIOBase, offset: int) -> None:
         self.f, self.offset = f, offset
         f.seek(offset)
 
@@ -96,7 +96,8 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
         f.write(b"\0" * HEADER)
         writer = _HashingWriter(f)
         try:
-            torch.save(obj, writer)
+            # torch's stub wants IO[bytes]; torch.save needs only write and flush (its docs)
+            torch.save(obj, writer)  # type: ignore[arg-type]
         except RuntimeError:
             if writer.error is not None:  # the disk's own error (full, read-only), not torch's
                 raise writer.error from None
@@ -132,7 +133,8 @@ def load_state(path: str | os.PathLike) -> Any:
         if sha.hexdigest() != digest:
             raise StateError(path, "fails its checksum (the file was altered or damaged)")
         try:
-            return torch.load(_Offset(f, HEADER), map_location="cpu", weights_only=True)
+            # torch's stub wants IO[bytes]; torch.load needs only read, readline, tell and seek
+            return torch.load(_Offset(f, HEADER), map_location="cpu", weights_only=True)  # type: ignore[arg-type]
         except pickle.UnpicklingError as err:
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             what = f"a reference to {found.group(1)}" if found else "an object torch refuses"

@@ -75,16 +75,22 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """The gradient of a parameter that has one."""
+    assert p.grad is not None
+    return p.grad
+
+
 def sam_gradient(net: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float) -> None:
     """Replace the gradients in ``net`` (of its loss at w) by SAM's: the gradient of
     ``loss_fn()`` at w + rho * g / ||g||, the weights then restored. The optimiser's step then
     descends towards flat minima (FTD trains its experts so, for flat trajectories)."""
     params = [p for p in net.parameters() if p.grad is not None]
-    norm = torch.norm(torch.stack([p.grad.norm() for p in params])).clamp_min(1e-12)
+    norm = torch.norm(torch.stack([_grad(p).norm() for p in params])).clamp_min(1e-12)
     moves = []
     with torch.no_grad():
         for p in params:
-            e = p.grad * (rho / norm)
+            e = _grad(p) * (rho / norm)
             p.add_(e)
             moves.append(e)
     net.zero_grad(set_to_none=True)
@@ -137,6 +143,7 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
     first = 0
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
+        assert checkpoint is not None  # resumed only from a checkpoint
         restore_loop(resumed, objs, gen)
         first, times = resumed["epoch"], resumed["times"]
         if curve is not None:
@@ -165,6 +172,7 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
                 hits += int((logits.argmax(1) == yb).sum())
                 seen += len(yb)
             if on_epoch is not None:
+                assert rb is not None, "on_epoch needs batches that carry their rows"
                 rows.append(rb.cpu())
                 correct.append((logits.argmax(1) == yb).cpu())
         sched.step()
@@ -201,7 +209,7 @@ class Inputs:
         self.stats = Stats.from_store(store)
         if stain_norm and template is None:
             raise ValueError("evaluate.stain_norm needs the dataset's stain template")
-        self.stain = MacenkoNormaliser(template).to(dev) if stain_norm else None
+        self.stain = MacenkoNormaliser(template).to(dev) if stain_norm and template is not None else None
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float pixels (on any device) to network inputs on the device."""
@@ -234,7 +242,8 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
     run resumable per epoch."""
     if checkpoint is not None and runs != 1:
         raise ValueError("evaluate_arch: a checkpoint resumes a single training run")
-    results, times, curves = [], [], []
+    results, times = [], []
+    curves: list[dict[str, list[float]]] = []
     for run in tqdm(range(runs), desc=f"{arch} runs", disable=runs == 1):
         gen = torch.Generator().manual_seed(seed + run)
         torch.manual_seed(seed + run)

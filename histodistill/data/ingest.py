@@ -120,6 +120,7 @@ class ImagePolicy:
             raise InputError(STAGE, path, f"is {h} px but {self.first} is {self.size} px: "
                              "images of mixed sizes; set datasets.<name>.patch_size to resize "
                              "them all to one size (bilinear)")
+        assert self.size is not None  # set from the first image when not configured
         if h != self.size:
             self._count(f"{h} px, resized to {self.size} px (bilinear, antialiased)")
             rgb = np.asarray(Image.fromarray(rgb).resize((self.size, self.size),
@@ -221,7 +222,8 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
     image_col = dataset.get("image_column", "image")
     label_col = dataset.get("label_column", "label")
     image_dir = dataset.get("image_dir", "{split}")
-    items, rows, seen = [], [], {}
+    items, rows = [], []
+    seen: dict[Path, str] = {}
     roots = [root, *dataset.get("extra_roots", [])]
     for split, rel in dataset["csv"].items():
         path = Path(str(rel).format(root=root))
@@ -310,6 +312,7 @@ def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: P
             imgs, kept = admitted(chunk)
             if not kept:
                 continue
+            assert policy.size is not None  # set by the first image read
             writer = writer or StoreWriter(tmp, policy.size, attrs=_meta(classes, policy.size, attrs))
             lab = np.array([classes.index(chunk[k][1]) for k in kept], np.int64)
             spl = np.array([SPLITS.index(chunk[k][2]) for k in kept], np.int8)

@@ -11,7 +11,7 @@ distillation draws class-balanced batches without ever loading a split.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 class Stats:
     """Per-channel mean and std of pixels in [0, 1]: the network's input normalisation."""
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    # three values, one per channel: a tuple, or the lists channel_stats computes
+    mean: Sequence[float]
+    std: Sequence[float]
 
     @classmethod
     def from_store(cls, store: PatchStore) -> "Stats":
@@ -41,7 +42,7 @@ class Stats:
                  store.path)
         return cls(*channel_stats(store, "train"))
 
-    def _t(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    def _t(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(1, 3, 1, 1)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:

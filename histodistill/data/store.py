@@ -76,14 +76,15 @@ class StoreWriter:
             arr[n:n + m] = value.astype(arr.dtype, copy=False)
 
 
-@dataclass
+@dataclass(init=False)
 class PatchStore:
-    """Read access to a patch store; arrays are loaded lazily from zarr."""
+    """Read access to a patch store; arrays are loaded lazily from zarr. Opened from any path
+    (``str`` or ``os.PathLike``), kept as a :class:`Path`."""
 
     path: Path
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs: dict[str, Any] = dict(self.group.attrs)
 

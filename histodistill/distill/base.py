@@ -87,6 +87,7 @@ class Distiller(ABC):
     # initialisation), one per image, set by run(); None when no image starts from a real patch.
     # The privacy audit's most exposed members (written to the distilled set as ``sources``).
     source_rows: np.ndarray | None = None
+    aug: Augment  # the methods that augment set it in init_state (:meth:`augment`)
 
     def __init__(self, cfg: dict[str, Any], ipc: int, ctx: Context) -> None:
         self.cfg, self.ipc, self.ctx = cfg, ipc, ctx
@@ -122,7 +123,7 @@ class Distiller(ABC):
     def labels(self) -> torch.Tensor:
         return torch.arange(self.ctx.num_classes).repeat_interleave(torch.tensor(self.ipcs))
 
-    def new_net(self, name: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
+    def new_net(self, name: str, kwargs: dict[str, Any] | None = None) -> models.Classifier:
         """A freshly initialised network, seeded from this run's generator."""
         seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         with torch.random.fork_rng(devices=[]):

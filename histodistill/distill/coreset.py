@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.distill.base import Distiller, register
 from histodistill.training import TrainConfig, train
@@ -55,7 +56,7 @@ class _Trained(_Coreset):
     """Coresets that first train a network on the real training split (streamed, per-image
     augmentation)."""
 
-    def trained_net(self, on_epoch=None) -> torch.nn.Module:
+    def trained_net(self, on_epoch=None) -> models.Classifier:
         net = self.new_net(self.cfg["net"], self.cfg.get("net_kwargs"))
         real = self.ctx.real
         cfg = TrainConfig.from_config(self.cfg["train"])
@@ -77,11 +78,11 @@ class Herding(_Trained):
                 feats.append(net.embed(x).cpu())
             labels.append(y.cpu())
             rows.append(r)
-        feats, rows, labels = torch.cat(feats), torch.cat(rows), torch.cat(labels)
+        feat, row, label = torch.cat(feats), torch.cat(rows), torch.cat(labels)
         chosen = []
         for c in range(self.ctx.num_classes):
-            idx = torch.nonzero(labels == c).flatten()
-            chosen.append(rows[idx[herding_order(feats[idx], self.ipcs[c])]])
+            idx = torch.nonzero(label == c).flatten()
+            chosen.append(row[idx[herding_order(feat[idx], self.ipcs[c])]])
         return torch.cat(chosen).numpy()
 
 

@@ -24,9 +24,9 @@ class DM(Distiller):
         loss = self.images.new_zeros(())
         for k in self.classes:
             real = self.real_batch(k, int(c["batch_real"]))
-            p = self.aug.sample(self.gen)
-            mean_real = net.embed(self.aug.apply(real, p)).mean(0)
-            mean_syn = net.embed(self.aug.apply(self.syn(k), p)).mean(0)
+            draw = self.aug.sample(self.gen)
+            mean_real = net.embed(self.aug.apply(real, draw)).mean(0)
+            mean_syn = net.embed(self.aug.apply(self.syn(k), draw)).mean(0)
             loss = loss + ((mean_real - mean_syn) ** 2).sum()
         self.image_step(loss)
         return loss.item()

@@ -61,7 +61,9 @@ def match_loss(net: nn.Module, params: list[nn.Parameter], x_real: torch.Tensor,
     dist = DISTANCES[distance]
     g_real = torch.autograd.grad(cross_entropy(net, x_real, y_real), params)
     g_syn = torch.autograd.grad(syn_loss(net, x_syn, y_syn), params, create_graph=True)
-    return sum(dist(gr.detach(), gs) for gr, gs in zip(g_real, g_syn))
+    loss = sum(dist(gr.detach(), gs) for gr, gs in zip(g_real, g_syn))
+    assert isinstance(loss, torch.Tensor), "no parameters to match"  # sum() of none is 0
+    return loss
 
 
 def _filter_direction(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

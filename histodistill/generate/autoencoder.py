@@ -68,6 +68,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.temb_proj is not None:
+            assert temb is not None, "a block with a timestep projection takes temb"
             h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
@@ -176,7 +177,10 @@ class Decoder(nn.Module):
         h = self.first(z)
         levels = len(self.up)
         for i, stage in enumerate(self.up):
-            for block in stage["blocks"]:
+            assert isinstance(stage, nn.ModuleDict)  # per level: {"blocks": ModuleList, "upsample"}
+            blocks = stage["blocks"]
+            assert isinstance(blocks, nn.ModuleList)
+            for block in blocks:
                 h = block(h)
             if i + 1 < levels:
                 size = self.sizes[levels - 2 - i]
@@ -218,6 +222,8 @@ def ch_mult_for(cfg: dict[str, Any]) -> list[int]:
 class AutoencoderKL(nn.Module):
     """Encoder, 1x1 moment projection, decoder; ``scale_factor`` maps posterior samples to unit
     variance for the diffusion model (LDM's ``scale_by_std``), set after training."""
+
+    scale_factor: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, image_size: int, ch: int = 128, ch_mult: list[int] | None = None,
                  num_res_blocks: int = 2, z_channels: int = 3, dropout: float = 0.0) -> None:
@@ -293,6 +299,9 @@ VGG_LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 i
 
 class Perceptual(nn.Module):
     """LPIPS-VGG distance between images in [-1, 1], from local weight files only."""
+
+    shift: torch.Tensor  # buffers (registered in __init__)
+    scale: torch.Tensor
 
     def __init__(self, vgg_path: str | os.PathLike, lpips_path: str | os.PathLike | None = None
                  ) -> None:
@@ -403,6 +412,7 @@ class AutoencoderLoss(nn.Module):
         return loss, logs
 
     def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
+        assert self.discriminator is not None, "called once the discriminator is on"
         real, fake = self.discriminator(x.detach()), self.discriminator(xrec.detach())
         return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
 
@@ -435,7 +445,8 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
     loss = seeded(seed + 1, lambda: AutoencoderLoss(cfg)).to(dev)
     loss.check_size(data.image_size)
     lr, betas = float(cfg["lr"]), (0.5, 0.9)
-    opts = {"ae": torch.optim.Adam([*ae.parameters(), loss.logvar], lr=lr, betas=betas)}
+    opts: dict[str, torch.optim.Optimizer] = {
+        "ae": torch.optim.Adam([*ae.parameters(), loss.logvar], lr=lr, betas=betas)}
     if loss.discriminator is not None:
         opts["disc"] = torch.optim.Adam(loss.discriminator.parameters(), lr=lr, betas=betas)
     gen = torch.Generator().manual_seed(seed)

@@ -106,6 +106,7 @@ class Schedule:
         sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
         z_prev = math.sqrt(a_p) * z0 + math.sqrt(max(1 - a_p - sigma ** 2, 0.0)) * eps
         if sigma > 0:
+            assert noise is not None, "DDIM with eta > 0 needs noise"
             z_prev = z_prev + sigma * noise
         return z_prev, z0
 

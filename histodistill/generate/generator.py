@@ -53,9 +53,9 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
     data = PatchSource(src, cache_mb, seed, dev, "train_generator")
     classes = data.num_classes if mode == "cond" else 0
     net = seeded(seed, lambda: uvit.build(cfg, ae.z_channels, ae.latent_size, classes)).to(dev)
+    beta1, beta2 = (float(b) for b in cfg["betas"])  # two (the schema's)
     opt = torch.optim.AdamW(net.parameters(), lr=float(cfg["lr"]),
-                            weight_decay=float(cfg["weight_decay"]),
-                            betas=tuple(float(b) for b in cfg["betas"]))
+                            weight_decay=float(cfg["weight_decay"]), betas=(beta1, beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(int(cfg["warmup"])))
     schedule = Schedule.from_config(cfg["schedule"])
     gen = torch.Generator().manual_seed(seed)

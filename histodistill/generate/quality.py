@@ -89,8 +89,8 @@ def store_outputs(fns: Sequence[Embed], store: PatchStore, split: str, batch: in
     outs: list[list[np.ndarray]] = [[] for _ in fns]
     labels = []
     with torch.no_grad():
-        for x, y, _ in iterate(store, split, batch, None, rows=rows):
-            x = torch.from_numpy(x)
+        for u8, y, _ in iterate(store, split, batch, None, rows=rows):
+            x = torch.from_numpy(u8)
             for out, fn in zip(outs, fns):
                 out.append(fn(x).double().cpu().numpy())
             labels.append(y)

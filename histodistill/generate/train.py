@@ -67,6 +67,7 @@ class TrainState:
     def ema_update(self) -> None:
         """ema = rate * ema + (1 - rate) * weights, parameter by parameter (U-ViT's)."""
         for name, avg in self.ema.items():
+            assert self.ema_rate is not None  # EMA copies are made only with a rate
             src = dict(self.modules[name].named_parameters())
             for pname, p in avg.named_parameters():
                 p.mul_(self.ema_rate).add_(src[pname].detach(), alpha=1 - self.ema_rate)

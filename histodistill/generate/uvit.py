@@ -60,6 +60,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
+            assert skip is not None, "a block with a skip layer takes a skip"
             x = self.skip_linear(torch.cat([x, skip], -1))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
@@ -108,7 +109,7 @@ class UViT(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def _run(self, block: Block, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, block: nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.grad_checkpoint and self.training:
             return checkpoint(block, x, skip, use_reentrant=False)
         return block(x, skip)

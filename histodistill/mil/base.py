@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,15 @@ MODELS: dict[str, type["MILModel"]] = {}
 
 
 register = registrar(MODELS)
+
+
+class Optimiser(Protocol):
+    """What the training loop calls on a model's optimiser: a torch optimiser, or a wrapper
+    with the same methods (TransMIL's Lookahead)."""
+
+    def step(self) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
 
 
 @dataclass
@@ -57,14 +66,13 @@ class MILModel(nn.Module, ABC):
         """(C,) class probabilities of a bag, for predictions and metrics."""
         return out.logits.softmax(-1)
 
-    def optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> Optimiser:
         """The reference's optimiser (Adam with ``lr`` and ``weight_decay`` by default)."""
         return torch.optim.Adam(self.parameters(), lr=float(self.cfg["lr"]),
                                 weight_decay=float(self.cfg["weight_decay"]))
 
-    def scheduler(self, opt: torch.optim.Optimizer, epochs: int
-                  ) -> torch.optim.lr_scheduler.LRScheduler | None:
-        """A per-epoch learning-rate schedule, or None (constant)."""
+    def scheduler(self, opt: Optimiser, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """A per-epoch learning-rate schedule of the model's ``optimizer()``, or None (constant)."""
         return None
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodistill.mil.base import BagOutput, MILModel, register
+from histodistill.mil.base import BagOutput, MILModel, Optimiser, register
 
 
 @register("dsmil")
@@ -38,8 +38,8 @@ class DSMIL(MILModel):
         self.q = (nn.Sequential(nn.Linear(in_dim, q), nn.ReLU(), nn.Linear(q, q), nn.Tanh())
                   if cfg.get("nonlinear", True) else nn.Linear(in_dim, q))
         if cfg.get("passing_v", False):
-            self.v = nn.Sequential(nn.Dropout(float(cfg.get("dropout_node", 0.0))),
-                                   nn.Linear(in_dim, in_dim), nn.ReLU())
+            self.v: nn.Module = nn.Sequential(nn.Dropout(float(cfg.get("dropout_node", 0.0))),
+                                              nn.Linear(in_dim, in_dim), nn.ReLU())
         else:
             self.v = nn.Identity()
         self.fcc = nn.Conv1d(self.outputs, self.outputs, kernel_size=in_dim)
@@ -82,12 +82,12 @@ class DSMIL(MILModel):
         return s / s.sum().clamp_min(1e-12)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        betas = tuple(float(b) for b in self.cfg.get("betas", (0.5, 0.9)))
-        return torch.optim.Adam(self.parameters(), lr=float(self.cfg["lr"]), betas=betas,
+        beta1, beta2 = (float(b) for b in self.cfg.get("betas", (0.5, 0.9)))  # two (the schema's)
+        return torch.optim.Adam(self.parameters(), lr=float(self.cfg["lr"]), betas=(beta1, beta2),
                                 weight_decay=float(self.cfg["weight_decay"]))
 
-    def scheduler(self, opt: torch.optim.Optimizer, epochs: int
-                  ) -> torch.optim.lr_scheduler.LRScheduler:
+    def scheduler(self, opt: Optimiser, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
         """Cosine annealing over the epochs down to ``min_lr`` (5e-6), as ``train_tcga.py``."""
+        assert isinstance(opt, torch.optim.Optimizer)  # this model's optimizer(): Adam
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs,
                                                           float(self.cfg.get("min_lr", 5e-6)))

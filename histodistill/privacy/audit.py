@@ -87,6 +87,7 @@ class Space:
         if self.name == "pixel":  # centred: smaller norms, smaller float32 error in the products
             v = (x.flatten(1).float() - 127.5) / 255
             return v / v.shape[1] ** 0.5
+        assert self.encoder is not None  # every space but "pixel" has an encoder
         return torch.nn.functional.normalize(self.encoder.embed(x).float(), dim=1)
 
 
@@ -115,9 +116,9 @@ def bootstrap_auc(members: np.ndarray, nonmembers: np.ndarray, resamples: int, s
         h = nonmembers[rng.integers(0, n0, (k, n0))]
         ranks = rankdata(-np.concatenate([m, h], 1), axis=1)  # higher rank = closer
         values.append((ranks[:, :n1].sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0))
-    values = np.concatenate(values)
+    aucs = np.concatenate(values)
     tail = (1 - level) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+    return [float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))]
 
 
 def heldout_split(store: PatchStore, wanted: str) -> str:
@@ -341,7 +342,7 @@ def save_pairs_grid(pairs: dict[str, np.ndarray], section: dict[str, Any], class
     patch, distance (and M in red when memorised) beneath, closest first."""
     k = max(p.shape[1] for p in pairs.values())
     fig = Figure(figsize=(max(1.0 * k + 0.8, 6.5), 2.7 * len(pairs)))
-    for sub, (name, pair) in zip(np.atleast_1d(fig.subfigures(len(pairs), 1)), pairs.items()):
+    for sub, (name, pair) in zip(fig.subfigures(len(pairs), 1, squeeze=False)[:, 0], pairs.items()):
         info = section["spaces"][name]
         sub.suptitle(f"{name} space: memorised {info['memorised']:.2f} (M: distance <= "
                      f"{info['threshold']:.3g}, the {section['percentile']:g}th percentile of "

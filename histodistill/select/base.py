@@ -80,6 +80,7 @@ class Candidates:
         """(N, D) encoder features, aligned with :attr:`rows`."""
         if self._features is None:
             self._embed()
+        assert self._features is not None  # set by _embed (or it raised)
         return self._features
 
     @property
@@ -88,6 +89,7 @@ class Candidates:
         if self._features is None:
             self._embed()
         if self._probs is None:
+            assert self.encoder is not None  # _embed, which needs one, has run
             raise ValueError(f"a {self.encoder.kind} encoder has no classifier head; centroid "
                              "selection needs the supervised encoder")
         return self._probs

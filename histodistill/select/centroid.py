@@ -71,6 +71,7 @@ class Centroid(Selector):
 
     def rank(self, c: int) -> tuple[np.ndarray, np.ndarray, int]:
         if self._centroids is None:
+            assert self.ctx.encoder is not None  # the workflow gives centroid one (select_encoder)
             self._centroids = class_centroids(self.ctx.encoder, self.ctx.real)
         if c not in self._cache:
             pos = self.ctx.pool.of_class(c)

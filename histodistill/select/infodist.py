@@ -136,6 +136,7 @@ class InfoDist(Selector):
             emb, knn = self.embedding(pos, seed)
             graph = knn if self.cfg["graph"] == "knn" else softmax_graph(
                 emb, float(self.cfg["eta"]), relative=bool(self.cfg.get("relative", False)))
+            assert graph is not None  # 'knn' needs embedding 'umap' (checked in __init__)
             comm = communities(graph, seed, int(self.cfg["trials"]))
             log.info("class %d: %d candidates, %d edges, %d communities (sizes %s), codelength %.3f",
                      c, len(pos), graph.nnz, len(comm.sizes), sorted(comm.sizes.tolist())[::-1][:10],

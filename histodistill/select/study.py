@@ -29,7 +29,7 @@ from histodistill.runtime import device, versions
 from histodistill.training import Batches, Inputs, TrainConfig, evaluate_arch
 from histodistill.generate.quality import frechet_distance, real_rows, store_features
 from histodistill.io import InputError, write_json
-from histodistill.select.base import build
+from histodistill.select.base import Selector, build
 from histodistill.select.run import open_pool, per_class, selection_context
 from histodistill.stain import StainTemplate
 
@@ -65,8 +65,8 @@ def mixed_batches(inputs: Inputs, sources: list[tuple[PatchStore, np.ndarray]], 
     def epoch(e: int):  # noqa: ANN202
         streams = [iterate(store, "train", b, seed * 100003 + e * 31 + k, buffer_mb, rows=rows)
                    for k, ((store, rows), b) in enumerate(zip(sources, shares))]
-        for parts in zip_longest(*streams):
-            parts = [p for p in parts if p is not None]
+        for row in zip_longest(*streams):
+            parts = [p for p in row if p is not None]
             x = np.concatenate([p[0] for p in parts])
             y = np.concatenate([p[1] for p in parts])
             yield inputs(torch.from_numpy(x)), torch.from_numpy(y).to(inputs.dev), None
@@ -89,15 +89,20 @@ def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], c
     aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template, inputs.stats.mean,
                   inputs.stats.std)
     train_cfg = TrainConfig.from_config(cfg["train"])
+    assert ctx.encoder is not None  # given encoder_path (the study always has one)
     real_feats, _ = store_features(ctx.encoder.embed, real, "train", 256,
                                    real_rows(real, int(cfg["max_real"]), seed))
-    settings = [("real only", 0.0, None)]
+    settings: list[tuple[str, float, Selector | None]] = [("real only", 0.0, None)]
     settings += [("selected", float(r), selected) for r in cfg["ratios"]]
     settings.append(("random", float(cfg["control_ratio"]), control))
     results = []
     for name, ratio, selector in settings:
         k = int(round(ratio * k_real))
-        pos = per_class(selector, ctx.pool, k, STAGE) if k else np.zeros(0, np.int64)
+        if k:
+            assert selector is not None  # only "real only" has none, and its ratio is 0
+            pos = per_class(selector, ctx.pool, k, STAGE)
+        else:
+            pos = np.zeros(0, np.int64)
         sources = [(real, subset), (pool, ctx.pool.rows[pos])]
         summary = evaluate_arch(
             cfg["arch"], cfg.get("arch_kwargs", {}),

@@ -56,8 +56,8 @@ def read_asap_xml(
         group = node.get("PartOfGroup", "")
         try:
             coords = sorted(
-                (int(c.get("Order", i)), float(c.get("X").replace(",", ".")),
-                 float(c.get("Y").replace(",", ".")))
+                (int(c.get("Order", i)), float(c.get("X", "").replace(",", ".")),
+                 float(c.get("Y", "").replace(",", ".")))
                 for i, c in enumerate(node.iter("Coordinate"))
             )
         except (TypeError, ValueError, AttributeError) as err:

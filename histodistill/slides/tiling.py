@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from histodistill.slides import annotations, wsi
+from histodistill.slides import annotations as asap, wsi
 from histodistill.data.stream import record_channel_stats
 from histodistill.io import did_you_mean, InputError, settings_hash
 from histodistill.data.store import FIELDS, SPLITS, StoreWriter
@@ -65,9 +65,9 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     default = slide_label if cfg["unannotated_label"] == "slide" else cfg["unannotated_label"]
     labels = np.full(len(coords), _class_index(default, class_names, path), np.int64)
     if annotation:
-        ann = annotations.read_asap_xml(annotation, cfg["tumour_groups"], cfg["exclusion_groups"],
-                                        STAGE, cfg["ignore_groups"], dims)
-        frac = annotations.tumour_fraction(ann, coords, size0)
+        ann = asap.read_asap_xml(annotation, cfg["tumour_groups"], cfg["exclusion_groups"],
+                                 STAGE, cfg["ignore_groups"], dims)
+        frac = asap.tumour_fraction(ann, coords, size0)
         labels[frac >= cfg["tumour_overlap"]] = _class_index(cfg["tumour_class"], class_names, path)
     return coords, labels, geom
 

@@ -77,6 +77,7 @@ def base_resolution(
             )
         mpp = default_mpp
     if mag is None:
+        assert mpp is not None  # recorded, or the default: both missing was refused above
         mag = 10.0 / mpp
     if mpp is None:
         mpp = 10.0 / mag
@@ -110,8 +111,9 @@ def geometry(
     level = max(i for i, d in enumerate(downs) if d <= scale * (1 + 1e-3))
     read = int(round(patch_size * scale / downs[level]))
     vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "")
+    width, height = slide.level_dimensions[level]
     return SlideGeometry(mpp, mag, scale, level, downs[level], read, patch_size, stride, vendor,
-                         tuple(slide.level_dimensions[level]))
+                         (width, height))
 
 
 def tissue_mask(
@@ -132,7 +134,7 @@ def tissue_mask(
     # the BOX-averaged thumbnail is already smooth; opening below removes isolated specks
     sat = np.asarray(Image.fromarray(thumb).convert("HSV").getchannel("S"))
     if sat.max() < min_saturation:
-        mask = np.zeros(sat.shape, bool)
+        mask: np.ndarray = np.zeros(sat.shape, bool)  # 2-D (numpy's stub infers a 0-d shape)
     else:
         mask = sat > max(float(threshold_otsu(sat)), min_saturation)
         mask = ndimage.binary_opening(mask, iterations=1)
@@ -268,6 +270,7 @@ class _TiffLevel:
         try:
             with tifffile.TiffFile(path) as tif:
                 for page in tif.pages:
+                    assert isinstance(page, tifffile.TiffPage)  # frames only when asked for (useframes)
                     if (page.is_tiled and (page.imagewidth, page.imagelength) == (width, height)
                             and page.samplesperpixel == 3 and page.bitspersample == 8
                             and page.tiledepth == 1 and page.planarconfig == 1):
@@ -293,6 +296,7 @@ class _TiffLevel:
         data = os.pread(self.fd, self.counts[index], self.offsets[index])
         try:
             seg, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
+            assert seg is not None  # None only when decode is given no data
         except RuntimeError as err:  # imagecodecs' codec errors (Jpeg8Error, ...)
             y, x = divmod(index, self.ntx)
             raise InputError(STAGE, self.path, f"pixel data cannot be decoded at level "
@@ -334,7 +338,7 @@ def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threa
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for b in np.unique(band):
             members = order[band == b]
-            need = set()
+            need: set[int] = set()
             for lx, ly in lxy[members]:
                 rows, cols = level.rows_cols(int(lx), int(ly), r)
                 need.update(ty * level.ntx + tx for ty in rows for tx in cols)

@@ -71,7 +71,8 @@ class Plan:
         """MTT's order: a fresh permutation of the images, cut into batches of ``batch`` (all
         images when None), consumed one batch per step (from the end, as the reference pops)."""
         batch = batch or n_images
-        batches, augments, chunks = [], [], []
+        batches, augments = [], []
+        chunks: list[torch.Tensor] = []
         for _ in range(steps):
             if not chunks:
                 chunks = list(torch.randperm(n_images, generator=gen).split(batch))
@@ -99,6 +100,7 @@ def _sgd_steps(student: Student, theta: torch.Tensor, images: torch.Tensor, labe
         idx = plan.batches[k].to(images.device)
         x = images[idx]
         if plan.augments[k]:
+            assert augment is not None  # a plan draws parameters only with an augment
             x = augment.apply(x, plan.augments[k])
         if not create_graph:
             theta = theta.detach().requires_grad_(True)
