@@ -136,7 +136,7 @@ def _slide_stain(rng: np.random.Generator, centre: int) -> tuple[list, float, fl
 def _resize(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear float32 resize of a low-resolution field to ``shape`` (fast, pixel centres)."""
     img = Image.fromarray(np.ascontiguousarray(field, np.float32), mode="F")
-    return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR))
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def render_slide(rng: np.random.Generator, spec: DemoSpec, tumour: bool, centre: int
@@ -221,7 +221,7 @@ def render_slide(rng: np.random.Generator, spec: DemoSpec, tumour: bool, centre:
     fibres = _resize(fibres, shape)
     eosin = (_resize(e_base, shape) + _resize(e_fibre, shape) * fibres) * tissue
     eosin = np.clip(eosin, 0, None) + cyto
-    hema = hema * 0.95 + np.float32(0.04) * tissue
+    hema = (hema * 0.95 + np.float32(0.04) * tissue).astype(np.float32, copy=False)
 
     # Staining: the slide's stains; section thickness and the uptake of each stain varying
     # over the slide (patch to patch); focus.
@@ -308,7 +308,7 @@ def make_cohort(out: str | os.PathLike, spec: DemoSpec, progress: bool = True) -
                 if row["split"] == "test":
                     writer.writerow([row["slide"], row["label"].capitalize()])
         with open(tmp / "slides.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["slide", "label", "centre", "split"])
-            writer.writeheader()
-            writer.writerows(rows)
+            table = csv.DictWriter(f, fieldnames=["slide", "label", "centre", "split"])
+            table.writeheader()
+            table.writerows(rows)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -213,7 +214,7 @@ def make_patch_demo(out: str | os.PathLike, spec: PatchDemoSpec, progress: bool 
     """
     out = Path(out)
     counts = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
-    arrays = {"class_names": np.array(spec.classes)}
+    arrays: dict[str, Any] = {"class_names": np.array(spec.classes)}
     n_classes = len(spec.classes)
     total = n_classes * sum(counts.values())
     with tqdm(total=total, desc="patch demo", disable=not progress) as bar:
