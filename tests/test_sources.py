@@ -20,6 +20,18 @@ def test_listing_is_rewritten_only_when_its_text_changes(tmp_path):
     assert path.read_text() == "b\n"
 
 
+def test_a_dry_run_leaves_the_listing_alone(tmp_path):
+    path = tmp_path / "sources" / "x.txt"
+    assert sources.listing_input(path, "a\n", dry_run=False) == str(path)
+    before = path.stat().st_mtime_ns
+    assert sources.listing_input(path, "a\n", dry_run=True) == str(path)  # unchanged: itself
+    changed = sources.listing_input(path, "b\n", dry_run=True)
+    assert changed != str(path) and open(changed).read() == "b\n"
+    assert path.read_text() == "a\n" and path.stat().st_mtime_ns == before
+    assert not sources.listing_input(tmp_path / "new" / "y.txt", "c\n", dry_run=True).startswith(str(tmp_path))
+    assert not (tmp_path / "new").exists()
+
+
 def test_cohort_tables_and_listing(small_cohort, tmp_path):
     ds = {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort)}
     assert sources.cohort_tables("c16", ds) == [str(small_cohort / "testing/reference.csv")]

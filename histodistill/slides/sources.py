@@ -10,6 +10,7 @@ patches, by size or mtime) replaced. Listing thousands of files costs millisecon
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,22 @@ def write_if_changed(path: str | os.PathLike, text: str) -> str:
         tmp.write_text(text)
         os.replace(tmp, path)
     return str(path)
+
+
+def listing_input(path: str | os.PathLike, text: str, dry_run: bool) -> str:
+    """The listing input of a job: ``path``, rewritten when ``text`` changed (see
+    :func:`write_if_changed`). A dry run writes nothing under results/: when the listing would
+    change, it gets a fresh copy in the system's temporary folder instead, newer than every
+    output, so the dry run still plans the jobs that read it."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return str(path)
+    if not dry_run:
+        return write_if_changed(path, text)
+    fd, tmp = tempfile.mkstemp(prefix=f"histodistill-dryrun-{path.stem}-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return tmp
 
 
 def cohort_tables(name: str, dataset: dict[str, Any]) -> list[str]:

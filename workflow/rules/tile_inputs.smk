@@ -34,8 +34,10 @@ def cohort_input(wildcards):
         dataset_classes(name, rows),
         ds.get("unannotated_slides", ()),
     )
-    listing = hdsources.write_if_changed(
-        f"results/{name}/sources/cohort.txt", hdsources.cohort_listing(rows)
+    listing = hdsources.listing_input(
+        f"results/{name}/sources/cohort.txt",
+        hdsources.cohort_listing(rows),
+        workflow.dryrun,
     )
     return hdsources.cohort_tables(name, ds) + [listing]
 
@@ -84,6 +86,8 @@ def ingest_input(wildcards):
         raise WorkflowError(str(err)) from None
     if listing is not None:
         files.append(
-            hdsources.write_if_changed(f"results/{name}/sources/ingest.txt", listing)
+            hdsources.listing_input(
+                f"results/{name}/sources/ingest.txt", listing, workflow.dryrun
+            )
         )
     return files
