@@ -108,10 +108,16 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
     subprocess.run([*snakemake, "--report", str(out), *snakemake_args], check=True)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="report.html of what has been built so far")
+def main(argv: list[str] | None = None) -> None:
+    """``histodistill report [OUT]``: report.html of what has been built so far."""
+    parser = argparse.ArgumentParser(prog="histodistill report",
+                                     description="report.html of what has been built so far")
     parser.add_argument("out", nargs="?", default="report.html")
     try:
-        build_report(parser.parse_args().out)
+        build_report(parser.parse_args(argv).out)
     except subprocess.CalledProcessError as err:  # snakemake has printed why
         sys.exit(err.returncode)
+
+
+if __name__ == "__main__":
+    main()

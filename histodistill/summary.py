@@ -55,5 +55,11 @@ def summarise(folder: str | Path) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``histodistill summary [FOLDER]``: where a dataset's results and figures are."""
+    args = sys.argv[1:] if argv is None else argv
+    print(summarise(args[0] if args else "results/demo"))
+
+
 if __name__ == "__main__":
-    print(summarise(sys.argv[1] if len(sys.argv) > 1 else "results/demo"))
+    main()

@@ -418,8 +418,10 @@ def update_readme(readme: str | Path, folder: str | Path, bench: str | Path | No
                 update_block(readme, f"bench:{path.stem}", figures)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="results table from result JSON files")
+def main(argv: list[str] | None = None) -> None:
+    """``histodistill tables``: results tables from result JSON files (see the module's usage)."""
+    parser = argparse.ArgumentParser(prog="histodistill tables",
+                                     description="results table from result JSON files")
     parser.add_argument("folder", nargs="?")
     parser.add_argument("--readme")
     parser.add_argument("--bench", help="folder of benchmark figure files (results/bench)")
@@ -430,7 +432,7 @@ if __name__ == "__main__":
                         help="copy the folder's small result JSON files here (committed)")
     parser.add_argument("--frontier", metavar="PNG",
                         help="draw accuracy against memorised share (pixel space) per method")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.augment:
         print(augment_table(args.augment))
     elif args.collect:
@@ -448,3 +450,7 @@ if __name__ == "__main__":
         privacy = privacy_table(args.folder)
         if privacy:
             print("\n" + privacy)
+
+
+if __name__ == "__main__":
+    main()

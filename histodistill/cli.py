@@ -1,0 +1,31 @@
+"""The ``histodistill`` command: the library's tools beside the Snakemake workflow.
+
+``histodistill report [OUT]``, ``histodistill tables ...``, ``histodistill summary [FOLDER]``,
+``histodistill budget ...``: each is the module of that name's ``main`` (``--help`` on each).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "report": ("histodistill.report", "report.html of what has been built so far"),
+    "tables": ("histodistill.tables", "results tables, README blocks, committed result files"),
+    "summary": ("histodistill.summary", "where a dataset's results and figures are"),
+    "budget": ("histodistill.distill.budget", "iteration counts that fill a distillation budget"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``argv[0]`` to its module's ``main`` with the rest of the arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in COMMANDS:
+        listing = "\n".join(f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items())
+        sys.exit(f"usage: histodistill COMMAND [ARGS]\ncommands:\n{listing}")
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    module.main(args[1:])
+
+
+if __name__ == "__main__":
+    main()
