@@ -141,7 +141,71 @@ def test_trajectory_defaults_and_per_dataset_profiles():
 
 def test_every_per_ipc_setting_is_resolved_per_ipc():
     spec = yaml.safe_load(config.SCHEMA.read_text())
-    for name in ("method_settings", "mtt_settings", "ptm_settings"):
-        per_ipc = {k for k, v in spec["$defs"][name]["properties"].items()
-                   if v.get("$ref") == "#/$defs/per_ipc"}
+    refs = {f"#/$defs/{d}" for d in ("per_ipc", "per_ipc_count", "per_ipc_rate")}
+    names = [n for n in spec["$defs"] if n.endswith("_settings")]
+    assert {"method_settings", "histodd_settings", "mtt_settings", "ptm_settings"} <= set(names)
+    for name in names:
+        per_ipc = {k for k, v in spec["$defs"][name]["properties"].items() if v.get("$ref") in refs}
         assert per_ipc <= set(config.PER_IPC), (name, per_ipc - set(config.PER_IPC))
+
+
+KEYWORDS = {"$schema", "$defs", "$ref", "description", "default", "type", "properties",
+            "additionalProperties", "propertyNames", "required", "items", "enum", "const",
+            "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "minItems", "maxItems",
+            "uniqueItems", "minProperties", "pattern"}
+
+
+def schema_properties(node, path=()):
+    """(dotted path, property schema) of every property anywhere in the schema: under
+    ``properties`` of the sections, of ``$defs`` entries, nested, and inside ``items``,
+    ``additionalProperties``, ``allOf`` and ``oneOf``."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from schema_properties(item, (*path, f"[{i}]"))
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("default", "const", "enum"):  # values, not schemas
+            continue
+        if key in ("properties", "$defs") and isinstance(value, dict):
+            where = path if key == "properties" else (*path, "$defs")
+            for name, sub in value.items():
+                if key == "properties":
+                    yield ".".join((*where, str(name))), sub
+                yield from schema_properties(sub, (*where, str(name)))
+        else:
+            yield from schema_properties(value, (*path, key))
+
+
+def test_every_schema_property_has_a_description():
+    spec = yaml.safe_load(config.SCHEMA.read_text())
+    properties = list(schema_properties(spec))
+    assert len(properties) > 400  # the walk reaches the sections, $defs and nested objects
+    missing = [p for p, sub in properties
+               if not (isinstance(sub, dict) and isinstance(sub.get("description"), str)
+                       and sub["description"].strip())]
+    assert not missing, f"schema properties without a description: {missing}"
+
+
+def test_schema_has_no_stray_keywords():
+    """A description in a flow mapping with an unquoted comma becomes a stray key: caught here."""
+    spec = yaml.safe_load(config.SCHEMA.read_text())
+    stray = []
+
+    def walk(node, path):
+        if isinstance(node, list):
+            for item in node:
+                walk(item, path)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("properties", "$defs"):
+                    for name, sub in value.items():
+                        walk(sub, f"{path}.{name}")
+                elif key not in ("default", "const", "enum"):
+                    if key not in KEYWORDS:
+                        stray.append(f"{path}: {key}")
+                    walk(value, path)
+
+    walk(spec, "")
+    assert not stray, stray
