@@ -5,8 +5,9 @@ Usage: python bench/latent_distill.py [--dataset demo_patches] [--ipc 10] [--see
                                       [--out DIR]
 
 Needs the dataset's store, template, full-data result and the generator's autoencoder (e.g.
-`snakemake --cores 2 results/demo_patches/glad_ipc10.json` builds them); stops with a message
-when one is missing. With the dataset's settings from config.yaml, in one run, for every seed:
+`snakemake --cores 2 results/demo_patches/glad_ipc10.json --configfile configs/demo_patches.yaml`
+builds them); stops with a message when one is missing. With the dataset's settings (config.yaml
+and its overlay, configs/<dataset>.yaml), in one run, for every seed:
   glad        - GLaD (gradient matching through the frozen decoder);
   slfd        - SLFD (GLaD scored by the stochastic low-rank logit module, learned);
   slfd_fixed  - SLFD with the module frozen at its initialisation (lr_module 0): the Monte
@@ -51,7 +52,7 @@ class NoShiftSLFD(SLFD):
         self.head.mean.requires_grad_(False)
 
 
-# variant -> (method run, method whose config.yaml settings it takes, overrides)
+# variant -> (method run, method whose configured settings it takes, overrides)
 VARIANTS = {"glad": ("glad", "glad", {}), "slfd": ("slfd", "slfd", {}),
             "slfd_fixed": ("slfd", "slfd", {"lr_module": 0.0}),
             "slfd_no_shift": ("slfd_no_shift", "slfd", {})}

@@ -5,8 +5,9 @@ Usage: python bench/ptm_ablation.py [--dataset demo_patches] [--ipc 10] [--varia
 
 Needs the dataset's store, template, full-data result and expert buffer, and the pipeline's mtt
 and random results at that ipc for the comparison (e.g. `snakemake --cores 2
-results/demo_patches/{mtt,random}_ipc10.json` builds them); stops with a message when one is
-missing. With the dataset's ptm settings from config.yaml, each variant changes one thing:
+results/demo_patches/{mtt,random}_ipc10.json --configfile configs/demo_patches.yaml` builds them);
+stops with a message when one is missing. With the dataset's ptm settings (config.yaml and its
+overlay, configs/<dataset>.yaml), each variant changes one thing:
   ptm             - as configured (the reference of every other variant);
   syn_steps10     - 10 student steps per expert epoch;
   lr_img10        - a tenth of the demo's image learning rate (does the saturation matter?);

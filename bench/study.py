@@ -39,7 +39,7 @@ class Dataset:
     def load(cls, name: str, results: str | Path, study: str, experts: bool = False,
              autoencoder: bool = False) -> Dataset:
         """The dataset's files under ``results``; exits with a message when one is missing."""
-        cfg = config.load(ROOT / "config.yaml")
+        cfg = config.load(config.CONFIG, *config.overlays(name))  # its profile, if an overlay
         base = Path(results) / name
         ds = cls(name, cfg, base / "patches.zarr", base / "stain/template.json",
                  {"convnet": base / "full/convnet.json"})
@@ -55,7 +55,7 @@ class Dataset:
         return ds
 
     def section(self, key: str) -> dict[str, Any]:
-        """The dataset's settings of one stage (config.yaml merged with its profile)."""
+        """The dataset's settings of one stage (the global section merged with its profile)."""
         return config.section(self.cfg, self.name, key)
 
     def method(self, method: str, ipc: int, **overrides: Any) -> dict[str, Any]:

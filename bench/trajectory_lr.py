@@ -5,8 +5,9 @@ Usage: python bench/trajectory_lr.py [--dataset demo_patches] [--ipc 2] [--lrs 1
                                      [--out DIR]
 
 Needs the dataset's store, template, full-data result and expert buffer (e.g.
-`snakemake --cores 2 results/demo_patches/mtt_ipc2.json` builds them); stops with a message when
-one is missing. With the dataset's settings from config.yaml, in one run: mtt and ptm once per
+`snakemake --cores 2 results/demo_patches/mtt_ipc2.json --configfile configs/demo_patches.yaml`
+builds them); stops with a message when one is missing. With the dataset's settings (config.yaml
+and its overlay, configs/<dataset>.yaml), in one run: mtt and ptm once per
 lr_img and random real patches, each evaluated with the dataset's evaluation settings. Prints one
 `name: value` line per figure; the image grids and the full results go to --out (default
 results/bench/trajectory_lr_<dataset>), the figures to the file of that name with .txt. About
