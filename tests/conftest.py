@@ -167,11 +167,11 @@ TINY_MIL = {  # two of the four models (each is unit-tested; CI time)
 
 def tiny_config(path: Path, **edits: dict) -> None:
     """The shipped config (config.yaml with the overlays of configs/ merged over it, as
-    `--configfile` merges them) in one file, the demo shrunk to 4 small slides and a few
-    iterations; ``edits`` are merged into top-level sections (the schema fills the rest)."""
-    cfg = hdconfig.read(hdconfig.CONFIG, *hdconfig.overlays("demo", "demo_patches", "pcam"))
-    cfg["demo"] = {**cfg.get("demo", {}), "n_train": 2, "n_test": 2, "width": 1024, "height": 768,
-                   "levels": 3}
+    `--configfile` merges them, every section filled with the schema's defaults) in one file,
+    the demo shrunk to 4 small slides and a few iterations; ``edits`` are merged into top-level
+    sections."""
+    cfg = hdconfig.load(hdconfig.CONFIG, *hdconfig.overlays("demo", "demo_patches", "pcam"))
+    cfg["demo"].update(n_train=2, n_test=2, width=1024, height=768, levels=3)
     demo = cfg["datasets"]["demo"]
     demo["centre_split"] = {"normal": 1, "tumor": 1}
     demo["tiling"].update(patch_size=32, stride=32, max_patches_per_slide=60)
@@ -179,7 +179,7 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
     demo["trajectories"] = TINY_TRAJECTORIES
     for section, values in edits.items():
-        cfg[section] = hdconfig.merge(cfg.get(section, {}), values)
+        cfg[section] = hdconfig.merge(cfg[section], values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
