@@ -5,6 +5,8 @@ VENV_OK := .venv/.installed
 REAL    := resources/real/cmu_small_region.svs
 CORES   ?= 2
 TARGET  ?= demo
+# The demos' settings: overlays merged over config.yaml (defaults: workflow/schemas/config.schema.yaml)
+DEMO_CONFIG := configs/demo.yaml configs/demo_patches.yaml
 
 .PHONY: demo test test-all test-slurm lint report venv resources bench table pcam pcam-generate clean
 
@@ -23,7 +25,7 @@ $(REAL): | $(VENV_OK)
 	$(PY) -m histodistill.assets resources/real
 
 demo: $(VENV_OK) $(REAL)
-	$(PY) -m snakemake --cores $(CORES) $(TARGET)
+	$(PY) -m snakemake --cores $(CORES) $(TARGET) --configfile $(DEMO_CONFIG)
 	@$(PY) -m histodistill.summary results/demo
 
 # The fast tier (unit tests and one tiny end-to-end run, about 3 minutes on 2 cores); test-all
@@ -55,12 +57,13 @@ bench: $(VENV_OK) $(REAL)
 	$(PY) bench/memory.py
 	$(PY) bench/privacy.py
 	$(PY) bench/trajectory.py
-	$(PY) -m snakemake --cores $(CORES) results/demo/slide_eval/histodd_ipc10.json  # bench/mil.py reads its bags
+	$(PY) -m snakemake --cores $(CORES) results/demo/slide_eval/histodd_ipc10.json --configfile configs/demo.yaml  # bench/mil.py reads its bags
 	$(PY) bench/mil.py
 	$(PY) bench/generate.py
 	$(PY) bench/selection.py
 
-# Real-tissue comparison on the PCam subset beside the project (not shipped: skipped when missing):
+# Real-tissue comparison on the PCam subset beside the project (not shipped: skipped when missing),
+# its settings the overlay configs/pcam.yaml:
 # every method at the profile's equal budget, settings chosen on val, Histo-DD and random over
 # distill.seeds seeds; the small result files are copied to docs/results/pcam (committed) and
 # docs/results.md's tables regenerated from them (docs/results.md: the protocol)
@@ -69,7 +72,7 @@ PCAM_RESULTS := $(foreach m,histodd dm random,$(foreach i,2 10,results/pcam/$(m)
 	$(foreach m,histodd random,results/pcam/seeds/$(m)_ipc10.json)
 pcam: $(VENV_OK)
 	@if [ -d $(PCAM) ]; then \
-	  $(PY) -m snakemake --cores $(CORES) $(PCAM_RESULTS) && \
+	  $(PY) -m snakemake --cores $(CORES) $(PCAM_RESULTS) --configfile configs/pcam.yaml && \
 	  $(PY) -m histodistill.tables results/pcam --collect docs/results/pcam && \
 	  $(PY) -m histodistill.tables docs/results/pcam --readme docs/results.md && \
 	  $(PY) -m histodistill.tables docs/results/pcam --frontier docs/results/pcam_frontier.png; \
@@ -81,7 +84,7 @@ PCAM_GENERATE := $(foreach g,uvit histodiffusion,results/pcam/generate/$(g)_qual
 	results/pcam/augment_centroid.json
 pcam-generate: $(VENV_OK)
 	@if [ -d $(PCAM) ]; then \
-	  $(PY) -m snakemake --cores $(CORES) $(PCAM_GENERATE) && \
+	  $(PY) -m snakemake --cores $(CORES) $(PCAM_GENERATE) --configfile configs/pcam.yaml && \
 	  $(PY) -m histodistill.tables results/pcam --collect docs/results/pcam && \
 	  $(PY) -m histodistill.tables docs/results/pcam --readme docs/results.md; \
 	else echo "pcam-generate: $(PCAM) is missing (it is not shipped with the project); skipping"; fi

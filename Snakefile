@@ -1,6 +1,8 @@
 # histodistill: distil a histopathology WSI cohort into a small synthetic patch set.
-#   snakemake --cores 2 demo                                      (the embedded demo cohort)
+#   snakemake --cores 2 demo --configfile configs/demo.yaml       (the embedded demo cohort)
 #   snakemake --profile slurm results/camelyon16/histodd_ipc10.json   (on a SLURM cluster)
+# config.yaml holds what a user edits; the defaults are in workflow/schemas/config.schema.yaml,
+# the demos' and PCam's settings in overlays, configs/<dataset>.yaml, given with --configfile.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -38,36 +40,48 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        final_targets(config["dataset"]),
+        profile_inputs("all", [config["dataset"]], final_targets(config["dataset"])),
 
 
 rule demo:
     input:
-        final_targets("demo"),
+        profile_inputs("demo", ["demo"], final_targets("demo")),
 
 
 rule demo_pretiled:
     input:
-        [
-            f"results/demo_patches/{m}_ipc10.json"
-            for m in ("histodd", "dsa", "dm", "random")
-        ],
+        profile_inputs(
+            "demo_pretiled",
+            ["demo_patches"],
+            [
+                f"results/demo_patches/{m}_ipc10.json"
+                for m in ("histodd", "dsa", "dm", "random")
+            ],
+        ),
 
 
 rule demo_generate:
     input:
-        [
-            f"results/{d}/generate/{g}_quality.json"
-            for d in ("demo", "demo_patches")
-            for g in ("uvit", "histodiffusion")
-        ],
+        profile_inputs(
+            "demo_generate",
+            ["demo", "demo_patches"],
+            [
+                f"results/{d}/generate/{g}_quality.json"
+                for d in ("demo", "demo_patches")
+                for g in ("uvit", "histodiffusion")
+            ],
+        ),
 
 
 rule demo_select:
     input:
-        [
-            f"results/{d}/{m}_ipc10.json"
-            for d in ("demo", "demo_patches")
-            for m in ("infodist", "synrandom", "centroid", "glad", "slfd")
-        ],
-        "results/demo_patches/augment_centroid.json",
+        profile_inputs(
+            "demo_select",
+            ["demo", "demo_patches"],
+            [
+                f"results/{d}/{m}_ipc10.json"
+                for d in ("demo", "demo_patches")
+                for m in ("infodist", "synrandom", "centroid", "glad", "slfd")
+            ]
+            + ["results/demo_patches/augment_centroid.json"],
+        ),

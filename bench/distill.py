@@ -2,7 +2,8 @@
 
 Usage: python bench/distill.py [--store results/demo/patches.zarr] [--repeats N]
 
-On the demo store with the demo profile (config.yaml), in one run, interleaved, best of N:
+On the demo store with the demo profile (config.yaml and configs/demo.yaml), in one run,
+interleaved, best of N:
   histodd - one outer loop (U inner iterations) as the method runs it: network drawn from the
             pool and perturbed, per class a streamed real and a synthetic batch augmented alike,
             layer-wise L1 gradient match and an image step, then a network pass over n_data
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cfg = config.load(ROOT / "config.yaml")
+    cfg = config.load(config.CONFIG, *config.overlays("demo"))
     dist_cfg = config.section(cfg, "demo", "distill")
     real = RealData(PatchStore(args.store), "train", dist_cfg["cache_mb"], 0, torch.device("cpu"))
     template = StainTemplate.load(Path(args.store).parent / "stain/template.json")

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1000, help="patches per full bag at scale")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = config.mil(config.load(ROOT / "config.yaml"), args.dataset)
+    cfg = config.mil(config.load(config.CONFIG, *config.overlays(args.dataset)), args.dataset)
     folder = ROOT / "results" / args.dataset / "bags" / cfg["encoder"]
     classes = PatchStore(ROOT / "results" / args.dataset / "patches.zarr").class_names
     syn = Bags(folder / args.bags, classes, "train")

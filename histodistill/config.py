@@ -1,7 +1,10 @@
 """Config validation against the workflow's JSON schema, with one clear message per problem.
 
 The Snakefile calls :func:`validate` on load; the message names the offending key by its dotted
-path and lists the allowed keys or values. Defaults from the schema are filled in.
+path and lists the allowed keys or values. Defaults from the schema, their only source, are
+filled in. ``config.yaml`` holds what a user edits; the demo, pre-tiled demo and PCam profiles
+are overlays, ``configs/<dataset>.yaml``, that Snakemake merges over it with ``--configfile``
+(:func:`read` merges the same way, for code that loads a config outside Snakemake).
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import yaml
 
 from histodistill import catalogue
 
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+CONFIG = ROOT / "config.yaml"  # what a user edits
+OVERLAYS = ROOT / "configs"  # configs/<dataset>.yaml: a dataset's profile, given with --configfile
 
 
 class ConfigError(ValueError):
     """The config does not match the schema; the message names the key."""
 
 
-def _with_defaults(validator_class: type) -> type:
+def _with_defaults(validator_class: Any) -> Any:
+    """``validator_class`` (a jsonschema validator) that also fills in each missing property's
+    ``default`` as it validates: the schema is the one source of defaults."""
     validate_props = validator_class.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
@@ -149,17 +157,51 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return config
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a config file."""
-    with open(path) as f:
-        return validate(yaml.safe_load(f) or {})
+def overlay(name: str) -> Path | None:
+    """``configs/<name>.yaml``, the overlay that configures dataset ``name``, if there is one."""
+    path = OVERLAYS / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def overlays(*names: str) -> list[Path]:
+    """The overlays of those of ``names`` that have one (see :func:`overlay`)."""
+    return [p for p in map(overlay, names) if p is not None]
+
+
+def read(*paths: str | os.PathLike) -> dict[str, Any]:
+    """Config files merged in order, each over the ones before by :func:`merge` (as
+    ``snakemake --configfile`` merges them over the Snakefile's ``config.yaml``), not validated."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as f:
+            config = merge(config, yaml.safe_load(f) or {})
+    return config
+
+
+def load(*paths: str | os.PathLike) -> dict[str, Any]:
+    """Read config files (:func:`read`: e.g. ``config.yaml`` and the overlays of
+    :func:`overlays`) and validate the merged config."""
+    return validate(read(*paths))
 
 
 def dataset(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """One dataset's entry, or an error listing the configured datasets."""
+    """One dataset's entry, or an error listing the configured datasets (and naming the
+    overlay to add when ``configs/<name>.yaml`` exists)."""
     if name not in config["datasets"]:
-        raise ConfigError(f"dataset {name!r} is not configured; datasets: {sorted(config['datasets'])}")
+        raise ConfigError(not_configured(config, name))
     return config["datasets"][name]
+
+
+def not_configured(config: dict[str, Any], name: str) -> str:
+    """The message for a dataset that is not configured: the configured ones, and the overlay
+    that configures it, if there is one."""
+    message = f"dataset {name!r} is not configured; datasets: {sorted(config['datasets'])}"
+    path = overlay(name)
+    if path is not None:
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        message += (f"; its settings are the overlay {shown}: add `--configfile {shown}` to the "
+                    "snakemake command")
+    return message
 
 
 def tiling(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from histodistill import config
 from histodistill.io import InputError, atomic_path, read_json
 from histodistill.tables import result_files, rows, slide_rows
 
@@ -108,13 +109,21 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
     subprocess.run([*snakemake, "--report", str(out), *snakemake_args], check=True)
 
 
+def overlay_args(workdir: str | os.PathLike = ".") -> list[str]:
+    """``--configfile`` with the overlays (configs/<dataset>.yaml) of the datasets that have
+    results under ``workdir``, so that Snakemake knows their settings (none: no arguments)."""
+    names = sorted(p.name for p in Path(workdir).glob("results/*/") if p.is_dir())
+    files = [os.path.relpath(p) for p in config.overlays(*names)]
+    return ["--configfile", *files] if files else []
+
+
 def main(argv: list[str] | None = None) -> None:
     """``histodistill report [OUT]``: report.html of what has been built so far."""
     parser = argparse.ArgumentParser(prog="histodistill report",
                                      description="report.html of what has been built so far")
     parser.add_argument("out", nargs="?", default="report.html")
     try:
-        build_report(parser.parse_args(argv).out)
+        build_report(parser.parse_args(argv).out, snakemake_args=overlay_args())
     except subprocess.CalledProcessError as err:  # snakemake has printed why
         sys.exit(err.returncode)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from histodistill import config as hdconfig
 from histodistill.synth.cohort import DemoSpec, make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,9 +166,11 @@ TINY_MIL = {  # two of the four models (each is unit-tested; CI time)
 
 
 def tiny_config(path: Path, **edits: dict) -> None:
-    """The shipped config shrunk to 4 small slides and a few iterations; ``edits`` update
-    top-level sections."""
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    """The shipped config (config.yaml with the overlays of configs/ merged over it, as
+    `--configfile` merges them, every section filled with the schema's defaults) in one file,
+    the demo shrunk to 4 small slides and a few iterations; ``edits`` are merged into top-level
+    sections."""
+    cfg = hdconfig.load(hdconfig.CONFIG, *hdconfig.overlays("demo", "demo_patches", "pcam"))
     cfg["demo"].update(n_train=2, n_test=2, width=1024, height=768, levels=3)
     demo = cfg["datasets"]["demo"]
     demo["centre_split"] = {"normal": 1, "tumor": 1}
@@ -176,7 +179,7 @@ def tiny_config(path: Path, **edits: dict) -> None:
     demo["encoders"], demo["mil"] = TINY_ENCODERS, TINY_MIL
     demo["trajectories"] = TINY_TRAJECTORIES
     for section, values in edits.items():
-        cfg[section].update(values)
+        cfg[section] = hdconfig.merge(cfg[section], values)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 

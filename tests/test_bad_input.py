@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import yaml
 from PIL import Image
 
 from histodistill import config
@@ -20,7 +19,7 @@ from histodistill.slides import annotations, cohort, tiling, wsi
 from histodistill.io import InputError
 from histodistill.data.store import PatchStore, StoreWriter
 
-CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+CONFIG = config.read(config.CONFIG, *config.overlays("demo", "demo_patches", "pcam"))
 TILING = config.validate({"datasets": {}})["tiling"] | {"magnification": 10, "patch_size": 32,
                                                         "stride": 32, "mask_mpp": 4.0}
 
@@ -80,7 +79,7 @@ def test_ipc_zero_and_ipc_above_a_class_count_are_one_error(tmp_path):
 
 def test_dataset_overrides_get_no_schema_defaults():
     cfg = copy.deepcopy(CONFIG)
-    cfg["distill"]["pool"] = {"net": "resnet18"}
+    cfg.setdefault("distill", {})["pool"] = {"net": "resnet18"}
     cfg["datasets"]["demo"]["distill"] = {"pool": {"size": 2}}
     cfg = config.validate(cfg)
     assert cfg["datasets"]["demo"]["distill"] == {"pool": {"size": 2}}

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from histodistill import catalogue, config, tables
 from histodistill.privacy.package import is_coreset
@@ -27,7 +26,7 @@ def test_registries_schema_and_tables_follow_the_catalogue():
     schema = config.load_schema()
     assert schema["$defs"]["method"]["enum"] == catalogue.names()
     assert schema["$defs"]["selection_method"]["enum"] == catalogue.names("select")
-    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())["select"]["methods"]
+    shipped = config.load(config.CONFIG)["select"]["methods"]  # the schema's defaults
     assert sorted(shipped) == sorted(catalogue.names("select"))
     assert {m["selector"] for m in shipped.values()} <= set(SELECTORS)
     assert tables.ORDER == catalogue.names()
@@ -73,6 +72,7 @@ def test_a_new_method_is_one_module_and_one_row(tmp_path):
         copy_(ROOT / name, tmp_path / name)
     (tmp_path / "profiles").symlink_to("workflow/profiles")
     shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
     (tmp_path / "histodistill/distill/toy.py").write_text(TOY)
     cat = tmp_path / "histodistill/catalogue.py"
     cat.write_text(cat.read_text().replace(")\nBY_NAME", ROW, 1))
@@ -83,6 +83,7 @@ def test_a_new_method_is_one_module_and_one_row(tmp_path):
     assert "'toy'" in registered
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/demo/toy_ipc2.json",
+         "--configfile", "configs/demo.yaml",
          "--config", "datasets={demo: {distill: {methods: {toy: {}}}}}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
 from histodistill import config
 
-CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+# config.yaml with the demo, pre-tiled demo and PCam overlays merged over it (as --configfile does)
+CONFIG = config.read(config.CONFIG, *config.overlays("demo", "demo_patches", "pcam"))
+
+
+def at(cfg: dict, dotted: str) -> dict:
+    """The mapping at a dotted key of a config, created empty where the files leave it out (the
+    schema fills its defaults)."""
+    for key in dotted.split("."):
+        cfg = cfg.setdefault(key, {})
+    return cfg
 
 
 def test_shipped_config_is_valid_and_defaults_fill_in():
@@ -24,26 +32,26 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["tiling"].update(magnifcation=5),
+    (lambda c: at(c, "tiling").update(magnifcation=5),
      r"'tiling.magnifcation' is not recognised; allowed keys here: \['default_mpp'"),
     (lambda c: c["datasets"]["demo"].update(format="svs"),
      r"'datasets.demo.format' = 'svs' is not allowed; choose one of \['wsi'"),
     (lambda c: c.update(stains={}), r"'stains' is not recognised; allowed keys here: \['dataset', 'datasets', 'demo'"),
-    (lambda c: c["stain"].update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
+    (lambda c: at(c, "stain").update(beta=-1), r"'stain.beta' = -1: -1 is less than the minimum of 0"),
     (lambda c: c["datasets"]["demo"]["tiling"].update(patch_size="64"), r"'datasets.demo.tiling.patch_size' = '64'"),
-    (lambda c: c["distill"]["methods"]["mtt"].update(syn_step=20),
+    (lambda c: at(c, "distill.methods.mtt").update(syn_step=20),
      r"'distill.methods.mtt.syn_step' is not recognised; allowed keys here: \['augment', 'batch_syn'"),
-    (lambda c: c["distill"]["methods"]["ptm"].update(retrain=-1),
+    (lambda c: at(c, "distill.methods.ptm").update(retrain=-1),
      r"'distill.methods.ptm.retrain' = -1: -1 is less than the minimum of 0"),
-    (lambda c: c["distill"]["methods"]["ptm"].update(sigma=0),
+    (lambda c: at(c, "distill.methods.ptm").update(sigma=0),
      r"'distill.methods.ptm.sigma' = 0"),
-    (lambda c: c["distill"]["methods"]["ptm"].update(max_start_epoch=2),  # an mtt key
+    (lambda c: at(c, "distill.methods.ptm").update(max_start_epoch=2),  # an mtt key
      r"'distill.methods.ptm.max_start_epoch' is not recognised"),
-    (lambda c: c["distill"]["methods"]["mtt"].update(end_epoch=5),  # a ptm key
+    (lambda c: at(c, "distill.methods.mtt").update(end_epoch=5),  # a ptm key
      r"'distill.methods.mtt.end_epoch' is not recognised"),
-    (lambda c: c["trajectories"].update(dtype="float64"),
+    (lambda c: at(c, "trajectories").update(dtype="float64"),
      r"'trajectories.dtype' = 'float64' is not allowed; choose one of \['float32', 'float16'\]"),
-    (lambda c: c["trajectories"].update(net="resnet50"), r"'trajectories.net' = 'resnet50'"),
+    (lambda c: at(c, "trajectories").update(net="resnet50"), r"'trajectories.net' = 'resnet50'"),
     (lambda c: c["datasets"]["demo"]["trajectories"].update(experts=0),
      r"'datasets.demo.trajectories.experts' = 0: 0 is less than the minimum of 1"),
     (lambda c: c["datasets"]["demo"]["distill"]["methods"]["ptm"].update(beta1=2),
@@ -141,7 +149,119 @@ def test_trajectory_defaults_and_per_dataset_profiles():
 
 def test_every_per_ipc_setting_is_resolved_per_ipc():
     spec = yaml.safe_load(config.SCHEMA.read_text())
-    for name in ("method_settings", "mtt_settings", "ptm_settings"):
-        per_ipc = {k for k, v in spec["$defs"][name]["properties"].items()
-                   if v.get("$ref") == "#/$defs/per_ipc"}
+    refs = {f"#/$defs/{d}" for d in ("per_ipc", "per_ipc_count", "per_ipc_rate")}
+    names = [n for n in spec["$defs"] if n.endswith("_settings")]
+    assert {"method_settings", "histodd_settings", "mtt_settings", "ptm_settings"} <= set(names)
+    for name in names:
+        per_ipc = {k for k, v in spec["$defs"][name]["properties"].items() if v.get("$ref") in refs}
         assert per_ipc <= set(config.PER_IPC), (name, per_ipc - set(config.PER_IPC))
+
+
+KEYWORDS = {"$schema", "$defs", "$ref", "description", "default", "type", "properties",
+            "additionalProperties", "propertyNames", "required", "items", "enum", "const",
+            "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "minItems", "maxItems",
+            "uniqueItems", "minProperties", "pattern"}
+
+
+def schema_properties(node, path=()):
+    """(dotted path, property schema) of every property anywhere in the schema: under
+    ``properties`` of the sections, of ``$defs`` entries, nested, and inside ``items``,
+    ``additionalProperties``, ``allOf`` and ``oneOf``."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from schema_properties(item, (*path, f"[{i}]"))
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("default", "const", "enum"):  # values, not schemas
+            continue
+        if key in ("properties", "$defs") and isinstance(value, dict):
+            where = path if key == "properties" else (*path, "$defs")
+            for name, sub in value.items():
+                if key == "properties":
+                    yield ".".join((*where, str(name))), sub
+                yield from schema_properties(sub, (*where, str(name)))
+        else:
+            yield from schema_properties(value, (*path, key))
+
+
+def test_every_schema_property_has_a_description():
+    spec = yaml.safe_load(config.SCHEMA.read_text())
+    properties = list(schema_properties(spec))
+    assert len(properties) > 400  # the walk reaches the sections, $defs and nested objects
+    missing = [p for p, sub in properties
+               if not (isinstance(sub, dict) and isinstance(sub.get("description"), str)
+                       and sub["description"].strip())]
+    assert not missing, f"schema properties without a description: {missing}"
+
+
+def test_schema_has_no_stray_keywords():
+    """A description in a flow mapping with an unquoted comma becomes a stray key: caught here."""
+    spec = yaml.safe_load(config.SCHEMA.read_text())
+    stray = []
+
+    def walk(node, path):
+        if isinstance(node, list):
+            for item in node:
+                walk(item, path)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("properties", "$defs"):
+                    for name, sub in value.items():
+                        walk(sub, f"{path}.{name}")
+                elif key not in ("default", "const", "enum"):
+                    if key not in KEYWORDS:
+                        stray.append(f"{path}: {key}")
+                    walk(value, path)
+
+    walk(spec, "")
+    assert not stray, stray
+
+
+OVERLAYS = {"demo": "configs/demo.yaml", "demo_patches": "configs/demo_patches.yaml",
+            "pcam": "configs/pcam.yaml"}
+
+
+def test_config_yaml_and_the_overlays_validate_and_the_schema_defaults_land():
+    assert [p.relative_to(config.ROOT).as_posix() for p in config.overlays(*OVERLAYS)] == \
+        list(OVERLAYS.values())
+    shipped = yaml.safe_load(config.CONFIG.read_text())
+    assert not set(OVERLAYS) & set(shipped["datasets"])  # the profiles live in their overlays
+    alone = config.load(config.CONFIG)
+    for name, path in OVERLAYS.items():
+        raw = yaml.safe_load((config.ROOT / path).read_text())
+        assert list(raw) == ["datasets"] and list(raw["datasets"]) == [name]  # its dataset only
+        # Snakemake hands --configfile contents to the Snakefile as overrides, which it types
+        # (config.apply_overrides): an overlay must read the same that way
+        assert config.parse_overrides(raw) == raw
+        cfg = config.load(config.CONFIG, config.ROOT / path)
+        assert {k: v for k, v in cfg.items() if k != "datasets"} == \
+            {k: v for k, v in alone.items() if k != "datasets"}  # it changes its dataset alone
+    cfg = config.validate(copy.deepcopy(CONFIG))
+    assert cfg["distill"]["methods"]["histodd"]["inner_loop"] == 100
+    assert cfg["distill"]["methods"]["histodd"]["outer_loop"] == {10: 200, 20: 500, 50: 1000}
+    assert cfg["distill"]["methods"]["random"] == {}
+    assert cfg["mil"]["settings"]["clam_sb"]["epochs"] == 200
+    assert cfg["mil"]["settings"]["transmil"]["lookahead"] == {"k": 6, "alpha": 0.5}
+    assert cfg["encoders"]["simclr"]["kind"] == "simclr" and cfg["encoders"]["simclr"]["proj_dim"] == 256
+    assert cfg["select"]["methods"]["infodist_real"]["source"] == "real"
+    assert cfg["select"]["methods"]["infodist_real"]["eta"] == 0.001  # infodist's, merged
+    assert cfg["evaluate"]["train"] == {"epochs": 1000, "lr": 0.01, "batch": 256, "schedule": "step"}
+    assert cfg["privacy"]["package"]["intended_use"].startswith("Research on training")
+    # the overlays' profiles over the defaults
+    demo = config.method_config(cfg, "demo", "histodd", 10)
+    assert (demo["outer_loop"], demo["inner_loop"], demo["lr_img"]) == (60, 10, 0.05)
+    assert config.mil(cfg, "demo")["settings"]["clam_sb"] == {**cfg["mil"]["settings"]["clam_sb"],
+                                                             "epochs": 40}
+    assert config.method_config(cfg, "pcam", "dm", 2)["iterations"] == 1018
+
+
+def test_a_dataset_without_its_overlay_names_the_overlay():
+    cfg = config.load(config.CONFIG)
+    with pytest.raises(config.ConfigError, match=r"dataset 'demo' is not configured; datasets: "
+                                                 r"\['camelyon16'.*`--configfile \S*configs/demo.yaml`"):
+        config.dataset(cfg, "demo")
+    with pytest.raises(config.ConfigError) as err:
+        config.dataset(cfg, "camelyon17")  # no overlay: the configured datasets only
+    assert "configs/" not in str(err.value)

@@ -20,7 +20,7 @@ TINY = ROOT / "tests/slurm/tiny.yaml"  # the demo shrunk to seconds per stage
 def smk_args(work: Path) -> list[str]:
     """The snakemake options of a fresh working directory on the tiny demo."""
     return ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-            "--configfile", str(ROOT / "config.yaml"), str(TINY)]
+            "--configfile", str(ROOT / "config.yaml"), str(ROOT / "configs/demo.yaml"), str(TINY)]
 
 
 def built_args(work: Path) -> list[str]:

@@ -11,7 +11,7 @@ from histodistill import catalogue, config, studies
 
 
 def test_every_variant_is_a_catalogued_method_with_known_settings():
-    cfg = config.load(ROOT / "config.yaml")
+    cfg = config.load(ROOT / "config.yaml", *config.overlays("demo_patches"))
     for name, study in studies.STUDIES.items():
         assert study.reference in study.variants, name
         for variant, v in study.variants.items():

@@ -167,6 +167,21 @@ def test_bad_config_key_fails_with_one_clear_message(tmp_path):
     assert "config key 'tiling.magnifcation' is not recognised" in proc.stdout + proc.stderr
 
 
+def test_a_demo_target_without_its_overlay_stops_with_one_line(tmp_path):
+    """config.yaml alone configures no demo: `demo` and `demo_pretiled` stop before the DAG is
+    built with one line naming the overlay to add; with it, the demo's DAG builds."""
+    shipped = str(ROOT / "config.yaml")
+    for target, overlay in (("demo", "demo.yaml"), ("demo_pretiled", "demo_patches.yaml")):
+        proc = snakemake(tmp_path, "-n", target, "--configfile", shipped, check=False)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        lines = [line for line in text.splitlines() if "is not configured" in line]
+        assert len(lines) == 1 and f"`--configfile {ROOT / 'configs' / overlay}`" in lines[0], text
+        assert "Traceback" not in text and 'File "' not in text, text
+    proc = snakemake(tmp_path, "-n", "demo", "--configfile", shipped, str(ROOT / "configs/demo.yaml"))
+    assert planned_jobs(proc)["demo_cohort"] == 1
+
+
 def test_missing_dataset_root_names_the_key(tmp_path):
     tiny_config(tmp_path / "config.yaml")
     proc = snakemake(tmp_path, "-n", "results/camelyon16/stain/template.json", check=False)

@@ -6,8 +6,9 @@ wall-clock on one machine (the loop's seconds, as every cost file records them b
 updates): a few iterations of each method, spread over its run, are timed at its dataset's
 settings on an otherwise idle machine, its seconds per iteration measured, and ``budget / seconds
 per iteration`` iterations written out as the YAML
-block to paste into the dataset's profile, so that a rerun is reproducible from the counts. The
-measurement is recorded (JSON) with the machine it was taken on.
+block to paste into the dataset's profile (its overlay, configs/<dataset>.yaml, read with
+config.yaml unless --config names the files), so that a rerun is reproducible from the counts.
+The measurement is recorded (JSON) with the machine it was taken on.
 
 Usage: python -m histodistill.distill.budget --dataset pcam --seconds 900 --ipc 2 10 \\
            --methods histodd dm --out docs/results/pcam/budget.json
@@ -111,10 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ipc", type=int, nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--probe", type=int, default=3, help="iterations measured per method")
-    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--config", nargs="+", default=None,
+                        help="config files merged in order (default: config.yaml and the "
+                             "dataset's overlay configs/<dataset>.yaml, when it has one)")
     parser.add_argument("--out", required=True, help="JSON of the measurement")
     args = parser.parse_args(argv)
-    cfg = hdconfig.validate(yaml.safe_load(Path(args.config).read_text()))
+    files = args.config or [hdconfig.CONFIG, *hdconfig.overlays(args.dataset)]
+    cfg = hdconfig.load(*files)
     torch.set_num_threads(int(os.environ.get("BUDGET_THREADS", torch.get_num_threads())))
     calibration = calibrate(cfg, args.dataset, args.methods, args.ipc, args.seconds, args.probe)
     write_json(args.out, merged(args.out, calibration))

@@ -67,7 +67,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("slurm")
     cmd = [sys.executable, "-m", "snakemake", TARGET, "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(work),
-           "--configfile", str(ROOT / "config.yaml"), str(ROOT / "tests/slurm/tiny.yaml"),
+           "--configfile", str(ROOT / "config.yaml"), str(ROOT / "configs/demo.yaml"),
+           str(ROOT / "tests/slurm/tiny.yaml"),
            "--profile", "slurm", "--retries", "0", "--latency-wait", "5",
            "--slurm-init-seconds-before-status-checks", "2", "--slurm-status-command", "squeue"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

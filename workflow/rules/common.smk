@@ -1,5 +1,6 @@
 # Config validation and the small helpers every rule reads its settings through.
 import os
+import sys
 from pathlib import Path
 
 import histodistill.catalogue as hdcatalogue
@@ -157,6 +158,18 @@ def final_targets(name):
     """Every result file the configured targets ask for, for one dataset."""
     t = config["targets"]
     return [f"results/{name}/{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]
+
+
+def profile_inputs(rule_name, names, files):
+    """The inputs of a top-level target over the datasets ``names`` (the demos, whose settings
+    are overlays in configs/). Asked for by name while one of them is not configured (its overlay
+    not given with --configfile), the run stops here, before the DAG is built, with one line
+    naming the overlay to add (a SystemExit: no traceback, unlike an error in the DAG).
+    """
+    missing = [n for n in names if n not in config["datasets"]]
+    if missing and rule_name in sys.argv[1:]:
+        raise SystemExit(f"Error: {hdconfig.not_configured(config, missing[0])}")
+    return files
 
 
 def encoder_cfg(name, encoder):
