@@ -25,7 +25,7 @@ NET = {"width": 8, "norm": "none"}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> PatchStore:
+def toy_store(tmp_path_factory) -> PatchStore:
     return PatchStore(make_toy_store(tmp_path_factory.mktemp("toy") / "p.zarr"))
 
 
@@ -37,8 +37,8 @@ def pool(seed: int = 0, size: int = 16, n: int = 2) -> dict:
     return {"net": "convnet", "net_kwargs": NET, "states": states}
 
 
-def context(store: PatchStore, checkpoint=None, seed: int = 0, cache_mb: float = 64) -> Context:
-    real = RealData(store, "train", cache_mb, seed, torch.device("cpu"))
+def context(toy_store: PatchStore, checkpoint=None, seed: int = 0, cache_mb: float = 64) -> Context:
+    real = RealData(toy_store, "train", cache_mb, seed, torch.device("cpu"))
     return Context(real, seed, None, checkpoint, pool(), progress=False)
 
 
@@ -67,24 +67,24 @@ def test_every_method_is_registered_and_configured_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SETTINGS))
-def test_method_returns_ipc_images_per_class(method, store):
-    images, labels = build(method, SETTINGS[method], 3, context(store)).run()
+def test_method_returns_ipc_images_per_class(method, toy_store):
+    images, labels = build(method, SETTINGS[method], 3, context(toy_store)).run()
     assert images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     if method in ("random", "herding", "forgetting"):  # coresets hold real patches of their class
-        x = torch.from_numpy(store.patches()).float() / 255
-        y = torch.from_numpy(store.array("label"))
-        train = torch.from_numpy(store.array("split") == 0)
+        x = torch.from_numpy(toy_store.patches()).float() / 255
+        y = torch.from_numpy(toy_store.array("label"))
+        train = torch.from_numpy(toy_store.array("split") == 0)
         for img, lab in zip(images, labels):
             match = ((x == img).flatten(1).all(1) & train).nonzero().flatten()
             assert len(match) >= 1 and (y[match] == lab).all()
 
 
-def test_synthetic_images_stay_in_range_after_a_huge_gradient(store):
+def test_synthetic_images_stay_in_range_after_a_huge_gradient(toy_store):
     """Every image step clamps: a step of size 1e6 cannot leave [0, 1] (in either space)."""
     for method in ("histodd", "dm"):
         cfg = {**SETTINGS[method], "lr_img": 1e6, "unit_grad": False}
-        d = build(method, cfg, 2, context(store))
+        d = build(method, cfg, 2, context(toy_store))
         d.init_state()
         d.step(0)
         pixels = d.result()
@@ -92,27 +92,27 @@ def test_synthetic_images_stay_in_range_after_a_huge_gradient(store):
         if d.space == "pixel":
             assert d.images.min() >= 0 and d.images.max() <= 1
         else:  # normalised space: clamped to where pixels 0 and 1 land, per channel
-            lo, hi = context(store).stats.bounds(d.images)
+            lo, hi = context(toy_store).stats.bounds(d.images)
             assert (d.images >= lo - 1e-6).all() and (d.images <= hi + 1e-6).all()
         assert ((pixels == 0) | (pixels == 1)).float().mean() > 0.2  # the step really was huge
 
 
-def test_image_spaces_follow_the_references(store):
+def test_image_spaces_follow_the_references(toy_store):
     assert METHODS["histodd"].space == "pixel"  # Acc-DD/IDC: [0, 1], normalised in the pipeline
     for method in ("dc", "dsa", "dm"):
         assert METHODS[method].space == "normalised"  # DC/DM reference code
-    d = build("dm", SETTINGS["dm"], 2, context(store))
+    d = build("dm", SETTINGS["dm"], 2, context(toy_store))
     d.init_state()
-    stats = context(store).stats
+    stats = context(toy_store).stats
     torch.testing.assert_close(stats.pixels(d.images.detach()), d.result(), atol=1e-6, rtol=0)
 
 
-def test_network_inputs_are_normalised_with_the_store_statistics(store):
+def test_network_inputs_are_normalised_with_the_store_statistics(toy_store):
     """What reaches the network during distillation has per-channel mean ~0 and std ~1 over
     the real data (the store's channel statistics)."""
     seen = []
     d = build("dm", {**SETTINGS["dm"], "augment": {"preset": "none"}, "batch_real": 24}, 2,
-              context(store))
+              context(toy_store))
     d.init_state()
     real = torch.cat([d.real_batch(c, 24) for c in range(2)])
     assert real.mean((0, 2, 3)).abs().max() < 0.05
@@ -120,12 +120,12 @@ def test_network_inputs_are_normalised_with_the_store_statistics(store):
     net = d.new_net("convnet", NET)
     net.body[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
     net.embed(d.syn(0))
-    stats = context(store).stats
+    stats = context(toy_store).stats
     torch.testing.assert_close(seen[0], stats.normalise(d.result()[:2]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("width,batch,scale", [(8, 8, 1.0), (32, 24, 1.0), (8, 8, 1e4)])
-def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(store, width, batch, scale):
+def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(toy_store, width, batch, scale):
     """With unit_grad each image moves at most lr_img / (1 - momentum) per step (L2 norm), for
     any network width, batch size or loss scale; without it the step grows with the scale."""
     lr = 0.5
@@ -133,7 +133,7 @@ def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(store, width,
     for unit in (True, False):
         d = build("dm", {**SETTINGS["dm"], "net_kwargs": {"width": width, "norm": "none"},
                          "batch_real": batch, "lr_img": lr, "unit_grad": unit,
-                         "augment": {"preset": "none"}}, 2, context(store))
+                         "augment": {"preset": "none"}}, 2, context(toy_store))
         d.space = "pixel"  # measure in pixels; the clamp only ever shortens a step
         d.init_state()
         worst = 0.0
@@ -202,10 +202,10 @@ def test_model_augmentation_draws_acc_dd_steps_from_the_range_with_random_signs(
     assert min(steps) < 0 < max(steps) and np.std(np.abs(steps)) > 0.015
 
 
-def test_histodd_follows_algorithm_1_one_image_step_per_class_then_a_pass_over_n_data(store,
+def test_histodd_follows_algorithm_1_one_image_step_per_class_then_a_pass_over_n_data(toy_store,
                                                                                      monkeypatch):
     cfg = {**SETTINGS["histodd"], "outer_loop": 1, "inner_loop": 3, "n_data": 20, "batch_net": 8}
-    d = build("histodd", cfg, 2, context(store))
+    d = build("histodd", cfg, 2, context(toy_store))
     d.init_state()
     events = []
     image_step = d.image_step
@@ -217,7 +217,7 @@ def test_histodd_follows_algorithm_1_one_image_step_per_class_then_a_pass_over_n
     assert events == ["img", "img", "net8", "net8", "net8"] * 3
 
 
-def test_real_and_synthetic_batches_get_identical_augmentation(store, monkeypatch):
+def test_real_and_synthetic_batches_get_identical_augmentation(toy_store, monkeypatch):
     calls = []
     real_apply = Augment.apply
 
@@ -228,7 +228,7 @@ def test_real_and_synthetic_batches_get_identical_augmentation(store, monkeypatc
     monkeypatch.setattr(Augment, "apply", spy)
     cfg = {**SETTINGS["histodd"], "outer_loop": 1, "inner_loop": 2, "batch_net": 5,
            "augment": {"preset": "dsa", "mode": "all"}}
-    build("histodd", cfg, 3, context(store)).run()
+    build("histodd", cfg, 3, context(toy_store)).run()
     matches = [c for c in calls if c[0] in (8, 3)]  # (real batch, synthetic class) pairs
     pairs = list(zip(matches[::2], matches[1::2]))
     assert len(pairs) == 2 * 2  # inner loops x classes
@@ -242,79 +242,79 @@ def test_real_and_synthetic_batches_get_identical_augmentation(store, monkeypatc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["histodd", "dc", "dm"])
-def test_interrupted_run_resumes_to_the_same_result(method, store, tmp_path):
+def test_interrupted_run_resumes_to_the_same_result(method, toy_store, tmp_path):
     cfg = SETTINGS[method]
     for cache_mb in (64, 0.004):  # whole split in memory; a small reservoir refreshed per draw
-        reference, _ = build(method, cfg, 2, context(store, cache_mb=cache_mb)).run()
+        reference, _ = build(method, cfg, 2, context(toy_store, cache_mb=cache_mb)).run()
         ckpt = tmp_path / f"{method}_{cache_mb}.ckpt"
-        partial, _ = build(method, cfg, 2, context(store, ckpt, cache_mb=cache_mb)).run(stop_after=2)
+        partial, _ = build(method, cfg, 2, context(toy_store, ckpt, cache_mb=cache_mb)).run(stop_after=2)
         assert ckpt.exists() and not torch.equal(partial, reference)
-        resumed, _ = build(method, cfg, 2, context(store, ckpt, cache_mb=cache_mb)).run()
+        resumed, _ = build(method, cfg, 2, context(toy_store, ckpt, cache_mb=cache_mb)).run()
         torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_checkpoint_from_other_settings_or_inputs_is_ignored(store, tmp_path):
+def test_checkpoint_from_other_settings_or_inputs_is_ignored(toy_store, tmp_path):
     ckpt = tmp_path / "h.ckpt"
-    build("histodd", SETTINGS["histodd"], 2, context(store, ckpt)).run(stop_after=1)
+    build("histodd", SETTINGS["histodd"], 2, context(toy_store, ckpt)).run(stop_after=1)
     other = {**SETTINGS["histodd"], "lr_img": 0.2}
-    fresh, _ = build("histodd", other, 2, context(store)).run()
-    resumed, _ = build("histodd", other, 2, context(store, ckpt)).run()
+    fresh, _ = build("histodd", other, 2, context(toy_store)).run()
+    resumed, _ = build("histodd", other, 2, context(toy_store, ckpt)).run()
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
-    build("histodd", SETTINGS["histodd"], 2, context(store, ckpt)).run(stop_after=1)
-    ctx = context(store, ckpt)
+    build("histodd", SETTINGS["histodd"], 2, context(toy_store, ckpt)).run(stop_after=1)
+    ctx = context(toy_store, ckpt)
     ctx.fingerprint = "another pool"
-    fresh, _ = build("histodd", SETTINGS["histodd"], 2, context(store)).run()
+    fresh, _ = build("histodd", SETTINGS["histodd"], 2, context(toy_store)).run()
     resumed, _ = build("histodd", SETTINGS["histodd"], 2, ctx).run()
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
 
 
-def test_same_seed_same_result_other_seed_other_result(store):
-    a, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=0)).run()
-    b, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=0)).run()
-    c, _ = build("dm", SETTINGS["dm"], 2, context(store, seed=1)).run()
+def test_same_seed_same_result_other_seed_other_result(toy_store):
+    a, _ = build("dm", SETTINGS["dm"], 2, context(toy_store, seed=0)).run()
+    b, _ = build("dm", SETTINGS["dm"], 2, context(toy_store, seed=0)).run()
+    c, _ = build("dm", SETTINGS["dm"], 2, context(toy_store, seed=1)).run()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_histodd_starts_from_the_random_coreset(store):
-    start, _ = build("random", {}, 3, context(store)).run()
+def test_histodd_starts_from_the_random_coreset(toy_store):
+    start, _ = build("random", {}, 3, context(toy_store)).run()
     cfg = {**SETTINGS["histodd"], "lr_img": 0.0}
-    images, _ = build("histodd", cfg, 3, context(store)).run()
+    images, _ = build("histodd", cfg, 3, context(toy_store)).run()
     torch.testing.assert_close(images, start)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SETTINGS))
-def test_every_set_records_the_real_rows_it_was_made_from(method, store, tmp_path):
+def test_every_set_records_the_real_rows_it_was_made_from(method, toy_store, tmp_path):
     """The privacy audit's most exposed members: a coreset's picks, a real initialisation."""
     from histodistill.distill.run import distill
 
     out, pool_file = tmp_path / "d.zarr", tmp_path / "pool.pt"
     save_state(pool(), pool_file)
     distill(method, 3, SETTINGS[method], 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
-            store_path=store.path, template_path=None, pool_path=pool_file, checkpoint=None, progress=False)
+            store_path=toy_store.path, template_path=None, pool_path=pool_file, checkpoint=None, progress=False)
     group = zarr.open_group(str(out), mode="r")
     sources, labels = group["sources"][:], group["labels"][:]
-    assert len(sources) == 6 and (store.array("split")[sources] == 0).all()  # training rows
-    assert (store.array("label")[sources] == labels).all()  # each image's own class
+    assert len(sources) == 6 and (toy_store.array("split")[sources] == 0).all()  # training rows
+    assert (toy_store.array("label")[sources] == labels).all()  # each image's own class
     if METHODS[method].real_patches:  # coresets are exactly those patches
-        assert np.array_equal(group["images"][:], store.patches()[sources])
+        assert np.array_equal(group["images"][:], toy_store.patches()[sources])
     else:  # the rest start from the random coreset
-        assert np.array_equal(sources, build("random", {}, 3, context(store)).random_rows())
+        assert np.array_equal(sources, build("random", {}, 3, context(toy_store)).random_rows())
     assert METHODS[method].real_patches == (method in ("random", "herding", "forgetting"))
 
 
-def test_histodd_without_pool_and_too_few_patches_are_clear_errors(store):
-    ctx = context(store)
+def test_histodd_without_pool_and_too_few_patches_are_clear_errors(toy_store):
+    ctx = context(toy_store)
     ctx.pool = {}
     with pytest.raises(ValueError, match="needs the pre-trained network pool"):
         build("histodd", SETTINGS["histodd"], 2, ctx).run()
     with pytest.raises(ValueError, match="fewer than ipc=100"):
-        build("random", {}, 100, context(store))
+        build("random", {}, 100, context(toy_store))
     with pytest.raises(KeyError, match="unknown distillation method 'gm'"):
-        build("gm", {}, 2, context(store))
+        build("gm", {}, 2, context(toy_store))
     with pytest.raises(ValueError, match="mtt needs the expert trajectories"):
-        build("mtt", {}, 2, context(store)).run()
+        build("mtt", {}, 2, context(toy_store)).run()
 
 
 def test_herding_known_answer():
@@ -323,10 +323,10 @@ def test_herding_known_answer():
     assert herding_order(feats, 3) == [4, 2, 3]
 
 
-def test_forgetting_keeps_the_most_forgotten(store, monkeypatch):
+def test_forgetting_keeps_the_most_forgotten(toy_store, monkeypatch):
     import histodistill.distill.coreset as coreset
 
-    train_rows = np.flatnonzero(store.array("split") == 0)  # classes alternate: even rows are 0
+    train_rows = np.flatnonzero(toy_store.array("split") == 0)  # classes alternate: even rows are 0
     flips = {0: [True, False, True, False], 4: [True, False, False, False],
              7: [True, False, True, False]}
 
@@ -340,8 +340,8 @@ def test_forgetting_keeps_the_most_forgotten(store, monkeypatch):
         return [0.0] * 4
 
     monkeypatch.setattr(coreset, "train", fake_train)
-    images, _ = build("forgetting", SETTINGS["forgetting"], 2, context(store)).run()
-    x = torch.from_numpy(store.patches(np.array([0, 4, 7]))).float() / 255
+    images, _ = build("forgetting", SETTINGS["forgetting"], 2, context(toy_store)).run()
+    x = torch.from_numpy(toy_store.patches(np.array([0, 4, 7]))).float() / 255
     torch.testing.assert_close(images[0], x[0])  # class 0: row 0 (two events) first
     torch.testing.assert_close(images[1], x[1])  # then row 4 (one event)
     torch.testing.assert_close(images[2], x[2])  # class 1 (odd rows): row 7
@@ -391,7 +391,7 @@ def test_relabelled_store_gives_a_fresh_run_not_a_resume(tmp_path):
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=1e-6)
 
 
-def test_the_pool_trains_under_distillations_augmentation_with_the_stain_template(store, tmp_path,
+def test_the_pool_trains_under_distillations_augmentation_with_the_stain_template(toy_store, tmp_path,
                                                                                   monkeypatch):
     """Histo-DD matches gradients of stain-normalised inputs, so its pool networks are trained on
     them too: the pool trainer gets the template and augments with it."""
@@ -410,28 +410,28 @@ def test_the_pool_trains_under_distillations_augmentation_with_the_stain_templat
     monkeypatch.setattr(run, "Augment", spy)
     cfg = {"net": "convnet", "net_kwargs": NET, "size": 1, "save_epochs": [1],
            "train": {"epochs": 1, "batch": 16, "schedule": "constant"}, "augment": {"preset": "all"}}
-    run.pretrain_pool(store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg, 0, 64)
+    run.pretrain_pool(toy_store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg, 0, 64)
     assert seen and "stain" in seen[0][0]
     assert seen[0][1] is not None and seen[0][1].stain_matrix == template.stain_matrix
     with pytest.raises(ValueError, match="stain template"):
-        run.pretrain_pool(store.path, None, tmp_path / "pool2.pt", cfg, 0, 64)
+        run.pretrain_pool(toy_store.path, None, tmp_path / "pool2.pt", cfg, 0, 64)
 
 
 @pytest.mark.slow
-def test_the_cost_of_a_run_counts_image_updates_and_seconds_through_a_resume(store, tmp_path):
+def test_the_cost_of_a_run_counts_image_updates_and_seconds_through_a_resume(toy_store, tmp_path):
     """The budget figures of a comparison: DM takes one image step per iteration, Histo-DD one
     per class per inner step; an interrupted run's resume carries both counts on."""
-    dm = build("dm", SETTINGS["dm"], 2, context(store))
+    dm = build("dm", SETTINGS["dm"], 2, context(toy_store))
     dm.run()
     assert dm.image_updates == SETTINGS["dm"]["iterations"] and dm.seconds > 0
     h = SETTINGS["histodd"]
-    histodd = build("histodd", h, 2, context(store))
+    histodd = build("histodd", h, 2, context(toy_store))
     histodd.run()
     assert histodd.image_updates == h["outer_loop"] * h["inner_loop"] * 2
     ckpt = tmp_path / "dm.ckpt"
-    first = build("dm", SETTINGS["dm"], 2, context(store, ckpt))
+    first = build("dm", SETTINGS["dm"], 2, context(toy_store, ckpt))
     first.run(stop_after=2)
-    resumed = build("dm", SETTINGS["dm"], 2, context(store, ckpt))
+    resumed = build("dm", SETTINGS["dm"], 2, context(toy_store, ckpt))
     resumed.run()
     assert resumed.image_updates == SETTINGS["dm"]["iterations"]
     assert resumed.seconds > first.seconds > 0

@@ -191,27 +191,27 @@ def slide_store(path) -> PatchStore:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> PatchStore:
+def slide_patches(tmp_path_factory) -> PatchStore:
     return slide_store(tmp_path_factory.mktemp("slides") / "p.zarr")
 
 
-def test_store_slides_lists_labels_centres_and_rows(store):
-    slides = {s.name: s for s in store_slides(store)}
+def test_store_slides_lists_labels_centres_and_rows(slide_patches):
+    slides = {s.name: s for s in store_slides(slide_patches)}
     assert list(slides) == list(SLIDES)
     assert slides["t2"].label == "tumor" and slides["t2"].centre == 1 and slides["x1"].split == "test"
-    labels = store.array("label")
+    labels = slide_patches.array("label")
     assert np.bincount(labels[slides["t1"].rows], minlength=2).tolist() == [3, 9]
 
 
-def test_class_sampler_on_one_slide_draws_only_its_rows(store):
-    rows = {s.name: s for s in store_slides(store)}["n2"].rows
-    s = ClassSampler(store, "train", cache_mb=1, seed=0, rows=rows)
+def test_class_sampler_on_one_slide_draws_only_its_rows(slide_patches):
+    rows = {s.name: s for s in store_slides(slide_patches)}["n2"].rows
+    s = ClassSampler(slide_patches, "train", cache_mb=1, seed=0, rows=rows)
     assert s.counts.tolist() == [8, 0] and np.array_equal(s.selected_rows, rows)
     assert s.mixed(16)[1].tolist() == [0] * 16
     with pytest.raises(ValueError, match="'tumor' .* no patches in the sampled rows"):
         s.batch(1, 2)
     with pytest.raises(ValueError, match="not in split 'train'"):
-        ClassSampler(store, "train", 1, 0, rows={s.name: s for s in store_slides(store)}["x1"].rows)
+        ClassSampler(slide_patches, "train", 1, 0, rows={s.name: s for s in store_slides(slide_patches)}["x1"].rows)
 
 
 PER_SLIDE = {
@@ -225,8 +225,8 @@ PER_SLIDE = {
 
 
 @pytest.mark.parametrize("method", sorted(PER_SLIDE))
-def test_per_slide_distillation_yields_m_per_class_per_slide_and_no_more(method, store, tmp_path):
-    out = distill_slides(store.path, None, None, method, 5, PER_SLIDE[method], 0,
+def test_per_slide_distillation_yields_m_per_class_per_slide_and_no_more(method, slide_patches, tmp_path):
+    out = distill_slides(slide_patches.path, None, None, method, 5, PER_SLIDE[method], 0,
                          ["n1", "t1", "n2", "t2"], tmp_path / "b", progress=False)
     for name in ("n1", "t1", "n2", "t2"):
         group = zarr.open_group(str(out / f"{name}.zarr"), mode="r")
@@ -238,12 +238,12 @@ def test_per_slide_distillation_yields_m_per_class_per_slide_and_no_more(method,
     assert sorted(p.name for p in out.iterdir()) == ["n1.zarr", "n2.zarr", "t1.zarr", "t2.zarr"]
 
 
-def test_random_per_slide_keeps_real_patches_of_that_slide(store, tmp_path):
-    out = distill_slides(store.path, None, None, "random", 5, {}, 0, ["t1"], tmp_path / "b",
+def test_random_per_slide_keeps_real_patches_of_that_slide(slide_patches, tmp_path):
+    out = distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["t1"], tmp_path / "b",
                          progress=False)
     images = zarr.open_group(str(out / "t1.zarr"), mode="r")["images"][:]
-    rows = {s.name: s for s in store_slides(store)}["t1"].rows
-    own = store.patches(rows).reshape(len(rows), -1)
+    rows = {s.name: s for s in store_slides(slide_patches)}["t1"].rows
+    own = slide_patches.patches(rows).reshape(len(rows), -1)
     assert all((own == img.reshape(-1)).all(1).any() for img in images)
 
 
@@ -265,13 +265,13 @@ def _crash_before(monkeypatch, slide_name):
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [None, "chunk", "attrs"])
 def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slide(
-        store, tmp_path, monkeypatch, damage):
-    clean = distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"],
+        slide_patches, tmp_path, monkeypatch, damage):
+    clean = distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"],
                            tmp_path / "clean", progress=False)
     out, partial = tmp_path / "b", tmp_path / "b.partial"
     restore = _crash_before(monkeypatch, "t1")
     with pytest.raises(KeyboardInterrupt):
-        distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+        distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
     restore()
     n1 = partial / "n1.zarr"
     if damage == "chunk":  # a chunk of the finished slide's images lost
@@ -279,7 +279,7 @@ def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slid
     elif damage == "attrs":
         (n1 / "zarr.json").write_text("{not json")
     stamp = (n1 / "zarr.json").stat().st_mtime_ns
-    distill_slides(store.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+    distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
     assert ((out / "n1.zarr" / "zarr.json").stat().st_mtime_ns == stamp) == (damage is None)
     assert not partial.exists() and sorted(p.name for p in out.iterdir()) == ["n1.zarr", "t1.zarr"]
     for name in ("n1.zarr", "t1.zarr"):  # ends identical to the uninterrupted run
@@ -287,15 +287,15 @@ def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slid
         assert np.array_equal(a["images"][:], b["images"][:])
 
 
-def test_per_slide_bad_requests_give_one_clear_error(store, tmp_path):
+def test_per_slide_bad_requests_give_one_clear_error(slide_patches, tmp_path):
     with pytest.raises(InputError, match="'forgetting' cannot run per slide"):
-        distill_slides(store.path, None, None, "forgetting", 5, {}, 0, ["n1"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, None, "forgetting", 5, {}, 0, ["n1"], tmp_path / "a")
     with pytest.raises(ConfigError, match="'herding' cannot run per slide"):
         check_per_slide("herding")
     with pytest.raises(InputError, match="'nope' is not in the store"):
-        distill_slides(store.path, None, None, "random", 5, {}, 0, ["nope"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["nope"], tmp_path / "a")
     with pytest.raises(InputError, match="'x1' is a test slide"):
-        distill_slides(store.path, None, None, "random", 5, {}, 0, ["x1"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["x1"], tmp_path / "a")
 
 
 def test_a_store_without_slides_is_refused(tmp_path):
@@ -307,29 +307,29 @@ def test_a_store_without_slides_is_refused(tmp_path):
 
 # ---- extraction, training, transfer -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bags(store, tmp_path_factory):
+def bags(slide_patches, tmp_path_factory):
     """Real and random per-slide bags of the slide store, with a small trained encoder."""
     from histodistill.encoders import train_encoder
 
     work = tmp_path_factory.mktemp("bags")
     enc = work / "enc.pt"
-    train_encoder(store.path, enc, {"kind": "supervised", "net": "convnet", "seed": 0,
+    train_encoder(slide_patches.path, enc, {"kind": "supervised", "net": "convnet", "seed": 0,
                                     "net_kwargs": {"width": 8, "norm": "batchnorm"},
                                     "train": {"epochs": 3, "batch": 16, "lr": 0.01}})
-    real = extract_real_bags(store.path, enc, work / "real", batch=5, progress=False)
-    distilled = distill_slides(store.path, None, None, "random", 5, {}, 0, ["n1", "t1", "n2", "t2"],
+    real = extract_real_bags(slide_patches.path, enc, work / "real", batch=5, progress=False)
+    distilled = distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["n1", "t1", "n2", "t2"],
                                work / "d", progress=False)
     syn = extract_synthetic_bags([distilled], enc, work / "syn", progress=False)
     return real, syn, distilled
 
 
 @pytest.mark.slow
-def test_extracted_bags_match_their_slides(store, bags):
+def test_extracted_bags_match_their_slides(slide_patches, bags):
     real, syn, _ = bags
     rows = {r["slide_id"]: r for r in read_manifest(real)}
     assert list(rows) == list(SLIDES) and rows["x2"]["split"] == "test" and rows["t2"]["centre"] == 1
-    coords = store.array("coords")
-    for s in store_slides(store):
+    coords = slide_patches.array("coords")
+    for s in store_slides(slide_patches):
         bag = read_bag(real / f"{s.name}.h5")
         assert bag.features.shape[0] == len(s.rows) and np.array_equal(bag.coords, coords[s.rows])
     syn_rows = {r["slide_id"]: r for r in read_manifest(syn)}
@@ -337,7 +337,7 @@ def test_extracted_bags_match_their_slides(store, bags):
     assert (read_bag(syn / "t1.h5").coords == -1).all()
 
 
-def test_bag_extraction_resumes_and_redoes_a_damaged_bag(store, bags, tmp_path, monkeypatch):
+def test_bag_extraction_resumes_and_redoes_a_damaged_bag(slide_patches, bags, tmp_path, monkeypatch):
     """A crash mid-extraction keeps the finished, sealed bags; one damaged after it is redone;
     the result equals the uninterrupted extraction."""
     import histodistill.mil.bags as bag_module
@@ -356,11 +356,11 @@ def test_bag_extraction_resumes_and_redoes_a_damaged_bag(store, bags, tmp_path, 
     monkeypatch.setattr(bag_module, "_embed_rows", crashing)
     crash = True
     with pytest.raises(KeyboardInterrupt):
-        extract_real_bags(store.path, enc, out, batch=5, progress=False)
+        extract_real_bags(slide_patches.path, enc, out, batch=5, progress=False)
     first = sorted((tmp_path / "real.partial").glob("*.h5"))[0]
     first.write_bytes(first.read_bytes()[:-64])  # truncated after it was sealed
     crash, calls[:] = False, []
-    extract_real_bags(store.path, enc, out, batch=5, progress=False)
+    extract_real_bags(slide_patches.path, enc, out, batch=5, progress=False)
     assert len(calls) == len(SLIDES) - 1  # the intact finished bag was kept
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in real.iterdir())
     for name in SLIDES:
@@ -410,8 +410,8 @@ def test_runs_resume_and_are_seeded(bags, tmp_path):
         Bags(syn, classes, "test", [0])
 
 
-def test_transfer_needs_two_centres(store, tmp_path):
-    assert centres(store) == [0, 1]
+def test_transfer_needs_two_centres(slide_patches, tmp_path):
+    assert centres(slide_patches) == [0, 1]
     from conftest import make_toy_store
 
     with pytest.raises(InputError, match="records no slides"):
@@ -455,7 +455,7 @@ def test_slide_and_transfer_tables_come_from_the_result_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_runs_both_directions_and_records_storage(store, bags, tmp_path):
+def test_transfer_runs_both_directions_and_records_storage(slide_patches, bags, tmp_path):
     from histodistill.mil.transfer import transfer
 
     real, syn, distilled = bags
@@ -464,7 +464,7 @@ def test_transfer_runs_both_directions_and_records_storage(store, bags, tmp_path
                         "finetune": {"epochs": 2, "batch": 16, "lr": 0.001}},
            "model_settings": CFG, "arch_kwargs": {"width": 8, "norm": "batchnorm"},
            "augment": {"preset": "none"}, "stain_norm": False}
-    out = transfer(store.path, None, [distilled], real, syn, cfg, "toy", "random", 5,
+    out = transfer(slide_patches.path, None, [distilled], real, syn, cfg, "toy", "random", 5,
                    tmp_path / "t.json")
     assert [(d["target"], d["source"]) for d in out["directions"]] == [(0, 1), (1, 0)]
     d = out["directions"][0]  # fine-tuned on centre 1: slides n2 (5 synthetic) and t2 (5 + 2)

@@ -34,7 +34,7 @@ def tiles(target_image: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tile_store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train and test splits of disjoint real tiles; the class is the tile's darkness (above or
     below its split's median: balanced classes), the rest of the tiles are left out of the store."""
     from histodistill.data.stream import record_channel_stats
@@ -54,9 +54,9 @@ def store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def encoder(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def encoder(tile_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("enc") / "supervised.pt"
-    train_encoder(store, out, {"kind": "supervised", "net": "convnet", "seed": 0,
+    train_encoder(tile_store, out, {"kind": "supervised", "net": "convnet", "seed": 0,
                                "net_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"},
                                "train": {"epochs": 1, "lr": 0.05, "batch": 64},
                                "augment": {"preset": "none"}}, cache_mb=8)
@@ -81,10 +81,10 @@ def noise(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 3, SIZE, SIZE), dtype=np.uint8)
 
 
-def test_attack_auc_is_one_half_for_an_unrelated_real_set(store, tiles, tmp_path):
+def test_attack_auc_is_one_half_for_an_unrelated_real_set(tile_store, tiles, tmp_path):
     # "synthetic" = real tiles in neither split: nothing about the members can leak
     other = distilled(tmp_path / "other.zarr", tiles[N_TRAIN + N_TEST:][:200])
-    section, _ = audit(other, store, None, CFG)
+    section, _ = audit(other, tile_store, None, CFG)
     attack = section["spaces"]["pixel"]["attack"]["random"]
     # balanced samples, same classes; the control set is taken out of the test split first
     assert attack["members"] == attack["nonmembers"] == section["n_heldout"]
@@ -98,9 +98,9 @@ def test_attack_auc_is_one_half_for_an_unrelated_real_set(store, tiles, tmp_path
     assert 0.8 < section["spaces"]["pixel"]["median_ratio"] < 1.25
 
 
-def test_attack_auc_is_one_when_the_set_is_the_training_split(store, tiles, tmp_path):
+def test_attack_auc_is_one_when_the_set_is_the_training_split(tile_store, tiles, tmp_path):
     same = distilled(tmp_path / "same.zarr", tiles[:N_TRAIN])
-    section, _ = audit(same, store, None, CFG)
+    section, _ = audit(same, tile_store, None, CFG)
     attack = section["spaces"]["pixel"]["attack"]["random"]
     assert attack["auc"] == 1.0 and attack["ci"] == [1.0, 1.0]
     assert section["memorised"] == 1.0 and section["spaces"]["pixel"]["synthetic_median"] == 0.0
@@ -109,10 +109,10 @@ def test_attack_auc_is_one_when_the_set_is_the_training_split(store, tiles, tmp_
 
 
 @pytest.mark.slow
-def test_coreset_is_memorised_with_sources_found_and_noise_is_not(store, tiles, encoder, tmp_path):
+def test_coreset_is_memorised_with_sources_found_and_noise_is_not(tile_store, tiles, encoder, tmp_path):
     rows = np.arange(0, N_TRAIN, 30)  # 20 training patches, as a coreset records them
     coreset = distilled(tmp_path / "random.zarr", tiles[rows], "random", rows)
-    section, pairs = audit(coreset, store, encoder, CFG)
+    section, pairs = audit(coreset, tile_store, encoder, CFG)
     for space in ("pixel", "feature"):
         s = section["spaces"][space]
         assert s["memorised"] == 1.0 and s["synthetic_median"] == 0.0, space
@@ -124,18 +124,18 @@ def test_coreset_is_memorised_with_sources_found_and_noise_is_not(store, tiles, 
     assert section["memorised"] == 1.0
 
     fake = distilled(tmp_path / "noise.zarr", noise(20))
-    section, _ = audit(fake, store, encoder, CFG)
+    section, _ = audit(fake, tile_store, encoder, CFG)
     assert section["spaces"]["pixel"]["memorised"] == 0.0
     assert section["spaces"]["feature"]["memorised"] == 0.0
     assert section["memorised"] == 0.0 and section["spaces"]["pixel"]["median_ratio"] > 2
 
 
 @pytest.mark.slow
-def test_streamed_minima_do_not_depend_on_the_block_size(store, tiles, encoder, tmp_path):
+def test_streamed_minima_do_not_depend_on_the_block_size(tile_store, tiles, encoder, tmp_path):
     images = np.concatenate([tiles[N_TRAIN + N_TEST:][:10], tiles[:10], noise(4)])
     path = distilled(tmp_path / "mixed.zarr", images, sources=np.arange(10))
-    a, _ = audit(path, store, encoder, CFG)
-    b, _ = audit(path, store, encoder, AuditConfig(**{**CFG.__dict__, "batch": 1000}))
+    a, _ = audit(path, tile_store, encoder, CFG)
+    b, _ = audit(path, tile_store, encoder, AuditConfig(**{**CFG.__dict__, "batch": 1000}))
     for space in ("pixel", "feature"):
         for key in ("synthetic_median", "heldout_median", "threshold"):
             assert a["spaces"][space][key] == pytest.approx(b["spaces"][space][key], abs=1e-5)
@@ -208,15 +208,15 @@ def test_control_set_keeps_apart_from_the_heldout_sample():
     assert (split[null] == 2).all() and not np.isin(apart, np.flatnonzero(split == 1)).any()
 
 
-def test_bad_inputs_are_named(store, tiles, tmp_path):
+def test_bad_inputs_are_named(tile_store, tiles, tmp_path):
     wrong = distilled(tmp_path / "wrong.zarr", np.zeros((4, 3, 8, 8), np.uint8))
     with pytest.raises(InputError, match="cannot be compared"):
-        audit(wrong, store, None, CFG)
+        audit(wrong, tile_store, None, CFG)
     foreign = distilled(tmp_path / "foreign.zarr", tiles[:4], sources=np.array([0, 1, N_TRAIN, 3]))
     with pytest.raises(InputError, match="not all training rows"):
-        audit(foreign, store, None, CFG)
+        audit(foreign, tile_store, None, CFG)
     with pytest.raises(InputError, match="split 'val' has no patches"):
-        audit(foreign, store, None, AuditConfig(heldout_split="val"))
+        audit(foreign, tile_store, None, AuditConfig(heldout_split="val"))
 
 
 def _result(section: dict, method: str) -> dict:
@@ -227,15 +227,15 @@ def _result(section: dict, method: str) -> dict:
             "privacy": section}
 
 
-def _package(tmp_path: Path, store: Path, images: np.ndarray, method: str,
+def _package(tmp_path: Path, tile_store: Path, images: np.ndarray, method: str,
              sources: np.ndarray | None, encoder: Path | None, **settings) -> Path:
     zarr_path = distilled(tmp_path / f"{method}_ipc10.zarr", images, method, sources)
-    section = privacy_audit(zarr_path, store, encoder, CFG.__dict__, tmp_path / "privacy.json",
+    section = privacy_audit(zarr_path, tile_store, encoder, CFG.__dict__, tmp_path / "privacy.json",
                             tmp_path / "pairs.png")
     result = tmp_path / f"{method}_ipc10.json"
     result.write_text(json.dumps(_result(section, method)))
     out = tmp_path / f"{method}_ipc10.share"
-    write_package(zarr_path, result, store, out, tmp_path / "datasheet.html",
+    write_package(zarr_path, result, tile_store, out, tmp_path / "datasheet.html",
                   {**PACKAGE, **settings})
     return out
 
@@ -247,11 +247,11 @@ def _decoded(share: Path) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(store, tiles,
+def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(tile_store, tiles,
                                                                             encoder, tmp_path):
     # stand-in for a distilled set: far from every real patch (the guard lets it through)
     images = noise(20)
-    share = _package(tmp_path, store, images, "dm", None, encoder)
+    share = _package(tmp_path, tile_store, images, "dm", None, encoder)
     names = {p.relative_to(share).as_posix() for p in share.rglob("*") if p.is_file()}
     assert {"labels.csv", "DATASHEET.md", "manifest.json", "SHA256SUMS"} <= names
     assert len([n for n in names if n.endswith(".png")]) == 20
@@ -267,7 +267,7 @@ def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(stor
     # nothing points back at the real patches: no store rows, no store path
     text = (share / "manifest.json").read_text() + (share / "DATASHEET.md").read_text()
     assert "sources" not in zarr.open_group(str(share / "images.zarr"), mode="r")
-    assert str(store) not in text and "train_row" not in text
+    assert str(tile_store) not in text and "train_row" not in text
     verify_package(share)
     sheet = (share / "DATASHEET.md").read_text()
     for heading in ("Source cohort", "Method and settings", "Evaluation", "Privacy audit",
@@ -278,8 +278,8 @@ def test_distilled_package_has_no_real_patch_bytes_and_its_checksums_verify(stor
 
 
 @pytest.mark.slow
-def test_manifest_catches_a_changed_missing_or_extra_file(store, encoder, tmp_path):
-    share = _package(tmp_path, store, noise(20), "dm", None, encoder)
+def test_manifest_catches_a_changed_missing_or_extra_file(tile_store, encoder, tmp_path):
+    share = _package(tmp_path, tile_store, noise(20), "dm", None, encoder)
     verify_package(share)
     png = next(share.rglob("*.png"))
     original = png.read_bytes()
@@ -295,36 +295,36 @@ def test_manifest_catches_a_changed_missing_or_extra_file(store, encoder, tmp_pa
         verify_package(share)
 
 
-def test_a_set_without_an_audit_is_not_packaged(store, tmp_path):
+def test_a_set_without_an_audit_is_not_packaged(tile_store, tmp_path):
     result = tmp_path / "dm_ipc10.json"
     result.write_text(json.dumps({**_result({}, "dm"), "privacy": None}))
     with pytest.raises(InputError, match="has no privacy audit"):
-        write_package(distilled(tmp_path / "d.zarr", noise(20)), result, store,
+        write_package(distilled(tmp_path / "d.zarr", noise(20)), result, tile_store,
                       tmp_path / "out.share", tmp_path / "d.html", PACKAGE)
     assert not (tmp_path / "out.share").exists()
 
 
 @pytest.mark.slow
-def test_coreset_package_is_refused_without_the_opt_in(store, tiles, encoder, tmp_path):
+def test_coreset_package_is_refused_without_the_opt_in(tile_store, tiles, encoder, tmp_path):
     rows = np.arange(0, N_TRAIN, 30)
     with pytest.raises(InputError, match=r"random_ipc10 is a coreset.*privacy.memorised = 1.00"
                                          r".*allow_real_patches: true"):
-        _package(tmp_path, store, tiles[rows], "random", rows, encoder)
+        _package(tmp_path, tile_store, tiles[rows], "random", rows, encoder)
     assert not (tmp_path / "random_ipc10.share").exists()  # nothing partial
     assert not (tmp_path / "datasheet.html").exists()
-    share = _package(tmp_path, store, tiles[rows], "random", rows, encoder,
+    share = _package(tmp_path, tile_store, tiles[rows], "random", rows, encoder,
                      allow_real_patches=True)
     assert "OPT-IN allow_real_patches: true" in (share / "DATASHEET.md").read_text()
     assert json.loads((share / "manifest.json").read_text())["real_patches"] is True
 
 
 @pytest.mark.slow
-def test_memorised_synthetic_set_is_refused_without_the_opt_in(store, tiles, encoder, tmp_path):
+def test_memorised_synthetic_set_is_refused_without_the_opt_in(tile_store, tiles, encoder, tmp_path):
     # a "distilled" set holding two copies of training patches among noise
     images = noise(20)
     images[[3, 11]] = tiles[[5, 6]]
     with pytest.raises(InputError, match=r"dm_ipc10 has memorised images: privacy.memorised = "
                                          r"0.10 \(2 of 20 images.*allow_memorised: true"):
-        _package(tmp_path, store, images, "dm", None, encoder)
-    share = _package(tmp_path, store, images, "dm", None, encoder, allow_memorised=True)
+        _package(tmp_path, tile_store, images, "dm", None, encoder)
+    share = _package(tmp_path, tile_store, images, "dm", None, encoder, allow_memorised=True)
     assert "OPT-IN allow_memorised: true" in (share / "DATASHEET.md").read_text()

@@ -37,28 +37,28 @@ def ids(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> PatchStore:
+def skewed_store(tmp_path_factory: pytest.TempPathFactory) -> PatchStore:
     rng = np.random.default_rng(0)
     labels = rng.choice(3, N, p=[0.5, 0.3, 0.2])
     split = rng.choice(3, N, p=[0.6, 0.2, 0.2]).astype(np.int8)
     return write_store(tmp_path_factory.mktemp("stream") / "store.zarr", labels, split)
 
 
-def meta(store: PatchStore) -> tuple[np.ndarray, np.ndarray]:
-    return store.array("label"), store.array("split")
+def meta(skewed_store: PatchStore) -> tuple[np.ndarray, np.ndarray]:
+    return skewed_store.array("label"), skewed_store.array("split")
 
 
-def test_read_rows_any_order(store):
+def test_read_rows_any_order(skewed_store):
     rows = np.array([599, 3, 17, 3, 250, 0])
-    assert np.array_equal(ids(read_rows(store, rows)), rows)
+    assert np.array_equal(ids(read_rows(skewed_store, rows)), rows)
     with pytest.raises(IndexError, match="store.zarr"):
-        read_rows(store, np.array([N]))
+        read_rows(skewed_store, np.array([N]))
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_channel_stats_match_numpy(store, split):
-    x = store.patches(store.indices(split)).astype(np.float64) / 255
-    mean, std = channel_stats(store, split, chunk_rows=40)  # not a multiple of the chunk
+def test_channel_stats_match_numpy(skewed_store, split):
+    x = skewed_store.patches(skewed_store.indices(split)).astype(np.float64) / 255
+    mean, std = channel_stats(skewed_store, split, chunk_rows=40)  # not a multiple of the chunk
     assert np.allclose(mean, x.mean(axis=(0, 2, 3)), atol=1e-12)
     assert np.allclose(std, x.std(axis=(0, 2, 3)), atol=1e-12)
 
@@ -70,11 +70,11 @@ def test_channel_stats_empty_split_names_store(tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_iterate_in_store_order(store, split):
-    labels, _ = meta(store)
-    batches = list(iterate(store, split, batch=37, seed=None))
+def test_iterate_in_store_order(skewed_store, split):
+    labels, _ = meta(skewed_store)
+    batches = list(iterate(skewed_store, split, batch=37, seed=None))
     rows = np.concatenate([r for _, _, r in batches])
-    assert np.array_equal(rows, store.indices(split))
+    assert np.array_equal(rows, skewed_store.indices(split))
     assert all(len(r) == 37 for _, _, r in batches[:-1]) and 0 < len(batches[-1][2]) <= 37
     for x, y, r in batches:
         assert x.dtype == np.uint8 and y.dtype == np.int64 and r.dtype == np.int64
@@ -82,13 +82,13 @@ def test_iterate_in_store_order(store, split):
 
 
 @pytest.mark.parametrize("buffer_rows", [40, 10_000])
-def test_iterate_shuffled_visits_each_row_once(store, buffer_rows):
-    labels, _ = meta(store)
-    want = store.indices("train")
+def test_iterate_shuffled_visits_each_row_once(skewed_store, buffer_rows):
+    labels, _ = meta(skewed_store)
+    want = skewed_store.indices("train")
 
     def epoch(seed: int) -> np.ndarray:
         out = []
-        for x, y, r in iterate(store, "train", batch=32, seed=seed, buffer_mb=buffer_rows * ROW_MB):
+        for x, y, r in iterate(skewed_store, "train", batch=32, seed=seed, buffer_mb=buffer_rows * ROW_MB):
             assert len(r) <= 32 and np.array_equal(ids(x), r) and np.array_equal(y, labels[r])
             out.append(r)
         return np.concatenate(out)
@@ -99,18 +99,18 @@ def test_iterate_shuffled_visits_each_row_once(store, buffer_rows):
     assert np.array_equal(epoch(5), rows) and not np.array_equal(epoch(6), rows)
 
 
-def test_iterate_subset_and_foreign_rows(store):
-    subset = store.indices("val")[::3]
-    got = np.concatenate([r for _, _, r in iterate(store, "val", 8, seed=1, rows=subset)])
+def test_iterate_subset_and_foreign_rows(skewed_store):
+    subset = skewed_store.indices("val")[::3]
+    got = np.concatenate([r for _, _, r in iterate(skewed_store, "val", 8, seed=1, rows=subset)])
     assert np.array_equal(np.sort(got), subset)
     with pytest.raises(ValueError, match="not in split 'val'"):
-        next(iterate(store, "val", 8, seed=None, rows=store.indices("train")[:3]))
+        next(iterate(skewed_store, "val", 8, seed=None, rows=skewed_store.indices("train")[:3]))
 
 
-def test_sampler_resident_when_split_fits(store):
-    labels, split = meta(store)
-    train = store.indices("train")
-    s = ClassSampler(store, "train", cache_mb=1, seed=0)
+def test_sampler_resident_when_split_fits(skewed_store):
+    labels, split = meta(skewed_store)
+    train = skewed_store.indices("train")
+    s = ClassSampler(skewed_store, "train", cache_mb=1, seed=0)
     assert s.resident and s.cache_bytes == len(train) * 3 * SIZE * SIZE
     assert s.num_classes == 3 and s.patch_shape == (3, SIZE, SIZE)
     assert np.array_equal(s.counts, np.bincount(labels[train], minlength=3))
@@ -121,25 +121,25 @@ def test_sampler_resident_when_split_fits(store):
     x, y = s.mixed(50)
     r = ids(x)
     assert np.array_equal(labels[r], y) and (split[r] == 0).all()
-    a, b = (ClassSampler(store, "train", cache_mb=1, seed=0) for _ in range(2))
+    a, b = (ClassSampler(skewed_store, "train", cache_mb=1, seed=0) for _ in range(2))
     assert all(np.array_equal(a.batch(c, 5), b.batch(c, 5)) for c in (0, 1, 2, 0))
 
 
-def test_sampler_cap_keeps_a_seeded_subset_per_class(store):
-    labels, split = meta(store)
-    s = ClassSampler(store, "train", cache_mb=1, seed=3, max_per_class=20)
+def test_sampler_cap_keeps_a_seeded_subset_per_class(skewed_store):
+    labels, split = meta(skewed_store)
+    s = ClassSampler(skewed_store, "train", cache_mb=1, seed=3, max_per_class=20)
     rows = s.selected_rows
     assert (s.counts == 20).all() and (split[rows] == 0).all()
     assert np.array_equal(np.bincount(labels[rows]), [20, 20, 20])
     assert np.array_equal(np.sort(np.concatenate([s.first(c, 20, 0) for c in range(3)])), rows)
-    other = ClassSampler(store, "train", cache_mb=1, seed=4, max_per_class=20).selected_rows
+    other = ClassSampler(skewed_store, "train", cache_mb=1, seed=4, max_per_class=20).selected_rows
     assert not np.array_equal(rows, other)
 
 
-def test_sampler_small_cache_stays_in_budget_and_refreshes(store):
-    labels, split = meta(store)
+def test_sampler_small_cache_stays_in_budget_and_refreshes(skewed_store):
+    labels, split = meta(skewed_store)
     budget = 30 * ROW_MB  # 10 patches per class, far fewer than the split holds
-    s = ClassSampler(store, "train", cache_mb=budget, seed=0)
+    s = ClassSampler(skewed_store, "train", cache_mb=budget, seed=0)
     assert not s.resident
     seen: list[set[int]] = [set() for _ in range(3)]
     for i in range(300):
@@ -155,58 +155,58 @@ def test_sampler_small_cache_stays_in_budget_and_refreshes(store):
         assert len(seen[c]) >= 0.9 * s.counts[c], (c, len(seen[c]), s.counts[c])
 
 
-def test_sampler_batch_larger_than_reservoir_uses_replacement(store):
-    labels, _ = meta(store)
-    s = ClassSampler(store, "train", cache_mb=30 * ROW_MB, seed=0)
+def test_sampler_batch_larger_than_reservoir_uses_replacement(skewed_store):
+    labels, _ = meta(skewed_store)
+    s = ClassSampler(skewed_store, "train", cache_mb=30 * ROW_MB, seed=0)
     r = ids(s.batch(2, 25))
     assert len(r) == 25 and len(np.unique(r)) <= 10 and (labels[r] == 2).all()
 
 
 @pytest.mark.parametrize("cache_rows", [30, 10_000])
-def test_sampler_state_round_trip(store, cache_rows):
+def test_sampler_state_round_trip(skewed_store, cache_rows):
     def draws(s: ClassSampler) -> list[np.ndarray]:
         out = [s.batch(c, 6) for c in (0, 1, 2, 1)]
         return [*out, *s.mixed(12)]
 
     kwargs = {"split": "train", "cache_mb": cache_rows * ROW_MB, "seed": 4}
-    a = ClassSampler(store, **kwargs)
+    a = ClassSampler(skewed_store, **kwargs)
     draws(a)
     state = json.loads(json.dumps(a.state_dict()))  # plain data, no pixels
     expected = draws(a)
-    b = ClassSampler(store, **kwargs)
+    b = ClassSampler(skewed_store, **kwargs)
     b.load_state_dict(state)
     assert all(np.array_equal(p, q) for p, q in zip(draws(b), expected))
-    other = ClassSampler(store, **{**kwargs, "seed": 5})
+    other = ClassSampler(skewed_store, **{**kwargs, "seed": 5})
     with pytest.raises(ValueError, match="other settings"):
         other.load_state_dict(state)
 
 
-def test_sampler_first_is_seeded_and_independent(store):
-    labels, _ = meta(store)
-    s = ClassSampler(store, "train", cache_mb=30 * ROW_MB, seed=0)
+def test_sampler_first_is_seeded_and_independent(skewed_store):
+    labels, _ = meta(skewed_store)
+    s = ClassSampler(skewed_store, "train", cache_mb=30 * ROW_MB, seed=0)
     rows = s.first(1, 5, seed=7)
     s.batch(1, 4)
     assert np.array_equal(s.first(1, 5, seed=7), rows)
-    assert np.array_equal(ClassSampler(store, "train", 1, seed=9).first(1, 5, seed=7), rows)
+    assert np.array_equal(ClassSampler(skewed_store, "train", 1, seed=9).first(1, 5, seed=7), rows)
     assert len(np.unique(rows)) == 5 and (labels[rows] == 1).all()
     assert np.array_equal(ids(s.rows(rows)), rows)
     with pytest.raises(ValueError, match="class 'c'"):
         s.first(2, int(s.counts[2]) + 1, seed=0)
 
 
-def test_sampler_errors_name_class_and_store(tmp_path, store):
+def test_sampler_errors_name_class_and_store(tmp_path, skewed_store):
     labels = np.arange(60) % 3
     split = np.where(labels == 2, 2, 0).astype(np.int8)  # class 'c' only in test
     bad = write_store(tmp_path / "bad.zarr", labels, split)
     with pytest.raises(ValueError, match="bad.zarr.*class 'c'.*'train'"):
         ClassSampler(bad, "train", cache_mb=1, seed=0)
     with pytest.raises(ValueError, match="less than one patch per class"):
-        ClassSampler(store, "train", cache_mb=ROW_MB, seed=0)
+        ClassSampler(skewed_store, "train", cache_mb=ROW_MB, seed=0)
 
 
-def test_iterate_a_split_smaller_than_one_batch(store):
+def test_iterate_a_split_smaller_than_one_batch(skewed_store):
     """A split of fewer rows than the batch comes out once, as one shuffled batch."""
-    split = store.array("split")
+    split = skewed_store.array("split")
     val = np.flatnonzero(split == SPLITS.index("val"))
-    batches = list(iterate(store, "val", len(val) + 50, seed=3))
+    batches = list(iterate(skewed_store, "val", len(val) + 50, seed=3))
     assert len(batches) == 1 and sorted(batches[0][2].tolist()) == val.tolist()
