@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both create .venv on first use.
-# CI (.ci/run) adds `make test-slurm` (a real single-node SLURM cluster) and `make lint`.
+# CI (.ci/run) adds `make test-slurm` (a real single-node SLURM cluster), `make lint` and `make docs`.
 PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 REAL    := resources/real/cmu_small_region.svs
@@ -8,7 +8,7 @@ TARGET  ?= demo
 # The demos' settings: overlays merged over config.yaml (defaults: workflow/schemas/config.schema.yaml)
 DEMO_CONFIG := configs/demo.yaml configs/demo_patches.yaml
 
-.PHONY: demo test test-all test-slurm lint report venv resources bench table pcam pcam-generate clean
+.PHONY: demo test test-all test-slurm lint docs report venv resources bench table pcam pcam-generate clean
 
 venv: $(VENV_OK)
 
@@ -46,6 +46,10 @@ lint: $(VENV_OK)
 	.venv/bin/snakefmt --check Snakefile workflow/rules
 	.venv/bin/ruff check histodistill scripts bench tests
 	$(PY) -m mypy histodistill
+
+# The documentation site (mkdocs.yml, pages in docs/) into site/; strict: a broken link or anchor fails
+docs: $(VENV_OK)
+	$(PY) -m mkdocs build --strict -d site
 
 # report.html from whatever has been built (the workflow description alone on a fresh clone)
 report: $(VENV_OK)
@@ -89,9 +93,10 @@ pcam-generate: $(VENV_OK)
 	  $(PY) -m histodistill.tables docs/results/pcam --readme docs/results.md; \
 	else echo "pcam-generate: $(PCAM) is missing (it is not shipped with the project); skipping"; fi
 
-# Regenerate README's demo results table and benchmark figures from the files that wrote them
+# Regenerate the docs' demo tables and benchmark figures (the marked blocks of the pages in docs/,
+# wherever each is) from the files that wrote them
 table: $(VENV_OK)
-	$(PY) -m histodistill.tables results/demo --readme README.md --bench results/bench
+	$(PY) -m histodistill.tables results/demo --readme docs --bench results/bench
 
 clean:
 	rm -rf results logs benchmarks .snakemake report.html

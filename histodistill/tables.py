@@ -1,15 +1,16 @@
-"""Results tables generated from result JSON files (the README's table comes from here).
+"""Results tables generated from result JSON files (the docs' tables come from here).
 
-Usage: python -m histodistill.tables results/<dataset> [--readme README.md]
+Usage: python -m histodistill.tables results/<dataset> [--readme docs] [--bench results/bench]
        python -m histodistill.tables --augment results/<dataset>/augment_<method>.json
-With ``--readme`` the table replaces the text between ``<!-- results:<dataset>:start -->`` and
+With ``--readme PATH`` (a Markdown file, or a folder whose ``*.md`` files are searched; repeat it
+for several) the table replaces the text between ``<!-- results:<dataset>:start -->`` and
 ``<!-- results:<dataset>:end -->`` (and, for results with those sections, the privacy audits'
 table the block ``<!-- privacy:<dataset> -->``, the slide-level table the block
 ``<!-- slide:<dataset> -->``, transfer results ``<!-- transfer:<dataset> -->``, the generators'
 quality ``<!-- generate:<dataset> -->`` and each
-augmentation study's table the block ``<!-- augment_<method>:<dataset> -->``, each when the
-README has the block); with ``--bench results/bench`` each ``<!-- bench:<name> -->`` block gets
-the figures of ``results/bench/<name>.txt``.
+augmentation study's table the block ``<!-- augment_<method>:<dataset> -->``), in whichever
+file holds each block; one of them must hold the results block. With ``--bench results/bench``
+each ``<!-- bench:<name> -->`` block gets the figures of ``results/bench/<name>.txt``.
 """
 
 from __future__ import annotations
@@ -396,26 +397,68 @@ def update_block(readme: str | Path, name: str, body: str) -> None:
 
 
 def update_readme(readme: str | Path, folder: str | Path, bench: str | Path | None = None) -> None:
-    """Refresh the dataset's results table and, when ``bench`` is given, every benchmark block
+    """Refresh the dataset's results table in ``readme`` (which must have its block) and every
+    other block of the dataset it holds; when ``bench`` is given, every benchmark block
     ``<!-- bench:<name> -->`` from ``<bench>/<name>.txt``."""
-    update_block(readme, f"results:{Path(folder).name}", table(folder))
+    name = f"results:{Path(folder).name}"
+    if f"<!-- {name}:start -->" not in Path(readme).read_text():
+        raise ValueError(f"{readme} has no <!-- {name}:start/end --> markers")
+    _refresh(readme, folder, bench)
+
+
+def markdown_files(paths: list[str | Path]) -> list[Path]:
+    """The Markdown files named by ``paths``: each a file, or a folder searched for ``*.md``."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("*.md")) if path.is_dir() else [path]
+    return files
+
+
+def update_docs(paths: list[str | Path], folder: str | Path, bench: str | Path | None = None
+                ) -> list[Path]:
+    """:func:`update_readme` over several Markdown files (or folders of them): each block of the
+    dataset (and of ``bench``) is refreshed in whichever file holds it; one of the files must
+    hold the dataset's results block. Returns the files that hold a block."""
+    files = markdown_files(paths)
+    name = f"results:{Path(folder).name}"
+    if not any(f"<!-- {name}:start -->" in f.read_text() for f in files):
+        raise ValueError(f"{', '.join(str(p) for p in paths)}: no file has <!-- {name}:start/end --> markers")
+    return [f for f in files if _refresh(f, folder, bench)]
+
+
+def _refresh(path: str | Path, folder: str | Path, bench: str | Path | None) -> bool:
+    """Refresh every block of ``folder``'s dataset (and of ``bench``) that ``path`` holds;
+    whether it holds any."""
+    dataset = Path(folder).name
+    found = False
+
+    def has(name: str) -> bool:
+        return f"<!-- {name}:start -->" in Path(path).read_text()
+
+    if has(f"results:{dataset}"):
+        update_block(path, f"results:{dataset}", table(folder))
+        found = True
     for kind, make in (("privacy", privacy_table), ("slide", slide_table),
                        ("transfer", transfer_table), ("generate", generate_table),
                        ("seeds", seeds_table),
                        ("other", lambda f: table(f, "other"))):
-        if f"<!-- {kind}:{Path(folder).name}:start -->" in Path(readme).read_text():
+        if has(f"{kind}:{dataset}"):
+            found = True
             text = make(folder)
             if text is not None:  # nothing of that kind built yet: the block keeps what it has
-                update_block(readme, f"{kind}:{Path(folder).name}", text)
-    for path in sorted(Path(folder).glob("augment_*.json")):
-        name = f"{path.stem}:{Path(folder).name}"
-        if f"<!-- {name}:start -->" in Path(readme).read_text():
-            update_block(readme, name, augment_table(path))
+                update_block(path, f"{kind}:{dataset}", text)
+    for augment in sorted(Path(folder).glob("augment_*.json")):
+        name = f"{augment.stem}:{dataset}"
+        if has(name):
+            update_block(path, name, augment_table(augment))
+            found = True
     if bench is not None:
-        for path in sorted(Path(bench).glob("*.txt")):
-            if f"<!-- bench:{path.stem}:start -->" in Path(readme).read_text():
-                figures = "\n".join("    " + line for line in path.read_text().strip().splitlines())
-                update_block(readme, f"bench:{path.stem}", figures)
+        for figures_file in sorted(Path(bench).glob("*.txt")):
+            if has(f"bench:{figures_file.stem}"):
+                figures = "\n".join("    " + line for line in figures_file.read_text().strip().splitlines())
+                update_block(path, f"bench:{figures_file.stem}", figures)
+                found = True
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="histodistill tables",
                                      description="results table from result JSON files")
     parser.add_argument("folder", nargs="?")
-    parser.add_argument("--readme")
+    parser.add_argument("--readme", action="append", metavar="PATH",
+                        help="Markdown file, or folder of them (docs), whose blocks are refreshed; repeatable")
     parser.add_argument("--bench", help="folder of benchmark figure files (results/bench)")
     parser.add_argument("--augment", help="an augmentation study's JSON file: print its table")
     parser.add_argument("--protocol", choices=["own", "other"], default="own",
@@ -445,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give a results folder or --augment FILE")
     else:
         if args.readme:
-            update_readme(args.readme, args.folder, args.bench)
+            update_docs(args.readme, args.folder, args.bench)
         print(table(args.folder, args.protocol))
         privacy = privacy_table(args.folder)
         if privacy:
