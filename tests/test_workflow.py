@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -126,12 +127,13 @@ def test_slurm_profile_dry_runs_from_the_repo_root(built):
 
 
 def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_cohort):
-    """The commented examples of slurm/config.yaml, switched on, reach a camelyon16 dry run."""
+    """The commented examples of slurm/config.yaml, switched on, reach a camelyon16 dry run;
+    no job names a partition (the partition file routes them) and none asks for more than 48 h."""
     profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
-    profile["default-resources"] = {"slurm_account": "mylab", "slurm_partition": "cpu"}
-    profile["set-resources"] = {"distill": {"slurm_partition": "gpu", "gpu_model": "a100"},
+    profile["default-resources"] = {"slurm_account": "mylab"}
+    profile["set-resources"] = {"distill": {"gpu_model": "a100"},
                                 "full_train": {"gpu": 0, "cpus_per_task": 16}}
-    (tmp_path / "site").mkdir()
+    shutil.copytree(ROOT / "slurm", tmp_path / "site")
     (tmp_path / "site" / "config.yaml").write_text(yaml.safe_dump(profile))
     tiny_config(tmp_path / "config.yaml")
     proc = snakemake(tmp_path, "--profile", str(tmp_path / "site"), "-n",
@@ -141,12 +143,20 @@ def test_slurm_site_settings_and_rule_overrides_reach_the_jobs(tmp_path, small_c
     jobs = job_resources(proc)
     assert {rule for rule, _ in jobs} >= (GPU_RULES - AFTER_COHORT) | {"stain_template"}
     for rule, res in jobs:
-        assert res["slurm_account"] == "mylab", rule
-        assert res["slurm_partition"] == ("gpu" if rule == "distill" else "cpu"), rule
+        assert res["slurm_account"] == "mylab" and "slurm_partition" not in res, rule
         assert res.get("gpu", "0") == ("1" if rule in GPU_RULES - {"full_train"} else "0"), rule
+        assert int(res["runtime"]) <= 2880, rule
     distill = dict(jobs)["distill"]
     assert distill["gpu_model"] == "a100" and distill["mem_mb"] == "32000"  # rest kept
     assert dict(jobs)["full_train"]["cpus_per_task"] == "16"
+
+
+def test_the_partition_file_is_the_one_gpu_routing_setting():
+    profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
+    parts = yaml.safe_load((ROOT / "slurm" / profile["slurm-partition-config"]).read_text())["partitions"]
+    assert parts["gpu"]["max_gpu"] >= 1 and parts["cpu"]["max_gpu"] == 0
+    assert "slurm_partition" not in profile.get("default-resources", {})
+    assert (ROOT / "slurm" / profile["snakefile"]).resolve() == ROOT / "Snakefile"
 
 
 def test_a_retry_gets_more_memory_and_runtime(tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test-slurm`: a real single-node SLURM cluster on this machine (CPU only, one fake GPU
-# declared as gres), then tests/slurm/test_cluster.py runs `snakemake --profile slurm` on a tiny
-# demo target through it. Installs Debian's slurm and munge when missing; stops only the daemons
+# declared as gres; partitions cpu and gpu as slurm/partitions.yaml names them), then
+# tests/slurm/test_cluster.py runs `snakemake --profile <clone>/slurm` on a tiny demo target
+# through it, from outside the repository. Installs Debian's slurm and munge when missing; stops only the daemons
 # it started (also on failure). Needs root (apt, daemons); no accounting database.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -113,7 +114,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/jobcomp.txt
 GresTypes=gpu
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$HOST Default=YES MaxTime=2880 State=UP
+PartitionName=gpu Nodes=$HOST MaxTime=2880 State=UP
 EOF
   echo "NodeName=$HOST Name=gpu File=$STATE/gpu0" >"$CONF/gres.conf"
   # Runs inside every task with the job's environment: SLURM's own record of the GPU it gave.

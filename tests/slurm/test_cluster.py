@@ -1,5 +1,7 @@
-"""`snakemake --profile slurm` through the real single-node cluster of `make test-slurm`
-(tests/slurm/run.sh): every job goes through sbatch, and the GPU rules get the fake GPU."""
+"""`snakemake --profile <clone>/slurm`, run from outside the repository, through the real
+single-node cluster of `make test-slurm` (tests/slurm/run.sh): every job goes through sbatch,
+the partition file alone routes every GPU rule to the gpu partition (and every other rule to
+cpu), and the GPU rules get the fake GPU."""
 
 from __future__ import annotations
 
@@ -53,11 +55,20 @@ def task_environments(path: Path) -> dict[str, set[str]]:
     return seen
 
 
+def job_record(job: str) -> str:
+    """The controller's record of a finished job (kept for MinJobAge)."""
+    return subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def gpus_requested(job: str) -> bool:
-    """Whether the controller's record of a finished job holds a GPU (kept for MinJobAge)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
-                         check=True).stdout
-    return re.search(r"gres[:/]gpu[:=]1\b", out) is not None
+    """Whether a job's record holds a GPU."""
+    return re.search(r"gres[:/]gpu[:=]1\b", job_record(job)) is not None
+
+
+def partition(job: str) -> str:
+    """The partition a job ran in."""
+    return re.search(r"\bPartition=(\S+)", job_record(job)).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +76,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The tiny demo target built with `--profile slurm`; added only: test-speed polling, no
     retries, and squeue for job status (this cluster has no accounting database for sacct)."""
     work = tmp_path_factory.mktemp("slurm")
-    cmd = [sys.executable, "-m", "snakemake", TARGET, "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(work),
+    # from the project folder, not the clone: the profile finds the Snakefile and partitions
+    cmd = [sys.executable, "-m", "snakemake", TARGET,
            "--configfile", str(ROOT / "config.yaml"), str(ROOT / "configs/demo.yaml"),
            str(ROOT / "tests/slurm/tiny.yaml"),
-           "--profile", "slurm", "--retries", "0", "--latency-wait", "5",
+           "--profile", str(ROOT / "slurm"), "--retries", "0", "--latency-wait", "5",
            "--slurm-init-seconds-before-status-checks", "2", "--slurm-status-command", "squeue"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         jobs = "".join(f"\n== {p}\n{p.read_text()[-2000:]}"
@@ -105,3 +116,12 @@ def test_gpu_rules_were_given_the_gpu(slurm_jobs):
         why = f"{rule} (SLURM job {job}): GPU rules must declare gpu=1 and get the one GPU"
         assert env[job] == ({"0"} if gpu else {"none"}), f"{why}; CUDA_VISIBLE_DEVICES {env[job]}"
         assert gpus_requested(job) == gpu, why
+
+
+def test_the_partition_file_routes_every_gpu_rule_to_the_gpu_partition(slurm_jobs):
+    """One setting (slurm/partitions.yaml, no slurm_partition anywhere): GPU rules to gpu,
+    the rest to cpu."""
+    routed = {job: partition(job) for job in slurm_jobs}
+    for job, rule in slurm_jobs.items():
+        assert routed[job] == ("gpu" if rule in GPU_RULES else "cpu"), (rule, job, routed[job])
+    assert {"gpu", "cpu"} == set(routed.values())

@@ -31,6 +31,19 @@ wildcard_constraints:
 
 ENV = "../../envs/histodistill.yaml"
 
+# Walltime of any job, in minutes: 48 h, the limit of common GPU and CPU partitions. The long
+# stages resume from their checkpoints, so a job stopped at the limit continues on its retry
+# (the profile's retries) instead of asking for more time (docs/cluster.md).
+MAX_RUNTIME = 2880
+
+
+def runtime(minutes, per=None):
+    """A rule's runtime resource: ``minutes`` (times ``per(wildcards)`` when given, e.g. slides
+    per job), growing with the attempt up to :data:`MAX_RUNTIME`."""
+    return lambda wc, attempt: min(
+        minutes * (per(wc) if per else 1) * attempt, MAX_RUNTIME
+    )
+
 
 STAGE_OVERRIDES = (
     "tiling",

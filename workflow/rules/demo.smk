@@ -11,7 +11,7 @@ rule demo_cohort:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        runtime=runtime(30),
     params:
         spec=hdparams.canonical(config["demo"]),
         code=library("demo_cohort.py"),
@@ -32,7 +32,7 @@ rule demo_patches:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        runtime=runtime(30),
     params:
         spec=hdparams.canonical(config["demo_patches"]),
         code=library("demo_patches.py"),

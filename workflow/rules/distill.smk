@@ -14,7 +14,7 @@ rule pretrain_pool:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
+        runtime=runtime(240),
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
     params:
@@ -59,7 +59,7 @@ rule distill:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
-        runtime=lambda wc, attempt: 2880 * attempt,
+        runtime=runtime(2880),
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
         checkpoint_every=lambda wc: method_cfg(wc)["checkpoint_every"],
@@ -100,7 +100,7 @@ rule tune_candidate:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
-        runtime=lambda wc, attempt: 2880 * attempt,
+        runtime=runtime(2880),
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
         checkpoint_every=lambda wc: method_cfg(wc)["checkpoint_every"],

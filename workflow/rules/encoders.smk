@@ -16,7 +16,7 @@ rule train_encoder:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
     params:

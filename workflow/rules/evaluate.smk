@@ -14,7 +14,7 @@ rule full_train:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
-        runtime=lambda wc, attempt: 1440 * attempt,
+        runtime=runtime(1440),
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
     params:
@@ -46,7 +46,7 @@ rule evaluate:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=setting("evaluate", "cache_mb"),
     params:

@@ -24,7 +24,7 @@ rule train_autoencoder:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 1440 * attempt,
+        runtime=runtime(1440),
         gpu=1,
         cache_mb=setting("generate", "cache_mb"),
         checkpoint_every=setting("generate", "checkpoint_every"),
@@ -54,7 +54,7 @@ rule train_generator:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
-        runtime=lambda wc, attempt: 2880 * attempt,
+        runtime=runtime(2880),
         gpu=1,
         cache_mb=setting("generate", "cache_mb"),
         checkpoint_every=setting("generate", "checkpoint_every"),
@@ -83,7 +83,7 @@ rule finetune_decoder:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=setting("generate", "cache_mb"),
         checkpoint_every=setting("generate", "checkpoint_every"),
@@ -112,7 +112,7 @@ rule train_latent_classifier:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 1440 * attempt,
+        runtime=runtime(1440),
         gpu=1,
         cache_mb=setting("generate", "cache_mb"),
         checkpoint_every=setting("generate", "checkpoint_every"),
@@ -143,7 +143,7 @@ rule sample_synthetic:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
     params:
         sampling=lambda wc: hdparams.canonical(
@@ -181,7 +181,7 @@ rule generator_quality:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
+        runtime=runtime(240),
         gpu=1,
     params:
         quality=lambda wc: hdparams.canonical(

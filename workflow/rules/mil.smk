@@ -21,9 +21,7 @@ rule distill_slides:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120
-        * mil_cfg(wc.dataset)["slides_per_job"]
-        * attempt,
+        runtime=runtime(120, lambda wc: mil_cfg(wc.dataset)["slides_per_job"]),
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
         checkpoint_every=lambda wc: slide_method_cfg(wc)["checkpoint_every"],
@@ -58,7 +56,7 @@ rule extract_features:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
+        runtime=runtime(240),
         gpu=1,
         batch=lambda wc: mil_cfg(wc.dataset)["batch"],
     params:
@@ -87,7 +85,7 @@ rule full_mil:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=lambda wc: mil_cfg(wc.dataset)["cache_mb"],
     params:
@@ -119,7 +117,7 @@ rule evaluate_mil:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=lambda wc: mil_cfg(wc.dataset)["cache_mb"],
     params:
@@ -147,7 +145,7 @@ rule transfer:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=lambda wc: mil_cfg(wc.dataset)["cache_mb"],
     params:

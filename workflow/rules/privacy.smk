@@ -24,7 +24,7 @@ rule privacy_audit:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
+        runtime=runtime(240),
         gpu=1,
         batch=setting("privacy", "batch"),
     params:
@@ -58,7 +58,7 @@ rule package:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        runtime=runtime(30),
     params:
         package=lambda wc: hdparams.canonical(section(wc.dataset, "privacy")["package"]),
         code=library("package.py"),

@@ -28,7 +28,7 @@ rule select:
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        runtime=runtime(120),
     params:
         cfg=lambda wc: hdparams.canonical(select_cfg(wc)),
         seed=setting("select", "seed"),
@@ -57,7 +57,7 @@ rule augment_study:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 720 * attempt,
+        runtime=runtime(720),
         gpu=1,
         cache_mb=setting("select", "cache_mb"),
     params:

@@ -19,7 +19,7 @@ rule stain_template:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        runtime=runtime(60),
     params:
         stain=hdparams.canonical(config["stain"]),
         code=library("stain_template.py"),

@@ -34,7 +34,7 @@ rule study_set:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 32000 * attempt,
-        runtime=lambda wc, attempt: 2880 * attempt,
+        runtime=runtime(2880),
         gpu=1,
         cache_mb=setting("distill", "cache_mb"),
         checkpoint_every=lambda wc: method_cfg(wc)["checkpoint_every"],

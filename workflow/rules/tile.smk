@@ -19,7 +19,7 @@ checkpoint cohort:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        runtime=runtime(30),
     params:
         name=lambda wc: wc.dataset,
         dataset=lambda wc: hdparams.canonical(dataset_cfg(wc.dataset)),
@@ -50,9 +50,7 @@ rule tile_slides:
     threads: lambda wc: tiling_cfg(wc.dataset)["threads"]
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 30
-        * tiling_cfg(wc.dataset)["slides_per_job"]
-        * attempt,
+        runtime=runtime(30, lambda wc: tiling_cfg(wc.dataset)["slides_per_job"]),
     params:
         rows=batch_rows,
         tiling=lambda wc: hdparams.canonical(slide_settings(tiling_cfg(wc.dataset))),
@@ -79,7 +77,7 @@ rule tile:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        runtime=runtime(120),
     params:
         rows=lambda wc: cohort_rows(wc.dataset),
         tiling=lambda wc: hdparams.canonical(store_settings(tiling_cfg(wc.dataset))),
@@ -106,7 +104,7 @@ rule ingest:
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        runtime=runtime(120),
     params:
         name=lambda wc: wc.dataset,
         dataset=lambda wc: hdparams.canonical(dataset_cfg(wc.dataset)),

@@ -21,7 +21,7 @@ rule buffer_experts:
     threads: 4
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 1440 * attempt,
+        runtime=runtime(1440),
         gpu=1,
         cache_mb=setting("trajectories", "cache_mb"),
     params:
