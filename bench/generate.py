@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill import PeakRSS  # noqa: E402
 
+from histodistill import config  # noqa: E402
 from histodistill.generate import uvit  # noqa: E402
 from histodistill.generate.autoencoder import AutoencoderKL  # noqa: E402
 from histodistill.generate.diffusion import randn  # noqa: E402
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # small a 128 px patch at f8 (16 x 16 x 4 latents, 64 tokens)
 GEOMETRY = {"tiny": (32, 4, 1, 64), "small": (128, 8, 2, 32), "mid": (256, 8, 2, 32),
             "large": (256, 8, 2, 32)}
-AE = {"ch": 32, "num_res_blocks": 1, "z_channels": 4}
+AE = {**config.defaults("generate.autoencoder"), "ch": 32, "num_res_blocks": 1, "z_channels": 4}
+GENERATOR = config.defaults("generate.generator")  # its schedule: linear
 SAMPLING = {"steps": 50, "eta": 0.0, "cfg_scale": 0.4}
 
 
@@ -89,7 +91,7 @@ def files(tmp: Path, preset: str) -> dict[str, Path]:
     cfg = {**AE, "downsample": down}
     ae = AutoencoderKL.from_config(cfg, size)
     save_model(tmp / "ae.pt", {"config": cfg, "image_size": size, "state": ae.state_dict()})
-    gcfg = {"preset": preset, "patch_size": patch, "schedule": {"kind": "linear"}}
+    gcfg = {**GENERATOR, "preset": preset, "patch_size": patch}
     net = uvit.build(gcfg, ae.z_channels, ae.latent_size, 2)
     save_model(tmp / "uvit.pt", {"config": gcfg, "ema": net.state_dict(), "num_classes": 2,
                                  "class_names": ["a", "b"], "z_channels": ae.z_channels,
@@ -133,9 +135,9 @@ def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
         t_sample.append(best(sample, 1))
         t_bare.append(best(bare, 1))
     store = toy_store(tmp / "store.zarr", size)
-    gcfg = {"preset": preset, "patch_size": patch, "batch": batch, "lr": 2e-4,
+    gcfg = {**GENERATOR, "preset": preset, "patch_size": patch, "batch": batch, "lr": 2e-4,
             "weight_decay": 0.03, "betas": [0.99, 0.99], "warmup": 10, "ema": 0.9999,
-            "label_dropout": 0.15, "schedule": {"kind": "linear"}}
+            "label_dropout": 0.15}
 
     def train_seconds(steps: int) -> float:
         """Seconds the training loop of ``train_generator`` spent on ``steps`` steps."""

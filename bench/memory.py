@@ -32,17 +32,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-HISTODD = {"outer_loop": 2, "inner_loop": 2, "lr_img": 0.5, "unit_grad": True, "lr_net": 0.01,
-           "alpha": [0.01, 0.09], "n_data": 128, "batch_real": 64, "batch_net": 64,
-           "augment": {"preset": "flip"}, "checkpoint_every": 100}
-DM = {"net": "convnet", "net_kwargs": {"width": 32}, "iterations": 5, "lr_img": 1.0,
-      "batch_real": 128, "augment": {"preset": "dsa"}, "checkpoint_every": 100}
+from histodistill import config  # noqa: E402
+
+# complete settings, as the library takes them: the schema's defaults with the bench's values
+AUGMENT, TRAIN = config.defaults("$defs/augment"), config.defaults("$defs/train")
+HISTODD = {**config.defaults("distill.methods.histodd"), "outer_loop": 2, "inner_loop": 2, "lr_img": 0.5,
+           "unit_grad": True, "lr_net": 0.01, "alpha": [0.01, 0.09], "n_data": 128, "batch_real": 64, "batch_net": 64,
+           "augment": {**AUGMENT, "preset": "flip"}, "checkpoint_every": 100}
+DM = {**config.defaults("distill.methods.dm"), "net": "convnet", "net_kwargs": {"width": 32}, "iterations": 5,
+      "lr_img": 1.0, "batch_real": 128, "augment": {**AUGMENT, "preset": "dsa"}, "checkpoint_every": 100}
 POOL = {"net": "convnet", "net_kwargs": {"width": 32}, "size": 1,
-        "train": {"epochs": 1, "batch": 128, "schedule": "constant"}, "save_epochs": [1],
-        "augment": {"preset": "dsa"}}
-EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}}, "runs": 1, "seed": 0,
-            "train": {"epochs": 20, "batch": 256}, "full": {"epochs": 1, "batch": 256},
-            "augment": {"preset": "dsa"}, "stain_norm": False, "cache_mb": 24}
+        "train": {**TRAIN, "epochs": 1, "batch": 128, "schedule": "constant"}, "save_epochs": [1],
+        "augment": {**AUGMENT, "preset": "dsa"}}
+EVALUATE = {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 32}},
+            "runs": 1, "seed": 0, "train": {**TRAIN, "epochs": 20, "batch": 256},
+            "full": {**TRAIN, "epochs": 1, "batch": 256}, "augment": {**AUGMENT, "preset": "dsa"},
+            "stain_norm": False, "cache_mb": 24}
 
 
 def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:

@@ -31,9 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 SIZE = 32
 HELD_OUT = 500  # per class
-ENCODER = {"kind": "supervised", "net": "convnet", "seed": 0,
+from histodistill import config  # noqa: E402
+
+ENCODER = {**config.defaults("$defs/encoder"), "kind": "supervised", "net": "convnet", "seed": 0,
            "net_kwargs": {"width": 32, "norm": "batchnorm"},
-           "train": {"epochs": 1, "lr": 0.01, "batch": 256}, "augment": {"preset": "none"}}
+           "train": {**config.defaults("$defs/train"), "epochs": 1, "lr": 0.01, "batch": 256},
+           "augment": {**config.defaults("$defs/augment"), "preset": "none"}}
 
 
 def crops(n: int, seed: int) -> np.ndarray:
@@ -81,7 +84,8 @@ def child(store: str, encoder: str, synthetic: str) -> None:
     from histodistill.privacy.audit import AuditConfig, audit
 
     torch.set_num_threads(2)
-    section, _ = audit(synthetic, store, encoder, AuditConfig(samples=2 * HELD_OUT))
+    settings = AuditConfig.from_config({**config.defaults("privacy"), "samples": 2 * HELD_OUT})
+    section, _ = audit(synthetic, store, encoder, settings)
     print(json.dumps({"seconds": section["seconds"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -104,7 +104,7 @@ def large_slide(width: int, height: int, levels: int = 4, tile: int = 256) -> Pa
     bw, bh = width // 10, height // 10
     if bw % 2 ** (levels - 1) or bh % 2 ** (levels - 1):
         raise SystemExit(f"--large-size: W/10 and H/10 must be multiples of {2 ** (levels - 1)}")
-    spec = DemoSpec(width=bw, height=bh)
+    spec = DemoSpec.from_config({**config.defaults("demo"), "width": bw, "height": bh})
     pyramids = []
     for k in range(4):  # each block's own pyramid, so every level is the same mosaic
         img = render_slide(np.random.default_rng([7, k]), spec, k % 2 == 1, k + 1)[0]
@@ -176,7 +176,8 @@ def demo_slide() -> Path:
     if not path.exists():
         from histodistill.synth.cohort import DemoSpec, make_cohort
 
-        path = make_cohort(ROOT / "results/bench/cohort", DemoSpec(), progress=False)
+        path = make_cohort(ROOT / "results/bench/cohort", DemoSpec.from_config(config.defaults("demo")),
+                           progress=False)
         path = path / "training/tumor/tumor_001.tif"
     return path
 

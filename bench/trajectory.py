@@ -31,21 +31,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from memory import make_store  # noqa: E402  (bench/memory.py, beside this script)
+from memory import AUGMENT, TRAIN, make_store  # noqa: E402  (bench/memory.py, beside this script)
+
+from histodistill import config  # noqa: E402
 
 BUFFER = {"experts": 1, "epochs": 2, "net": "convnet",
-          "train": {"lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 256,
-                    "schedule": "constant"}, "augment": {"preset": "dsa"}, "dtype": "float32"}
+          "train": {**TRAIN, "lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 256,
+                    "schedule": "constant"}, "augment": {**AUGMENT, "preset": "dsa"}, "dtype": "float32"}
 COMMON = {"iterations": 1000, "lr_img": 100, "lr_lr": 1e-5, "lr_teacher": 0.01,
-          "augment": {"preset": "dsa"}, "checkpoint_every": 10**6}
+          "augment": {**AUGMENT, "preset": "dsa"}, "checkpoint_every": 10**6}
 
 
 def settings(method: str, steps: int, segment: int) -> dict:
     if method == "mtt":
-        return {**COMMON, "syn_steps": steps, "expert_epochs": 1, "max_start_epoch": 1,
-                "unroll_segment": segment}
-    return {**COMMON, "syn_steps": steps, "end_epoch": 1, "retrain": 0, "beta_match": 1.0,
-            "beta_overlap": 0.01, "sigma": 1.0, "unroll_segment": segment}
+        return {**config.defaults("distill.methods.mtt"), **COMMON, "syn_steps": steps, "expert_epochs": 1,
+                "max_start_epoch": 1, "unroll_segment": segment}
+    return {**config.defaults("distill.methods.ptm"), **COMMON, "syn_steps": steps, "end_epoch": 1, "retrain": 0,
+            "beta_match": 1.0, "beta_overlap": 0.01, "sigma": 1.0, "unroll_segment": segment}
 
 
 def _status_kb(field: str) -> int:

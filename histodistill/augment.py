@@ -20,12 +20,13 @@ Ops: ``color`` (brightness, saturation, contrast), ``crop`` (translation), ``cut
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from histodistill import config
 from histodistill.stain import MacenkoNormaliser, StainTemplate
 
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate", "stain")
@@ -46,36 +47,37 @@ Params = list[tuple[str, dict[str, torch.Tensor]]]
 
 @dataclass
 class AugmentConfig:
-    """Strengths follow DSA's ``ParamDiffAug`` defaults."""
+    """An ``augment`` section's ops, mode and strengths; the strengths' defaults, DSA's
+    ``ParamDiffAug``, are the schema's (``$defs/augment``)."""
 
-    ops: list[str] = field(default_factory=lambda: list(PRESETS["dsa"][0]))
-    mode: str = "single"
-    brightness: float = 1.0
-    saturation: float = 2.0
-    contrast: float = 0.5
-    crop: float = 0.125
-    cutout: float = 0.5
-    scale: float = 1.2
-    rotate: float = 15.0  # degrees
-    flip: float = 0.5
+    ops: list[str]
+    mode: str
+    brightness: float
+    saturation: float
+    contrast: float
+    crop: float
+    cutout: float
+    scale: float
+    rotate: float  # degrees
+    flip: float
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "AugmentConfig":
-        """From an ``augment`` config section: ``preset`` names ops and mode unless ``ops``
-        (and ``mode``) are given."""
-        cfg = dict(cfg)
-        preset = cfg.pop("preset", "dsa")
+        """From a validated ``augment`` section (every strength present): ``preset`` names ops
+        and mode unless ``ops`` (and ``mode``) are given."""
+        preset = cfg["preset"]
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose from {sorted(PRESETS)}")
         ops, mode = PRESETS[preset]
-        ops = cfg.pop("ops", None) or ops
-        mode = cfg.pop("mode", mode)
+        ops = cfg.get("ops") or ops  # optional: the preset's unless given
+        mode = cfg.get("mode") or mode
         unknown = set(ops) - set(OPS)
         if unknown:
             raise ValueError(f"unknown augmentation op(s) {sorted(unknown)}; choose from {OPS}")
         if mode not in ("single", "all"):
             raise ValueError(f"augmentation mode {mode!r}: choose 'single' or 'all'")
-        return cls(ops=list(ops), mode=mode, **cfg)
+        strengths = [f.name for f in fields(cls) if f.name not in ("ops", "mode")]
+        return cls(ops=list(ops), mode=mode, **{k: cfg[k] for k in strengths})
 
 
 class Augment:
@@ -90,6 +92,11 @@ class Augment:
         self.normaliser = MacenkoNormaliser(template) if template is not None else None
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
+
+    @classmethod
+    def identity(cls) -> "Augment":
+        """An augmenter with no ops: the identity, drawing no numbers."""
+        return cls(AugmentConfig.from_config({**config.defaults("$defs/augment"), "preset": "none"}))
 
     @property
     def enabled(self) -> bool:

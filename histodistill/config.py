@@ -10,6 +10,7 @@ are overlays, ``configs/<dataset>.yaml``, that Snakemake merges over it with ``-
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ def _with_defaults(validator_class: Any) -> Any:
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+_FILLING = _with_defaults(jsonschema.Draft202012Validator)
+
+
 def _message(err: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> str:
     path = [*prefix, *err.absolute_path]
     key = ".".join(str(p) for p in path) or "<top level>"
@@ -74,6 +78,61 @@ def load_schema(schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
     spec["$defs"]["method"]["enum"] = catalogue.names()
     spec["$defs"]["selection_method"]["enum"] = catalogue.names("select")
     return spec
+
+
+@functools.lru_cache(maxsize=4)
+def _schema(schema: str) -> dict[str, Any]:
+    """:func:`load_schema`, read once per process (callers must not change it)."""
+    return load_schema(schema)
+
+
+def schema_at(pointer: str, schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
+    """The schema of a setting: ``$defs/<name>`` (e.g. ``$defs/train``) or a dotted config path
+    (e.g. ``distill.methods.ptm``, ``mil.settings.clam_sb``, ``trajectories.train``; a name a
+    mapping does not list takes its ``additionalProperties``: ``encoders.<any>``,
+    ``datasets.<any>``). A ``$ref`` is followed where the path goes on through it; the node of
+    the last key is returned as written (its own ``default`` included)."""
+    spec = _schema(str(schema))
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node and "properties" not in node:
+            node = spec["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    if pointer.startswith("$defs/"):
+        name = pointer.split("/", 1)[1]
+        if name not in spec["$defs"]:
+            raise KeyError(f"the schema has no $defs entry {name!r}")
+        return spec["$defs"][name]
+    node: dict[str, Any] = spec
+    for part in pointer.split("."):
+        node = resolve(node)
+        if part in node.get("properties", {}):
+            node = node["properties"][part]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            raise KeyError(f"the schema has no config key {pointer!r} ({part!r} is not one)")
+    return node
+
+
+def _filled(instance: Any, node: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> Any:
+    """``instance`` with the defaults of the schema ``node`` filled in, in place, at every
+    depth the schema describes (its errors, e.g. a missing required key, are not reported)."""
+    spec = _schema(str(schema))
+    validator = _FILLING({"$defs": spec["$defs"], **node})
+    for _ in validator.iter_errors(instance):
+        pass
+    return instance
+
+
+def defaults(pointer: str, schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
+    """The settings a config holds at ``pointer`` (see :func:`schema_at`) when it gives none:
+    the schema's defaults, e.g. ``defaults("$defs/train")`` or ``defaults("distill.methods.ptm")``.
+    A complete section for code and tests that build one by hand:
+    ``{**config.defaults("$defs/train"), "epochs": 2}``."""
+    node = schema_at(pointer, schema)
+    return _filled(copy.deepcopy(node.get("default", {})), node, schema)
 
 
 def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
@@ -259,12 +318,18 @@ def method_config(config: dict[str, Any], name: str, method: str, ipc: int) -> d
 def with_candidate(cfg: dict[str, Any], overrides: dict[str, Any], method: str
                    ) -> dict[str, Any]:
     """A method's settings with one tuning candidate's overrides; a key the method does not
-    have is an error naming it (a typo would otherwise tune nothing)."""
+    have is an error naming it (a typo would otherwise tune nothing). An override replaces the
+    whole setting, so a mapping it gives (e.g. ``augment: {preset: none}``) takes the schema's
+    defaults for the keys it leaves out."""
     unknown = sorted(set(overrides) - set(cfg))
     if unknown:
         raise ConfigError(f"config key 'tuning.candidates.{method}': {unknown} are not settings "
                           f"of distill.methods.{method}; its settings: {sorted(cfg)}")
-    return {**cfg, **overrides}
+    given = copy.deepcopy(overrides)
+    for key, value in given.items():
+        if isinstance(value, dict):
+            _filled(value, schema_at(f"distill.methods.{method}.{key}"))
+    return {**cfg, **given}
 
 
 def check_per_slide(method: str) -> None:

@@ -190,7 +190,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     seed = int(cfg["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net, dim = _build(kind, cfg["net"], cfg.get("net_kwargs", {}), num_classes, im_size)
+        net, dim = _build(kind, cfg["net"], cfg["net_kwargs"], num_classes, im_size)
     dev = device()
     net = net.to(dev)
     if kind == "resnet50_trunc":
@@ -200,7 +200,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     else:
         real = RealData(store, "train", cache_mb, seed, dev)
         stats = real.stats
-        aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, stats.mean, stats.std)
+        aug = Augment(AugmentConfig.from_config(cfg["augment"]), None, stats.mean, stats.std)
         gen = torch.Generator().manual_seed(seed)
         ckpt = Checkpoint(checkpoint, settings_hash([cfg, fingerprint(store)]))
         if kind == "supervised":
@@ -212,7 +212,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
             _train_simclr(net, dim, real, cfg, aug, gen, ckpt)
         ckpt.remove()
     encoder = Encoder(net.eval(), stats, kind, dim)
-    save_state({"kind": kind, "net": cfg.get("net"), "net_kwargs": cfg.get("net_kwargs", {}),
+    save_state({"kind": kind, "net": cfg["net"], "net_kwargs": cfg["net_kwargs"],
                 "num_classes": num_classes, "im_size": im_size, "dim": dim,
                 "mean": list(stats.mean), "std": list(stats.std), "config": cfg,
                 "state": {k: v.cpu() for k, v in net.state_dict().items()}}, out)

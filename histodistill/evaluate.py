@@ -26,9 +26,8 @@ def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | Non
            cfg: dict[str, Any]) -> tuple[PatchStore, Inputs, Augment]:
     store = PatchStore(store_path)
     template = StainTemplate.load(template_path) if template_path else None
-    inputs = Inputs(store, template, bool(cfg["stain_norm"]), device(),
-                    float(cfg.get("cache_mb", 1024)))
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template,
+    inputs = Inputs(store, template, bool(cfg["stain_norm"]), device(), float(cfg["cache_mb"]))
+    aug = Augment(AugmentConfig.from_config(cfg["augment"]), template,
                   inputs.stats.mean, inputs.stats.std)
     return store, inputs, aug
 
@@ -43,7 +42,7 @@ def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike |
     seed = int(cfg["seed"])
     settings = {k: v for k, v in cfg.items() if k != "cache_mb"}
     ckpt = Checkpoint(checkpoint, settings_hash([arch, settings, fingerprint(store, template_path)]))
-    result = evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
+    result = evaluate_arch(arch, cfg["arch_kwargs"].get(arch, {}),
                            lambda gen: inputs.split_batches("train", train_cfg.batch, seed),
                            inputs, int(store.attrs["patch_size"]), len(store.class_names),
                            train_cfg, 1, seed, aug, ckpt)
@@ -69,7 +68,7 @@ def train_on_set(images: np.ndarray, labels: np.ndarray, store_path: str | os.Pa
 
         extra_loss = boundary_term(cfg["boundary"])
     archs = [*cfg["archs"], *[a for a in cfg.get("extra_archs", []) if a not in cfg["archs"]]]
-    return {arch: evaluate_arch(arch, cfg.get("arch_kwargs", {}).get(arch, {}),
+    return {arch: evaluate_arch(arch, cfg["arch_kwargs"].get(arch, {}),
                                 lambda gen: tensor_batches(syn_x, syn_y, train_cfg.batch, gen),
                                 inputs, int(images.shape[-1]), len(store.class_names), train_cfg,
                                 int(cfg["runs"]), int(cfg["seed"]), aug, split=split,
@@ -90,7 +89,7 @@ def set_record(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
 
     def figures(protocol: dict[str, Any]) -> dict[str, Any]:
         patch = train_on_set(images, labels, store_path, template_path, protocol, split=split)
-        out = {"stain_norm": bool(protocol.get("stain_norm", False)), "patch": patch}
+        out = {"stain_norm": bool(protocol["stain_norm"]), "patch": patch}
         if protocol.get("extra_archs"):
             out["cross_arch"] = cross_arch(patch, attrs["config"].get("net"))
         return out
@@ -99,8 +98,8 @@ def set_record(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
               "saturated_fraction": saturated_fraction(images),
               "distill": read_json(distill_stats, "evaluate"),
               "config": {"distill": attrs["config"], "evaluate": cfg, "seed": attrs["seed"]}}
-    if cfg.get("both_protocols"):
-        record["other_protocol"] = figures({**cfg, "stain_norm": not cfg.get("stain_norm", False)})
+    if cfg["both_protocols"]:
+        record["other_protocol"] = figures({**cfg, "stain_norm": not cfg["stain_norm"]})
     return record
 
 

@@ -47,13 +47,13 @@ def full_train_settings(evaluate: dict[str, Any], arch: str) -> dict[str, Any]:
     architecture or changing ``runs``/``train`` leaves the cached upper bounds alone."""
     keys = ("augment", "full", "seed", "stain_norm")  # the default protocol's stain_norm
     return canonical({**{k: evaluate[k] for k in keys if k in evaluate},
-                      "arch_kwargs": {arch: evaluate.get("arch_kwargs", {}).get(arch, {})}})
+                      "arch_kwargs": {arch: evaluate["arch_kwargs"].get(arch, {})}})
 
 
 def stain_protocol(evaluate: dict[str, Any], method: str | None) -> bool:
     """Whether ``method``'s sets are evaluated with test-time stain normalisation: on for the
     methods in ``stain_norm_methods`` (their paper's protocol), else ``stain_norm``."""
-    return method in evaluate.get("stain_norm_methods", []) or bool(evaluate["stain_norm"])
+    return method in evaluate["stain_norm_methods"] or bool(evaluate["stain_norm"])
 
 
 def evaluate_settings(evaluate: dict[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -61,10 +61,10 @@ def evaluate_settings(evaluate: dict[str, Any], method: str | None = None) -> di
     from files), without operational knobs, and ``arch_kwargs`` only of the evaluated archs.
     ``cross_arch`` becomes ``extra_archs``, the further architectures this ``method`` is trained
     on, so editing the cross-architecture settings reruns only the methods they name."""
-    kwargs = evaluate.get("arch_kwargs", {})
-    cross = evaluate.get("cross_arch") or {}
-    extra = [a for a in cross.get("archs", []) if a not in evaluate["archs"]
-             ] if method in cross.get("methods", []) else []
+    kwargs = evaluate["arch_kwargs"]
+    cross = evaluate["cross_arch"]
+    extra = [a for a in cross["archs"] if a not in evaluate["archs"]
+             ] if method in cross["methods"] else []
     picked = {k: v for k, v in evaluate.items()
               if k not in ("full", "arch_kwargs", "cross_arch", "stain_norm_methods")}
     picked["stain_norm"] = stain_protocol(evaluate, method)

@@ -348,15 +348,16 @@ def generate_table(folder: str | Path) -> str | None:
         return None
     body = []
     for path in files:
-        q = read_json(path, "tables")
-        per_class = q.get("class_agreement_per_class")
+        record = read_json(path, "tables")
+        per_class = record.get("class_agreement_per_class")
         agree = "-" if per_class is None else (
-            f"{100 * q['class_agreement']:.1f} ("
+            f"{100 * record['class_agreement']:.1f} ("
             + ", ".join(f"{name} {100 * v:.0f}" for name, v in per_class.items()) + ")")
-        real = "-" if "real_agreement" not in q else f"{100 * q['real_agreement']:.1f}"
-        sampling = ", ".join(f"{k} {v}" for k, v in sorted((q.get("sampling") or {}).items()))
-        body.append([f"`{q['generator']}`", sampling, str(q["n_synthetic"]), f"{q['fid_in_domain']:.1f}",
-                     f"{q['precision']:.3f}", f"{q['recall']:.3f}", agree, real])
+        real = "-" if "real_agreement" not in record else f"{100 * record['real_agreement']:.1f}"
+        sampling = ", ".join(f"{k} {v}" for k, v in sorted((record.get("sampling") or {}).items()))
+        body.append([f"`{record['generator']}`", sampling, str(record["n_synthetic"]),
+                     f"{record['fid_in_domain']:.1f}", f"{record['precision']:.3f}",
+                     f"{record['recall']:.3f}", agree, real])
     head = ["generator", "sampling", "samples", "FID (in-domain)", "precision", "recall",
             "class agreement % (per class)", "real agreement %"]
     return "\n".join(_markdown(head, body) + ["", (

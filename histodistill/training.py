@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -38,21 +38,23 @@ Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (DC's evaluation protocol by default: SGD, lr x0.1 at half)."""
+    """A ``train`` section's optimisation settings; their defaults, DC's evaluation protocol
+    (SGD, lr x0.1 at half), are the schema's (``$defs/train``)."""
 
-    epochs: int = 1000
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch: int = 256
-    schedule: str = "step"  # "step" (x0.1 at half), "cosine" or "constant"
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch: int
+    schedule: str  # "step" (x0.1 at half), "cosine" or "constant"
     # sharpness-aware minimisation (Foret et al. 2021; FTD's flat expert trajectories): each step
     # takes the gradient at the weights moved sam_rho along the normalised gradient (0: plain)
-    sam_rho: float = 0.0
+    sam_rho: float
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TrainConfig":
-        return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
+        """From a validated ``train`` section (every key present)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
 
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator) -> Batches:

@@ -45,7 +45,22 @@ def target_image() -> np.ndarray:
     return np.asarray(Image.open(_real("target_image.png")).convert("RGB"))
 
 
-SMALL = DemoSpec(n_train=2, n_test=2, width=1024, height=768, levels=3, seed=3)
+# Complete settings sections for tests that build one by hand, as the library takes them
+# validated: {**AUGMENT, "preset": "none"}, {**TRAIN, "epochs": 2}
+AUGMENT = hdconfig.defaults("$defs/augment")
+TRAIN = hdconfig.defaults("$defs/train")
+ENCODER = hdconfig.defaults("$defs/encoder")
+DATASET = hdconfig.defaults("datasets.*")  # a datasets.<name> entry
+
+
+def method_settings(method: str, **settings) -> dict:
+    """A distillation method's settings: the schema's defaults (``distill.methods.<method>``)
+    with ``settings`` (a mapping given replaces the whole setting, e.g. ``augment``)."""
+    return {**hdconfig.defaults(f"distill.methods.{method}"), **settings}
+
+
+SMALL = DemoSpec.from_config({**hdconfig.defaults("demo"), "n_train": 2, "n_test": 2, "width": 1024,
+                              "height": 768, "levels": 3, "seed": 3})
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 import torch
 
+from histodistill import config
 from histodistill.augment import PRESETS, Augment, AugmentConfig
 from histodistill.stain import fit
 
 MEAN, STD = (0.7, 0.5, 0.6), (0.2, 0.25, 0.15)
 
 
+def augment(**settings) -> AugmentConfig:
+    """An ``augment`` section: the schema's defaults with ``settings``."""
+    return AugmentConfig.from_config({**config.defaults("$defs/augment"), **settings})
+
+
 def test_network_training_draws_parameters_per_image_and_matching_draws_once():
-    aug = Augment(AugmentConfig.from_config({"preset": "dsa", "mode": "all"}), None, MEAN, STD)
+    aug = Augment(augment(preset="dsa", mode="all"), None, MEAN, STD)
     x = torch.zeros(6, 3, 16, 16)
     x[:, :, 4:12, 4:12] = 1.0
     out = aug(x, torch.Generator().manual_seed(0))  # training: each image its own draw
@@ -26,7 +32,7 @@ def test_network_training_draws_parameters_per_image_and_matching_draws_once():
 
 
 def test_siamese_augmentation_is_identical_and_differentiable():
-    aug = Augment(AugmentConfig.from_config({"preset": "dsa", "mode": "all"}))
+    aug = Augment(augment(preset="dsa", mode="all"))
     x = torch.rand(4, 3, 16, 16, requires_grad=True)
     params = aug.sample(torch.Generator().manual_seed(3))
     a, b = aug.apply(x, params), aug.apply(x.detach().clone(), params)
@@ -45,7 +51,7 @@ def test_siamese_augmentation_is_identical_and_differentiable():
 def test_geometric_fills_are_the_dataset_mean(op, params):
     """Inputs are normalised, so the uncovered area is 0 there: the dataset mean in pixels,
     never black."""
-    aug = Augment(AugmentConfig(ops=[]), None, MEAN, STD)
+    aug = Augment(augment(preset="none"), None, MEAN, STD)
     pixels = torch.zeros(1, 3, 16, 16)  # a black image: any filled pixel stands out
     x = (pixels - torch.tensor(MEAN).reshape(1, 3, 1, 1)) / torch.tensor(STD).reshape(1, 3, 1, 1)
     out = aug.apply(x, [(op, params)])
@@ -56,7 +62,7 @@ def test_geometric_fills_are_the_dataset_mean(op, params):
 
 
 def test_crop_translates_by_whole_pixels():
-    aug = Augment(AugmentConfig(ops=[], crop=0.25))
+    aug = Augment(augment(preset="none", crop=0.25))
     x = torch.arange(64.0).reshape(1, 1, 8, 8).expand(1, 3, 8, 8)
     out = aug.apply(x, [("crop", {"dx": torch.tensor([1.0]), "dy": torch.tensor([0.0])})])
     # dx = +1 of a 2 px range shifts the content 2 px to the left; the right edge is filled with 0
@@ -65,7 +71,7 @@ def test_crop_translates_by_whole_pixels():
 
 
 def test_all_preset_is_histodd_table_2_and_applies_stain_on_every_call(target_image):
-    cfg = AugmentConfig.from_config({"preset": "all"})
+    cfg = augment(preset="all")
     assert cfg.ops == ["stain", "rotate", "flip", "scale"] and cfg.mode == "all"
     assert "color" not in cfg.ops  # colour jitter works against stain normalisation
     template = fit(target_image[:256, :256])
@@ -75,24 +81,24 @@ def test_all_preset_is_histodd_table_2_and_applies_stain_on_every_call(target_im
 
 
 def test_dsa_preset_draws_one_op_per_call_like_dsa():
-    aug = Augment(AugmentConfig.from_config({"preset": "dsa"}))
+    aug = Augment(augment(preset="dsa"))
     gen = torch.Generator().manual_seed(0)
     drawn = [aug.sample(gen)[0][0] for _ in range(200)]
     assert set(drawn) == set(PRESETS["dsa"][0]) and all(len(aug.sample(gen)) == 1 for _ in range(5))
 
 
 def test_augmentation_presets_and_errors():
-    assert AugmentConfig.from_config({"preset": "none"}).ops == []
+    assert augment(preset="none").ops == []
     with pytest.raises(ValueError, match="unknown augmentation op"):
-        AugmentConfig.from_config({"ops": ["shear"]})
+        augment(ops=["shear"])
     with pytest.raises(ValueError, match="unknown augmentation preset"):
-        AugmentConfig.from_config({"preset": "everything"})
+        augment(preset="everything")
     with pytest.raises(ValueError, match="needs the dataset's stain template"):
-        Augment(AugmentConfig.from_config({"preset": "stain"}))
+        Augment(augment(preset="stain"))
 
 
 def test_flip_and_rotate_do_what_they_say():
-    aug = Augment(AugmentConfig(ops=[]))
+    aug = Augment(augment(preset="none"))
     x = torch.arange(16.0).reshape(1, 1, 4, 4).expand(2, 3, 4, 4)
     flipped = aug.apply(x, [("flip", {"flip": torch.tensor([1.0, 0.0])})])
     assert torch.equal(flipped[0], x[0].flip(2)) and torch.equal(flipped[1], x[1])
@@ -103,7 +109,7 @@ def test_flip_and_rotate_do_what_they_say():
 
 def test_stain_op_works_in_pixels_and_returns_normalised_inputs(target_image):
     template = fit(target_image[:256, :256])
-    aug = Augment(AugmentConfig(ops=["stain"], mode="all"), template, MEAN, STD)
+    aug = Augment(augment(ops=["stain"], mode="all"), template, MEAN, STD)
     pixels = torch.from_numpy(target_image[256:288, 256:288].copy()).permute(2, 0, 1)[None] / 255.0
     x = (pixels - torch.tensor(MEAN).reshape(1, 3, 1, 1)) / torch.tensor(STD).reshape(1, 3, 1, 1)
     out = aug.apply(x, aug.sample(torch.Generator()))

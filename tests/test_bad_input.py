@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import DATASET
 from histodistill import config
 from histodistill.data import ingest
 from histodistill.slides import annotations, cohort, tiling, wsi
@@ -169,7 +170,7 @@ def image_tree(root: Path, layout: dict[str, list[str]]) -> None:
 def test_imagefolder_split_folders_are_recognised_in_any_spelling(tmp_path):
     image_tree(tmp_path / "d", {"Train/adi": ["a", "b"], "Train/tum": ["c"], "valid/adi": ["d"],
                                 "valid/tum": ["e"], "TEST/adi": ["f"], "TEST/tum": ["g"]})
-    store = PatchStore(ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")},
+    store = PatchStore(ingest.ingest_dataset("f", {**DATASET, "format": "imagefolder", "root": str(tmp_path / "d")},
                                              tmp_path / "p.zarr"))
     assert store.class_names == ["adi", "tum"]
     assert list(store.array("split")) == [0, 0, 0, 1, 1, 2, 2]
@@ -187,7 +188,8 @@ def test_imagefolder_split_folders_are_recognised_in_any_spelling(tmp_path):
 def test_bad_imagefolder_layout_names_the_root(tmp_path, layout, message):
     image_tree(tmp_path / "d", layout)
     with pytest.raises(InputError, match=r"\[ingest\] .*d: " + message):
-        ingest.ingest_dataset("f", {"format": "imagefolder", "root": str(tmp_path / "d")}, tmp_path / "p.zarr")
+        ingest.ingest_dataset("f", {**DATASET, "format": "imagefolder", "root": str(tmp_path / "d")},
+                              tmp_path / "p.zarr")
     assert leftovers(tmp_path) == []
 
 
@@ -230,7 +232,7 @@ CHECK = {"unannotated_label": "normal", "tumour_class": "tumor"}  # what check_c
 def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_path):
     (tmp_path / "c16" / "training" / "tumor").mkdir(parents=True)
     shutil.copy(tumour_slide, tmp_path / "c16" / "training" / "tumor" / "tumor_001.tif")
-    dataset = {"format": "wsi", "layout": "camelyon16", "root": str(tmp_path / "c16")}
+    dataset = {**DATASET, "format": "wsi", "layout": "camelyon16", "root": str(tmp_path / "c16")}
     rows = cohort.build_table("c16", dataset)
     assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
     with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
@@ -243,8 +245,8 @@ def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, t
     table = tmp_path / "labels.csv"
     table.write_text(f"slide,label,path,annotation\ns1,tumor,{tumour_slide},{tmp_path / 'gone.xml'}\n")
     with pytest.raises(InputError, match=r"\[cohort\] .*gone.xml: annotation of slide s1 does not exist"):
-        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
-                                 "table": str(table), "extra_roots": [str(tumour_slide.parent)]})
+        cohort.build_table("t", {**DATASET, "format": "wsi", "layout": "table", "root": str(tmp_path),
+                                              "table": str(table), "extra_roots": [str(tumour_slide.parent)]})
 
 
 @pytest.mark.parametrize("row, message", [
@@ -263,8 +265,8 @@ def test_slide_table_values_are_checked_at_the_cohort_stage(tumour_slide, tmp_pa
     table.write_text("slide,label,path,annotation,split,centre\n"
                      + row.format(slide=root / "slides" / "s1.tif", outside=tumour_slide) + "\n")
     with pytest.raises(InputError, match=r"^\[cohort\] .*labels.csv, " + message):
-        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(root),
-                                 "table": str(table)})
+        cohort.build_table("t", {**DATASET, "format": "wsi", "layout": "table", "root": str(root),
+                                              "table": str(table)})
 
 
 def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumour_slide, tmp_path):
@@ -273,8 +275,8 @@ def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumo
     (root / "slides").mkdir(parents=True)
     shutil.copy(tumour_slide, root / "slides" / "s1.tif")
     (root / "labels.csv").write_text("slide,label,split\ns1,Tumor,train\n")
-    rows = cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(root),
-                                    "table": str(root / "labels.csv")})
+    rows = cohort.build_table("t", {**DATASET, "format": "wsi", "layout": "table", "root": str(root),
+                                                 "table": str(root / "labels.csv")})
     for check in (CHECK, CHECK | {"unannotated_label": "slide"}):
         with pytest.raises(InputError, match=r"s1.tif: dataset 't': label 'Tumor' is not one of "
                                              r"the classes .*\(did you mean 'tumor'\?\)"):
@@ -303,7 +305,7 @@ def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_pa
 
 def test_bad_label_csvs_name_the_file(tmp_path):
     (tmp_path / "train.csv").write_text("image,label\n")
-    dataset = {"format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"}}
+    dataset = {**DATASET, "format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"}}
     with pytest.raises(InputError, match=r"\[ingest\] .*: the label CSVs \['\{root\}/train.csv'\] list no images"):
         ingest.ingest_dataset("u", dataset, tmp_path / "p.zarr")
     with pytest.raises(InputError, match=r"\[ingest\] .*train.csv: csv key 'valid' is not a split; use \['train'"):

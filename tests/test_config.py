@@ -81,7 +81,8 @@ def test_paper_presets_per_dataset():
     # each method evaluated under its paper's stain protocol: on for Histo-DD only
     evaluate = config.section(cfg, "camelyon16", "evaluate")
     assert evaluate["stain_norm"] is False and evaluate["stain_norm_methods"] == ["histodd"]
-    assert pool["augment"] == {"preset": "all"}  # the pool sees distillation's augmentation
+    # the pool sees distillation's augmentation (DSA's strengths: the schema's defaults)
+    assert pool["augment"] == {**config.defaults("$defs/augment"), "preset": "all"}
 
 
 
@@ -247,7 +248,8 @@ def test_config_yaml_and_the_overlays_validate_and_the_schema_defaults_land():
     assert cfg["encoders"]["simclr"]["kind"] == "simclr" and cfg["encoders"]["simclr"]["proj_dim"] == 256
     assert cfg["select"]["methods"]["infodist_real"]["source"] == "real"
     assert cfg["select"]["methods"]["infodist_real"]["eta"] == 0.001  # infodist's, merged
-    assert cfg["evaluate"]["train"] == {"epochs": 1000, "lr": 0.01, "batch": 256, "schedule": "step"}
+    assert cfg["evaluate"]["train"] == {"epochs": 1000, "lr": 0.01, "batch": 256, "schedule": "step",
+                                        "momentum": 0.9, "weight_decay": 5e-4, "sam_rho": 0.0}
     assert cfg["privacy"]["package"]["intended_use"].startswith("Research on training")
     # the overlays' profiles over the defaults
     demo = config.method_config(cfg, "demo", "histodd", 10)

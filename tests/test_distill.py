@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_toy_store
+from conftest import AUGMENT, TRAIN, make_toy_store, method_settings
 from histodistill import models
 from histodistill.augment import Augment
 from histodistill.data.real import RealData
@@ -43,19 +43,21 @@ def context(toy_store: PatchStore, checkpoint=None, seed: int = 0, cache_mb: flo
 
 
 SETTINGS = {
-    "histodd": {"outer_loop": 4, "inner_loop": 2, "lr_img": 0.5, "unit_grad": True, "lr_net": 0.01,
-                "alpha": [0.01, 0.09], "n_data": 16, "batch_real": 8, "batch_net": 8,
-                "augment": {"ops": ["flip", "rotate"]}, "checkpoint_every": 1},
-    "dc": {"net": "convnet", "net_kwargs": NET, "iterations": 3, "outer_loop": 2, "inner_loop": 2,
-           "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8, "checkpoint_every": 1},
-    "dsa": {"net": "convnet", "net_kwargs": NET, "iterations": 3, "outer_loop": 2, "inner_loop": 2,
-            "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8, "augment": {"preset": "dsa"},
-            "checkpoint_every": 1},
-    "dm": {"net": "convnet", "net_kwargs": NET, "iterations": 4, "lr_img": 1.0, "batch_real": 8,
-           "augment": {"preset": "dsa"}, "checkpoint_every": 1},
-    "random": {},
-    "herding": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 2, "batch": 16}},
-    "forgetting": {"net": "convnet", "net_kwargs": NET, "train": {"epochs": 3, "batch": 16}},
+    "histodd": method_settings("histodd", outer_loop=4, inner_loop=2, lr_img=0.5, unit_grad=True,
+                               lr_net=0.01, alpha=[0.01, 0.09], n_data=16, batch_real=8, batch_net=8,
+                               augment={**AUGMENT, "ops": ["flip", "rotate"]}, checkpoint_every=1),
+    "dc": method_settings("dc", net="convnet", net_kwargs=NET, iterations=3, outer_loop=2, inner_loop=2,
+                          lr_img=0.1, lr_net=0.01, batch_real=8, checkpoint_every=1),
+    "dsa": method_settings("dsa", net="convnet", net_kwargs=NET, iterations=3, outer_loop=2,
+                           inner_loop=2, lr_img=0.1, lr_net=0.01, batch_real=8,
+                           augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1),
+    "dm": method_settings("dm", net="convnet", net_kwargs=NET, iterations=4, lr_img=1.0, batch_real=8,
+                          augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1),
+    "random": method_settings("random"),
+    "herding": method_settings("herding", net="convnet", net_kwargs=NET,
+                               train={**TRAIN, "epochs": 2, "batch": 16}),
+    "forgetting": method_settings("forgetting", net="convnet", net_kwargs=NET,
+                                  train={**TRAIN, "epochs": 3, "batch": 16}),
 }
 
 
@@ -111,7 +113,7 @@ def test_network_inputs_are_normalised_with_the_store_statistics(toy_store):
     """What reaches the network during distillation has per-channel mean ~0 and std ~1 over
     the real data (the store's channel statistics)."""
     seen = []
-    d = build("dm", {**SETTINGS["dm"], "augment": {"preset": "none"}, "batch_real": 24}, 2,
+    d = build("dm", {**SETTINGS["dm"], "augment": {**AUGMENT, "preset": "none"}, "batch_real": 24}, 2,
               context(toy_store))
     d.init_state()
     real = torch.cat([d.real_batch(c, 24) for c in range(2)])
@@ -133,7 +135,7 @@ def test_unit_grad_bounds_the_image_update_whatever_the_loss_scale(toy_store, wi
     for unit in (True, False):
         d = build("dm", {**SETTINGS["dm"], "net_kwargs": {"width": width, "norm": "none"},
                          "batch_real": batch, "lr_img": lr, "unit_grad": unit,
-                         "augment": {"preset": "none"}}, 2, context(toy_store))
+                         "augment": {**AUGMENT, "preset": "none"}}, 2, context(toy_store))
         d.space = "pixel"  # measure in pixels; the clamp only ever shortens a step
         d.init_state()
         worst = 0.0
@@ -227,7 +229,7 @@ def test_real_and_synthetic_batches_get_identical_augmentation(toy_store, monkey
 
     monkeypatch.setattr(Augment, "apply", spy)
     cfg = {**SETTINGS["histodd"], "outer_loop": 1, "inner_loop": 2, "batch_net": 5,
-           "augment": {"preset": "dsa", "mode": "all"}}
+           "augment": {**AUGMENT, "preset": "dsa", "mode": "all"}}
     build("histodd", cfg, 3, context(toy_store)).run()
     matches = [c for c in calls if c[0] in (8, 3)]  # (real batch, synthetic class) pairs
     pairs = list(zip(matches[::2], matches[1::2]))
@@ -409,7 +411,8 @@ def test_the_pool_trains_under_distillations_augmentation_with_the_stain_templat
 
     monkeypatch.setattr(run, "Augment", spy)
     cfg = {"net": "convnet", "net_kwargs": NET, "size": 1, "save_epochs": [1],
-           "train": {"epochs": 1, "batch": 16, "schedule": "constant"}, "augment": {"preset": "all"}}
+           "train": {**TRAIN, "epochs": 1, "batch": 16, "schedule": "constant"},
+           "augment": {**AUGMENT, "preset": "all"}}
     run.pretrain_pool(toy_store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg, 0, 64)
     assert seen and "stain" in seen[0][0]
     assert seen[0][1] is not None and seen[0][1].stain_matrix == template.stain_matrix

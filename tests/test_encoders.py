@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import make_toy_store
+from conftest import AUGMENT, ENCODER, TRAIN, make_toy_store
 from histodistill import models
 from histodistill.data.store import PatchStore
 from histodistill.encoders import (embed_array, embed_split, load_encoder, nt_xent,
@@ -42,7 +42,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     gen0 = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, 8, 8, generator=gen0)
     y = (x.mean((1, 2, 3)) > 0).long()
-    cfg = TrainConfig(epochs=4, lr=0.05, batch=16, schedule="step")
+    cfg = TrainConfig.from_config({**TRAIN, "epochs": 4, "lr": 0.05, "batch": 16, "schedule": "step"})
 
     def fresh() -> tuple[torch.nn.Module, torch.Generator]:
         torch.manual_seed(1)
@@ -80,8 +80,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow
 def test_supervised_encoder_separates_classes_and_round_trips(toy, tmp_path):
-    cfg = {"kind": "supervised", "net": "convnet", "net_kwargs": NET, "seed": 0,
-           "train": {"epochs": 3, "lr": 0.05, "batch": 16}, "augment": {"preset": "none"}}
+    cfg = {**ENCODER, "kind": "supervised", "net": "convnet", "net_kwargs": NET, "seed": 0,
+           "train": {**TRAIN, "epochs": 3, "lr": 0.05, "batch": 16}, "augment": {**AUGMENT, "preset": "none"}}
     enc = train_encoder(toy, tmp_path / "sup.pt", cfg, cache_mb=8)
     loaded = load_encoder(tmp_path / "sup.pt", torch.device("cpu"))
     store = PatchStore(toy)
@@ -99,9 +99,9 @@ def test_supervised_encoder_separates_classes_and_round_trips(toy, tmp_path):
 
 @pytest.mark.slow
 def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
-    cfg = {"kind": "simclr", "net": "convnet", "net_kwargs": NET, "seed": 0, "proj_dim": 8,
-           "temperature": 0.5, "train": {"epochs": 2, "lr": 1e-3, "batch": 16},
-           "augment": {"preset": "simclr"}}
+    cfg = {**ENCODER, "kind": "simclr", "net": "convnet", "net_kwargs": NET, "seed": 0, "proj_dim": 8,
+           "temperature": 0.5, "train": {**TRAIN, "epochs": 2, "lr": 1e-3, "batch": 16},
+           "augment": {**AUGMENT, "preset": "simclr"}}
     whole = train_encoder(toy, tmp_path / "a.pt", cfg, cache_mb=8)
     ckpt = tmp_path / "b.ckpt"
     real_save = Checkpoint.save
@@ -123,7 +123,7 @@ def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resnet50_trunc_loads_local_weights_and_refuses_none(toy, tmp_path):
-    cfg = {"kind": "resnet50_trunc", "net": "resnet18", "seed": 0}
+    cfg = {**ENCODER, "kind": "resnet50_trunc", "net": "resnet18", "seed": 0}
     with pytest.raises(InputError, match=r"\[train_encoder\] encoders.<name>.weights: .*local"):
         train_encoder(toy, tmp_path / "r.pt", cfg)
     with pytest.raises(InputError, match="does not exist"):

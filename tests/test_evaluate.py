@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from conftest import make_toy_store
+from conftest import AUGMENT, TRAIN, make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.metrics import metrics, saturated_fraction, summarise_runs
@@ -68,7 +68,7 @@ def test_training_learns_a_separable_toy_problem():
     y = torch.arange(2).repeat_interleave(32)
     torch.manual_seed(0)
     net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
-    cfg = TrainConfig(epochs=15, lr=0.05, batch=16)
+    cfg = TrainConfig.from_config({**TRAIN, "epochs": 15, "lr": 0.05, "batch": 16})
     boundary = boundary_term({"weight": 1.0, "rho": 0.5, "tau": 0.1})
     seen, curve = [], {}
     times = train(net, tensor_batches(x, y, 16, gen), cfg, gen, curve=curve, extra_loss=boundary,
@@ -89,8 +89,8 @@ def test_training_augments_each_image_with_its_own_parameters(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 3, 16, 16), torch.arange(2).repeat(10)
     net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
-    train(net, tensor_batches(x, y, 8, gen), TrainConfig(epochs=2, batch=8), gen,
-          Augment(AugmentConfig.from_config({"preset": "dsa"})))
+    train(net, tensor_batches(x, y, 8, gen), TrainConfig.from_config({**TRAIN, "epochs": 2, "batch": 8}),
+          gen, Augment(AugmentConfig.from_config({**AUGMENT, "preset": "dsa"})))
     assert sizes == [8, 8, 4] * 2  # one parameter draw per image of every batch
 
 
@@ -150,9 +150,10 @@ def test_sharpness_aware_steps_take_the_gradient_at_the_perturbed_weights():
         for p, g, s in zip(expected.parameters(), grads, sam_grads):
             p.sub_(g * rho / norm).sub_(lr * s)
     plain = copy.deepcopy(net)
-    cfg = dict(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, batch=6, schedule="constant")
-    train(net, batches, TrainConfig(**cfg, sam_rho=rho), torch.Generator().manual_seed(0))
-    train(plain, batches, TrainConfig(**cfg), torch.Generator().manual_seed(0))
+    cfg = {**TRAIN, "epochs": 1, "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "batch": 6,
+           "schedule": "constant"}
+    train(net, batches, TrainConfig.from_config({**cfg, "sam_rho": rho}), torch.Generator().manual_seed(0))
+    train(plain, batches, TrainConfig.from_config(cfg), torch.Generator().manual_seed(0))
     for a, b, c in zip(net.parameters(), expected.parameters(), plain.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert not all(torch.allclose(a, c) for a, c in zip(net.parameters(), plain.parameters()))

@@ -17,7 +17,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from conftest import make_toy_store
+from conftest import AUGMENT, TRAIN, make_toy_store, method_settings
+from histodistill import config
 
 pytestmark = pytest.mark.slow  # outside the fast tier (make test-all)
 
@@ -29,13 +30,15 @@ CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[3])
 stage, a = sys.argv[1], json.loads(sys.argv[2])
+from histodistill import config
+DATASET = config.defaults("datasets.*")
 if stage == "ingest":
     from histodistill.data.ingest import ingest_dataset
     print("READY", flush=True)
-    ingest_dataset("d", {"format": "imagefolder", "root": a["root"]}, a["out"])
+    ingest_dataset("d", {**DATASET, "format": "imagefolder", "root": a["root"]}, a["out"])
 elif stage == "tile":
     from histodistill.slides import cohort, tiling
-    rows = cohort.build_table("s", {"format": "wsi", "layout": "camelyon16", "root": a["root"]})
+    rows = cohort.build_table("s", {**DATASET, "format": "wsi", "layout": "camelyon16", "root": a["root"]})
     rows = [r for b in tiling.batches(rows, 1).values() for r in b]
     print("READY", flush=True)
     tiling.tile_slides(rows, a["cfg"], a["out"], ["normal", "tumor"])
@@ -58,14 +61,14 @@ elif stage == "evaluate":
 NET = {"width": 8, "norm": "none"}
 STAGES = {
     "buffer": {"experts": 3, "epochs": 3, "net": "convnet", "net_kwargs": NET,
-               "train": {"lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 16,
-                         "schedule": "constant"}, "augment": {"preset": "dsa"},
+               "train": {**TRAIN, "lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 16,
+                         "schedule": "constant"}, "augment": {**AUGMENT, "preset": "dsa"},
                "dtype": "float32"},
-    "distill": {"net": "convnet", "net_kwargs": NET, "iterations": 40, "lr_img": 1.0,
-                "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1},
-    "evaluate": {"archs": ["convnet"], "arch_kwargs": {"convnet": NET}, "runs": 1, "seed": 0,
-                 "full": {"epochs": 30, "batch": 16, "lr": 0.01}, "augment": {"preset": "dsa"},
-                 "stain_norm": False},
+    "distill": method_settings("dm", net="convnet", net_kwargs=NET, iterations=40, lr_img=1.0,
+                               batch_real=8, augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1),
+    "evaluate": {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": {"convnet": NET},
+                 "runs": 1, "seed": 0, "full": {**TRAIN, "epochs": 30, "batch": 16, "lr": 0.01},
+                 "augment": {**AUGMENT, "preset": "dsa"}, "stain_norm": False},
 }
 
 
@@ -111,8 +114,6 @@ def stage_args(stage: str, inputs: dict, out: Path) -> dict:
     if stage == "ingest":
         return {"root": str(inputs["images"]), "out": str(out)}
     if stage == "tile":
-        from histodistill import config
-
         cfg = config.validate({"datasets": {}})["tiling"] | {
             "magnification": 10, "patch_size": 32, "stride": 32, "max_patches_per_slide": 0}
         return {"root": str(inputs["cohort"]), "cfg": cfg, "out": str(out)}
@@ -159,10 +160,12 @@ FULL_DISK = r"""
 import resource, sys
 sys.path.insert(0, sys.argv[3])
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+from histodistill import config
 from histodistill.data.ingest import ingest_dataset
 from histodistill.logs import rule_logging
 with rule_logging(sys.argv[2] + ".log"):
-    ingest_dataset("d", {"format": "imagefolder", "root": sys.argv[1]}, sys.argv[2])
+    ingest_dataset("d", {**config.defaults("datasets.*"), "format": "imagefolder", "root": sys.argv[1]},
+                   sys.argv[2])
 """
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import make_toy_store
+from histodistill import config
 from histodistill.data.store import PatchStore
 from histodistill.generate.autoencoder import AutoencoderKL, AutoencoderLoss, Perceptual
 from histodistill.generate.diffusion import Schedule, cfg_eps
@@ -24,14 +25,15 @@ from histodistill.generate.uvit import UViT, build
 from histodistill.io import InputError
 from histodistill.state import load_state
 
-AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "downsample": 2,
-      "lr": 1e-3, "batch": 8, "steps": 4, "kl_weight": 1e-6, "disc_weight": 0.5, "disc_start": 2,
-      "disc_layers": 1, "scale_batches": 2}
-GEN = {"preset": "tiny", "dim": 32, "depth": 2, "heads": 2, "patch_size": 2, "steps": 6,
-       "batch": 8, "lr": 1e-3, "weight_decay": 0.03, "betas": [0.99, 0.99], "warmup": 2,
-       "ema": 0.9, "label_dropout": 0.5, "schedule": {"kind": "linear", "timesteps": 1000}}
-CLF = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "heads": 2, "steps": 4, "batch": 8,
-       "lr": 1e-3, "weight_decay": 0.05}
+AE = {**config.defaults("generate.autoencoder"), "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
+      "z_channels": 3, "downsample": 2, "lr": 1e-3, "batch": 8, "steps": 4, "kl_weight": 1e-6,
+      "disc_weight": 0.5, "disc_start": 2, "disc_layers": 1, "scale_batches": 2}
+GEN = {**config.defaults("generate.generator"), "preset": "tiny", "dim": 32, "depth": 2, "heads": 2,
+       "patch_size": 2, "steps": 6, "batch": 8, "lr": 1e-3, "weight_decay": 0.03, "betas": [0.99, 0.99],
+       "warmup": 2, "ema": 0.9, "label_dropout": 0.5,
+       "schedule": {**config.defaults("generate.generator.schedule"), "kind": "linear", "timesteps": 1000}}
+CLF = {**config.defaults("generate.latent_classifier"), "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
+       "heads": 2, "steps": 4, "batch": 8, "lr": 1e-3, "weight_decay": 0.05}
 FT = {"steps": 3, "batch": 8, "lr": 1e-3, "lambda_ce": 0.1,
       "aux": {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "steps": 2, "lr": 0.01}}
 
@@ -146,10 +148,10 @@ def test_uvit_rejects_bad_geometry_and_builds_presets() -> None:
         UViT(3, 7, 2)
     with pytest.raises(ValueError, match="even"):
         UViT(3, 8, 2, depth=3)
-    net = build({"preset": "small", "patch_size": 2}, 4, 8, 10)
+    net = build({**config.defaults("generate.generator"), "preset": "small", "patch_size": 2}, 4, 8, 10)
     assert net.dim == 512 and len(net.in_blocks) == 6  # U-ViT-S: 13 blocks of width 512
     with pytest.raises(ValueError, match="preset"):
-        build({"preset": "huge"}, 4, 8, 10)
+        build({**config.defaults("generate.generator"), "preset": "huge"}, 4, 8, 10)
 
 
 def test_cfg_eps_combines_conditional_and_null_predictions() -> None:
@@ -199,9 +201,11 @@ def test_perceptual_loads_local_weights_only(tmp_path: Path) -> None:
     (tmp_path / "bad.pth").write_text("not weights")
     with pytest.raises(InputError, match="perceptual.vgg"):
         Perceptual(tmp_path / "bad.pth")
-    loss = AutoencoderLoss({"perceptual": {"vgg": str(path)}, "disc_weight": 0})
+    settings = config.defaults("generate.autoencoder")
+    loss = AutoencoderLoss({**settings, "perceptual": {**settings["perceptual"], "vgg": str(path)},
+                            "disc_weight": 0})
     assert loss.perceptual is not None and loss.discriminator is None
-    assert AutoencoderLoss({"disc_weight": 0}).perceptual is None  # off without a file
+    assert AutoencoderLoss({**settings, "disc_weight": 0}).perceptual is None  # off without a file
 
 
 # ---- guidance -----------------------------------------------------------------------------
@@ -386,7 +390,7 @@ def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path)
         x = x.float()
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
-    cfg = {"k": 3, "max_real": 0, "grid_per_class": 2}
+    cfg = {**config.defaults("generate.quality"), "seed": 0, "k": 3, "max_real": 0, "grid_per_class": 2}
     out = generator_quality(store, store, embed, cfg, tmp_path / "q.json", tmp_path / "q.png",
                             "toy", classify=always_dark)
     assert out["class_agreement"] == pytest.approx(0.5) and out["real_agreement"] == pytest.approx(0.5)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DATASET
 from histodistill.data import ingest
 from histodistill.data.store import PatchStore
 from histodistill.io import InputError
@@ -34,7 +35,7 @@ def folder_set(root: Path, extra: dict[str, Image.Image] | None = None, size: in
 
 
 def ingest_folder(root: Path, out: Path, **extra) -> PatchStore:
-    return PatchStore(ingest.ingest_dataset("d", {"format": "imagefolder", "root": str(root),
+    return PatchStore(ingest.ingest_dataset("d", {**DATASET, "format": "imagefolder", "root": str(root),
                                                   **extra}, out))
 
 
@@ -151,7 +152,7 @@ def csv_set(root: Path, rows: dict[str, list[tuple[str, str]]]) -> dict:
         Image.fromarray(noise(50 + k)).save(root / "img" / name)
     for split, lines in rows.items():
         (root / f"{split}.csv").write_text("image,label\n" + "".join(f"{i},{label}\n" for i, label in lines))
-    return {"format": "csv", "root": str(root), "image_dir": "img",
+    return {**DATASET, "format": "csv", "root": str(root), "image_dir": "img",
             "csv": {s: f"{{root}}/{s}.csv" for s in rows}}
 
 

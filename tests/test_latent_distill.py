@@ -10,21 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_toy_store
+from conftest import AUGMENT, make_toy_store, method_settings
+from histodistill import config
 from histodistill.data.real import RealData
 from histodistill.data.store import PatchStore
 from histodistill.distill import Context, build
 from histodistill.distill.slfd import StochasticHead, stochastic_cross_entropy
 from histodistill.generate.autoencoder import load_autoencoder, train_autoencoder
 
-AE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "downsample": 2,
-      "lr": 1e-3, "batch": 8, "steps": 3, "kl_weight": 1e-6, "disc_weight": 0.0, "disc_start": 10,
-      "disc_layers": 1, "scale_batches": 2}
-GLAD = {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "iterations": 3,
-        "outer_loop": 1, "inner_loop": 1, "lr_latent": 1.0, "lr_net": 0.01, "batch_real": 8,
-        "augment": {"preset": "dsa"}, "checkpoint_every": 1}
-SLFD = {**GLAD, "rank": 2, "mc_samples": 4, "lr_module": 0.1, "init_var": 0.01, "min_var": 1e-4,
-        "max_var": 1.0, "learn_shift": True}
+AE = {**config.defaults("generate.autoencoder"), "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
+      "z_channels": 3, "downsample": 2, "lr": 1e-3, "batch": 8, "steps": 3, "kl_weight": 1e-6,
+      "disc_weight": 0.0, "disc_start": 10, "disc_layers": 1, "scale_batches": 2}
+TINY = {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "iterations": 3,
+        "outer_loop": 1, "inner_loop": 1, "lr_latent": 1.0, "unit_grad": False, "lr_net": 0.01,
+        "batch_real": 8, "augment": {**AUGMENT, "preset": "dsa"}, "checkpoint_every": 1}
+GLAD = method_settings("glad", **TINY)
+SLFD = method_settings("slfd", **TINY, rank=2, mc_samples=4, lr_module=0.1, init_var=0.01, min_var=1e-4,
+                       max_var=1.0, learn_shift=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 import torch
 import zarr
 
+from conftest import AUGMENT, ENCODER, TRAIN, method_settings
+from histodistill import config
 from histodistill.config import ConfigError, check_per_slide
 from histodistill.data.stream import ClassSampler, record_channel_stats
 from histodistill.data.store import SPLITS, PatchStore, StoreWriter, store_slides
@@ -22,9 +24,10 @@ from histodistill.mil.train import Bags, run_model, bag_metrics, train_model
 from histodistill.mil.transfer import centres
 from histodistill.mil.transmil import PPEG, pinv_iterative, square_pad
 
-CFG = {"lr": 1e-3, "weight_decay": 1e-5, "epochs": 2}
-SMALL = {"clam_sb": CFG, "clam_mb": CFG, "dsmil": CFG,
-         "transmil": {**CFG, "dim": 32, "landmarks": 8}}
+# small and quick: each bag its own optimiser step, bags in shuffled order (no class weighting)
+CFG = {"lr": 1e-3, "weight_decay": 1e-5, "epochs": 2, "weighted_sample": False, "grad_accum": 1}
+SMALL = {name: {**config.defaults(f"mil.settings.{name}"), **CFG} for name in MODELS}
+SMALL["transmil"].update(dim=32, landmarks=8)
 ATTENTION = ("clam_sb", "clam_mb", "dsmil")  # TransMIL has no single attention over patches
 
 
@@ -215,12 +218,13 @@ def test_class_sampler_on_one_slide_draws_only_its_rows(slide_patches):
 
 
 PER_SLIDE = {
-    "random": {},
-    "dc": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
-           "outer_loop": 2, "inner_loop": 2, "lr_img": 0.1, "lr_net": 0.01, "batch_real": 8,
-           "checkpoint_every": 1},
-    "dm": {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
-           "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1},
+    "random": method_settings("random"),
+    "dc": method_settings("dc", net="convnet", net_kwargs={"width": 8, "norm": "none"}, iterations=2,
+                          outer_loop=2, inner_loop=2, lr_img=0.1, lr_net=0.01, batch_real=8,
+                          checkpoint_every=1),
+    "dm": method_settings("dm", net="convnet", net_kwargs={"width": 8, "norm": "none"}, iterations=2,
+                          lr_img=1.0, batch_real=8, augment={**AUGMENT, "preset": "dsa"},
+                          checkpoint_every=1),
 }
 
 
@@ -313,9 +317,10 @@ def bags(slide_patches, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("bags")
     enc = work / "enc.pt"
-    train_encoder(slide_patches.path, enc, {"kind": "supervised", "net": "convnet", "seed": 0,
+    train_encoder(slide_patches.path, enc, {**ENCODER, "kind": "supervised",
+                                    "net": "convnet", "seed": 0,
                                     "net_kwargs": {"width": 8, "norm": "batchnorm"},
-                                    "train": {"epochs": 3, "batch": 16, "lr": 0.01}})
+                                    "train": {**TRAIN, "epochs": 3, "batch": 16, "lr": 0.01}})
     real = extract_real_bags(slide_patches.path, enc, work / "real", batch=5, progress=False)
     distilled = distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["n1", "t1", "n2", "t2"],
                                work / "d", progress=False)
@@ -402,9 +407,9 @@ def test_runs_resume_and_are_seeded(bags, tmp_path):
     classes = ["normal", "tumor"]
     train, test = Bags(syn, classes, "train"), Bags(real, classes, "test")
     resume = tmp_path / "r.json"
-    a = run_model("clam_sb", CFG, train, test, 2, 2, 0, resume, progress=False)
+    a = run_model("clam_sb", SMALL["clam_sb"], train, test, 2, 2, 0, resume, progress=False)
     assert resume.exists()
-    b = run_model("clam_sb", CFG, train, test, 2, 2, 0, None, progress=False)
+    b = run_model("clam_sb", SMALL["clam_sb"], train, test, 2, 2, 0, None, progress=False)
     assert a["acc"]["runs"] == b["acc"]["runs"] and a["auc"]["runs"] == b["auc"]["runs"]
     with pytest.raises(InputError, match="no bags of split 'test' and centres \\[0\\]"):
         Bags(syn, classes, "test", [0])
@@ -460,10 +465,10 @@ def test_transfer_runs_both_directions_and_records_storage(slide_patches, bags, 
 
     real, syn, distilled = bags
     cfg = {"transfer": {"patch_arch": "convnet", "model": "clam_sb", "runs": 1, "seed": 0,
-                        "pretrain": {"epochs": 1, "batch": 16},
-                        "finetune": {"epochs": 2, "batch": 16, "lr": 0.001}},
-           "model_settings": CFG, "arch_kwargs": {"width": 8, "norm": "batchnorm"},
-           "augment": {"preset": "none"}, "stain_norm": False}
+                        "pretrain": {**TRAIN, "epochs": 1, "batch": 16},
+                        "finetune": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.001}},
+           "model_settings": SMALL["clam_sb"], "arch_kwargs": {"width": 8, "norm": "batchnorm"},
+           "augment": {**AUGMENT, "preset": "none"}, "stain_norm": False}
     out = transfer(slide_patches.path, None, [distilled], real, syn, cfg, "toy", "random", 5,
                    tmp_path / "t.json")
     assert [(d["target"], d["source"]) for d in out["directions"]] == [(0, 1), (1, 0)]

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histodistill import config
 from histodistill.data import ingest
 from histodistill.data.store import SPLITS, PatchStore
 from histodistill.synth.patches import PATCH_CLASSES, PatchDemoSpec, make_patch_demo
 from histodistill.synth.tissue import CENTRES, unit_vector
 
-SPEC = PatchDemoSpec(n_train=30, n_val=2, n_test=3, seed=5)
+DEFAULTS = config.defaults("demo_patches")
+SPEC = PatchDemoSpec.from_config({**DEFAULTS, "n_train": 30, "n_val": 2, "n_test": 3, "seed": 5})
 COUNTS = {"train": SPEC.n_train, "val": SPEC.n_val, "test": SPEC.n_test}
 
 
@@ -37,7 +39,8 @@ def test_layout_is_medmnist_with_class_names(demo):
 
 
 def test_same_seed_same_arrays_other_seed_differs(tmp_path, demo):
-    small = PatchDemoSpec(n_train=2, n_val=1, n_test=1, classes=("adipose", "tumour"), seed=1)
+    small = PatchDemoSpec.from_config({**DEFAULTS, "n_train": 2, "n_val": 1, "n_test": 1, "seed": 1},
+                                     classes=("adipose", "tumour"))
     first = np.load(make_patch_demo(tmp_path / "a.npz", small, progress=False))
     again = np.load(make_patch_demo(tmp_path / "b.npz", small, progress=False))
     other = np.load(make_patch_demo(tmp_path / "c.npz", replace(small, seed=2), progress=False))
@@ -63,9 +66,9 @@ def test_classes_differ_in_colour_as_in_h_and_e(demo):
 
 def test_spec_rejects_bad_sizes_and_classes():
     with pytest.raises(ValueError, match="multiple"):
-        PatchDemoSpec(render=80)
+        PatchDemoSpec.from_config(DEFAULTS, render=80)
     with pytest.raises(ValueError, match="unknown"):
-        PatchDemoSpec(classes=("adipose", "bone"))
+        PatchDemoSpec.from_config(DEFAULTS, classes=("adipose", "bone"))
 
 
 def test_ingest_npz_reads_the_demo(tmp_path, demo):

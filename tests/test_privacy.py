@@ -12,6 +12,8 @@ import zarr
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from conftest import AUGMENT, ENCODER, TRAIN
+from histodistill import config
 from histodistill.data.store import SPLITS, StoreWriter
 from histodistill.encoders import train_encoder
 from histodistill.io import InputError
@@ -20,7 +22,8 @@ from histodistill.privacy.package import verify_package, write_package
 
 SIZE = 16
 N_TRAIN, N_TEST = 600, 600
-CFG = AuditConfig(encoder="supervised", samples=600, bootstrap=200, batch=97, grid_pairs=4)
+CFG = AuditConfig.from_config({**config.defaults("privacy"), "encoder": "supervised", "samples": 600,
+                               "bootstrap": 200, "batch": 97, "grid_pairs": 4})
 PACKAGE = {"allow_real_patches": False, "allow_memorised": False, "licence": "CC-BY-4.0",
            "intended_use": "Testing.", "cohort": "Tiles of one real H&E image."}
 
@@ -56,10 +59,10 @@ def tile_store(tiles: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def encoder(tile_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("enc") / "supervised.pt"
-    train_encoder(tile_store, out, {"kind": "supervised", "net": "convnet", "seed": 0,
+    train_encoder(tile_store, out, {**ENCODER, "kind": "supervised", "net": "convnet", "seed": 0,
                                "net_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"},
-                               "train": {"epochs": 1, "lr": 0.05, "batch": 64},
-                               "augment": {"preset": "none"}}, cache_mb=8)
+                               "train": {**TRAIN, "epochs": 1, "lr": 0.05, "batch": 64},
+                               "augment": {**AUGMENT, "preset": "none"}}, cache_mb=8)
     return out
 
 
@@ -216,7 +219,8 @@ def test_bad_inputs_are_named(tile_store, tiles, tmp_path):
     with pytest.raises(InputError, match="not all training rows"):
         audit(foreign, tile_store, None, CFG)
     with pytest.raises(InputError, match="split 'val' has no patches"):
-        audit(foreign, tile_store, None, AuditConfig(heldout_split="val"))
+        audit(foreign, tile_store, None,
+              AuditConfig.from_config({**config.defaults("privacy"), "heldout_split": "val"}))
 
 
 def _result(section: dict, method: str) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_toy_store
+from conftest import ENCODER, TRAIN, make_toy_store
+from histodistill import config
 from histodistill.data.store import PatchStore
 from histodistill.encoders import load_encoder, train_encoder
 from histodistill.training import Inputs
@@ -23,8 +24,8 @@ from histodistill.select.infodist import Communities, allocate, communities, pic
 from histodistill.select.run import select
 from histodistill.select.study import mixed_batches, real_subset
 
-INFODIST = {"selector": "infodist", "embedding": "encoder", "graph": "softmax", "eta": 0.004,
-            "rank": "modular_centrality", "trials": 2}
+INFODIST = {**config.defaults("select.methods.infodist"), "selector": "infodist", "embedding": "encoder",
+            "graph": "softmax", "eta": 0.004, "rank": "modular_centrality", "trials": 2}
 
 
 # ---- budget split -------------------------------------------------------------------------------
@@ -118,9 +119,9 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("select")
     store = make_toy_store(tmp / "toy.zarr", n_per_class=30, size=16)
     encoder = tmp / "enc.pt"
-    train_encoder(store, encoder, {"kind": "supervised", "net": "convnet", "seed": 0,
+    train_encoder(store, encoder, {**ENCODER, "kind": "supervised", "net": "convnet", "seed": 0,
                                    "net_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"},
-                                   "train": {"epochs": 2, "batch": 16, "lr": 0.01}})
+                                   "train": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.01}})
     return {"store": store, "encoder": encoder, "tmp": tmp}
 
 
@@ -169,7 +170,8 @@ def test_centroid_selector_and_centroids_from_the_real_store(toy) -> None:
     cent = class_centroids(ctx.encoder, ctx.real)
     assert cent.shape == (2, ctx.encoder.dim)
     assert np.allclose(np.linalg.norm(cent, axis=1) <= 1 + 1e-9, True)  # means of unit vectors
-    sel = build("centroid", {"selector": "centroid", "confidence": 0.5, "nearest_centroid": True}, ctx)
+    sel = build("centroid", {**config.defaults("select.methods.centroid"), "selector": "centroid",
+                          "confidence": 0.5, "nearest_centroid": True}, ctx)
     chosen = sel.select(1, 5)
     assert len(set(chosen.tolist())) == 5 and (ctx.pool.labels[chosen] == 1).all()
     # the first 5 of the full ranking: the budget takes a prefix of one ranking
@@ -205,8 +207,8 @@ def test_select_refuses_a_pool_of_other_classes(toy) -> None:
     other = make_toy_store(tmp / "other.zarr", n_per_class=10, size=16)
     zarr.open_group(str(other), mode="a").attrs["class_names"] = ["a", "b"]
     with pytest.raises(InputError, match=r"\[select\].*classes \['a', 'b'\] differ"):
-        select("synrandom", {"selector": "random"}, 2, 0, other, toy["store"], None,
-               tmp / "u.zarr", tmp / "u.png", tmp / "u.json")
+        select("synrandom", {**config.defaults("select.methods.synrandom"), "selector": "random"}, 2, 0, other,
+               toy["store"], None, tmp / "u.zarr", tmp / "u.png", tmp / "u.json")
 
 
 def test_study_subset_is_balanced_and_mixed_batches_cover_both_sources_once(toy) -> None:
@@ -237,14 +239,15 @@ def test_umap_embedding_and_knn_graph_path(toy) -> None:
     for c in (0, 1):
         feats[labels == c] = two_clusters((20, 10), seed=c)
     emb, knn = umap_embedding(feats[labels == 0], {"n_components": 3, "n_neighbors": 5,
-                                                   "min_dist": 0.05}, seed=1)
+                                                   "min_dist": 0.05, "metric": "euclidean"}, seed=1)
     assert emb.shape == (30, 3) and knn.shape == (30, 30)
     assert np.allclose(knn.toarray(), knn.toarray().T) and knn.max() <= 1 + 1e-6
     # the kNN graph links a cluster's points among themselves, never across
     dense = knn.toarray()
     assert dense[:20, 20:].sum() == 0 and dense[:20, :20].sum() > 0
     cfg = {**INFODIST, "embedding": "umap", "graph": "knn",
-           "umap": {"input": "encoder", "n_components": 3, "n_neighbors": 5, "min_dist": 0.05}}
+           "umap": {"input": "encoder", "n_components": 3, "n_neighbors": 5, "min_dist": 0.05,
+                    "metric": "euclidean"}}
     chosen = build("infodist", cfg, context(toy, feats)).select(0, 6)
     idx = np.flatnonzero(labels == 0)
     assert len(set(chosen.tolist())) == 6 and np.isin(chosen, idx[20:]).sum() >= 1

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DATASET
 from histodistill.slides import cohort, sources
 from histodistill.io import InputError
 
@@ -33,12 +34,12 @@ def test_a_dry_run_leaves_the_listing_alone(tmp_path):
 
 
 def test_cohort_tables_and_listing(small_cohort, tmp_path):
-    ds = {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort)}
+    ds = {**DATASET, "format": "wsi", "layout": "camelyon16", "root": str(small_cohort)}
     assert sources.cohort_tables("c16", ds) == [str(small_cohort / "testing/reference.csv")]
     rows = cohort.build_table("c16", ds)
     listing = sources.cohort_listing(rows)
     assert listing.count("\n") == 4 and "tumor_001.xml" in listing
-    table = {"format": "wsi", "layout": "table", "root": str(tmp_path), "table": "{root}/labels.csv"}
+    table = {**DATASET, "format": "wsi", "layout": "table", "root": str(tmp_path), "table": "{root}/labels.csv"}
     assert sources.cohort_tables("t", table) == [str(tmp_path / "labels.csv")]
     with pytest.raises(InputError, match="datasets.t.root: is not set"):
         sources.cohort_tables("t", {**table, "root": None})
@@ -50,15 +51,15 @@ def test_ingest_listing_follows_every_image(tmp_path):
         for k in range(2):
             Image.fromarray(np.full((4, 4, 3), k, np.uint8)).save(tmp_path / cls / f"{k}.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    ds = {"format": "imagefolder", "root": str(tmp_path)}
+    ds = {**DATASET, "format": "imagefolder", "root": str(tmp_path)}
     files, listing = sources.ingest_inputs("f", ds)
     assert files == [] and listing.count("\n") == 4 and "notes.txt" not in listing
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "1.png")
     assert sources.ingest_inputs("f", ds)[1] != listing  # a replaced image changes the listing
-    npz = {"format": "npz", "root": str(tmp_path), "file": "{root}/x.npz"}
+    npz = {**DATASET, "format": "npz", "root": str(tmp_path), "file": "{root}/x.npz"}
     assert sources.ingest_inputs("n", npz) == ([str(tmp_path / "x.npz")], None)
     (tmp_path / "train.csv").write_text("image,label\n0.png,a\n")
-    csv_ds = {"format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"},
+    csv_ds = {**DATASET, "format": "csv", "root": str(tmp_path), "csv": {"train": "{root}/train.csv"},
               "image_dir": "{label}"}
     files, listing = sources.ingest_inputs("c", csv_ds)
     assert files == [str(tmp_path / "train.csv")] and listing.startswith(f"{tmp_path / 'a' / '0.png'}\t")

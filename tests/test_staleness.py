@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import edited_config, edited_module, planned, planned_jobs, recorded_state, snakemake
-from histodistill import params
+from histodistill import config, params
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -135,9 +135,10 @@ def test_canonical_settings_ignore_order_and_what_the_rule_does_not_read():
     a = {"b": 1, "a": {"y": [{"q": 1, "p": 2}], "x": 2}}
     b = copy.deepcopy({"a": {"x": 2, "y": [{"p": 2, "q": 1}]}, "b": 1})
     assert repr(params.canonical(a)) == repr(params.canonical(b)) != repr(a)
-    evaluate = {"archs": ["convnet", "vit"], "arch_kwargs": {"convnet": {"width": 8}, "lenet": {}},
-                "runs": 5, "seed": 0, "train": {"epochs": 3}, "full": {"epochs": 1},
-                "augment": {}, "stain_norm": True, "boundary": {}, "cache_mb": 64}
+    evaluate = {**config.defaults("evaluate"), "archs": ["convnet", "vit"],
+                "arch_kwargs": {"convnet": {"width": 8}, "lenet": {}}, "runs": 5, "seed": 0,
+                "train": {"epochs": 3}, "full": {"epochs": 1}, "augment": {}, "stain_norm": True,
+                "boundary": {}, "cache_mb": 64}
     full = params.full_train_settings(evaluate, "vit")
     assert full == {"arch_kwargs": {"vit": {}}, "augment": {}, "full": {"epochs": 1}, "seed": 0,
                     "stain_norm": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_toy_store
+from conftest import AUGMENT, make_toy_store, method_settings
 from histodistill.data.real import RealData
 from histodistill.data.store import PatchStore
 from histodistill.distill import Context, build
@@ -20,8 +20,8 @@ from histodistill.state import Checkpoint
 from histodistill.io import InputError
 from histodistill.state import HEADER, MAGIC, StateError, load_resume, load_state, save_state
 
-DM = {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 4,
-      "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
+DM = method_settings("dm", net="convnet", net_kwargs={"width": 8, "norm": "none"}, iterations=4,
+                     lr_img=1.0, batch_real=8, augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1)
 
 
 class Planted:

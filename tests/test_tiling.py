@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import DATASET
 from histodistill import config
 from histodistill.slides import annotations, cohort, tiling, wsi
 from histodistill.io import InputError
@@ -17,7 +18,7 @@ CLASSES = ["normal", "tumor"]
 
 
 def rows_of(small_cohort):
-    return cohort.build_table("small", {"format": "wsi", "layout": "camelyon16",
+    return cohort.build_table("small", {**DATASET, "format": "wsi", "layout": "camelyon16",
                                         "root": str(small_cohort), "centre_split": {"normal": 1, "tumor": 1}})
 
 
@@ -143,14 +144,14 @@ def test_unparseable_annotation_names_the_file(tumour_slide, tmp_path):
 
 def test_missing_root_and_missing_slide(tmp_path, small_cohort):
     with pytest.raises(InputError, match=r"datasets.c16.root: is not set"):
-        cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": None})
+        cohort.build_table("c16", {**DATASET, "format": "wsi", "layout": "camelyon16", "root": None})
     with pytest.raises(InputError, match=r"datasets.c16.root: folder .* does not exist"):
-        cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16",
+        cohort.build_table("c16", {**DATASET, "format": "wsi", "layout": "camelyon16",
                                    "root": str(tmp_path / "nowhere")})
     table = tmp_path / "labels.csv"
     table.write_text("slide,label\nghost,normal\n")
     with pytest.raises(InputError, match=r"ghost.*slide listed for the dataset does not exist"):
-        cohort.build_table("t", {"format": "wsi", "layout": "table", "root": str(tmp_path),
+        cohort.build_table("t", {**DATASET, "format": "wsi", "layout": "table", "root": str(tmp_path),
                                  "table": str(table)})
 
 
@@ -159,14 +160,14 @@ def test_table_layout_splits_by_slide_and_val_fraction(small_cohort, tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("slide,label,path\n" + "".join(
         f"{p.stem},{'tumor' if p.stem in ('tumor_001', 'test_002') else 'normal'},{p}\n" for p in slides))
-    cfg = {"format": "wsi", "layout": "table", "root": str(tmp_path), "table": str(table),
+    cfg = {**DATASET, "format": "wsi", "layout": "table", "root": str(tmp_path), "table": str(table),
            "extra_roots": [str(small_cohort)],
            "test_fraction": 0.5, "seed": 0}
     rows = cohort.build_table("t", cfg)
     by_label = {lab: [r["split"] for r in rows if r["label"] == lab] for lab in ("normal", "tumor")}
     assert sorted(by_label["normal"]) == ["test", "train"] and sorted(by_label["tumor"]) == ["test", "train"]
     assert rows == cohort.build_table("t", cfg)  # seeded
-    val = cohort.build_table("c16", {"format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
+    val = cohort.build_table("c16", {**DATASET, "format": "wsi", "layout": "camelyon16", "root": str(small_cohort),
                                      "val_fraction": 1.0})
     assert [r["split"] for r in val] == ["val", "val", "test", "test"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_toy_store
+from conftest import AUGMENT, TRAIN, make_toy_store, method_settings
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
@@ -25,15 +25,16 @@ from histodistill.trajectories.unroll import Plan, Student, plain_unroll, unroll
 
 NET = {"width": 8}  # ConvNet with instance norm, as the experts of MTT
 BUFFER = {"experts": 3, "epochs": 3, "net": "convnet", "net_kwargs": NET,
-          "train": {"lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 16,
+          "train": {**TRAIN, "lr": 0.01, "momentum": 0, "weight_decay": 0, "batch": 16,
                     "schedule": "constant"},
-          "augment": {"preset": "dsa"}, "dtype": "float32"}
-MTT = {"iterations": 4, "syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 2, "lr_img": 1000,
-       "lr_lr": 1e-5, "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
-PTM = {"iterations": 9, "syn_steps": 2, "end_epoch": 3, "lr_img": 1000, "lr_lr": 1e-5,
-       "lr_teacher": 0.01, "augment": {"preset": "dsa"}, "retrain": 2, "beta_match": 1.0,
-       "beta_overlap": 0.01, "sigma": 1.0, "match_points": "end", "start_window": 0,
-       "checkpoint_every": 1}
+          "augment": {**AUGMENT, "preset": "dsa"}, "dtype": "float32"}
+MTT = method_settings("mtt", iterations=4, syn_steps=5, expert_epochs=2, max_start_epoch=2, lr_img=1000,
+                      lr_lr=1e-5, lr_teacher=0.01, augment={**AUGMENT, "preset": "dsa"},
+                      checkpoint_every=1)
+PTM = method_settings("ptm", iterations=9, syn_steps=2, end_epoch=3, lr_img=1000, lr_lr=1e-5,
+                      lr_teacher=0.01, augment={**AUGMENT, "preset": "dsa"}, retrain=2, beta_match=1.0,
+                      beta_overlap=0.01, sigma=1.0, match_points="end", start_window=0,
+                      checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def toy_problem(seed: int = 0, steps: int = 7):
     student = Student(net)
     images = torch.randn(6, 3, 16, 16, requires_grad=True)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    aug = Augment(AugmentConfig.from_config({"preset": "dsa"}))
+    aug = Augment(AugmentConfig.from_config({**AUGMENT, "preset": "dsa"}))
     plan = Plan.draw(6, steps, 4, aug, torch.Generator().manual_seed(seed))
     return student, student.flat(), images, labels, aug, plan
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_toy_store
-from histodistill import evaluate, training
+from conftest import AUGMENT, TRAIN, make_toy_store, method_settings
+from histodistill import config, evaluate, training
 from histodistill.metrics import METRICS
 from histodistill.config import ConfigError, with_candidate
 from histodistill.distill.run import distill
@@ -19,11 +19,11 @@ from histodistill.evaluate import evaluate_candidate, selection_split
 from histodistill.data.store import PatchStore
 from histodistill.io import InputError
 
-DM = {"net": "convnet", "net_kwargs": {"width": 8, "norm": "none"}, "iterations": 2,
-      "lr_img": 1.0, "batch_real": 8, "augment": {"preset": "dsa"}, "checkpoint_every": 1}
-EVALUATE = {"archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}}, "runs": 2, "seed": 0,
-            "train": {"epochs": 3, "batch": 16}, "augment": {"preset": "none"},
-            "stain_norm": False}
+DM = method_settings("dm", net="convnet", net_kwargs={"width": 8, "norm": "none"}, iterations=2,
+                     lr_img=1.0, batch_real=8, augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1)
+EVALUATE = {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": {"convnet": {"width": 8}},
+            "runs": 2, "seed": 0, "train": {**TRAIN, "epochs": 3, "batch": 16},
+            "augment": {**AUGMENT, "preset": "none"}, "stain_norm": False}
 
 
 @pytest.fixture(scope="module")

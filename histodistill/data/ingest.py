@@ -219,12 +219,12 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
     listed twice, in one split or in two, is an error naming both rows. Labels are taken exactly
     as written: a label that differs from another only in case or spaces is an error.
     """
-    image_col = dataset.get("image_column", "image")
-    label_col = dataset.get("label_column", "label")
-    image_dir = dataset.get("image_dir", "{split}")
+    image_col = dataset["image_column"]
+    label_col = dataset["label_column"]
+    image_dir = dataset["image_dir"]
     items, rows = [], []
     seen: dict[Path, str] = {}
-    roots = [root, *dataset.get("extra_roots", [])]
+    roots = [root, *dataset["extra_roots"]]
     for split, rel in dataset["csv"].items():
         path = Path(str(rel).format(root=root))
         if split not in SPLITS:
@@ -446,12 +446,12 @@ def ingest_dataset(name: str, dataset: dict[str, Any], out: str | os.PathLike,
     attrs = {"source": dataset["format"], "dataset": name, **(attrs or {})}
     fmt = dataset["format"]
     if fmt == "npz":
-        return ingest_npz(Path(str(dataset.get("file", "{root}")).format(root=root)), out, size,
+        return ingest_npz(Path(str(dataset["file"]).format(root=root)), out, size,
                           attrs, dataset.get("classes"))
     if fmt == "imagefolder":
-        items, classes = imagefolder_items(root, float(dataset.get("test_fraction", 0.2)),
-                                           int(dataset.get("seed", 0)))
+        items, classes = imagefolder_items(root, float(dataset["test_fraction"]),
+                                           int(dataset["seed"]))
     else:
         items, classes = csv_items(root, dataset)
     return ingest_images(items, dataset.get("classes") or classes, out, size, attrs,
-                         crop=dataset.get("center_crop"), dedupe=bool(dataset.get("dedupe")))
+                         crop=dataset.get("center_crop"), dedupe=bool(dataset["dedupe"]))

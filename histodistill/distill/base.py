@@ -108,7 +108,7 @@ class Distiller(ABC):
 
     def augment(self) -> Augment:
         """The method's augmentation, working in normalised space."""
-        return Augment(AugmentConfig.from_config(self.cfg.get("augment", {})), self.ctx.template,
+        return Augment(AugmentConfig.from_config(self.cfg["augment"]), self.ctx.template,
                        self.ctx.stats.mean, self.ctx.stats.std)
 
     def real_batch(self, c: int, n: int) -> torch.Tensor:
@@ -168,7 +168,7 @@ class Distiller(ABC):
         group's rate whatever the loss's scale (network width, batch size, layer count)."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.get("unit_grad", False):
+        if self.cfg.get("unit_grad"):  # a setting of every method but mtt and ptm (plain steps)
             for group in self.opt.param_groups:
                 for p in group["params"]:
                     g = p.grad
@@ -249,7 +249,7 @@ class Distiller(ABC):
         start = self._resume()
         bar = tqdm(range(start, self.iterations), desc=self.name, disable=not self.ctx.progress,
                    initial=start, total=self.iterations)
-        every = int(self.cfg.get("checkpoint_every", 10))
+        every = int(self.cfg["checkpoint_every"])
         for done, it in enumerate(bar, 1):
             began = time.perf_counter()
             loss = self.step(it)

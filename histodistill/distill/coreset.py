@@ -60,7 +60,7 @@ class _Trained(_Coreset):
         net = self.new_net(self.cfg["net"], self.cfg.get("net_kwargs"))
         real = self.ctx.real
         cfg = TrainConfig.from_config(self.cfg["train"])
-        aug = Augment(AugmentConfig.from_config(self.cfg.get("augment", {"preset": "none"})),
+        aug = Augment(AugmentConfig.from_config(self.cfg["augment"]),
                       self.ctx.template, real.stats.mean, real.stats.std)
         train(net, lambda epoch: real.epoch(cfg.batch, self.ctx.seed * 100003 + epoch), cfg,
               self.gen, aug, on_epoch=on_epoch, progress=self.ctx.progress)

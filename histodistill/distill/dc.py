@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from histodistill.augment import Augment, AugmentConfig
+from histodistill.augment import Augment
 from histodistill.distill.base import Distiller, register
 from histodistill.distill.matching import matched_params
 
@@ -21,7 +21,7 @@ class DC(Distiller):
     def init_state(self) -> None:
         self.iterations = int(self.cfg["iterations"])
         # without siamese augmentation: an augmenter with no ops (identity, draws no numbers)
-        self.aug = self.augment() if self.siamese else Augment(AugmentConfig(ops=[]))
+        self.aug = self.augment() if self.siamese else Augment.identity()
         self.init_from_real()
 
     def step(self, it: int) -> float:
@@ -30,7 +30,7 @@ class DC(Distiller):
         net.train()
         params = matched_params(net, "cos", True)
         opt_net = torch.optim.SGD(net.parameters(), lr=float(c["lr_net"]))
-        batch = int(c.get("batch_train", 256))
+        batch = int(c["batch_train"])
         total = 0.0
         for ol in range(int(c["outer_loop"])):
             total += self.match_step(net, params, "cos", per_class=False)

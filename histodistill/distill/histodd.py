@@ -37,9 +37,9 @@ class HistoDD(Distiller):
         pool = self.ctx.pool
         net = self.new_net(pool["net"], pool["net_kwargs"])
         net.load_state_dict(pool["states"][int(torch.randint(len(pool["states"]), (1,), generator=self.gen))])
-        model_augment(net, c["alpha"], self.gen, int(c.get("directions", 2)))
+        model_augment(net, c["alpha"], self.gen, int(c["directions"]))
         net.train()
-        params = matched_params(net, "l1", bool(c.get("match_fc", False)))
+        params = matched_params(net, "l1", bool(c["match_fc"]))
         opt_net = torch.optim.SGD(net.parameters(), lr=float(c["lr_net"]), momentum=0.9,
                                   weight_decay=5e-4)
         batch = int(c["batch_net"])

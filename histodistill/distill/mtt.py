@@ -68,10 +68,10 @@ class MTT(Distiller):
     def student_end(self, start: torch.Tensor, steps: int) -> torch.Tensor:
         """The student's parameters after ``steps`` SGD steps on the synthetic images from
         ``start`` (differentiable in the images and ``syn_lr``)."""
-        batch = self.cfg.get("batch_syn")
+        batch = self.cfg["batch_syn"]
         plan = Plan.draw(len(self.images), steps, int(batch) if batch else None, self.aug, self.gen)
         return unroll(self.student, start, self.images, self.y_syn, self.syn_lr, plan, self.aug,
-                      self.cfg.get("unroll_segment"))
+                      self.cfg["unroll_segment"])
 
     def update(self, loss: torch.Tensor) -> None:
         """One step of both optimisers (images, then the clamp; learning rate)."""

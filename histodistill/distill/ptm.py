@@ -135,7 +135,7 @@ class PTM(MTT):
         self.snapshots: dict[int, torch.Tensor] = {}
 
     def check_epochs(self) -> None:
-        if self.cfg.get("match_points", "all") not in ("all", "end"):
+        if self.cfg["match_points"] not in ("all", "end"):
             raise ValueError(f"distill.methods.ptm.match_points {self.cfg['match_points']!r} must "
                              "be 'all' (every epoch boundary up to t) or 'end'")
         end = int(self.cfg["end_epoch"])
@@ -171,7 +171,7 @@ class PTM(MTT):
         normalised distances) or at t alone (``match_points: end``)."""
         steps = int(self.cfg["syn_steps"])
         start = self.expert_point(expert, s)
-        if self.cfg.get("match_points", "all") == "end":
+        if self.cfg["match_points"] == "end":
             return matching_loss(self.student_end(start, (t - s) * steps), start,
                                  self.expert_point(expert, t))
         theta, losses = start, []

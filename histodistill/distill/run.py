@@ -47,14 +47,14 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
     save = {int(e) for e in cfg["save_epochs"]}
     if not save or max(save) > train_cfg.epochs or min(save) < 1:
         raise ValueError(f"distill.pool.save_epochs {sorted(save)} must lie in 1..{train_cfg.epochs}")
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template, real.stats.mean,
+    aug = Augment(AugmentConfig.from_config(cfg["augment"]), template, real.stats.mean,
                   real.stats.std)
     states = []
     for k in range(int(cfg["size"])):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + k)
             net = models.build(cfg["net"], real.num_classes, real.im_size,
-                               **cfg.get("net_kwargs", {})).to(real.device)
+                               **cfg["net_kwargs"]).to(real.device)
 
         def snapshot(epoch: int, *_: Any) -> None:
             if epoch + 1 in save:
@@ -64,7 +64,7 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
                       train_cfg, torch.Generator().manual_seed(seed * 1000 + k), aug,
                       on_epoch=snapshot, progress=True)
         log.info("pool network %d/%d trained (%.1fs)", k + 1, cfg["size"], sum(times))
-    save_state({"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}), "states": states}, out)
+    save_state({"net": cfg["net"], "net_kwargs": cfg["net_kwargs"], "states": states}, out)
 
 
 def context(store_path: str | os.PathLike, template_path: str | os.PathLike | None,

@@ -211,8 +211,8 @@ class DiagonalGaussian:
 def ch_mult_for(cfg: dict[str, Any]) -> list[int]:
     """``ch_mult`` from the settings, or LDM's for the downsampling factor (f4: [1, 2, 4],
     f8: [1, 2, 4, 4])."""
-    down = int(cfg.get("downsample", 4))
-    mult = cfg.get("ch_mult") or {4: [1, 2, 4], 8: [1, 2, 4, 4]}.get(down)
+    down = int(cfg["downsample"])
+    mult = cfg["ch_mult"] or {4: [1, 2, 4], 8: [1, 2, 4, 4]}.get(down)
     if mult is None or 2 ** (len(mult) - 1) != down:
         raise ValueError(f"generate.autoencoder: ch_mult {mult} does not give downsampling {down} "
                          f"(it needs log2({down}) + 1 levels)")
@@ -239,9 +239,9 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], image_size: int) -> "AutoencoderKL":
-        return cls(image_size, int(cfg.get("ch", 128)), ch_mult_for(cfg),
-                   int(cfg.get("num_res_blocks", 2)), int(cfg.get("z_channels", 3)),
-                   float(cfg.get("dropout", 0.0)))
+        """From ``generate.autoencoder`` settings (LDM's dropout, 0, is not one of them)."""
+        return cls(image_size, int(cfg["ch"]), ch_mult_for(cfg), int(cfg["num_res_blocks"]),
+                   int(cfg["z_channels"]))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
@@ -365,16 +365,16 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
-        self.kl_weight = float(cfg.get("kl_weight", 1e-6))
-        self.disc_weight = float(cfg.get("disc_weight", 0.5))
-        self.disc_start = int(cfg.get("disc_start", 50001))
+        self.kl_weight = float(cfg["kl_weight"])
+        self.disc_weight = float(cfg["disc_weight"])
+        self.disc_start = int(cfg["disc_start"])
         self.logvar = nn.Parameter(torch.zeros(()))
-        self.discriminator = (PatchDiscriminator(int(cfg.get("disc_layers", 3)))
+        self.discriminator = (PatchDiscriminator(int(cfg["disc_layers"]))
                               if self.disc_weight > 0 else None)
-        perc = cfg.get("perceptual") or {}
-        self.perceptual_weight = float(perc.get("weight", 1.0))
-        self.perceptual = (Perceptual(perc["vgg"], perc.get("lpips"))
-                           if perc.get("vgg") and self.perceptual_weight > 0 else None)
+        perc = cfg["perceptual"]
+        self.perceptual_weight = float(perc["weight"])
+        self.perceptual = (Perceptual(perc["vgg"], perc["lpips"])
+                           if perc["vgg"] and self.perceptual_weight > 0 else None)
 
     def check_size(self, image_size: int) -> None:
         """The discriminator must leave at least one patch logit at this image size."""
@@ -478,7 +478,7 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
     ae.eval()
     with torch.no_grad():
         z = torch.cat([ae.encode(data.batch(batch)[0]).sample(gen)
-                       for _ in range(int(cfg.get("scale_batches", 8)))])
+                       for _ in range(int(cfg["scale_batches"]))])
         ae.scale_factor.fill_(latent_scale(float(z.flatten().std())))
     log.info("latent %s x %d x %d, scale factor %.4f", ae.z_channels, ae.latent_size,
              ae.latent_size, float(ae.scale_factor))

@@ -40,12 +40,11 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Schedule":
         """``{kind: linear|cosine, timesteps, beta_start, beta_end, cosine_s}``."""
-        kind, steps = cfg.get("kind", "linear"), int(cfg.get("timesteps", 1000))
+        kind, steps = cfg["kind"], int(cfg["timesteps"])
         if kind == "linear":
-            return cls.linear(steps, float(cfg.get("beta_start", 0.00085)),
-                              float(cfg.get("beta_end", 0.012)))
+            return cls.linear(steps, float(cfg["beta_start"]), float(cfg["beta_end"]))
         if kind == "cosine":
-            return cls.cosine(steps, float(cfg.get("cosine_s", 0.008)))
+            return cls.cosine(steps, float(cfg["cosine_s"]))
         raise ValueError(f"unknown noise schedule {kind!r}; choose linear or cosine")
 
     @classmethod

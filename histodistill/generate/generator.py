@@ -63,7 +63,7 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
                      [p for p, _ in src], [autoencoder])
     state = TrainState({"net": net}, {"net": opt}, gen, key, data, float(cfg["ema"]),
                        {"net": sched})
-    batch, dropout = int(cfg["batch"]), float(cfg.get("label_dropout", 0.0))
+    batch, dropout = int(cfg["batch"]), float(cfg["label_dropout"])
 
     def step(_: int) -> dict[str, float]:
         x, y = data.batch(batch)

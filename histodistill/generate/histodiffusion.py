@@ -84,7 +84,7 @@ def build_classifier(cfg: dict[str, Any], z_channels: int, latent_size: int,
                      num_classes: int) -> LatentClassifier:
     return LatentClassifier(z_channels, latent_size, num_classes, int(cfg["ch"]),
                             [int(m) for m in cfg["ch_mult"]], int(cfg["num_res_blocks"]),
-                            int(cfg.get("heads", 4)))
+                            int(cfg["heads"]))
 
 
 def load_classifier(path: str | os.PathLike, dev: torch.device
@@ -184,7 +184,7 @@ def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
     stats = Stats.from_store(PatchStore(store))
     aux_cfg = cfg["aux"]
     aux = seeded(seed, lambda: models.build(aux_cfg["net"], data.num_classes, data.image_size,
-                                            **aux_cfg.get("net_kwargs", {}))).to(dev)
+                                            **aux_cfg["net_kwargs"])).to(dev)
     params = ae.decoder_parameters()
     for p in params:
         p.requires_grad_(True)

@@ -198,7 +198,7 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
 
     syn, real = PatchStore(synthetic), PatchStore(store)
     check_classes(syn, real)
-    seed, k = int(cfg.get("seed", 0)), int(cfg["k"])
+    seed, k = int(cfg["seed"]), int(cfg["k"])
     rows = real_rows(real, int(cfg["max_real"]), seed)
     fns = [embed] if classify is None else [embed, classify]  # one pass: features and classes
     (real_f, *real_p), real_y = store_outputs(fns, real, "train", batch, rows)

@@ -142,10 +142,10 @@ class UViT(nn.Module):
 def build(cfg: dict[str, Any], in_channels: int, latent_size: int, num_classes: int) -> UViT:
     """A U-ViT from generator settings: ``preset`` (tiny/small/mid/large) with optional
     ``dim``/``depth``/``heads`` overrides, ``patch_size``, ``mlp_ratio``, ``grad_checkpoint``."""
-    preset = cfg.get("preset", "small")
+    preset = cfg["preset"]
     if preset not in PRESETS:
         raise ValueError(f"unknown U-ViT preset {preset!r}; choose one of {sorted(PRESETS)}")
     arch = {**PRESETS[preset], **{k: cfg[k] for k in ("dim", "depth", "heads") if cfg.get(k)}}
-    return UViT(in_channels, latent_size, int(cfg.get("patch_size", 2)), arch["dim"],
-                arch["depth"], arch["heads"], float(cfg.get("mlp_ratio", 4.0)), num_classes,
-                grad_checkpoint=bool(cfg.get("grad_checkpoint", False)))
+    return UViT(in_channels, latent_size, int(cfg["patch_size"]), arch["dim"],
+                arch["depth"], arch["heads"], float(cfg["mlp_ratio"]), num_classes,
+                grad_checkpoint=bool(cfg["grad_checkpoint"]))

@@ -60,15 +60,15 @@ class _CLAM(MILModel):
     def __init__(self, in_dim: int, num_classes: int, cfg: dict[str, Any]) -> None:
         super().__init__(in_dim, num_classes, cfg)
         self.branches = num_classes if self.multi_branch else 1
-        dim, hidden = SIZES[cfg.get("size", "small")]
-        dropout = float(cfg.get("dropout", 0.25))
+        dim, hidden = SIZES[cfg["size"]]
+        dropout = float(cfg["dropout"])
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention = GatedAttention(dim, hidden, self.branches, dropout > 0)
         self.instance_classifiers = nn.ModuleList(nn.Linear(dim, 2) for _ in range(num_classes))
-        self.k_sample = int(cfg.get("k_sample", 8))
-        self.bag_weight = float(cfg.get("bag_weight", 0.7))
-        self.subtyping = bool(cfg.get("subtyping", False))
-        self.inst_loss = cfg.get("inst_loss", "svm")
+        self.k_sample = int(cfg["k_sample"])
+        self.bag_weight = float(cfg["bag_weight"])
+        self.subtyping = bool(cfg["subtyping"])
+        self.inst_loss = cfg["inst_loss"]
 
     def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden features (N, 512), attention (K, N) summing to one per row, pooled (K, 512)."""
@@ -120,7 +120,7 @@ class CLAMSB(_CLAM):
 
     def __init__(self, in_dim: int, num_classes: int, cfg: dict[str, Any]) -> None:
         super().__init__(in_dim, num_classes, cfg)
-        self.classifier = nn.Linear(SIZES[cfg.get("size", "small")][0], num_classes)
+        self.classifier = nn.Linear(SIZES[cfg["size"]][0], num_classes)
 
     def forward(self, h: torch.Tensor) -> BagOutput:
         hidden, attention, pooled = self.pool(h)
@@ -135,7 +135,7 @@ class CLAMMB(_CLAM):
 
     def __init__(self, in_dim: int, num_classes: int, cfg: dict[str, Any]) -> None:
         super().__init__(in_dim, num_classes, cfg)
-        dim = SIZES[cfg.get("size", "small")][0]
+        dim = SIZES[cfg["size"]][0]
         self.classifiers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(num_classes))
 
     def forward(self, h: torch.Tensor) -> BagOutput:

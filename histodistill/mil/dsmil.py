@@ -33,12 +33,12 @@ class DSMIL(MILModel):
     def __init__(self, in_dim: int, num_classes: int, cfg: dict[str, Any]) -> None:
         super().__init__(in_dim, num_classes, cfg)
         self.outputs = 1 if num_classes == 2 else num_classes
-        q = int(cfg.get("query_dim", 128))
+        q = int(cfg["query_dim"])
         self.instance = nn.Linear(in_dim, self.outputs)
         self.q = (nn.Sequential(nn.Linear(in_dim, q), nn.ReLU(), nn.Linear(q, q), nn.Tanh())
-                  if cfg.get("nonlinear", True) else nn.Linear(in_dim, q))
-        if cfg.get("passing_v", False):
-            self.v: nn.Module = nn.Sequential(nn.Dropout(float(cfg.get("dropout_node", 0.0))),
+                  if cfg["nonlinear"] else nn.Linear(in_dim, q))
+        if cfg["passing_v"]:
+            self.v: nn.Module = nn.Sequential(nn.Dropout(float(cfg["dropout_node"])),
                                               nn.Linear(in_dim, in_dim), nn.ReLU())
         else:
             self.v = nn.Identity()
@@ -82,7 +82,7 @@ class DSMIL(MILModel):
         return s / s.sum().clamp_min(1e-12)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        beta1, beta2 = (float(b) for b in self.cfg.get("betas", (0.5, 0.9)))  # two (the schema's)
+        beta1, beta2 = (float(b) for b in self.cfg["betas"])  # two (the schema's)
         return torch.optim.Adam(self.parameters(), lr=float(self.cfg["lr"]), betas=(beta1, beta2),
                                 weight_decay=float(self.cfg["weight_decay"]))
 
@@ -90,4 +90,4 @@ class DSMIL(MILModel):
         """Cosine annealing over the epochs down to ``min_lr`` (5e-6), as ``train_tcga.py``."""
         assert isinstance(opt, torch.optim.Optimizer)  # this model's optimizer(): Adam
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs,
-                                                          float(self.cfg.get("min_lr", 5e-6)))
+                                                          float(self.cfg["min_lr"]))

@@ -113,7 +113,7 @@ def train_model(name: str, cfg: dict[str, Any], bags: Bags, num_classes: int, se
     epochs = int(cfg["epochs"]) if epochs is None else epochs
     opt = model.optimizer()
     sched = model.scheduler(opt, epochs)
-    accum = int(cfg.get("grad_accum", 1))
+    accum = int(cfg["grad_accum"])
     rng = np.random.default_rng([seed, 7])
     gen = torch.Generator().manual_seed(seed)
     times: list[float] = []
@@ -121,7 +121,7 @@ def train_model(name: str, cfg: dict[str, Any], bags: Bags, num_classes: int, se
     model.train()
     for _ in tqdm(range(epochs), desc=f"{name} epochs", disable=not progress, leave=False):
         start = time.perf_counter()
-        order = _order(bags.labels, bool(cfg.get("weighted_sample", False)), rng)
+        order = _order(bags.labels, bool(cfg["weighted_sample"]), rng)
         total, hits = 0.0, 0
         opt.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):  # dropout draws from this run's generator

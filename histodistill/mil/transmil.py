@@ -112,9 +112,9 @@ def square_pad(h: torch.Tensor) -> tuple[torch.Tensor, int]:
 class TransMIL(MILModel):
     def __init__(self, in_dim: int, num_classes: int, cfg: dict[str, Any]) -> None:
         super().__init__(in_dim, num_classes, cfg)
-        dim = int(cfg.get("dim", 512))
-        dropout = float(cfg.get("dropout", 0.1))
-        landmarks = int(cfg.get("landmarks", dim // 2))
+        dim = int(cfg["dim"])
+        dropout = float(cfg["dropout"])
+        landmarks = int(cfg["landmarks"])
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.layer1 = TransLayer(dim, dropout, landmarks)
@@ -133,7 +133,7 @@ class TransMIL(MILModel):
     def optimizer(self) -> torch.optim.Optimizer | Lookahead:
         base = torch.optim.RAdam(self.parameters(), lr=float(self.cfg["lr"]),
                                  weight_decay=float(self.cfg["weight_decay"]))
-        look = self.cfg.get("lookahead", {"k": 6, "alpha": 0.5})
+        look = self.cfg["lookahead"]
         return Lookahead(base, int(look["k"]), float(look["alpha"])) if look else base
 
 

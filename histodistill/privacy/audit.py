@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -56,22 +56,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The ``privacy`` config section's audit settings."""
+    """The ``privacy`` config section's audit settings (defaults: the schema's)."""
 
-    encoder: str = "supervised"
-    heldout_split: str = "auto"  # auto: val when the store has val patches, else test
-    percentile: float = 5.0
-    samples: int = 2000  # held-out patches (and as many random training patches) drawn
-    bootstrap: int = 1000
-    seed: int = 0
-    attack_space: str = "pixel"
-    grid_pairs: int = 16
-    batch: int = 256
+    encoder: str | None
+    heldout_split: str  # auto: val when the store has val patches, else test
+    percentile: float
+    samples: int  # held-out patches (and as many random training patches) drawn
+    bootstrap: int
+    seed: int
+    attack_space: str
+    grid_pairs: int
+    batch: int
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "AuditConfig":
-        keys = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in keys})
+        """From the validated ``privacy`` section (every key present; ``package`` is not the
+        audit's)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
 
 class Space:

@@ -168,7 +168,7 @@ def datasheet(result: dict[str, Any], store: PatchStore, settings: dict[str, Any
             ("p", f"{n} images of {store.attrs.get('patch_size')} px, {kind}, made by histodistill "
                   f"with method `{method}`."),
             *(("p", f"**{s}**") for s in statements),
-            *_cohort(store, dataset, settings.get("cohort")),
+            *_cohort(store, dataset, settings["cohort"]),
             ("h2", "Method and settings"),
             ("ul", [f"method: `{method}`, {ipc} images per class, seed {result['config']['seed']}",
                     f"distillation time: {result['distill']['seconds']:.0f} s on "
@@ -176,9 +176,9 @@ def datasheet(result: dict[str, Any], store: PatchStore, settings: dict[str, Any
             ("code", json.dumps(result["config"]["distill"], indent=2, sort_keys=True)),
             *_evaluation(result),
             *_privacy(result["privacy"], statements),
-            ("h2", "Intended use"), ("p", settings.get("intended_use") or "Not stated."),
-            ("h2", "Licence"), ("p", settings.get("licence") or "Not specified: set "
-                                  "privacy.package.licence before sharing."),
+            ("h2", "Intended use"), ("p", settings["intended_use"] or "Not stated."),
+            ("h2", "Licence"), ("p", settings["licence"] or "Not specified: set "
+                                "privacy.package.licence before sharing."),
             ("h2", "Files"), ("ul", files)]
 
 
@@ -289,7 +289,7 @@ def write_package(distilled: str | os.PathLike, result_path: str | os.PathLike,
                     "privacy": {k: result["privacy"][k] for k in
                                 ("memorised", "attack_auc", "attack_ci", "attack_members",
                                  "attack_space", "heldout_split")},
-                    "licence": settings.get("licence"), "intended_use": settings.get("intended_use"),
+                    "licence": settings["licence"], "intended_use": settings["intended_use"],
                     "files": entries}
         write_json(tmp / "manifest.json", manifest)
         (tmp / "SHA256SUMS").write_text("".join(f"{e['sha256']}  {e['path']}\n" for e in entries))

@@ -79,7 +79,7 @@ def umap_embedding(features: np.ndarray, cfg: dict[str, Any], seed: int
     n = len(features)
     neighbours = min(int(cfg["n_neighbors"]), max(n - 1, 2))
     mapper = umap.UMAP(n_neighbors=neighbours, n_components=int(cfg["n_components"]),
-                       min_dist=float(cfg["min_dist"]), metric=str(cfg.get("metric", "euclidean")),
+                       min_dist=float(cfg["min_dist"]), metric=str(cfg["metric"]),
                        random_state=seed, n_jobs=1,
                        init="random" if n <= int(cfg["n_components"]) + 1 else "spectral")
     embedding = mapper.fit_transform(np.asarray(features, dtype=np.float32))

@@ -123,7 +123,7 @@ class InfoDist(Selector):
         if self.cfg["embedding"] == "encoder":
             return pool.features[pos], None
         umap_cfg = self.cfg["umap"]
-        if umap_cfg.get("input", "encoder") == "pixels":
+        if umap_cfg["input"] == "pixels":
             x = pool.pixels(pos).reshape(len(pos), -1).astype(np.float32) / 255.0
         else:
             x = pool.features[pos]
@@ -135,7 +135,7 @@ class InfoDist(Selector):
             seed = class_seed(self.ctx.seed, c)
             emb, knn = self.embedding(pos, seed)
             graph = knn if self.cfg["graph"] == "knn" else softmax_graph(
-                emb, float(self.cfg["eta"]), relative=bool(self.cfg.get("relative", False)))
+                emb, float(self.cfg["eta"]), relative=bool(self.cfg["relative"]))
             assert graph is not None  # 'knn' needs embedding 'umap' (checked in __init__)
             comm = communities(graph, seed, int(self.cfg["trials"]))
             log.info("class %d: %d candidates, %d edges, %d communities (sizes %s), codelength %.3f",

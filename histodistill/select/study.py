@@ -85,8 +85,8 @@ def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], c
     selected, control = build(sel_cfg["selector"], sel_cfg, ctx), build("random", {}, ctx)
     subset, k_real = real_subset(real, float(cfg["fraction"]), seed)
     template = StainTemplate.load(template_path) if template_path else None
-    inputs = Inputs(real, template, bool(cfg.get("stain_norm", False)), device(), cache_mb)
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), template, inputs.stats.mean,
+    inputs = Inputs(real, template, bool(cfg["stain_norm"]), device(), cache_mb)
+    aug = Augment(AugmentConfig.from_config(cfg["augment"]), template, inputs.stats.mean,
                   inputs.stats.std)
     train_cfg = TrainConfig.from_config(cfg["train"])
     assert ctx.encoder is not None  # given encoder_path (the study always has one)
@@ -105,7 +105,7 @@ def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], c
             pos = np.zeros(0, np.int64)
         sources = [(real, subset), (pool, ctx.pool.rows[pos])]
         summary = evaluate_arch(
-            cfg["arch"], cfg.get("arch_kwargs", {}),
+            cfg["arch"], cfg["arch_kwargs"],
             lambda gen: mixed_batches(inputs, sources, train_cfg.batch, seed, cache_mb),
             inputs, int(real.attrs["patch_size"]), len(real.class_names), train_cfg,
             int(cfg["runs"]), seed, aug)

@@ -40,11 +40,11 @@ def build_table(name: str, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     """Slide table for a WSI dataset, validated (every slide and annotation exists, labels
     known), so that a bad cohort fails here, before any tiling job is queued."""
     root = resolve_root(name, dataset)
-    layout = dataset.get("layout", "table")
+    layout = dataset["layout"]
     rows = _camelyon16(root, dataset) if layout == "camelyon16" else _table(root, dataset)
     if not rows:
         raise InputError(STAGE, root, f"no slides found for dataset {name!r} (layout {layout})")
-    rows = _assign_val(rows, float(dataset.get("val_fraction", 0.0)), int(dataset.get("seed", 0)))
+    rows = _assign_val(rows, float(dataset["val_fraction"]), int(dataset["seed"]))
     for row in rows:
         if not Path(row["path"]).is_file():
             raise InputError(STAGE, row["path"], "slide listed for the dataset does not exist")
@@ -62,7 +62,7 @@ def _slide_number(name: str) -> int:
 def _camelyon16(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of the official layout (a tumour slide without its XML gets an empty annotation,
     which :func:`histodistill.slides.tiling.check_cohort` refuses unless opted in)."""
-    centre_split = dataset.get("centre_split", {"normal": 100, "tumor": 70})
+    centre_split = dataset["centre_split"]
     rows = []
     for label in ("normal", "tumor"):
         for path in sorted((root / "training" / label).glob("*.tif")):
@@ -97,12 +97,12 @@ def _reference_labels(path: Path) -> dict[str, str]:
 
 
 def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
-    table = Path(str(dataset.get("table", "{root}/slides.csv")).format(root=root))
+    table = Path(str(dataset["table"]).format(root=root))
     if not table.is_file():
         raise InputError(STAGE, table, "slide-label CSV does not exist (datasets.<name>.table)")
-    slide_col = dataset.get("slide_column", "slide")
-    label_col = dataset.get("label_column", "label")
-    slide_dir = root / dataset.get("slide_dir", "slides")
+    slide_col = dataset["slide_column"]
+    label_col = dataset["label_column"]
+    slide_dir = root / dataset["slide_dir"]
     with open(table, newline="") as f:
         reader = csv.DictReader(f)
         missing = {slide_col, label_col} - set(reader.fieldnames or [])
@@ -110,7 +110,7 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
             raise InputError(STAGE, table, f"missing column(s) {sorted(missing)}")
         records = list(reader)
     rows = []
-    roots = [root, *dataset.get("extra_roots", [])]
+    roots = [root, *dataset["extra_roots"]]
     for line, rec in enumerate(records, start=2):
         where = f"{table}, line {line}"
         name = rec[slide_col].strip()
@@ -131,8 +131,7 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"slide": Path(name).stem, "path": str(path), "label": rec[label_col],
                      "split": split, "centre": int(centre), "annotation": annotation})
     if any(not r["split"] for r in rows):
-        rows = _split_by_slide(rows, float(dataset.get("test_fraction", 0.25)),
-                               int(dataset.get("seed", 0)))
+        rows = _split_by_slide(rows, float(dataset["test_fraction"]), int(dataset["seed"]))
     return rows
 
 

@@ -49,10 +49,10 @@ def cohort_tables(name: str, dataset: dict[str, Any]) -> list[str]:
     """The label tables the cohort rule reads for a real WSI root (``labels.csv``-style table,
     or Camelyon16's ``testing/reference.csv`` when test images exist)."""
     root = resolve_root(name, dataset)
-    if dataset.get("layout", "table") == "camelyon16":
+    if dataset["layout"] == "camelyon16":
         reference = root / "testing" / "reference.csv"
         return [str(reference)] if any((root / "testing" / "images").glob("*.tif")) else []
-    return [str(dataset.get("table", "{root}/slides.csv")).format(root=root)]
+    return [str(dataset["table"]).format(root=root)]
 
 
 def cohort_listing(rows: list[dict[str, Any]]) -> str:
@@ -73,7 +73,7 @@ def ingest_inputs(name: str, dataset: dict[str, Any]) -> tuple[list[str], str | 
     root = resolve_root(name, dataset)
     fmt = dataset["format"]
     if fmt == "npz":
-        return [str(dataset.get("file", "{root}")).format(root=root)], None
+        return [str(dataset["file"]).format(root=root)], None
     if fmt == "csv":
         tables = [str(rel).format(root=root) for rel in dataset["csv"].values()]
         files = sorted(p for p, _, _ in csv_items(root, dataset)[0])

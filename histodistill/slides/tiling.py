@@ -58,7 +58,7 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     coords = coords[keep]
     if len(coords) == 0:
         raise InputError(STAGE, path, f"no patch reaches tissue_threshold={cfg['tissue_threshold']}")
-    cap = int(cfg.get("max_patches_per_slide") or 0)
+    cap = int(cfg["max_patches_per_slide"])
     if cap and len(coords) > cap:
         rng = np.random.default_rng([int(cfg["seed"]), index])
         coords = coords[np.sort(rng.choice(len(coords), cap, replace=False))]

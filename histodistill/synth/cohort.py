@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -46,16 +47,22 @@ SLIDE_FOCUS = (0.6, 0.9, 0.4, 1.5, 1.0)
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """Size and content of the demo cohort (config section ``demo``)."""
+    """Size and content of the demo cohort: the config section ``demo`` (defaults: the
+    schema's)."""
 
-    n_train: int = 28  # half normal, half tumour
-    n_test: int = 12  # one normal slide to two tumour slides, so test patches are about balanced
-    width: int = 2048  # level-0 pixels
-    height: int = 1536
-    mpp: float = 0.5  # level 0 is 20x by the 10/mpp convention
-    levels: int = 4  # downsample 2 between levels
-    seed: int = 0
-    jpeg_quality: int = 90
+    n_train: int  # half normal, half tumour
+    n_test: int  # one normal slide to two tumour slides, so test patches are about balanced
+    width: int  # level-0 pixels
+    height: int
+    mpp: float  # level 0 is 20x by the 10/mpp convention at 0.5
+    levels: int  # downsample 2 between levels
+    seed: int
+    jpeg_quality: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "DemoSpec":
+        """From the validated ``demo`` section (every key present)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
 
 def _tissue(rng: np.random.Generator, lo: tuple[int, int]) -> np.ndarray:

@@ -26,24 +26,34 @@ _MARGIN = 12  # px rendered beyond the patch on each side (> the largest nucleus
 
 @dataclass(frozen=True)
 class PatchDemoSpec:
-    """Size and content of the pre-tiled patch demo (a MedMNIST-layout ``.npz``).
+    """Size and content of the pre-tiled patch demo (a MedMNIST-layout ``.npz``): the counts, mix
+    and seed are the config section ``demo_patches`` (defaults: the schema's); the rest is the
+    product's fixed form.
 
     Each patch covers ``field_um`` µm (as NCT-CRC-HE-100K's 224 px at 0.5 µm, which PathMNIST
     shrinks to 28 px), is rendered at ``render`` px and area-averaged to ``size`` px. Train and
     val mix the stain centres ``train_centres``; test mixes ``test_centres`` (one unseen).
     """
 
-    n_train: int = 800  # patches per class
-    n_val: int = 100
-    n_test: int = 200
+    n_train: int  # patches per class
+    n_val: int
+    n_test: int
+    mix: float  # chance that a patch also holds a region of a neighbouring tissue
+    seed: int
+    # fixed properties of the product, not settings
     size: int = 28
     render: int = 84  # a multiple of size
     field_um: float = 112.0
     classes: tuple[str, ...] = PATCH_CLASSES
     train_centres: tuple[int, ...] = (0, 1)
     test_centres: tuple[int, ...] = (0, 1, 2)
-    mix: float = 0.45  # chance that a patch also holds a region of a neighbouring tissue
-    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], **fixed: Any) -> "PatchDemoSpec":
+        """From the validated ``demo_patches`` section (every key present); ``fixed`` replaces
+        fixed properties (tests: fewer classes)."""
+        settings = ("n_train", "n_val", "n_test", "mix", "seed")
+        return cls(**{k: cfg[k] for k in settings}, **fixed)
 
     def __post_init__(self) -> None:
         if self.render % self.size:

@@ -55,7 +55,7 @@ def new_expert(cfg: dict[str, Any], inputs: Inputs, seed: int) -> torch.nn.Modul
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = models.build(cfg["net"], len(store.class_names), int(store.attrs["patch_size"]),
-                           **cfg.get("net_kwargs", {}))
+                           **cfg["net_kwargs"])
     Student(net)  # refuses networks with buffers before any training
     return net.to(inputs.dev)
 
@@ -67,7 +67,7 @@ def train_expert(cfg: dict[str, Any], inputs: Inputs, seed: int, expert: int,
     s = expert_seed(seed, expert)
     net = new_expert(cfg, inputs, s)
     train_cfg = TrainConfig.from_config({**cfg["train"], "epochs": int(cfg["epochs"])})
-    aug = Augment(AugmentConfig.from_config(cfg.get("augment", {})), None, inputs.stats.mean,
+    aug = Augment(AugmentConfig.from_config(cfg["augment"]), None, inputs.stats.mean,
                   inputs.stats.std)
     points = [Student(net).flat().cpu().numpy().copy()]
 
@@ -86,7 +86,7 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
                    seed: int, cache_mb: float = 1024, progress: bool = True) -> None:
     """Train ``cfg['experts']`` experts on the store's training split and write their
     trajectories to the HDF5 store ``out``, resuming expert by expert from ``<out>.partial``."""
-    if cfg.get("dtype", "float32") not in DTYPES:
+    if cfg["dtype"] not in DTYPES:
         raise ValueError(f"trajectories.dtype {cfg['dtype']!r}: choose one of {sorted(DTYPES)}")
     store = PatchStore(store_path)
     inputs = Inputs(store, None, False, device(), cache_mb)
@@ -110,11 +110,11 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
         log.info("expert %d/%d trained and kept in %s", e + 1, experts, pieces.partial)
     files = [pieces.path(name) for name in names]
     student = Student(new_expert(cfg, inputs, 0))
-    attrs = {"net": cfg["net"], "net_kwargs": cfg.get("net_kwargs", {}),
+    attrs = {"net": cfg["net"], "net_kwargs": cfg["net_kwargs"],
              "num_classes": len(store.class_names), "im_size": int(store.attrs["patch_size"]),
              "param_names": student.names, "param_shapes": [list(s) for s in student.shapes],
              "settings": settings, "seed": seed, "key": key, "class_names": store.class_names,
              "source_store": str(store_path)}
     write_store(out, (np.load(f, mmap_mode="r") for f in files), experts, int(cfg["epochs"]),
-                student.num_params, cfg.get("dtype", "float32"), attrs)
+                student.num_params, cfg["dtype"], attrs)
     shutil.rmtree(pieces.partial)

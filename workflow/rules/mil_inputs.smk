@@ -140,7 +140,7 @@ def transfer_settings(wildcards):
         {
             "transfer": cfg["transfer"],
             "model_settings": cfg["settings"][cfg["transfer"]["model"]],
-            "arch_kwargs": ev.get("arch_kwargs", {}).get(arch, {}),
+            "arch_kwargs": ev["arch_kwargs"].get(arch, {}),
             "augment": ev["augment"],
             "stain_norm": hdparams.stain_protocol(ev, wildcards.method),
         }

@@ -15,7 +15,7 @@ def select_cfg(wildcards):
 def select_pool(wildcards):
     """The store a method selects from: a synthetic store or the real patches."""
     cfg = select_cfg(wildcards)
-    if cfg.get("source", "synthetic") == "real":
+    if cfg["source"] == "real":
         return f"results/{wildcards.dataset}/patches.zarr"
     return f"results/{wildcards.dataset}/synthetic/{cfg['generator']}.zarr"
 
