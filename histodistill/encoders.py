@@ -14,6 +14,11 @@ Nothing is downloaded: encoders are trained inside the pipeline on the real trai
 * ``resnet50_trunc``: CLAM's encoder, torchvision's ResNet50 truncated after ``layer3`` with
   global average pooling (1024-d), inputs normalised with ImageNet statistics, weights read from
   the local file named by ``weights`` (e.g. torchvision's ImageNet checkpoint). Not trained here.
+* ``timm``: any architecture of the timm library (``model``, built with ``model_kwargs`` and no
+  classifier head; features: its pooled output), with the weights of the local file named by
+  ``weights`` (a foundation model such as UNI, CONCH's or Virchow's image tower, or an ImageNet
+  network) and the input normalisation they expect (``mean``, ``std``); patches are resized to
+  ``input_size`` first when it is set. Not trained here.
 
 Every encoder file holds what is needed to rebuild it and its input normalisation, so consumers
 call :func:`load_encoder` and :meth:`Encoder.embed` on pixels and never see the details.
@@ -45,7 +50,8 @@ from histodistill.io import InputError, settings_hash
 from histodistill.state import load_input, save_state
 
 log = logging.getLogger(__name__)
-KINDS = ("supervised", "simclr", "resnet50_trunc")
+KINDS = ("supervised", "simclr", "resnet50_trunc", "timm")
+LOADED = ("resnet50_trunc", "timm")  # kinds read from a weights file, not trained
 IMAGENET = Stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -62,12 +68,31 @@ class ResNet50Trunc(nn.Module):
         return self.body(x).flatten(1)
 
 
+class TimmBackbone(nn.Module):
+    """A timm architecture without its classifier head (features: its pooled output), fed
+    patches resized to ``input_size`` (bilinear, antialiased) when it is set."""
+
+    def __init__(self, model: str, model_kwargs: dict[str, Any], input_size: int | None) -> None:
+        super().__init__()
+        import timm  # the timm kind only: importing it costs a second
+
+        self.model = timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
+        self.input_size = input_size
+        self.dim = int(getattr(self.model, "num_features"))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return self.model(x)
+
+
 @dataclass
 class Encoder:
     """A feature network with its input normalisation; ``head`` is the classifier's linear head
     for ``supervised`` encoders (class probabilities for centroid selection), else None."""
 
-    net: models.Classifier | ResNet50Trunc
+    net: models.Classifier | ResNet50Trunc | TimmBackbone
     stats: Stats
     kind: str
     dim: int
@@ -170,9 +195,14 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
 
 
 def _build(kind: str, net: str, net_kwargs: dict[str, Any], num_classes: int, im_size: int
-           ) -> tuple[models.Classifier | ResNet50Trunc, int]:
+           ) -> tuple[models.Classifier | ResNet50Trunc | TimmBackbone, int]:
+    """The encoder's network and feature dimension (``timm``: ``net`` is the timm model name,
+    ``net_kwargs`` its ``model_kwargs`` and ``input_size``)."""
     if kind == "resnet50_trunc":
         return ResNet50Trunc(), 1024
+    if kind == "timm":
+        backbone = TimmBackbone(net, net_kwargs["model_kwargs"], net_kwargs["input_size"])
+        return backbone, backbone.dim
     model = models.build(net, num_classes, im_size, **net_kwargs)
     return model, int(model.head.in_features)
 
@@ -188,16 +218,26 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     store = PatchStore(store_path)
     num_classes, im_size = len(store.class_names), int(store.attrs["patch_size"])
     seed = int(cfg["seed"])
+    arch, arch_kwargs = ((cfg["model"], {"model_kwargs": cfg["model_kwargs"],
+                                         "input_size": cfg["input_size"]})
+                         if kind == "timm" else (cfg["net"], cfg["net_kwargs"]))
+    if kind == "timm" and not arch:
+        raise InputError("train_encoder", "encoders.<name>.model",
+                         "a timm encoder needs the timm architecture name of its weights")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net, dim = _build(kind, cfg["net"], cfg["net_kwargs"], num_classes, im_size)
+        net, dim = _build(kind, arch, arch_kwargs, num_classes, im_size)
     dev = device()
-    net = net.to(dev)
     if kind == "resnet50_trunc":
         stats = IMAGENET
         assert isinstance(net, ResNet50Trunc)  # what _build makes for this kind
         _load_trunc_weights(net, weights, cfg)
-    else:
+    elif kind == "timm":
+        stats = Stats(tuple(cfg["mean"]), tuple(cfg["std"]))
+        assert isinstance(net, TimmBackbone)
+        _load_timm_weights(net, weights)
+    net = net.to(dev)
+    if kind not in LOADED:
         real = RealData(store, "train", cache_mb, seed, dev)
         stats = real.stats
         aug = Augment(AugmentConfig.from_config(cfg["augment"]), None, stats.mean, stats.std)
@@ -212,7 +252,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
             _train_simclr(net, dim, real, cfg, aug, gen, ckpt)
         ckpt.remove()
     encoder = Encoder(net.eval(), stats, kind, dim)
-    save_state({"kind": kind, "net": cfg["net"], "net_kwargs": cfg["net_kwargs"],
+    save_state({"kind": kind, "net": arch, "net_kwargs": arch_kwargs,
                 "num_classes": num_classes, "im_size": im_size, "dim": dim,
                 "mean": list(stats.mean), "std": list(stats.std), "config": cfg,
                 "state": {k: v.cpu() for k, v in net.state_dict().items()}}, out)
@@ -242,6 +282,41 @@ def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
         raise InputError("train_encoder", path, f"not a ResNet50 state dict: missing {needed[:3]}")
     net.body.load_state_dict(nn.Sequential(full.conv1, full.bn1, full.relu, full.maxpool, full.layer1,
                                            full.layer2, full.layer3, nn.AdaptiveAvgPool2d(1)).state_dict())
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: safetensors, or a torch file read without unpickling
+    (``weights_only``); a ``state_dict``/``model`` wrapper is opened."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _load_timm_weights(net: TimmBackbone, weights: str | os.PathLike | None) -> None:
+    """Load the user's weights into the headless timm network: every backbone tensor must be
+    in the file with its shape (a classifier head the file carries is left out); a missing or
+    mismatching file is one error naming it."""
+    if not weights:
+        raise InputError("train_encoder", "encoders.<name>.weights",
+                         "a timm encoder needs a local weights file (nothing is downloaded)")
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError("train_encoder", path, "weights file does not exist")
+    try:
+        state = _read_weights(path)
+        missing, _ = net.model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, OSError) as err:  # shapes that do not fit, not a state dict
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise InputError("train_encoder", path, f"not weights of this timm model: {reason}") from None
+    if missing:
+        raise InputError("train_encoder", path,
+                         f"not weights of this timm model: missing {sorted(missing)[:3]}")
 
 
 def load_encoder(path: str | os.PathLike, dev: torch.device | None = None) -> Encoder:

@@ -1,5 +1,5 @@
-"""Feature encoders (supervised, SimCLR, CLAM's truncated ResNet50), the resumable training
-loop they share with the full-data upper bound, and the joined result file."""
+"""Feature encoders (supervised, SimCLR, CLAM's truncated ResNet50, timm architectures), the
+resumable training loop they share with the full-data upper bound, and the joined result file."""
 
 from __future__ import annotations
 
@@ -143,6 +143,54 @@ def test_resnet50_trunc_loads_local_weights_and_refuses_none(toy, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="not a ResNet50 state dict"):
         train_encoder(toy, tmp_path / "r2.pt", cfg, weights=tmp_path / "bad.pth")
+
+
+def test_timm_encoder_loads_a_foundation_style_vit_from_a_local_file(toy, tmp_path):
+    """A small timm ViT with random weights saved to a file stands for UNI: built headless from
+    its name and keyword arguments, fed resized patches normalised as the weights expect; its
+    features equal timm's own forward; a head in the file is left out; a file of another model
+    is refused by name. Nothing is downloaded."""
+    import timm
+    from safetensors.torch import save_file
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+    cfg = {**ENCODER, "kind": "timm", "model": "vit_tiny_patch16_224", "model_kwargs": kwargs,
+           "input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "seed": 0}
+    with pytest.raises(InputError, match=r"encoders.<name>.weights: .*local weights file"):
+        train_encoder(toy, tmp_path / "t.pt", cfg)
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **kwargs).eval()
+    save_file(reference.state_dict(), str(tmp_path / "vit.safetensors"))  # with its 3-class head
+    train_encoder(toy, tmp_path / "t.pt", cfg, weights=tmp_path / "vit.safetensors")
+    enc = load_encoder(tmp_path / "t.pt", torch.device("cpu"))
+    x = torch.from_numpy(PatchStore(toy).patches(slice(0, 4)))  # 16 px patches, resized to 32
+    feats = enc.embed(x)
+    with torch.no_grad():
+        inp = torch.nn.functional.interpolate((x.float() / 255 - 0.5) / 0.25, size=(32, 32),
+                                              mode="bilinear", align_corners=False, antialias=True)
+        expected = reference.forward_head(reference.forward_features(inp), pre_logits=True)
+    assert feats.shape == (4, 24) and enc.dim == 24
+    torch.testing.assert_close(feats, expected)
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                              **{**kwargs, "embed_dim": 16})
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(InputError, match="other.pth: not weights of this timm model"):
+        train_encoder(toy, tmp_path / "t2.pt", cfg, weights=tmp_path / "other.pth")
+
+
+def test_the_docs_uni_example_is_a_valid_config():
+    """The encoders page's UNI block, merged over the shipped config, validates."""
+    import re
+
+    import yaml
+
+    from conftest import ROOT
+    from histodistill import config
+
+    text = (ROOT / "docs/methods/encoders.md").read_text()
+    block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    cfg = config.validate(config.merge(config.read(ROOT / "config.yaml"), block))
+    assert cfg["encoders"]["uni"]["kind"] == "timm" and cfg["mil"]["encoder"] == "uni"
 
 
 def test_result_joins_sections_and_refuses_a_clash(tmp_path):
