@@ -231,7 +231,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     if kind == "resnet50_trunc":
         stats = IMAGENET
         assert isinstance(net, ResNet50Trunc)  # what _build makes for this kind
-        _load_trunc_weights(net, weights, cfg)
+        _load_trunc_weights(net, weights)
     elif kind == "timm":
         stats = Stats(tuple(cfg["mean"]), tuple(cfg["std"]))
         assert isinstance(net, TimmBackbone)
@@ -259,18 +259,11 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
     return encoder
 
 
-def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
-                        cfg: dict[str, Any]) -> None:
+def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None) -> None:
     """Load a torchvision ResNet50 state dict into the truncated network (keys of layer4 and
     fc are not needed); a missing or mismatching file is one error naming it."""
-    if not weights:
-        raise InputError("train_encoder", "encoders.<name>.weights",
-                         "resnet50_trunc needs a local ResNet50 weights file (nothing is downloaded)")
-    path = Path(weights)
-    if not path.is_file():
-        raise InputError("train_encoder", path, "weights file does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    path = _weights_file(weights, "resnet50_trunc needs a local ResNet50 weights file")
+    state = _read_weights(path)
     full = models.torchvision_models().resnet50(weights=None)
     try:
         missing, _ = full.load_state_dict(state, strict=False)
@@ -282,6 +275,17 @@ def _load_trunc_weights(net: ResNet50Trunc, weights: str | os.PathLike | None,
         raise InputError("train_encoder", path, f"not a ResNet50 state dict: missing {needed[:3]}")
     net.body.load_state_dict(nn.Sequential(full.conv1, full.bn1, full.relu, full.maxpool, full.layer1,
                                            full.layer2, full.layer3, nn.AdaptiveAvgPool2d(1)).state_dict())
+
+
+def _weights_file(weights: str | os.PathLike | None, needs: str) -> Path:
+    """The user's local weights file; none named (``needs`` says what is needed) or a missing
+    file is one error naming the key or the file."""
+    if not weights:
+        raise InputError("train_encoder", "encoders.<name>.weights", f"{needs} (nothing is downloaded)")
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError("train_encoder", path, "weights file does not exist")
+    return path
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -302,12 +306,7 @@ def _load_timm_weights(net: TimmBackbone, weights: str | os.PathLike | None) -> 
     """Load the user's weights into the headless timm network: every backbone tensor must be
     in the file with its shape (a classifier head the file carries is left out); a missing or
     mismatching file is one error naming it."""
-    if not weights:
-        raise InputError("train_encoder", "encoders.<name>.weights",
-                         "a timm encoder needs a local weights file (nothing is downloaded)")
-    path = Path(weights)
-    if not path.is_file():
-        raise InputError("train_encoder", path, "weights file does not exist")
+    path = _weights_file(weights, "a timm encoder needs a local weights file")
     try:
         state = _read_weights(path)
         missing, _ = net.model.load_state_dict(state, strict=False)
