@@ -158,3 +158,17 @@ def save_figures(figures: list[str], path: str | os.PathLike) -> None:
     print("\n".join(figures))
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(figures) + "\n")
+
+
+def dataset_root(name: str, dataset: dict[str, Any], stage: str) -> Path:
+    """Dataset ``name``'s ``root`` folder, or one error of ``stage`` naming the config key to
+    set (shared by the slide cohorts and the patch ingest, which know nothing of each other)."""
+    root = dataset.get("root")
+    if not root:
+        raise InputError(stage, f"config datasets.{name}.root",
+                         "is not set: point it at the dataset's folder in config.yaml")
+    path = Path(root)
+    if not path.exists():
+        raise InputError(stage, f"config datasets.{name}.root",
+                         f"folder {path} does not exist (set datasets.{name}.root)")
+    return path

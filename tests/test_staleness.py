@@ -122,6 +122,9 @@ def test_library_hash_follows_imports_and_nothing_else(tmp_path):
               for p in params.library_files(str(ROOT / "scripts" / "demo_cohort.py"))}
     patches = {p.relative_to(params.PACKAGE).as_posix()
                for p in params.library_files(str(ROOT / "scripts" / "demo_patches.py"))}
+    ingest = {p.relative_to(params.PACKAGE).as_posix()
+              for p in params.library_files(str(ROOT / "scripts" / "ingest.py"))}
+    assert "data/ingest.py" in ingest and not any(f.startswith("slides/") for f in ingest)
     assert "synth/tissue.py" in cohort & patches
     assert "synth/patches.py" not in cohort and "synth/cohort.py" not in patches
     script = tmp_path / "s.py"

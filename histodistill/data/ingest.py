@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from histodistill.slides.cohort import resolve_root
 from histodistill.data.stream import record_channel_stats
-from histodistill.io import InputError, atomic_path, confine, did_you_mean
+from histodistill.io import InputError, atomic_path, confine, dataset_root, did_you_mean
 from histodistill.data.store import SPLITS, StoreWriter
 
 STAGE = "ingest"
@@ -440,7 +439,7 @@ def _meta(classes: list[str], patch_size: int, attrs: dict[str, Any]) -> dict[st
 def ingest_dataset(name: str, dataset: dict[str, Any], out: str | os.PathLike,
                    attrs: dict[str, Any] | None = None) -> Path:
     """Ingest a pre-tiled dataset described by its config entry into ``out``."""
-    root = resolve_root(name, dataset)
+    root = dataset_root(name, dataset, STAGE)
     out = Path(out)
     size = dataset.get("patch_size")
     attrs = {"source": dataset["format"], "dataset": name, **(attrs or {})}

@@ -16,30 +16,17 @@ from typing import Any
 import numpy as np
 
 from histodistill.data.store import SPLITS
-from histodistill.io import InputError, atomic_path, confine, did_you_mean
+from histodistill.io import InputError, atomic_path, confine, dataset_root, did_you_mean
 
 STAGE = "cohort"
 COLUMNS = ("slide", "path", "label", "split", "centre", "annotation")
 SLIDE_EXTS = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms")
 
 
-def resolve_root(name: str, dataset: dict[str, Any]) -> Path:
-    """The dataset's ``root``, or an error naming the config key to set."""
-    root = dataset.get("root")
-    if not root:
-        raise InputError(STAGE, f"config datasets.{name}.root",
-                         "is not set: point it at the dataset's folder in config.yaml")
-    path = Path(root)
-    if not path.exists():
-        raise InputError(STAGE, f"config datasets.{name}.root",
-                         f"folder {path} does not exist (set datasets.{name}.root)")
-    return path
-
-
 def build_table(name: str, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     """Slide table for a WSI dataset, validated (every slide and annotation exists, labels
     known), so that a bad cohort fails here, before any tiling job is queued."""
-    root = resolve_root(name, dataset)
+    root = dataset_root(name, dataset, STAGE)
     layout = dataset["layout"]
     rows = _camelyon16(root, dataset) if layout == "camelyon16" else _table(root, dataset)
     if not rows:

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from histodistill.slides.cohort import resolve_root
 from histodistill.data.ingest import IMAGE_EXTS, csv_items
+from histodistill.io import dataset_root
 
 
 def write_if_changed(path: str | os.PathLike, text: str) -> str:
@@ -48,7 +48,7 @@ def listing_input(path: str | os.PathLike, text: str, dry_run: bool) -> str:
 def cohort_tables(name: str, dataset: dict[str, Any]) -> list[str]:
     """The label tables the cohort rule reads for a real WSI root (``labels.csv``-style table,
     or Camelyon16's ``testing/reference.csv`` when test images exist)."""
-    root = resolve_root(name, dataset)
+    root = dataset_root(name, dataset, "cohort")
     if dataset["layout"] == "camelyon16":
         reference = root / "testing" / "reference.csv"
         return [str(reference)] if any((root / "testing" / "images").glob("*.tif")) else []
@@ -70,7 +70,7 @@ def ingest_inputs(name: str, dataset: dict[str, Any]) -> tuple[list[str], str | 
     """
     if dataset.get("synthetic"):
         return [str(dataset["file"]).format(root=dataset["root"])], None
-    root = resolve_root(name, dataset)
+    root = dataset_root(name, dataset, "ingest")
     fmt = dataset["format"]
     if fmt == "npz":
         return [str(dataset["file"]).format(root=root)], None
