@@ -51,9 +51,10 @@ lint: $(VENV_OK)
 docs: $(VENV_OK)
 	$(PY) -m mkdocs build --strict -d site
 
-# report.html from whatever has been built (the workflow description alone on a fresh clone)
+# report.html from whatever has been built (the workflow description alone on a fresh clone);
+# `make report TARGET=<file> CONFIG=<files>`: that target on any state, with report_state.html
 report: $(VENV_OK)
-	$(PY) -m histodistill.report report.html
+	$(PY) -m histodistill.report report.html $(if $(filter command line,$(origin TARGET)),--target $(TARGET)) $(if $(CONFIG),--configfile $(CONFIG))
 
 bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -87,8 +88,58 @@ def generator_targets(workdir: str | os.PathLike) -> list[str]:
                   for p in Path(workdir).glob("results/*/generate/*_quality.json"))
 
 
+RULES = Path(__file__).resolve().parent.parent / "workflow" / "rules"
+
+
+def report_rules(rules: Path = RULES) -> set[str]:
+    """The rules with an output marked for the report (``report(...)`` in their block)."""
+    marked = set()
+    for smk in rules.glob("*.smk"):
+        for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*\n|\n)*)",
+                                     smk.read_text(), re.M):
+            if "report(" in body:
+                marked.add(name)
+    return marked
+
+
+def target_state(targets: Sequence[str], workdir: str | os.PathLike,
+                 snakemake_args: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Every output of the targets' DAG with its rule and whether it exists (`snakemake
+    --summary`: nothing is run or written)."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *targets, "--summary",
+                           *snakemake_args], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("output_file\t"))
+    rows = []
+    for line in lines[head + 1:]:
+        cells = line.split("\t")
+        if len(cells) >= 5:
+            rows.append({"file": cells[0], "rule": cells[2],
+                         "built": str(cells[4] != "missing" and (Path(workdir) / cells[0]).exists())})
+    return rows
+
+
+def state_page(targets: Sequence[str], rows: list[dict[str, str]], out: str | os.PathLike) -> None:
+    """``out``: the targets' rules in DAG order with their built and missing outputs, and the
+    report items not built yet (left out of the report)."""
+    rules: dict[str, list[int]] = {}
+    for row in rows:
+        counts = rules.setdefault(row["rule"], [0, 0])
+        counts[0 if row["built"] == "True" else 1] += 1
+    marked = report_rules()
+    pending = [r["file"] for r in rows if r["rule"] in marked and r["built"] != "True"]
+    body = _html_table(["rule", "outputs built", "outputs not built"],
+                       [[rule, str(done), str(todo)] for rule, (done, todo) in rules.items()])
+    note = ("<p>Report items not built yet (left out of the report):</p><ul>"
+            + "".join(f"<li>{html.escape(f)}</li>" for f in pending) + "</ul>") if pending else ""
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>state</title></head><body>"
+            f"<h3>State of {html.escape(' '.join(targets))}</h3>{body}{note}</body></html>\n")
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(page)
+
+
 def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathLike = ".",
-                 snakemake_args: Sequence[str] = ()) -> None:
+                 snakemake_args: Sequence[str] = (), targets: Sequence[str] = ()) -> None:
     """Write ``out`` with `snakemake --report` for what has been built so far.
 
     `snakemake --report` fails on any output marked for the report that does not exist, so it
@@ -98,6 +149,9 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
     workflow description alone. ``snakemake_args`` are passed to
     both calls (e.g. --directory, --configfile).
     """
+    if targets:
+        _report_of_targets(out, workdir, snakemake_args, targets)
+        return
     targets = report_targets(workdir)
     snakemake = [sys.executable, "-m", "snakemake", *(targets or ["demo_cohort"])]  # targets
     if targets:                                              # first: options take many values
@@ -107,6 +161,27 @@ def build_report(out: str | os.PathLike = "report.html", workdir: str | os.PathL
     if generated:
         snakemake = [sys.executable, "-m", "snakemake", *targets, *generated]
     subprocess.run([*snakemake, "--report", str(out), *snakemake_args], check=True)
+
+
+def _report_of_targets(out: str | os.PathLike, workdir: str | os.PathLike,
+                       snakemake_args: Sequence[str], targets: Sequence[str]) -> None:
+    """The report of ``targets`` on any state: every report item of their DAG that exists
+    (the finished result files' curves and tables made first), and ``<out>`` 's state page
+    (``<stem>_state.html``: the targets' rules with what is built and what is not)."""
+    rows = target_state(targets, workdir, snakemake_args)
+    marked = report_rules()
+    items = [r["file"] for r in rows if r["rule"] in marked and r["built"] == "True"]
+    results = [r["file"] for r in rows if r["rule"] == "result" and r["built"] == "True"]
+    curves = [f"{Path(f).parent}/report/{Path(f).stem}_curves.png" for f in results]
+    smk = [sys.executable, "-m", "snakemake"]
+    if curves:
+        subprocess.run([*smk, *curves, "--cores", "1", "--allowed-rules", "report_result",
+                        *snakemake_args], check=True)
+    # with no item built, a target of a job without report items gives the description alone
+    plain = [r["file"] for r in rows if r["rule"] not in marked][-1:]
+    subprocess.run([*smk, *(items + curves or plain), "--report", str(out), *snakemake_args],
+                   check=True)
+    state_page(targets, rows, Path(out).with_name(f"{Path(out).stem}_state.html"))
 
 
 def overlay_args(workdir: str | os.PathLike = ".") -> list[str]:
@@ -122,8 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="histodistill report",
                                      description="report.html of what has been built so far")
     parser.add_argument("out", nargs="?", default="report.html")
+    parser.add_argument("--target", nargs="+", default=[],
+                        help="report these targets on any state (what is built, what is not)")
+    parser.add_argument("--configfile", nargs="+", default=[],
+                        help="config files of the targets (default: the overlays of the datasets "
+                             "with results)")
+    args = parser.parse_args(argv)
+    config_args = ["--configfile", *args.configfile] if args.configfile else overlay_args()
     try:
-        build_report(parser.parse_args(argv).out, snakemake_args=overlay_args())
+        build_report(args.out, snakemake_args=config_args, targets=args.target)
     except subprocess.CalledProcessError as err:  # snakemake has printed why
         sys.exit(err.returncode)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,24 @@ def test_report_builds_on_a_fresh_state(tmp_path):
     text = embedded(tmp_path / "report.html")
     assert "histodistill distils a histopathology cohort" in text
     assert not (tmp_path / "results").exists()  # nothing was built to make it
+
+
+def test_report_of_a_target_half_built_shows_what_exists_and_what_does_not(built, tmp_path):
+    """The tiny demo stopped half-way (its evaluation, privacy audit and result file not built):
+    the report of the target holds the built stages' items, the state page names the rest."""
+    work = tmp_path / "half"
+    shutil.copytree(built, work, symlinks=True)
+    target = "results/demo/dm_ipc10.json"
+    for gone in (target, "results/demo/patch_eval/dm_ipc10.json", "results/demo/privacy"):
+        path = work / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    build_report(work / "report.html", work, built_args(work), targets=[target])
+    text = embedded(work / "report.html")
+    for name in ("distilled/dm_ipc10.png", "stain/template.png"):
+        assert name in text, name
+    assert "dm_ipc10_pairs.png" not in text
+    state = (work / "report_state.html").read_text()
+    assert "<td>distill</td><td>3</td><td>0</td>" in state
+    assert "<td>evaluate</td><td>0</td><td>1</td>" in state
+    assert "results/demo/privacy/dm_ipc10_pairs.png" in state  # named as not built yet
+    assert not (work / target).exists()  # the report builds nothing of the target
