@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -70,11 +71,17 @@ def report_result(result_path: str | os.PathLike, curves: str | os.PathLike,
     table_html(result, table)
 
 
+def curves_path(result: str) -> str:
+    """The training-curves item of a result file ``results/<dataset>/<name>.json``."""
+    path = Path(result)
+    return f"{path.parent}/report/{path.stem}_curves.png"
+
+
 def report_targets(workdir: str | os.PathLike) -> list[str]:
     """The report artefacts of every finished result file and shareable package (its rendered
     datasheet) under ``workdir``/results."""
     root = Path(workdir)
-    curves = [f"results/{p.parent.name}/report/{p.stem}_curves.png"
+    curves = [curves_path(f"results/{p.parent.name}/{p.name}")
               for d in root.glob("results/*/") for p in result_files(d)]
     sheets = [f"results/{p.parent.name}/report/{p.name.removesuffix('.share')}_datasheet.html"
               for p in root.glob("results/*/*_ipc*.share")]
@@ -103,31 +110,31 @@ def report_rules(rules: Path = RULES) -> set[str]:
 
 
 def target_state(targets: Sequence[str], workdir: str | os.PathLike,
-                 snakemake_args: Sequence[str] = ()) -> list[dict[str, str]]:
+                 snakemake_args: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every output of the targets' DAG with its rule and whether it exists (`snakemake
     --summary`: nothing is run or written)."""
     proc = subprocess.run([sys.executable, "-m", "snakemake", *targets, "--summary",
                            *snakemake_args], capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("output_file\t"))
-    rows = []
+    state = []
     for line in lines[head + 1:]:
         cells = line.split("\t")
         if len(cells) >= 5:
-            rows.append({"file": cells[0], "rule": cells[2],
-                         "built": str(cells[4] != "missing" and (Path(workdir) / cells[0]).exists())})
-    return rows
+            state.append({"file": cells[0], "rule": cells[2],
+                          "built": cells[4] != "missing" and (Path(workdir) / cells[0]).exists()})
+    return state
 
 
-def state_page(targets: Sequence[str], rows: list[dict[str, str]], out: str | os.PathLike) -> None:
+def state_page(targets: Sequence[str], rows: list[dict[str, Any]], marked: set[str],
+               out: str | os.PathLike) -> None:
     """``out``: the targets' rules in DAG order with their built and missing outputs, and the
     report items not built yet (left out of the report)."""
     rules: dict[str, list[int]] = {}
     for row in rows:
         counts = rules.setdefault(row["rule"], [0, 0])
-        counts[0 if row["built"] == "True" else 1] += 1
-    marked = report_rules()
-    pending = [r["file"] for r in rows if r["rule"] in marked and r["built"] != "True"]
+        counts[0 if row["built"] else 1] += 1
+    pending = [r["file"] for r in rows if r["rule"] in marked and not r["built"]]
     body = _html_table(["rule", "outputs built", "outputs not built"],
                        [[rule, str(done), str(todo)] for rule, (done, todo) in rules.items()])
     note = ("<p>Report items not built yet (left out of the report):</p><ul>"
@@ -170,9 +177,8 @@ def _report_of_targets(out: str | os.PathLike, workdir: str | os.PathLike,
     (``<stem>_state.html``: the targets' rules with what is built and what is not)."""
     rows = target_state(targets, workdir, snakemake_args)
     marked = report_rules()
-    items = [r["file"] for r in rows if r["rule"] in marked and r["built"] == "True"]
-    results = [r["file"] for r in rows if r["rule"] == "result" and r["built"] == "True"]
-    curves = [f"{Path(f).parent}/report/{Path(f).stem}_curves.png" for f in results]
+    items = [r["file"] for r in rows if r["rule"] in marked and r["built"]]
+    curves = [curves_path(r["file"]) for r in rows if r["rule"] == "result" and r["built"]]
     smk = [sys.executable, "-m", "snakemake"]
     if curves:
         subprocess.run([*smk, *curves, "--cores", "1", "--allowed-rules", "report_result",
@@ -181,7 +187,7 @@ def _report_of_targets(out: str | os.PathLike, workdir: str | os.PathLike,
     plain = [r["file"] for r in rows if r["rule"] not in marked][-1:]
     subprocess.run([*smk, *(items + curves or plain), "--report", str(out), *snakemake_args],
                    check=True)
-    state_page(targets, rows, Path(out).with_name(f"{Path(out).stem}_state.html"))
+    state_page(targets, rows, marked, Path(out).with_name(f"{Path(out).stem}_state.html"))
 
 
 def overlay_args(workdir: str | os.PathLike = ".") -> list[str]:

@@ -10,14 +10,13 @@ the figure file ``results/<dataset>/studies/<study>.txt`` (one ``name: value`` l
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from histodistill.io import save_figures, write_json
+from histodistill.io import read_json, save_figures, write_json
 
 
 @dataclass(frozen=True)
@@ -149,8 +148,7 @@ def write_study(study: str, sets: list[str | os.PathLike], out_json: str | os.Pa
     s = get(study)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in s.variants}
     for variant, path in zip(set_order(study), sets, strict=True):
-        with open(path) as f:
-            results[variant].append(json.load(f))
+        results[variant].append(read_json(path, "study"))
     summary, figures = summarise(study, results)
     record = {"study": study, "question": s.question, "ipc": s.ipc, "reference": s.reference,
               "split": "val", "variants": {v: {"method": x.method, "overrides": x.overrides}
@@ -162,13 +160,17 @@ def write_study(study: str, sets: list[str | os.PathLike], out_json: str | os.Pa
 
 def set_order(study: str) -> list[str]:
     """The variant of each set of ``study``, seed by seed (the order of :func:`set_paths`)."""
+    return [variant for variant, _ in _sets(study)]
+
+
+def _sets(study: str) -> list[tuple[str, int]]:
+    """(variant, seed offset) of every set of ``study``, variant by variant."""
     s = get(study)
-    return [v for v in s.variants for _ in range(s.seeds)]
+    return [(v, k) for v in s.variants for k in range(s.seeds)]
 
 
 def set_paths(dataset: str, study: str, seed: int) -> list[str]:
     """The result files of every set of ``study`` on ``dataset``, variant by variant and seed
     by seed from ``seed`` (the dataset's ``distill.seed``)."""
-    s = get(study)
     return [f"results/{dataset}/studies/{study}/{set_stem(study, v, seed + k)}.json"
-            for v in s.variants for k in range(s.seeds)]
+            for v, k in _sets(study)]

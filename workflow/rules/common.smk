@@ -131,8 +131,14 @@ def candidate_cfg(wildcards):
             f"[tune_candidate] tuning.candidates.{wildcards.method} has {len(grid)} "
             f"candidates; c{k} does not exist"
         )
+    return overridden_cfg(wildcards, grid[k])
+
+
+def overridden_cfg(wildcards, overrides):
+    """A method's settings with declared overrides (a tuning candidate, a study variant); a key
+    the method does not have is an error naming it."""
     try:
-        cfg = hdconfig.with_candidate(method_cfg(wildcards), grid[k], wildcards.method)
+        cfg = hdconfig.with_candidate(method_cfg(wildcards), overrides, wildcards.method)
     except hdconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
     return hdparams.without_operational(cfg)

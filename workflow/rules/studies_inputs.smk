@@ -25,13 +25,7 @@ def study_variant(wildcards):
 
 def study_set_cfg(wildcards):
     """One study set's settings: the method's for the dataset, with the variant's overrides."""
-    try:
-        cfg = hdconfig.with_candidate(
-            method_cfg(wildcards), study_variant(wildcards).overrides, wildcards.method
-        )
-    except hdconfig.ConfigError as err:
-        raise WorkflowError(str(err)) from None
-    return hdparams.without_operational(cfg)
+    return overridden_cfg(wildcards, study_variant(wildcards).overrides)
 
 
 def study_set_inputs(wildcards):
