@@ -138,7 +138,9 @@ def overridden_cfg(wildcards, overrides):
     """A method's settings with declared overrides (a tuning candidate, a study variant); a key
     the method does not have is an error naming it."""
     try:
-        cfg = hdconfig.with_candidate(method_cfg(wildcards), overrides, wildcards.method)
+        cfg = hdconfig.with_candidate(
+            method_cfg(wildcards), overrides, wildcards.method
+        )
     except hdconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
     return hdparams.without_operational(cfg)
