@@ -43,7 +43,7 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData, Stats
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.data.stream import iterate
-from histodistill.runtime import device
+from histodistill.runtime import Compute, device
 from histodistill.state import Checkpoint
 from histodistill.training import TrainConfig, loop_state, restore_loop, scheduler, train
 from histodistill.io import InputError, settings_hash
@@ -164,11 +164,13 @@ class _SimCLR(nn.Module):
 def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[str, Any],
                   aug: Augment, gen: torch.Generator, checkpoint: Checkpoint) -> None:
     """SimCLR on the real training split: two augmented views per patch, NT-Xent, Adam with
-    a cosine schedule; resumable per epoch."""
+    a cosine schedule, under the training's ``compute`` settings; resumable per epoch."""
     tc = TrainConfig.from_config(cfg["train"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]) + 1)  # the head's initialisation, seeded too
         model = _SimCLR(net, dim, int(cfg["proj_dim"])).to(real.device)
+    compute = Compute.on(model, tc.compute)
+    compute.model(model)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = scheduler(opt, tc.schedule, tc.epochs)
     objs = {"model": model, "opt": opt, "sched": sched}
@@ -178,13 +180,18 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
         restore_loop(resumed, objs, gen)
         first = resumed["epoch"]
         log.info("resuming SimCLR from %s (epoch %d)", checkpoint.path, first)
+
+    def project(view: torch.Tensor) -> torch.Tensor:  # the projection under autocast, in float32
+        with compute.autocast():
+            return model(compute.inputs(view)).float()
+
     model.train()
     for epoch in tqdm(range(first, tc.epochs), desc="simclr epochs", initial=first, total=tc.epochs):
         total, steps = 0.0, 0
         for x, _, _ in real.epoch(tc.batch, int(cfg["seed"]) * 100003 + epoch):
             if len(x) < 2:
                 continue
-            loss = nt_xent(model(aug(x, gen)), model(aug(x, gen)), float(cfg["temperature"]))
+            loss = nt_xent(project(aug(x, gen)), project(aug(x, gen)), float(cfg["temperature"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

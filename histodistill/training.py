@@ -28,6 +28,7 @@ from histodistill.data.real import Stats
 from histodistill.data.store import PatchStore
 from histodistill.data.stream import iterate
 from histodistill.metrics import metrics, summarise_runs
+from histodistill.runtime import Compute
 from histodistill.stain import MacenkoNormaliser, StainTemplate
 from histodistill.state import Checkpoint
 
@@ -50,6 +51,9 @@ class TrainConfig:
     # sharpness-aware minimisation (Foret et al. 2021; FTD's flat expert trajectories): each step
     # takes the gradient at the weights moved sam_rho along the normalised gradient (0: plain)
     sam_rho: float
+    # how the network computes on its device ($defs/compute: precision, channels_last), resolved
+    # by histodistill.runtime.Compute: bfloat16 autocast and channels_last, auto: on for CUDA
+    compute: dict[str, Any]
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TrainConfig":
@@ -102,6 +106,13 @@ def sam_gradient(net: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], rho:
             p.sub_(e)
 
 
+def _autocast_loss(compute: Compute, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+                   ) -> torch.Tensor:
+    """The cross-entropy of ``net`` on a batch, under ``compute`` (SAM's second pass)."""
+    with compute.autocast():
+        return F.cross_entropy(net(compute.inputs(x)), y)
+
+
 def loop_state(objs: dict[str, Any], gen: torch.Generator, **extra: Any) -> dict[str, Any]:
     """A training loop's resume state at an epoch boundary: ``objs`` (name -> object with
     state_dict: network, optimiser, schedule), the loop's generator, the global torch RNG and
@@ -134,9 +145,13 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
     global torch RNG, epoch times, curve) and resumes from there (not with ``on_epoch``, whose
     caller holds state of its own). ``extra_loss(logits, labels)`` is added to the
     cross-entropy (InfoDist's boundary loss, :func:`histodistill.select.boundary.boundary_term`).
+    The forward pass and loss run under ``cfg``'s :class:`~histodistill.runtime.Compute`
+    (bfloat16 autocast, channels_last; the network is left in that memory format).
     """
     if checkpoint is not None and on_epoch is not None:
         raise ValueError("train: a checkpointed loop cannot also report epochs to on_epoch")
+    compute = Compute.on(net, cfg.compute)
+    compute.model(net)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     sched = scheduler(opt, cfg.schedule, cfg.epochs)
@@ -160,14 +175,15 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
         for xb, yb, rb in batches(epoch):
             if aug is not None and aug.enabled:
                 xb = aug(xb, gen)
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
-            if extra_loss is not None:
-                loss = loss + extra_loss(logits, yb)
+            with compute.autocast():
+                logits = net(compute.inputs(xb))
+                loss = F.cross_entropy(logits, yb)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.sam_rho > 0:
-                sam_gradient(net, lambda: F.cross_entropy(net(xb), yb), cfg.sam_rho)
+                sam_gradient(net, lambda: _autocast_loss(compute, net, xb, yb), cfg.sam_rho)
             opt.step()
             if curve is not None:
                 loss_sum += float(loss.detach()) * len(yb)
@@ -190,13 +206,18 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, Any]]
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and labels (N,) over batches of normalised images."""
+def predict(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, Any]],
+            compute: Compute) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C, float32) and labels (N,) over batches of normalised images,
+    the forward pass under ``compute`` (the training's settings:
+    ``Compute.on(net, cfg.compute)``)."""
     net.eval()
+    compute.model(net)
     probs, labels = [], []
     for xb, yb, _ in batches:
-        probs.append(net(xb).softmax(1).cpu())
+        with compute.autocast():
+            logits = net(compute.inputs(xb))
+        probs.append(logits.float().softmax(1).cpu())
         labels.append(yb.cpu())
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
@@ -253,7 +274,7 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
         curves.append({})
         times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1],
                        checkpoint=checkpoint, extra_loss=extra_loss)
-        prob, y = predict(net, inputs.split(split, 512))
+        prob, y = predict(net, inputs.split(split, 512), Compute.on(net, cfg.compute))
         if len(y) == 0:
             raise ValueError(f"{inputs.store.path} has no {split} split to evaluate on")
         results.append(metrics(y, prob))

@@ -249,7 +249,8 @@ def test_config_yaml_and_the_overlays_validate_and_the_schema_defaults_land():
     assert cfg["select"]["methods"]["infodist_real"]["source"] == "real"
     assert cfg["select"]["methods"]["infodist_real"]["eta"] == 0.001  # infodist's, merged
     assert cfg["evaluate"]["train"] == {"epochs": 1000, "lr": 0.01, "batch": 256, "schedule": "step",
-                                        "momentum": 0.9, "weight_decay": 5e-4, "sam_rho": 0.0}
+                                        "momentum": 0.9, "weight_decay": 5e-4, "sam_rho": 0.0,
+                                        "compute": {"precision": "auto", "channels_last": "auto"}}
     assert cfg["privacy"]["package"]["intended_use"].startswith("Research on training")
     # the overlays' profiles over the defaults
     demo = config.method_config(cfg, "demo", "histodd", 10)

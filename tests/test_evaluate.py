@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 from conftest import AUGMENT, TRAIN, make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.runtime import Compute
 from histodistill.metrics import metrics, saturated_fraction, summarise_runs
 from histodistill.select.boundary import boundary_loss, boundary_term
 from histodistill.training import Inputs, TrainConfig, predict, tensor_batches, train
@@ -78,7 +79,7 @@ def test_training_learns_a_separable_toy_problem():
     assert curve["acc"] == pytest.approx([float(acc) for _, acc in seen])
     assert len(curve["loss"]) == 15 and curve["loss"][-1] < curve["loss"][0]
     assert seen[0][0] == list(range(64))  # every row once per epoch
-    prob, labels = predict(net, tensor_batches(x, y, 16, gen)(0))
+    prob, labels = predict(net, tensor_batches(x, y, 16, gen)(0), Compute.on(net, cfg.compute))
     assert metrics(labels, prob)["acc"] == 1.0
 
 

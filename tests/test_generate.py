@@ -34,7 +34,7 @@ GEN = {**config.defaults("generate.generator"), "preset": "tiny", "dim": 32, "de
        "schedule": {**config.defaults("generate.generator.schedule"), "kind": "linear", "timesteps": 1000}}
 CLF = {**config.defaults("generate.latent_classifier"), "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
        "heads": 2, "steps": 4, "batch": 8, "lr": 1e-3, "weight_decay": 0.05}
-FT = {"steps": 3, "batch": 8, "lr": 1e-3, "lambda_ce": 0.1,
+FT = {**config.defaults("generate.finetune"), "steps": 3, "batch": 8, "lr": 1e-3, "lambda_ce": 0.1,
       "aux": {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "steps": 2, "lr": 0.01}}
 
 

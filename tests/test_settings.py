@@ -186,7 +186,8 @@ def test_settings_classes_have_no_defaults_for_settings(name):
 def test_defaults_of_a_def_and_of_a_config_path():
     assert config.defaults("$defs/train") == {"epochs": 1000, "lr": 0.01, "momentum": 0.9,
                                               "weight_decay": 5e-4, "batch": 256, "schedule": "step",
-                                              "sam_rho": 0.0}
+                                              "sam_rho": 0.0,
+                                              "compute": {"precision": "auto", "channels_last": "auto"}}
     # a path's own default first, then the defaults of its schema under it
     assert config.defaults("trajectories.train") == {**config.defaults("$defs/train"), "lr": 0.01,
                                                      "momentum": 0, "weight_decay": 0,

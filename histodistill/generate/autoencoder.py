@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodistill.runtime import device
+from histodistill.runtime import Compute, device
 from histodistill.generate.data import PatchSource, Sources, sources
 from histodistill.generate.train import TrainState, fit, inputs_key, save_model, seeded
 from histodistill.io import InputError
@@ -436,7 +436,8 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
                       cache_mb: float = 1024, stop_after: int | None = None,
                       progress: bool = True) -> AutoencoderKL | None:
     """LDM's KL autoencoder: Adam (betas 0.5, 0.9) on the autoencoder and the learned
-    log-variance, a second Adam on the discriminator once it is switched on. After training,
+    log-variance, a second Adam on the discriminator once it is switched on; the forward passes
+    and losses under ``cfg['compute']`` (:class:`histodistill.runtime.Compute`). After training,
     ``scale_factor`` = 1 / std of the latents of ``scale_batches`` batches (LDM's scale_by_std)."""
     dev = device()
     src = sources(store, pretrain)
@@ -444,6 +445,9 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
     ae = seeded(seed, lambda: AutoencoderKL.from_config(cfg, data.image_size)).to(dev)
     loss = seeded(seed + 1, lambda: AutoencoderLoss(cfg)).to(dev)
     loss.check_size(data.image_size)
+    compute = Compute.of(dev, cfg["compute"])
+    compute.model(ae)
+    compute.model(loss)
     lr, betas = float(cfg["lr"]), (0.5, 0.9)
     opts: dict[str, torch.optim.Optimizer] = {
         "ae": torch.optim.Adam([*ae.parameters(), loss.logvar], lr=lr, betas=betas)}
@@ -457,14 +461,17 @@ def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dic
 
     def step(i: int) -> dict[str, float]:
         x, _ = data.batch(batch)
-        posterior = ae.encode(x)
-        xrec = ae.decode(posterior.sample(gen))
-        total, logs = loss.generator(x, xrec, posterior, i, ae.decoder.conv_out.weight)
+        x = compute.inputs(x)
+        with compute.autocast():
+            posterior = ae.encode(x)
+            xrec = ae.decode(posterior.sample(gen))
+            total, logs = loss.generator(x, xrec, posterior, i, ae.decoder.conv_out.weight)
         opts["ae"].zero_grad(set_to_none=True)
         total.backward()
         opts["ae"].step()
         if loss.discriminator is not None and i >= loss.disc_start:
-            d = loss.discriminator_loss(x, xrec)
+            with compute.autocast():
+                d = loss.discriminator_loss(x, xrec)
             opts["disc"].zero_grad(set_to_none=True)
             d.backward()
             opts["disc"].step()

@@ -20,7 +20,7 @@ from histodistill.generate import uvit
 from histodistill.generate.autoencoder import load_autoencoder
 from histodistill.generate.data import PatchSource, Sources, sources
 from histodistill.generate.diffusion import Schedule
-from histodistill.runtime import device
+from histodistill.runtime import Compute, device
 from histodistill.generate.train import (TrainState, fit, inputs_key, save_model, seeded,
                                          warmup)
 from histodistill.state import Checkpoint, load_input
@@ -43,7 +43,8 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
                     checkpoint_every: int = 1000, cache_mb: float = 1024,
                     stop_after: int | None = None, progress: bool = True) -> TrainState:
     """U-ViT latent diffusion, DDPM epsilon-prediction at T steps: AdamW with U-ViT's linear
-    warm-up, EMA weights (saved for sampling). ``mode`` ``cond``: class-conditional with label
+    warm-up, EMA weights (saved for sampling), the forward pass and loss under ``cfg['compute']``
+    (:class:`histodistill.runtime.Compute`). ``mode`` ``cond``: class-conditional with label
     dropout ``label_dropout`` (the null label); ``uncond``: no labels, pooled stores included."""
     if mode not in ("cond", "uncond"):
         raise ValueError(f"generator mode must be cond or uncond, got {mode!r}")
@@ -53,6 +54,8 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
     data = PatchSource(src, cache_mb, seed, dev, "train_generator")
     classes = data.num_classes if mode == "cond" else 0
     net = seeded(seed, lambda: uvit.build(cfg, ae.z_channels, ae.latent_size, classes)).to(dev)
+    compute = Compute.of(dev, cfg["compute"])
+    compute.model(net)
     beta1, beta2 = (float(b) for b in cfg["betas"])  # two (the schema's)
     opt = torch.optim.AdamW(net.parameters(), lr=float(cfg["lr"]),
                             weight_decay=float(cfg["weight_decay"]), betas=(beta1, beta2))
@@ -72,9 +75,11 @@ def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
         if classes:
             drop = (torch.rand(batch, generator=gen) < dropout).to(dev)
             y = torch.where(drop, torch.full_like(y, net.null_label), y)
-            loss = schedule.loss(lambda zt, t: net(zt, t, y), z, gen)
-        else:
-            loss = schedule.loss(lambda zt, t: net(zt, t), z, gen)
+        with compute.autocast():
+            if classes:
+                loss = schedule.loss(lambda zt, t: net(compute.inputs(zt), t, y), z, gen)
+            else:
+                loss = schedule.loss(lambda zt, t: net(compute.inputs(zt), t), z, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

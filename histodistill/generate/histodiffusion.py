@@ -31,7 +31,7 @@ from histodistill.data.store import PatchStore
 from histodistill.generate.autoencoder import AutoencoderKL, Encoder, load_autoencoder
 from histodistill.generate.data import PatchSource, sources
 from histodistill.generate.diffusion import Schedule, timestep_embedding
-from histodistill.runtime import device
+from histodistill.runtime import Compute, device
 from histodistill.generate.train import TrainState, fit, inputs_key, save_model, seeded
 from histodistill.state import Checkpoint, load_input
 
@@ -117,12 +117,15 @@ def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.Path
                             ) -> LatentClassifier:
     """Cross-entropy on latents of the labelled training split noised to a uniform t under the
     generator's schedule; AdamW with linearly annealed learning rate (guided diffusion's
-    ``classifier_train.py`` with ``anneal_lr``, as HistoDiffusion trains it)."""
+    ``classifier_train.py`` with ``anneal_lr``, as HistoDiffusion trains it); the forward pass and
+    loss under ``cfg['compute']`` (:class:`histodistill.runtime.Compute`)."""
     dev = device()
     ae = load_autoencoder(autoencoder, dev)
     data = PatchSource(sources(store), cache_mb, seed, dev, "train_latent_classifier")
     clf = seeded(seed, lambda: build_classifier(cfg, ae.z_channels, ae.latent_size,
                                                 data.num_classes)).to(dev)
+    compute = Compute.of(dev, cfg["compute"])
+    compute.model(clf)
     steps = int(cfg["steps"])
     opt = torch.optim.AdamW(clf.parameters(), lr=float(cfg["lr"]),
                             weight_decay=float(cfg["weight_decay"]))
@@ -140,8 +143,9 @@ def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.Path
             z = ae.latents(x, gen)
             t = torch.randint(schedule.timesteps, (batch,), generator=gen)
             z_t = schedule.q_sample(z, t, torch.randn(z.shape, generator=gen).to(dev))
-        logits = clf(z_t, t.to(dev))
-        loss = F.cross_entropy(logits, y)
+        with compute.autocast():
+            logits = clf(compute.inputs(z_t), t.to(dev))
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,7 +180,8 @@ def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
     """First ``aux.steps`` steps train the auxiliary classifier phi (``aux.net`` from the model
     registry, on normalised pixels; SGD as the evaluation protocol); then phi is frozen and
     ``steps`` steps train the decoder (Adam, betas 0.5, 0.9, as the autoencoder) on
-    L1(D(z), x) + lambda_ce * CE(phi(D(z)), y) with z a posterior sample of the frozen encoder.
+    L1(D(z), x) + lambda_ce * CE(phi(D(z)), y) with z a posterior sample of the frozen encoder;
+    the forward passes and losses under ``cfg['compute']`` (:class:`histodistill.runtime.Compute`).
     Returns the autoencoder with the fine-tuned decoder."""
     dev = device()
     ae = load_autoencoder(autoencoder, dev)
@@ -185,6 +190,9 @@ def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
     aux_cfg = cfg["aux"]
     aux = seeded(seed, lambda: models.build(aux_cfg["net"], data.num_classes, data.image_size,
                                             **aux_cfg["net_kwargs"])).to(dev)
+    compute = Compute.of(dev, cfg["compute"])
+    compute.model(ae)
+    compute.model(aux)
     params = ae.decoder_parameters()
     for p in params:
         p.requires_grad_(True)
@@ -198,25 +206,28 @@ def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
     batch, lam = int(cfg["batch"]), float(cfg["lambda_ce"])
 
     def phi(images: torch.Tensor) -> torch.Tensor:
-        return aux(stats.normalise((images + 1) / 2))
+        return aux(compute.inputs(stats.normalise((images + 1) / 2)))
 
     def step(i: int) -> dict[str, float]:
         x, y = data.batch(batch)
+        x = compute.inputs(x)
         ae.eval()  # frozen encoder; group norm only, so the mode changes nothing but intent
         if i < aux_steps:
-            loss = F.cross_entropy(logits := phi(x), y)
+            with compute.autocast():
+                loss = F.cross_entropy(logits := phi(x), y)
             opts["aux"].zero_grad(set_to_none=True)
             loss.backward()
             opts["aux"].step()
             return {"aux_ce": loss.item(), "aux_acc": float((logits.argmax(1) == y).float().mean())}
         aux.eval().requires_grad_(False)
-        with torch.no_grad():
+        with torch.no_grad(), compute.autocast():
             z = ae.encode(x).sample(gen)
-        xrec = ae.decode(z)
-        rec = (xrec - x).abs().mean()
-        logits = phi(xrec.clamp(-1, 1))
-        ce = F.cross_entropy(logits, y)
-        loss = rec + lam * ce
+        with compute.autocast():
+            xrec = ae.decode(z)
+            rec = (xrec - x).abs().mean()
+            logits = phi(xrec.clamp(-1, 1))
+            ce = F.cross_entropy(logits, y)
+            loss = rec + lam * ce
         opts["decoder"].zero_grad(set_to_none=True)
         loss.backward()
         opts["decoder"].step()

@@ -31,7 +31,7 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore, store_slides
 from histodistill.data.stream import iterate
 from histodistill.metrics import metrics, summarise_runs
-from histodistill.runtime import device
+from histodistill.runtime import Compute, device
 from histodistill.training import Batches, Inputs, TrainConfig, predict, tensor_batches, train
 from histodistill.io import InputError, write_json
 from histodistill.mil.train import Bags, bag_storage, bag_metrics, train_model
@@ -73,8 +73,8 @@ def _streamed(inputs: Inputs, rows: np.ndarray, batch: int, seed: int) -> Batche
     return epoch
 
 
-def _patch_test(net: torch.nn.Module, inputs: Inputs) -> dict[str, float]:
-    prob, y = predict(net, inputs.split("test", 512))
+def _patch_test(net: torch.nn.Module, inputs: Inputs, cfg: TrainConfig) -> dict[str, float]:
+    prob, y = predict(net, inputs.split("test", 512), Compute.on(net, cfg.compute))
     return metrics(y, prob)
 
 
@@ -101,12 +101,12 @@ def patch_transfer(inputs: Inputs, aug: Augment, arch: str, arch_kwargs: dict[st
         net = models.build(arch, num_classes, size, **arch_kwargs).to(inputs.dev)
         times["pre"].append(train(net, _streamed(inputs, target_rows, pretrain.batch, seed + run),
                                   pretrain, gen, aug))
-        res["pre"].append(_patch_test(net, inputs))
+        res["pre"].append(_patch_test(net, inputs, pretrain))
         for kind, batches in (("syn", tensor_batches(syn_x, syn_y, finetune.batch, gen)),
                               ("full", _streamed(inputs, source_rows, finetune.batch, seed + run))):
             tuned = copy.deepcopy(net)
             times[kind].append(train(tuned, batches, finetune, gen, aug))
-            res[kind].append(_patch_test(tuned, inputs))
+            res[kind].append(_patch_test(tuned, inputs, finetune))
         log.info("patch run %d/%d: pre %.3f, synthetic %.3f, full %.3f", run + 1, runs,
                  res["pre"][-1]["acc"], res["syn"][-1]["acc"], res["full"][-1]["acc"])
     row_bytes = 3 * size ** 2

@@ -44,8 +44,9 @@ class Student:
         self.num_params = sum(self.numels)
 
     def flat(self) -> torch.Tensor:
-        """The network's current parameters as one vector."""
-        return nn.utils.parameters_to_vector(self.net.parameters()).detach()
+        """The network's current parameters as one vector, in any memory format (an expert
+        trained in channels_last: :class:`histodistill.runtime.Compute`)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.net.parameters()])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Name -> view of ``flat`` with that parameter's shape."""
