@@ -48,6 +48,13 @@ rule demo:
         profile_inputs("demo", ["demo"], final_targets("demo")),
 
 
+rule demo_patch_level:
+    """The demo's patch-level table alone (tiling, stain template, pool, distillation, evaluation,
+    the full-data bound): what `make demo` builds; `demo` adds the slide level and privacy."""
+    input:
+        profile_inputs("demo_patch_level", ["demo"], final_targets("demo", "patch_eval/")),
+
+
 rule demo_pretiled:
     input:
         profile_inputs(

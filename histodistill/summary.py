@@ -34,7 +34,10 @@ def summarise(folder: str | Path) -> str:
         info = read_json(template, "summary")
         lines.append(f"  stain     {template}  template patch {info['index']} "
                      f"(slide {info['slide'] or '-'}), image {template.with_suffix('.png')}")
-    for result in result_files(folder):
+    # a set's result file, or its patch-level evaluation while the later stages are not built
+    files = {p.name: p for p in result_files(folder / "patch_eval")}
+    files.update({p.name: p for p in result_files(folder)})
+    for _, result in sorted(files.items()):
         info = read_json(result, "summary")
         accs = ", ".join(f"{arch} acc {100 * m['acc']['mean']:.1f} ± {100 * m['acc']['std']:.1f}%"
                          for arch, m in info["patch"].items())

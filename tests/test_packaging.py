@@ -11,6 +11,8 @@ from packaging.requirements import Requirement
 
 from conftest import ROOT
 from histodistill import cli
+from histodistill.io import write_json
+from histodistill.summary import summarise
 
 
 def declared() -> dict[str, Requirement]:
@@ -43,3 +45,18 @@ def test_the_command_lists_its_tools_and_runs_one(tmp_path, capsys):
         cli.main(["nope"])
     cli.main(["summary", str(tmp_path)])
     assert capsys.readouterr().out.strip()
+
+
+def test_summary_lists_patch_level_results_until_the_result_file_joins_them(tmp_path):
+    """After `make demo` (patch level only) the summary shows each set's patch-level accuracy;
+    once `make demo-full` has written the set's result file, that file is shown instead."""
+    patch = {"patch": {"convnet": {"acc": {"mean": 0.6, "std": 0.01}}}}
+    (tmp_path / "patch_eval").mkdir()
+    write_json(tmp_path / "patch_eval" / "dm_ipc10.json", patch)
+    write_json(tmp_path / "patch_eval" / "random_ipc10.json", patch)
+    write_json(tmp_path / "random_ipc10.json", {"patch": {"convnet": {"acc": {"mean": 0.5, "std": 0.02}}}})
+    lines = summarise(tmp_path).splitlines()
+    assert any("patch_eval/dm_ipc10.json" in ln and "acc 60.0 ± 1.0%" in ln for ln in lines)
+    assert any(ln.split()[1] == str(tmp_path / "random_ipc10.json") and "acc 50.0 ± 2.0%" in ln
+               for ln in lines)
+    assert not any("patch_eval/random_ipc10.json" in ln for ln in lines)

@@ -175,10 +175,11 @@ def full_results(wildcards):
     return [f"results/{wildcards.dataset}/full/{arch}.json" for arch in archs]
 
 
-def final_targets(name):
-    """Every result file the configured targets ask for, for one dataset."""
+def final_targets(name, stage=""):
+    """Every result file the configured targets ask for, for one dataset (with ``stage``, e.g.
+    "patch_eval/", that stage's file of each instead)."""
     t = config["targets"]
-    return [f"results/{name}/{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]
+    return [f"results/{name}/{stage}{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]
 
 
 def profile_inputs(rule_name, names, files):
