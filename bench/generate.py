@@ -1,6 +1,7 @@
 """Generator cost: U-ViT training steps and DDIM sampling against the bare network passes.
 
 Usage: python bench/generate.py [--presets tiny,small] [--repeats N] [--out results/bench/generate.txt]
+                                [--smoke]
 
 For each preset, on randomly initialised networks (timing does not depend on training), at the
 preset's bench geometry (``GEOMETRY``: image size, autoencoder downsampling, U-ViT patch size,
@@ -17,6 +18,10 @@ classifier-free guidance, so every step is one network pass on a doubled batch):
                         U-ViT on the doubled batch, one decoder pass), best of N, interleaved;
                         goal <= 1.3.
 The last lines are `name: value` (the summary figures are the larger preset's).
+
+``--smoke``: a check that the bench still runs (the test suite's), in seconds: the tiny preset
+at batch 4, 2 DDIM steps, one repeat, one thread, single training steps on a 16-patch store; figures go to
+results/bench/smoke/generate.txt unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ GEOMETRY = {"tiny": (32, 4, 1, 64), "small": (128, 8, 2, 32), "mid": (256, 8, 2,
 AE = {**config.defaults("generate.autoencoder"), "ch": 32, "num_res_blocks": 1, "z_channels": 4}
 GENERATOR = config.defaults("generate.generator")  # its schedule: linear
 SAMPLING = {"steps": 50, "eta": 0.0, "cfg_scale": 0.4}
+SMOKE = {"batch": 4, "sampling_steps": 2, "train_steps": 1, "store_patches": 16}
 
 
 def best(fn: Callable[[], None], repeats: int) -> float:
@@ -109,11 +115,15 @@ def peak(fn: Callable[[], None]) -> float:
     return p.mb
 
 
-def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
+def bench(preset: str, repeats: int, tmp: Path, smoke: bool = False) -> dict[str, float]:
+    """The figures of one preset (``smoke``: at the sizes of ``SMOKE``)."""
     size, _, patch, batch = GEOMETRY[preset]
+    sampling = SAMPLING
+    if smoke:
+        batch, sampling = SMOKE["batch"], {**SAMPLING, "steps": SMOKE["sampling_steps"]}
     dev = device()
     paths = files(tmp, preset)
-    gen_model = build("uvit", paths, SAMPLING, dev)
+    gen_model = build("uvit", paths, sampling, dev)
     net, ae = gen_model.net, gen_model.ae
     n = batch
     y = torch.zeros(2 * n, dtype=torch.long, device=dev)
@@ -125,7 +135,7 @@ def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
 
     @torch.no_grad()
     def bare() -> None:
-        for _ in range(SAMPLING["steps"]):
+        for _ in range(sampling["steps"]):
             net(z, t, y)
         ae.decode(z[:n])
 
@@ -134,7 +144,7 @@ def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
     for _ in range(repeats):  # interleaved
         t_sample.append(best(sample, 1))
         t_bare.append(best(bare, 1))
-    store = toy_store(tmp / "store.zarr", size)
+    store = toy_store(tmp / "store.zarr", size, SMOKE["store_patches"] if smoke else 256)
     gcfg = {**GENERATOR, "preset": preset, "patch_size": patch, "batch": batch, "lr": 2e-4,
             "weight_decay": 0.03, "betas": [0.99, 0.99], "warmup": 10, "ema": 0.9999,
             "label_dropout": 0.15}
@@ -145,7 +155,7 @@ def bench(preset: str, repeats: int, tmp: Path) -> dict[str, float]:
                         "cond", 0, progress=False)
         return float(load_state(tmp / "g.pt")["seconds"])
 
-    steps = 4
+    steps = SMOKE["train_steps"] if smoke else 4
     mem = peak(lambda: (sample(), train_seconds(2)))
     step_s = min((train_seconds(1 + steps) - train_seconds(1)) / steps
                  for _ in range(max(1, repeats // 2)))
@@ -159,13 +169,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "generate.txt"))
+    parser.add_argument("--out", help="default results/bench/generate.txt (smoke: results/bench/smoke/generate.txt)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check the bench runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.presets, args.repeats = "tiny", 1
+        torch.set_num_threads(1)
+    out = args.out or ROOT / "results/bench" / ("smoke/generate.txt" if args.smoke else "generate.txt")
     presets = args.presets.split(",")
     figures: dict[str, float] = {}
     for preset in presets:
         with tempfile.TemporaryDirectory() as tmp:
-            figures.update(bench(preset, args.repeats, Path(tmp)))
+            figures.update(bench(preset, args.repeats, Path(tmp), args.smoke))
         print(f"# {preset}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()
                                          if k.endswith(preset)), flush=True)
     main_preset = presets[-1]
@@ -174,7 +189,7 @@ def main() -> None:
     lines += [f"{name}: {figures[f'{name}_{main_preset}']:.4g}"
               for name in ("train_step_s", "sample_images_per_s", "peak_mem_mb",
                            "sampling_vs_forward")]
-    save_figures(lines, args.out)
+    save_figures(lines, out)
 
 
 if __name__ == "__main__":

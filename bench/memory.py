@@ -1,6 +1,6 @@
 """Memory at cohort scale: peak RSS must not grow with the patch store.
 
-Usage: python bench/memory.py [--n 4000] [--cache-mb 24]
+Usage: python bench/memory.py [--n 4000] [--cache-mb 24] [--smoke]
 
 Builds two stores of 64 px patches (N and 4N rows, three classes, train and test interleaved)
 and runs each stage in a fresh process on each, reading the child's peak resident set size:
@@ -14,11 +14,19 @@ the whole split held in memory (same process, same seeds, interleaved, best of 5
 starts the allocator trimmer as every rule does (histodistill.memory); the Histo-DD stage is also
 run without it to show why (``..._untrimmed``), and ``trimmer_time_ratio`` is its time with the
 trimmer over without (N store, interleaved, best of 2).
+
+``--smoke``: a check that the bench still runs (the test suite's), in seconds: stores of 48 and
+192 patches of 32 px, a 0.2 MB cache (the larger store streams), ConvNets of width 8, ipc 2,
+single iterations and epochs, one repeat, one thread, every stage run in this process (not a
+fresh one: peak memory is then not per stage, and the ratios mean nothing); figures go to
+results/bench/smoke/memory.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import resource
 import subprocess
@@ -48,6 +56,20 @@ EVALUATE = {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": 
             "runs": 1, "seed": 0, "train": {**TRAIN, "epochs": 20, "batch": 256},
             "full": {**TRAIN, "epochs": 1, "batch": 256}, "augment": {**AUGMENT, "preset": "dsa"},
             "stain_norm": False, "cache_mb": 24}
+# --smoke: store size and what each stage's settings shrink to
+SMOKE = {"n": 48, "size": 32, "ipc": 2, "cache_mb": 0.2,
+         "histodd": {"outer_loop": 1, "inner_loop": 1, "n_data": 16, "batch_real": 8, "batch_net": 8},
+         "dm": {"iterations": 1, "batch_real": 8, "net_kwargs": {"width": 8}},
+         "pool": {"net_kwargs": {"width": 8}},
+         "evaluate": {"train": {**TRAIN, "epochs": 1, "batch": 256}, "arch_kwargs": {"convnet": {"width": 8}}}}
+
+
+def stage_settings(smoke: bool) -> dict[str, dict]:
+    """The Histo-DD, DM, pool and evaluation settings of the stages (``smoke``: shrunk)."""
+    cfgs = {"histodd": HISTODD, "dm": DM, "pool": POOL, "evaluate": EVALUATE}
+    if smoke:
+        cfgs = {k: {**v, **SMOKE.get(k, {})} for k, v in cfgs.items()}
+    return cfgs
 
 
 def make_store(path: Path, n: int, size: int = 64, seed: int = 0) -> Path:
@@ -73,7 +95,8 @@ def outputs(work: Path, stem: str) -> dict[str, Path]:
     return {"zarr": work / f"{stem}.zarr", "grid": work / f"{stem}.png", "cost": work / f"{stem}.json"}
 
 
-def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) -> None:
+def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool,
+          smoke: bool = False) -> None:
     """Run one stage in this (child) process and print its peak RSS in MB and its seconds. Like
     every rule, it starts the allocator trimmer first, unless ``untrimmed``."""
     import torch
@@ -87,37 +110,45 @@ def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool) ->
     from histodistill.distill.run import distill, pretrain_pool
     from histodistill.evaluate import evaluate_distilled, full_train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if smoke else 2)
     w = Path(work)
+    cfgs, ipc = stage_settings(smoke), SMOKE["ipc"] if smoke else 10
     if name == "distill_histodd":
-        pretrain_pool(store, None, w / "pool.pt", POOL, 0, cache_mb)
-        distill("histodd", 10, HISTODD, 0, outputs(w, "h"), store_path=store,
+        pretrain_pool(store, None, w / "pool.pt", cfgs["pool"], 0, cache_mb)
+        distill("histodd", ipc, cfgs["histodd"], 0, outputs(w, "h"), store_path=store,
                 pool_path=w / "pool.pt", cache_mb=cache_mb, progress=False)
     elif name == "distill_dm":
-        distill("dm", 10, DM, 0, outputs(w, "d"), store_path=store, cache_mb=cache_mb,
+        distill("dm", ipc, cfgs["dm"], 0, outputs(w, "d"), store_path=store, cache_mb=cache_mb,
                 progress=False)
     else:
-        full_train(store, None, "convnet", EVALUATE, w / "full.json")
-        distill("random", 10, {}, 0, outputs(w, "r"), store_path=store, cache_mb=cache_mb,
+        full_train(store, None, "convnet", cfgs["evaluate"], w / "full.json")
+        distill("random", ipc, {}, 0, outputs(w, "r"), store_path=store, cache_mb=cache_mb,
                 progress=False)
         evaluate_distilled(w / "r.zarr", w / "r.json", store, None, {"convnet": w / "full.json"},
-                           EVALUATE, "bench", w / "result.json")
+                           cfgs["evaluate"], "bench", w / "result.json")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "seconds": time.perf_counter() - start}))
 
 
-def run_stage(name: str, store: Path, cache_mb: float, untrimmed: bool = False
-              ) -> dict[str, float]:
-    """Peak RSS (MB) and seconds of one stage in a fresh process."""
-    flag = ["--untrimmed"] if untrimmed else []
+def run_stage(name: str, store: Path, cache_mb: float, untrimmed: bool = False,
+              smoke: bool = False) -> dict[str, float]:
+    """Peak RSS (MB) and seconds of one stage in a fresh process (``smoke``: in this one, at
+    the smoke settings)."""
+    flags = ["--untrimmed"] * untrimmed + ["--smoke"] * smoke
     with tempfile.TemporaryDirectory() as work:
-        out = subprocess.run([sys.executable, __file__, "--stage", name, "--store", str(store),
-                              "--work", work, "--cache-mb", str(cache_mb), *flag],
-                             check=True, capture_output=True, text=True).stdout
+        argv = ["--stage", name, "--store", str(store), "--work", work, "--cache-mb", str(cache_mb), *flags]
+        if smoke:
+            with contextlib.redirect_stdout(io.StringIO()) as buf:
+                main(argv)
+            out = buf.getvalue()
+        else:
+            out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
+                                 text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, float]:
+def step_ratio(store: Path, cache_mb: float, repeats: int = 5, smoke: bool = False
+               ) -> dict[str, float]:
     """Seconds per step, streamed through ``cache_mb`` over resident, for Histo-DD and DM."""
     import torch
 
@@ -126,17 +157,19 @@ def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, floa
     from histodistill.distill import Context, build
     from histodistill.data.store import PatchStore
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if smoke else 2)
     ps = PatchStore(store)
     torch.manual_seed(0)
-    net = models.build("convnet", 3, 64, width=32)
-    pool = {"net": "convnet", "net_kwargs": {"width": 32}, "states": [net.state_dict()]}
+    cfgs, ipc = stage_settings(smoke), SMOKE["ipc"] if smoke else 10
+    kwargs = cfgs["pool"]["net_kwargs"]
+    net = models.build("convnet", 3, int(ps.attrs["patch_size"]), **kwargs)
+    pool = {"net": "convnet", "net_kwargs": kwargs, "states": [net.state_dict()]}
     runs = {}
     for mode, mb in (("streamed", cache_mb), ("in_memory", 1e6)):
         real = RealData(ps, "train", mb, 0, torch.device("cpu"))
         assert real.sampler.resident == (mode == "in_memory")
-        for method, cfg in (("histodd", HISTODD), ("dm", DM)):
-            d = build(method, cfg, 10, Context(real, 0, None, None, pool, progress=False))
+        for method in ("histodd", "dm"):
+            d = build(method, cfgs[method], ipc, Context(real, 0, None, None, pool, progress=False))
             d.init_state()
             runs[(method, mode)] = d
     best: dict[tuple[str, str], float] = {}
@@ -148,48 +181,53 @@ def step_ratio(store: Path, cache_mb: float, repeats: int = 5) -> dict[str, floa
     return {m: best[(m, "streamed")] / best[(m, "in_memory")] for m in ("histodd", "dm")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--cache-mb", type=float, default=24.0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check the bench runs")
     parser.add_argument("--stage")
     parser.add_argument("--store")
     parser.add_argument("--work")
     parser.add_argument("--untrimmed", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.stage:
-        stage(args.stage, args.store, args.work, args.cache_mb, args.untrimmed)
+        stage(args.stage, args.store, args.work, args.cache_mb, args.untrimmed, args.smoke)
         return
     from histodistill.io import save_figures
 
+    smoke, size, repeats, out = args.smoke, 64, 2, ROOT / "results/bench/memory.txt"
+    if smoke:
+        args.n, size, args.cache_mb = SMOKE["n"], SMOKE["size"], SMOKE["cache_mb"]
+        repeats, out = 1, ROOT / "results/bench/smoke/memory.txt"
     with tempfile.TemporaryDirectory() as tmp:
-        small = make_store(Path(tmp) / "n.zarr", args.n)
-        large = make_store(Path(tmp) / "4n.zarr", 4 * args.n)
-        mb = 3 * 64 * 64 / 2**20
-        print(f"stores: {args.n} and {4 * args.n} patches of 64 px ({args.n * mb:.0f} and "
+        small = make_store(Path(tmp) / "n.zarr", args.n, size)
+        large = make_store(Path(tmp) / "4n.zarr", 4 * args.n, size)
+        mb = 3 * size * size / 2**20
+        print(f"stores: {args.n} and {4 * args.n} patches of {size} px ({args.n * mb:.0f} and "
               f"{4 * args.n * mb:.0f} MB of pixels); cache_mb {args.cache_mb}")
         ratios = {}
         for name in ("distill_histodd", "distill_dm", "evaluate"):
-            a, b = (run_stage(name, small, args.cache_mb)["peak_rss_mb"],
-                    run_stage(name, large, args.cache_mb)["peak_rss_mb"])
+            a, b = (run_stage(name, small, args.cache_mb, smoke=smoke)["peak_rss_mb"],
+                    run_stage(name, large, args.cache_mb, smoke=smoke)["peak_rss_mb"])
             print(f"{name}: peak RSS {a:.0f} MB (N) vs {b:.0f} MB (4N)")
             ratios[name] = b / a
         # the same Histo-DD stage without the trimmer (glibc keeps freed heap)
-        untrimmed = [run_stage("distill_histodd", s, args.cache_mb, untrimmed=True)
+        untrimmed = [run_stage("distill_histodd", s, args.cache_mb, untrimmed=True, smoke=smoke)
                      for s in (small, large)]
         print(f"distill_histodd, untrimmed: peak RSS {untrimmed[0]['peak_rss_mb']:.0f} MB (N) "
               f"vs {untrimmed[1]['peak_rss_mb']:.0f} MB (4N)")
         ratios["untrimmed"] = untrimmed[1]["peak_rss_mb"] / untrimmed[0]["peak_rss_mb"]
         # the time the trimmer costs: with and without, interleaved on the N store, best of 2
         seconds: dict[bool, float] = {}
-        for _ in range(2):
+        for _ in range(repeats):
             for off in (False, True):
-                t = run_stage("distill_histodd", small, args.cache_mb, untrimmed=off)["seconds"]
+                t = run_stage("distill_histodd", small, args.cache_mb, untrimmed=off, smoke=smoke)["seconds"]
                 seconds[off] = min(seconds.get(off, float("inf")), t)
         print(f"distill_histodd (N): {seconds[False]:.1f} s with the trimmer, "
-              f"{seconds[True]:.1f} s without (best of 2, interleaved)")
+              f"{seconds[True]:.1f} s without (best of {repeats}, interleaved)")
         time_ratio = seconds[False] / seconds[True]
-        steps = step_ratio(large, args.cache_mb)
+        steps = step_ratio(large, args.cache_mb, 1 if smoke else 5, smoke)
     figures = [
         f"peak_rss_ratio_distill_histodd: {ratios['distill_histodd']:.3f}",
         f"peak_rss_ratio_distill_dm: {ratios['distill_dm']:.3f}",
@@ -201,7 +239,7 @@ def main() -> None:
         f"peak_rss_ratio_distill_histodd_untrimmed: {ratios['untrimmed']:.3f}",
         f"trimmer_time_ratio: {time_ratio:.3f}",
     ]
-    save_figures(figures, ROOT / "results/bench/memory.txt")
+    save_figures(figures, out)
 
 
 if __name__ == "__main__":

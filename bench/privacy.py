@@ -2,7 +2,7 @@
 all in memory (the nearest-neighbour search is batched matrix products with running minima over
 the streamed split, never a Python loop over patches nor the whole split in memory).
 
-Usage: python bench/privacy.py [--small 1000] [--large 4000] [--repeats 2]
+Usage: python bench/privacy.py [--small 1000] [--large 4000] [--repeats 2] [--smoke]
 
 Builds two stores of real H&E patches (32 px crops of the shipped 1000x1000 target image at
 random positions and orientations, two classes by darkness): ``small`` and ``large`` training
@@ -12,11 +12,18 @@ synthetic images, pixel and feature space, 1,000 bootstrap resamples) in a fresh
 of ``repeats``: ``audit_s_<n>`` is the audit's wall time, ``audit_scaling`` large over small
 (4.0 is linear; the goal is <= 5) and ``audit_peak_rss_ratio`` the child's peak resident set,
 large over small (1.0: flat).
+
+``--smoke``: a check that the bench still runs (the test suite's), in seconds: 16 and 64
+training and 8 held-out patches per class, one repeat, one thread, the audits run in this
+process (not a fresh one: their peak memory then means nothing); figures go to
+results/bench/smoke/privacy.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import resource
 import subprocess
@@ -54,8 +61,8 @@ def crops(n: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def make_store(path: Path, per_class: int) -> Path:
-    """``per_class`` training and HELD_OUT test patches per class (darker or paler than the
+def make_store(path: Path, per_class: int, held_out: int = HELD_OUT) -> Path:
+    """``per_class`` training and ``held_out`` test patches per class (darker or paler than the
     image's median crop), the test patches the same whatever ``per_class``."""
     from histodistill.data.stream import record_channel_stats
     from histodistill.data.store import SPLITS, StoreWriter
@@ -65,7 +72,7 @@ def make_store(path: Path, per_class: int) -> Path:
 
     writer = StoreWriter(path, SIZE, attrs={"class_names": ["pale", "dark"], "slides": [],
                                             "split_names": list(SPLITS), "patch_size": SIZE})
-    for split, n, seed in (("train", per_class, 1), ("test", HELD_OUT, 2)):
+    for split, n, seed in (("train", per_class, 1), ("test", held_out, 2)):
         x = crops(4 * n, seed)  # enough to fill both classes
         y = labelled(x)
         keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in (0, 1)])
@@ -77,43 +84,62 @@ def make_store(path: Path, per_class: int) -> Path:
     return path
 
 
-def child(store: str, encoder: str, synthetic: str) -> None:
+def child(store: str, encoder: str, synthetic: str, held_out: int = HELD_OUT, threads: int = 2) -> None:
     """Audit once in this (fresh) process; print its wall time and peak RSS."""
     import torch
 
     from histodistill.privacy.audit import AuditConfig, audit
 
-    torch.set_num_threads(2)
-    settings = AuditConfig.from_config({**config.defaults("privacy"), "samples": 2 * HELD_OUT})
+    torch.set_num_threads(threads)
+    settings = AuditConfig.from_config({**config.defaults("privacy"), "samples": 2 * held_out})
     section, _ = audit(synthetic, store, encoder, settings)
     print(json.dumps({"seconds": section["seconds"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(store: Path, encoder: Path, synthetic: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", str(store), str(encoder),
-                          str(synthetic)], check=True, capture_output=True, text=True).stdout
+def measure(store: Path, encoder: Path, synthetic: Path, held_out: int = HELD_OUT,
+            threads: int = 2, fresh: bool = True) -> dict[str, float]:
+    """The audit's seconds and peak RSS, in a fresh process (in this one when not ``fresh``)."""
+    argv = ["--child", str(store), str(encoder), str(synthetic), "--held-out", str(held_out),
+            "--threads", str(threads)]
+    if fresh:
+        out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
+                             text=True).stdout
+    else:
+        with contextlib.redirect_stdout(io.StringIO()) as buf:
+            main(argv)
+        out = buf.getvalue()
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--held-out", type=int, default=HELD_OUT, help="test patches per class")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check the bench runs")
     parser.add_argument("--child", nargs=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
-        child(*args.child)
+        child(*args.child, held_out=args.held_out, threads=args.threads)
         return
+    out = ROOT / "results" / "bench" / "privacy.txt"
+    if args.smoke:
+        args.small, args.large, args.repeats, args.held_out, args.threads = 16, 64, 1, 8, 1
+        out = ROOT / "results" / "bench" / "smoke" / "privacy.txt"
+    import torch
     import zarr
 
     from histodistill.encoders import train_encoder
     from histodistill.io import save_figures
 
+    if args.smoke:
+        torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        stores = {n: make_store(work / f"s{n}.zarr", n) for n in (args.small, args.large)}
+        stores = {n: make_store(work / f"s{n}.zarr", n, args.held_out) for n in (args.small, args.large)}
         encoder = work / "supervised.pt"
         train_encoder(stores[args.small], encoder, ENCODER, cache_mb=64)
         synthetic = work / "syn.zarr"
@@ -123,14 +149,14 @@ def main() -> None:
         runs = {n: [] for n in stores}
         for _ in range(args.repeats):  # interleaved: load drifts hit both sizes alike
             for n, store in stores.items():
-                runs[n].append(measure(store, encoder, synthetic))
+                runs[n].append(measure(store, encoder, synthetic, args.held_out, args.threads,
+                                       fresh=not args.smoke))
     best = {n: min(r["seconds"] for r in rs) for n, rs in runs.items()}
     rss = {n: min(r["peak_rss_mb"] for r in rs) for n, rs in runs.items()}
     save_figures([*(f"audit_s_{n}: {best[n]:.2f}" for n in best),
                   *(f"audit_peak_rss_mb_{n}: {rss[n]:.0f}" for n in rss),
                   f"audit_peak_rss_ratio: {rss[args.large] / rss[args.small]:.3f}",
-                  f"audit_scaling: {best[args.large] / best[args.small]:.2f}"],
-                 ROOT / "results" / "bench" / "privacy.txt")
+                  f"audit_scaling: {best[args.large] / best[args.small]:.2f}"], out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """InfoDist selection time at 1,000 and 4,000 candidates per class.
 
-Usage: python bench/selection.py [--repeats N] [--out results/bench/select.txt]
+Usage: python bench/selection.py [--repeats N] [--out results/bench/select.txt] [--smoke]
 
 One class's selection as rule ``select`` runs it (InfoDist defaults: softmax graph over inverse
 Euclidean distances with eta 0.001, two-level directed Infomap with 5 trials, a 10 % budget by
@@ -13,6 +13,9 @@ class). Timed for N = 1,000 and 4,000, interleaved, best of N repeats:
   select_scaling    - select_4000_s / select_1000_s (goal <= 6: a quadrupled class may cost
                       no more than N log N-ish growth; a dense N^2 Python loop would be ~16).
 The last lines are `name: value`.
+
+``--smoke``: a check that the bench still runs (the test suite's), in seconds: N = 100 and 400,
+one repeat, one thread; figures go to results/bench/smoke/select.txt unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -62,10 +65,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "select.txt"))
+    parser.add_argument("--out", help="default results/bench/select.txt (smoke: results/bench/smoke/select.txt)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check the bench runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.threads = 1, 1
     torch.set_num_threads(args.threads)
-    sizes = (1000, 4000)
+    sizes = (100, 400) if args.smoke else (1000, 4000)
+    out = args.out or ROOT / "results/bench" / ("smoke/select.txt" if args.smoke else "select.txt")
     data = {n: features(n) for n in sizes}
     best: dict[int, tuple[float, float, int, int]] = {}
     for _ in range(args.repeats):
@@ -78,8 +85,8 @@ def main() -> None:
         total, graph_s, edges, mods = best[n]
         figures += [f"select_{n}_s: {total:.3f}", f"graph_{n}_s: {graph_s:.3f}",
                     f"edges_per_node_{n}: {edges / n:.1f}", f"communities_{n}: {mods}"]
-    figures.append(f"select_scaling: {best[4000][0] / best[1000][0]:.2f}")
-    save_figures(figures, args.out)
+    figures.append(f"select_scaling: {best[sizes[1]][0] / best[sizes[0]][0]:.2f}")
+    save_figures(figures, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Trajectory matching cost: seconds per iteration and peak memory of MTT and PTM at N and 4N
 student steps, checkpointed unroll against the reference's plain unroll.
 
-Usage: python bench/trajectory.py [--steps 10] [--width 32] [--ipc 10] [--size 32]
+Usage: python bench/trajectory.py [--steps 10] [--width 32] [--ipc 10] [--size 32] [--smoke]
 
 Builds a three-class store of ``size`` px patches and a one-expert buffer of ConvNets (instance
 norm, ``width``), then runs each configuration in a fresh process: ``repeats`` iterations of the
@@ -15,12 +15,19 @@ a child starts with its parent's peak.) ``*_unroll_mem_ratio`` is 4N over N (goa
 sublinear in N); ``plain_unroll_mem_ratio`` is the same for MTT with one segment (the reference's
 graph over all steps), and ``checkpoint_time_overhead`` the checkpointed unroll's time over the
 plain one at 4N.
+
+``--smoke``: a check that the bench still runs (the test suite's), in seconds: N = 1, ipc 2,
+width 8, a 60-patch store, one repeat, one thread, every configuration run in this process
+(not a fresh one: the memory figures then mean nothing); figures go to
+results/bench/smoke/trajectory.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import io
 import json
 import subprocess
 import sys
@@ -40,6 +47,7 @@ BUFFER = {"experts": 1, "epochs": 2, "net": "convnet",
                     "schedule": "constant"}, "augment": {**AUGMENT, "preset": "dsa"}, "dtype": "float32"}
 COMMON = {"iterations": 1000, "lr_img": 100, "lr_lr": 1e-5, "lr_teacher": 0.01,
           "augment": {**AUGMENT, "preset": "dsa"}, "checkpoint_every": 10**6}
+SMOKE = {"steps": 1, "ipc": 2, "width": 8, "repeats": 1, "threads": 1, "patches": 60}
 
 
 def settings(method: str, steps: int, segment: int) -> dict:
@@ -105,14 +113,22 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, store: Path, experts: Path, method: str, steps: int,
             segment: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--store", str(store), "--experts",
-           str(experts), "--steps", str(steps), "--segment", str(segment), "--ipc", str(args.ipc),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    """One configuration's seconds and peak memory, in a fresh process (in this one when
+    ``args.smoke``)."""
+    argv = ["--child", method, "--store", str(store), "--experts", str(experts), "--steps",
+            str(steps), "--segment", str(segment), "--ipc", str(args.ipc), "--repeats",
+            str(args.repeats), "--threads", str(args.threads)]
+    if args.smoke:
+        with contextlib.redirect_stdout(io.StringIO()) as buf:
+            main(argv)
+        out = buf.getvalue()
+    else:
+        out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
+                             text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="N (4N is run too)")
     parser.add_argument("--width", type=int, default=32)
@@ -124,16 +140,25 @@ def main() -> None:
     parser.add_argument("--store")
     parser.add_argument("--experts")
     parser.add_argument("--segment", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check the bench runs")
+    args = parser.parse_args(argv)
     if args.child:
         child(args)
         return
     from histodistill.io import save_figures
     from histodistill.trajectories.buffer import buffer_experts
 
+    patches, out = 3 * max(args.ipc, 64) * 5 // 4, ROOT / "results" / "bench" / "trajectory.txt"
+    if args.smoke:
+        args.steps, args.ipc, args.width, args.repeats, args.threads = (
+            SMOKE[k] for k in ("steps", "ipc", "width", "repeats", "threads"))
+        import torch
+
+        torch.set_num_threads(args.threads)
+        patches, out = SMOKE["patches"], ROOT / "results" / "bench" / "smoke" / "trajectory.txt"
     n = args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        store = make_store(Path(tmp) / "p.zarr", 3 * max(args.ipc, 64) * 5 // 4, args.size)
+        store = make_store(Path(tmp) / "p.zarr", patches, args.size)
         experts = Path(tmp) / "convnet.h5"
         buffer_experts(store, experts, {**BUFFER, "net_kwargs": {"width": args.width}}, 0,
                        progress=False)
@@ -160,7 +185,7 @@ def main() -> None:
                 f"mtt_unroll_mem_ratio: {ratio['mtt']:.2f}",
                 f"ptm_unroll_mem_ratio: {ratio['ptm']:.2f}",
                 f"unroll_mem_ratio: {max(ratio['mtt'], ratio['ptm']):.2f}"]
-    save_figures(figures, ROOT / "results" / "bench" / "trajectory.txt")
+    save_figures(figures, out)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,16 @@ def folder_bytes(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> int:
     return sum(bag_path(folder, r["slide_id"]).stat().st_size for r in rows)
 
 
-def _write_manifest(folder: Path, rows: list[dict[str, Any]]) -> None:
-    with open(folder / MANIFEST, "w", newline="") as f:
+def manifest_row(slide: str, label: str, split: str, centre: int, patches: int) -> dict[str, Any]:
+    """One slide's row of a bag folder's manifest (its ``case_id`` is the slide's name)."""
+    return {"case_id": slide, "slide_id": slide, "label": label, "split": split,
+            "centre": centre, "patches": patches}
+
+
+def write_manifest(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write a bag folder's manifest ``bags.csv`` from :func:`manifest_row` rows (the bags
+    themselves are written by :func:`write_bag` to :func:`bag_path`)."""
+    with open(Path(folder) / MANIFEST, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
@@ -159,13 +167,8 @@ class _Writer:
     def finish(self) -> Path:
         wanted = {bag_path("", r["slide_id"]).name for r in self.rows}
         self.pieces.clear_stale(wanted)
-        _write_manifest(self.pieces.partial, self.rows)
+        write_manifest(self.pieces.partial, self.rows)
         return self.pieces.finish(wanted | {MANIFEST})
-
-
-def _row(slide: str, label: str, split: str, centre: int, patches: int) -> dict[str, Any]:
-    return {"case_id": slide, "slide_id": slide, "label": label, "split": split,
-            "centre": centre, "patches": patches}
 
 
 def extract_real_bags(store_path: str | os.PathLike, encoder_path: str | os.PathLike,
@@ -180,7 +183,7 @@ def extract_real_bags(store_path: str | os.PathLike, encoder_path: str | os.Path
     inputs = settings_hash([fingerprint(store), _file_digest(encoder_path)])
     for slide in tqdm(store_slides(store), desc="real bags", disable=not progress):
         key = settings_hash([inputs, slide.name, slide.rows.tolist()])
-        writer.add(_row(slide.name, slide.label, slide.split, slide.centre, len(slide.rows)))
+        writer.add(manifest_row(slide.name, slide.label, slide.split, slide.centre, len(slide.rows)))
         if writer.done(slide.name, key):
             continue
         feats = np.concatenate(list(_embed_rows(encoder, store, slide.split, slide.rows, batch,
@@ -214,7 +217,7 @@ def extract_synthetic_bags(distilled: list[str | os.PathLike], encoder_path: str
         attrs = dict(group.attrs)
         key = settings_hash([digest, attrs["key"]])
         n = int(group["images"].shape[0])
-        writer.add(_row(attrs["slide"], attrs["label"], "train", int(attrs["centre"]), n))
+        writer.add(manifest_row(attrs["slide"], attrs["label"], "train", int(attrs["centre"]), n))
         if writer.done(attrs["slide"], key):
             continue
         feats = embed_array(encoder, group["images"][:], batch)
