@@ -71,6 +71,7 @@ bench: $(VENV_OK) $(REAL)
 	$(PY) bench/mil.py
 	$(PY) bench/generate.py
 	$(PY) bench/selection.py
+	$(PY) bench/stream.py
 
 # Real-tissue comparison on the PCam subset beside the project (not shipped: skipped when missing),
 # its settings the overlay configs/pcam.yaml:

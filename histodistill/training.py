@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from histodistill import models
 from histodistill.augment import Augment
-from histodistill.data.real import Stats
+from histodistill.data.real import Stats, device_batches
 from histodistill.data.store import PatchStore
-from histodistill.data.stream import iterate
+from histodistill.data.stream import PREFETCH, iterate
 from histodistill.metrics import metrics, summarise_runs
 from histodistill.runtime import Compute
 from histodistill.stain import MacenkoNormaliser, StainTemplate
@@ -224,11 +224,13 @@ def predict(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
 
 class Inputs:
     """Store patches as evaluation networks see them: optionally stain-normalised to the
-    dataset's template (Histo-DD's test-time default), then channel-normalised."""
+    dataset's template (Histo-DD's test-time default), then channel-normalised. Streamed
+    splits are read ``prefetch`` batches ahead by a worker thread
+    (:func:`~histodistill.data.real.device_batches`; 0: in the caller's thread)."""
 
     def __init__(self, store: PatchStore, template: StainTemplate | None, stain_norm: bool,
-                 dev: torch.device, buffer_mb: float = 1024) -> None:
-        self.store, self.dev, self.buffer_mb = store, dev, buffer_mb
+                 dev: torch.device, buffer_mb: float = 1024, prefetch: int = PREFETCH) -> None:
+        self.store, self.dev, self.buffer_mb, self.prefetch = store, dev, buffer_mb, prefetch
         self.stats = Stats.from_store(store)
         if stain_norm and template is None:
             raise ValueError("evaluate.stain_norm needs the dataset's stain template")
@@ -243,11 +245,13 @@ class Inputs:
                 x = self.stain(x)
         return self.stats.normalise(x)
 
-    def split(self, split: str, batch: int, seed: int | None = None
+    def split(self, split: str, batch: int, seed: int | None = None,
+              rows: np.ndarray | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """One streamed pass over a split (store order when ``seed`` is None)."""
-        for x, y, rows in iterate(self.store, split, batch, seed, self.buffer_mb):
-            yield self(torch.from_numpy(x)), torch.from_numpy(y).to(self.dev), torch.from_numpy(rows)
+        """One streamed pass over a split, or its ``rows`` (store order when ``seed`` is None),
+        read ahead by a worker thread."""
+        return device_batches(iterate(self.store, split, batch, seed, self.buffer_mb, rows=rows),
+                              self, self.dev, self.prefetch)
 
     def split_batches(self, split: str, batch: int, seed: int) -> Batches:
         """Training batches over a split, reshuffled every epoch (seeded)."""

@@ -211,7 +211,7 @@ def test_the_reference_escapes_markup_and_links_shared_definitions():
 # refresh: each must sit in one page of docs/
 BLOCKS = ([f"{kind}:demo" for kind in ("results", "privacy", "slide", "transfer", "generate")]
           + [f"bench:{name}" for name in ("tiling", "distill", "memory", "trajectory", "mil", "privacy",
-                                          "generate", "select")]
+                                          "generate", "select", "stream")]
           + ["results:demo_patches", "generate:demo_patches", "augment_centroid:demo_patches",
              "results:pcam", "other:pcam", "seeds:pcam", "privacy:pcam", "generate:pcam",
              "augment_centroid:pcam"])

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 from conftest import AUGMENT, TRAIN, make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.real import RealData
 from histodistill.runtime import Compute
 from histodistill.metrics import metrics, saturated_fraction, summarise_runs
 from histodistill.select.boundary import boundary_loss, boundary_term
@@ -108,6 +109,46 @@ def test_evaluation_inputs_are_normalised_and_optionally_stain_normalised(tmp_pa
     assert not torch.allclose(stained(pixels), inputs(pixels))
     with pytest.raises(ValueError, match="needs the dataset's stain template"):
         Inputs(store, None, True, torch.device("cpu"))
+
+
+def test_streamed_batches_and_training_do_not_depend_on_prefetch(tmp_path, target_image):
+    """Reading ahead in a worker thread changes where batches are made, not what they are: the
+    same seeds give bit-identical batches and trained weights with and without it."""
+    store = PatchStore(make_toy_store(tmp_path / "p.zarr"))
+    template = fit(target_image[:256, :256])
+    cpu = torch.device("cpu")
+
+    def run(depth: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        inputs = Inputs(store, template, True, cpu, buffer_mb=0.01, prefetch=depth)
+        real = RealData(store, "train", 1, 0, cpu, prefetch=depth)
+        got = [t for b in inputs.split("train", 10, seed=3) for t in b]
+        got += [t for b in real.epoch(7, seed=5) for t in b]
+        got += [t for b in inputs.split("test", 4) for t in b]
+        torch.manual_seed(0)
+        net = models.build("convnet", 2, 16, width=8, norm="batchnorm")
+        gen = torch.Generator().manual_seed(0)
+        train(net, inputs.split_batches("train", 10, 1),
+              TrainConfig.from_config({**TRAIN, "epochs": 2, "batch": 10}), gen,
+              Augment(AugmentConfig.from_config({**AUGMENT, "preset": "dsa"})))
+        return got, net.state_dict()
+
+    (ahead, net_ahead), (inline, net_inline) = run(2), run(0)
+    assert len(ahead) == len(inline) > 30
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ahead, inline))
+    assert all(torch.equal(net_ahead[k], net_inline[k]) for k in net_inline)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_batches_on_cuda_match_the_cpu_ones(tmp_path):
+    """On CUDA the worker pins host batches and the loop copies them asynchronously."""
+    store = PatchStore(make_toy_store(tmp_path / "p.zarr"))
+    on_cpu = list(Inputs(store, None, False, torch.device("cpu")).split("train", 10, seed=3))
+    on_gpu = list(Inputs(store, None, False, torch.device("cuda")).split("train", 10, seed=3))
+    assert len(on_gpu) == len(on_cpu)
+    for (x, y, r), (xg, yg, rg) in zip(on_cpu, on_gpu):
+        assert xg.is_cuda and yg.is_cuda and not rg.is_cuda
+        torch.testing.assert_close(xg.cpu(), x)
+        assert torch.equal(yg.cpu(), y) and torch.equal(rg, r)
 
 
 def test_saturated_fraction_counts_pixels_clipped_in_any_channel():

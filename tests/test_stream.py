@@ -1,14 +1,20 @@
-"""Streaming reads from a patch store: stats, epochs and the class-balanced sampler."""
+"""Streaming reads from a patch store: stats, epochs, the class-balanced sampler and the
+prefetching worker."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from histodistill.data.stream import ClassSampler, channel_stats, iterate, read_rows
+from histodistill.data import stream
+from histodistill.data.stream import (ClassSampler, _copy_rows, _mean_std, channel_stats, iterate,
+                                      prefetch, read_rows)
 from histodistill.data.store import SPLITS, PatchStore, StoreWriter
 
 N, SIZE, CHUNK = 600, 8, 16
@@ -61,6 +67,51 @@ def test_channel_stats_match_numpy(skewed_store, split):
     mean, std = channel_stats(skewed_store, split, chunk_rows=40)  # not a multiple of the chunk
     assert np.allclose(mean, x.mean(axis=(0, 2, 3)), atol=1e-12)
     assert np.allclose(std, x.std(axis=(0, 2, 3)), atol=1e-12)
+
+
+def test_channel_stats_of_a_large_store_beyond_64_bits():
+    """20,480 patches of 256 px: the variance's integer numerator exceeds 64 bits."""
+    count = 20_480 * 256 * 256
+    rng = np.random.default_rng(0)
+    hist = rng.multinomial(count, np.full(256, 1 / 256), size=3)  # per-channel pixel counts
+    values = np.arange(256, dtype=np.int64)
+    sums, squares = (hist * values).sum(1).astype(np.uint64), (hist * values**2).sum(1).astype(np.uint64)
+    mean, std = _mean_std(sums, squares, count)
+    for c in range(3):
+        m = (hist[c] * np.arange(256)).sum() / count
+        v = (hist[c] * (np.arange(256) - m) ** 2).sum() / count
+        assert mean[c] == pytest.approx(m / 255, rel=1e-12)
+        assert std[c] == pytest.approx(np.sqrt(v) / 255, rel=1e-9)
+
+
+@pytest.mark.parametrize("size", [8, 96])  # gathered by numpy, row by row
+def test_copy_rows_is_a_gathered_assignment(size):
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (40, 3, size, size), dtype=np.uint8)
+    to, frm = rng.permutation(40)[:15], rng.permutation(40)[:15]
+    want = src.copy()
+    want[to] = src[frm]
+    got = src.copy()
+    _copy_rows(got, to, src, frm)
+    assert np.array_equal(got, want)
+    holes, fill = np.array([3, 0, 7]), np.array([30, 38, 31])  # within one array, disjoint
+    want[holes] = want[fill]
+    _copy_rows(got, holes, got, fill)
+    assert np.array_equal(got, want)
+
+
+def test_row_by_row_copies_change_no_batch(skewed_store, monkeypatch):
+    def draws() -> list[np.ndarray]:
+        out = [t for b in iterate(skewed_store, "train", 16, seed=2, buffer_mb=40 * ROW_MB) for t in b]
+        s = ClassSampler(skewed_store, "train", 30 * ROW_MB, seed=1)
+        out += [s.balanced(5)[0] for _ in range(6)] + [s.batch(1, 4) for _ in range(4)]
+        return out
+
+    vectorised = draws()
+    monkeypatch.setattr(stream, "_ROW_BY_ROW", 0)  # every row one by one
+    row_by_row = draws()
+    assert len(row_by_row) == len(vectorised)
+    assert all(np.array_equal(a, b) for a, b in zip(row_by_row, vectorised))
 
 
 def test_channel_stats_empty_split_names_store(tmp_path):
@@ -123,6 +174,23 @@ def test_sampler_resident_when_split_fits(skewed_store):
     assert np.array_equal(labels[r], y) and (split[r] == 0).all()
     a, b = (ClassSampler(skewed_store, "train", cache_mb=1, seed=0) for _ in range(2))
     assert all(np.array_equal(a.batch(c, 5), b.batch(c, 5)) for c in (0, 1, 2, 0))
+
+
+@pytest.mark.parametrize("cache_rows", [30, 10_000])
+def test_sampler_balanced_batches(skewed_store, cache_rows):
+    labels, split = meta(skewed_store)
+    a, b = (ClassSampler(skewed_store, "train", cache_rows * ROW_MB, seed=2) for _ in range(2))
+    assert a.resident == (cache_rows == 10_000)
+    held = [h.copy() for h in a._held]
+    for _ in range(3):
+        x, y = a.balanced(7)
+        assert x.shape == (21, 3, SIZE, SIZE) and x.dtype == np.uint8 and y.dtype == np.int64
+        assert np.array_equal(y, np.repeat([0, 1, 2], 7))
+        assert np.array_equal(labels[ids(x)], y) and (split[ids(x)] == 0).all()
+        assert all(len(np.unique(ids(x[y == c]))) == 7 for c in range(3))  # without replacement
+        x2, y2 = b.balanced(7)
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)  # seeded
+    assert a.resident or any(not np.array_equal(h, g) for h, g in zip(held, a._held))  # refreshed
 
 
 def test_sampler_cap_keeps_a_seeded_subset_per_class(skewed_store):
@@ -210,3 +278,78 @@ def test_iterate_a_split_smaller_than_one_batch(skewed_store):
     val = np.flatnonzero(split == SPLITS.index("val"))
     batches = list(iterate(skewed_store, "val", len(val) + 50, seed=3))
     assert len(batches) == 1 and sorted(batches[0][2].tolist()) == val.tolist()
+
+
+# ---- prefetch -----------------------------------------------------------------------------------
+def workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "histodistill-prefetch"]
+
+
+class Source:
+    """A stream of ``n`` items that counts what it produced and whether it was closed, and
+    raises ``fail`` after ``fail_after`` items."""
+
+    def __init__(self, n: int, fail_after: int | None = None) -> None:
+        self.n, self.fail_after = n, fail_after
+        self.produced, self.closed, self.thread = 0, False, ""
+
+    def __iter__(self) -> Iterator[int]:
+        self.thread = threading.current_thread().name
+        try:
+            for i in range(self.n):
+                if i == self.fail_after:
+                    raise ValueError(f"unreadable chunk at item {i}")
+                self.produced += 1
+                yield i
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("seed", [None, 4])
+def test_prefetch_gives_the_same_batches_in_the_same_order(skewed_store, depth, seed):
+    direct = list(iterate(skewed_store, "train", 24, seed, buffer_mb=40 * ROW_MB))
+    ahead = list(prefetch(iterate(skewed_store, "train", 24, seed, buffer_mb=40 * ROW_MB), depth))
+    assert len(ahead) == len(direct) > 5
+    for a, b in zip(ahead, direct):
+        assert all(u.dtype == v.dtype and np.array_equal(u, v) for u, v in zip(a, b))
+    assert not workers()
+
+
+def test_prefetch_reads_ahead_in_a_worker_up_to_depth():
+    src = Source(100)
+    stream = prefetch(src, depth=3)
+    assert next(stream) == 0 and src.thread == "histodistill-prefetch"
+    deadline = time.monotonic() + 10
+    while src.produced < 4 and time.monotonic() < deadline:  # the consumer is busy: 3 ahead
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert src.produced == 4
+    assert list(stream) == list(range(1, 100))
+
+
+def test_prefetch_raises_the_workers_error_in_the_consumer():
+    src = Source(10, fail_after=4)
+    got = []
+    with pytest.raises(ValueError, match="unreadable chunk at item 4"):
+        for item in prefetch(src, depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3] and src.closed and not workers()
+
+
+@pytest.mark.parametrize("stop", ["close", "break"])
+def test_prefetch_stops_its_worker_when_the_consumer_stops_early(stop):
+    src = Source(10_000)
+    stream = prefetch(src, depth=2)
+    for item in stream:
+        if item == 5:
+            break
+    if stop == "close":
+        stream.close()
+    else:
+        del stream  # dropping the generator closes it
+    assert not workers() and src.closed
+    assert src.produced <= 6 + 2  # what was taken, plus at most depth read ahead
+    unstarted = Source(5)
+    prefetch(unstarted, depth=2).close()  # a stream never read starts no worker
+    assert unstarted.produced == 0 and not workers()

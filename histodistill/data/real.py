@@ -5,20 +5,22 @@ from the patch store, on the device.
 (``channel_mean``, ``channel_std`` over the training split). Networks always receive
 ``(x - mean) / std``; synthetic images live in that space or in pixels, as each method's reference
 keeps them. :class:`RealData` wraps a :class:`~histodistill.data.stream.ClassSampler` so
-distillation draws class-balanced batches without ever loading a split.
+distillation draws class-balanced batches without ever loading a split. :func:`device_batches`
+turns a stream of uint8 batches into network inputs on the device, read ahead by a worker thread
+(pinned memory and asynchronous copies on CUDA).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
-from histodistill.data.stream import ClassSampler, channel_stats, iterate
+from histodistill.data.stream import PREFETCH, ClassSampler, channel_stats, iterate, prefetch
 from histodistill.data.store import PatchStore
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,63 @@ class Stats:
         return self.normalise(zero), self.normalise(zero + 1)
 
 
+@overload
+def device_batches(batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   prepare: Callable[[torch.Tensor], torch.Tensor], dev: torch.device,
+                   depth: int = ...) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    ...
+
+
+@overload
+def device_batches(batches: Iterable[tuple[np.ndarray, np.ndarray, None]],
+                   prepare: Callable[[torch.Tensor], torch.Tensor], dev: torch.device,
+                   depth: int = ...) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
+    ...
+
+
+def device_batches(batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                   prepare: Callable[[torch.Tensor], torch.Tensor], dev: torch.device,
+                   depth: int = PREFETCH
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Batches of (uint8 patches, labels, store rows or None) as (network inputs on ``dev``,
+    labels on ``dev``, rows on the host), read ``depth`` batches ahead of the consumer by
+    :func:`~histodistill.data.stream.prefetch`'s worker thread (``depth`` 0: no worker).
+    ``prepare`` maps uint8 patches on ``dev`` to network inputs.
+
+    On the CPU the worker also prepares the inputs, so a training step overlaps both the reading
+    and the normalisation of the next batches; the tensors are those of preparing them in the
+    consumer. On CUDA the worker puts patches and labels in pinned (page-locked) host memory;
+    the consumer copies them with ``non_blocking=True``, so the copy overlaps the GPU's queued
+    work, and prepares them on the GPU.
+    """
+    on_host, pin = dev.type == "cpu", dev.type == "cuda"
+
+    def load(batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x, y, rows = batch
+        xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y))
+        rt = None if rows is None else torch.from_numpy(np.asarray(rows))
+        if on_host:
+            return prepare(xt), yt, rt
+        return (xt.pin_memory(), yt.pin_memory(), rt) if pin else (xt, yt, rt)
+
+    for xt, yt, rt in prefetch(map(load, batches), depth):
+        if not on_host:
+            xt = prepare(xt.to(dev, non_blocking=True))
+            yt = yt.to(dev, non_blocking=True)
+        yield xt, yt, rt
+
+
 class RealData:
     """One split of a patch store (or the ``rows`` of it, e.g. one slide's) as normalised
-    tensors on ``device``, drawn through a bounded class-balanced cache (``cache_mb``)."""
+    tensors on ``device``, drawn through a bounded class-balanced cache (``cache_mb``);
+    :meth:`epoch` reads ``prefetch`` batches ahead (:func:`device_batches`)."""
 
     def __init__(self, store: PatchStore, split: str, cache_mb: float, seed: int,
                  device: torch.device, max_per_class: int = 0,
-                 rows: np.ndarray | None = None) -> None:
+                 rows: np.ndarray | None = None, prefetch: int = PREFETCH) -> None:
         self.store, self.split, self.device, self.cache_mb = store, split, device, cache_mb
+        self.prefetch = prefetch
         self.stats = Stats.from_store(store)
         self.sampler = ClassSampler(store, split, cache_mb, seed, max_per_class, rows=rows)
 
@@ -111,11 +162,11 @@ class RealData:
     def epoch(self, batch: int, seed: int | None, rows: np.ndarray | None = None
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One pass over the split (or ``rows``): normalised patches, labels and store rows,
-        shuffled through a buffer of ``cache_mb`` when seeded."""
+        shuffled through a buffer of ``cache_mb`` when seeded, read ahead by a worker thread."""
         if rows is None and self.sampler.restricted:
             rows = self.sampler.selected_rows
-        for x, y, r in iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows):
-            yield self._net(x), torch.from_numpy(y).to(self.device), torch.from_numpy(r)
+        return device_batches(iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows),
+                              self.stats.normalise, self.device, self.prefetch)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -10,13 +10,18 @@ the same chunk many times).
 * :class:`ClassSampler`: class-balanced random batches for distillation, from the whole split
   when it fits in the cache budget, otherwise from a per-class reservoir refreshed with a few
   random store chunks after every draw.
+* :func:`prefetch`: any of these streams read ahead by a worker thread (chunk decoding releases
+  the GIL), so a training step overlaps the reading of the next batches.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
-from typing import Any
+import queue
+import threading
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
@@ -24,6 +29,12 @@ import zarr
 from histodistill.data.store import SPLITS, PatchStore
 
 _MIB = 2**20
+_T = TypeVar("_T")
+# Batches the training loops' streams read ahead (prefetch depth): operational, the batches and
+# so the results do not depend on it; each batch ahead holds one batch of memory.
+PREFETCH = 2
+_ITEM, _END, _ERROR = 0, 1, 2  # what the prefetch worker hands over
+_ROW_BY_ROW = 16 * 1024  # patch bytes from which buffers are filled row by row (_copy_rows)
 _SQUARES = (np.arange(256, dtype=np.uint16) ** 2).astype(np.uint16)
 
 
@@ -49,6 +60,18 @@ def _read_sorted(arr: Any, rows: np.ndarray) -> np.ndarray:
     return block if np.array_equal(rows, np.arange(lo, hi)) else block[rows - lo]
 
 
+def _copy_rows(dst: np.ndarray, to: np.ndarray, src: np.ndarray, frm: np.ndarray) -> None:
+    """``dst[to] = src[frm]`` (``dst`` may be ``src`` when ``to`` and ``frm`` are disjoint).
+    Rows of at least ``_ROW_BY_ROW`` bytes are copied one by one: numpy would first gather
+    ``src[frm]`` into a temporary, a second copy (and, for large patches, fresh pages) that
+    costs more than a Python step per row."""
+    if src.itemsize * int(np.prod(src.shape[1:])) < _ROW_BY_ROW:
+        dst[to] = src[frm]
+        return
+    for t, f in zip(np.asarray(to).tolist(), np.asarray(frm).tolist()):
+        dst[t] = src[f]
+
+
 def read_rows(store: PatchStore, rows: np.ndarray) -> np.ndarray:
     """Patches (n, 3, H, W) uint8 of store ``rows`` in the given order (repeats allowed), read
     chunk by chunk so each touched chunk is decoded once."""
@@ -62,6 +85,66 @@ def read_rows(store: PatchStore, rows: np.ndarray) -> np.ndarray:
     for _, group in _chunk_groups(ordered, arr.chunks[0]):
         out[order[group]] = _read_sorted(arr, ordered[group])
     return out
+
+
+def prefetch(items: Iterable[_T], depth: int = PREFETCH) -> Generator[_T, None, None]:
+    """``items`` in the same order, produced by a worker thread up to ``depth`` items ahead of
+    the consumer, so that the consumer's work (a training step) overlaps the production of the
+    next items (chunk reads: zarr's blosc decoding and numpy copies release the GIL).
+
+    The items are exactly those of iterating ``items`` directly, in the same order: only where
+    they are produced changes, so a seeded stream gives the same batches with or without it.
+    An exception raised while producing an item is raised to the consumer, in the item's place.
+    When the consumer stops early (``close()``, ``break`` out of a loop that drops the
+    generator, or garbage collection) the worker stops before the next item, closes ``items``'s
+    iterator and is joined. ``depth < 1`` iterates ``items`` in the caller's thread (no worker).
+
+    Whatever ``items`` does runs in the worker: it must not share unsynchronised state (a random
+    generator, a torch generator) with the consumer.
+    """
+    if depth < 1:
+        yield from items
+        return
+    source = iter(items)
+    ready: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+    slots = threading.Semaphore(depth)  # items produced and not yet taken by the consumer
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while True:
+                slots.acquire()
+                if stop.is_set():
+                    return
+                try:
+                    item = next(source)
+                except StopIteration:
+                    ready.put((_END, None))
+                    return
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                    ready.put((_ERROR, exc))
+                    return
+                ready.put((_ITEM, item))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="histodistill-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise value
+            slots.release()
+            yield value
+    finally:
+        stop.set()
+        slots.release()  # wake a worker waiting for a slot, so that it sees ``stop``
+        worker.join()
 
 
 def channel_stats(store: PatchStore, split: str = "train", chunk_rows: int = 4096
@@ -92,9 +175,17 @@ def channel_stats(store: PatchStore, split: str = "train", chunk_rows: int = 409
             piece = block[s:s + chunk]
             sums += piece.sum(axis=(0, 2, 3), dtype=np.uint64)
             squares += _SQUARES[piece].sum(axis=(0, 2, 3), dtype=np.uint64)
-    count = n * int(np.prod(arr.shape[2:]))
+    return _mean_std(sums, squares, n * int(np.prod(arr.shape[2:])))
+
+
+def _mean_std(sums: np.ndarray, squares: np.ndarray, count: int
+              ) -> tuple[list[float], list[float]]:
+    """Mean and population std in [0, 1] units from exact per-channel sums of uint8 pixels and
+    of their squares over ``count`` pixels each. The variance's numerator is a Python integer
+    (beyond 64 bits for stores of more than a few thousand large patches): its square root is
+    taken by :func:`math.sqrt`, which numpy cannot do for such an integer."""
     mean = [int(s) / count / 255 for s in sums]
-    std = [float(np.sqrt(max(int(q) * count - int(s) ** 2, 0))) / count / 255
+    std = [math.sqrt(max(int(q) * count - int(s) ** 2, 0)) / count / 255
            for s, q in zip(sums, squares)]
     return mean, std
 
@@ -183,7 +274,8 @@ def _shuffled(arr: Any, labels: np.ndarray, rows: np.ndarray,
                 tail = m - batch
                 holes = pick[pick < tail]
                 fill = np.setdiff1d(np.arange(tail, m), pick, assume_unique=True)
-                buf[holes], buf_rows[holes] = buf[fill], buf_rows[fill]
+                _copy_rows(buf, holes, buf, fill)
+                buf_rows[holes] = buf_rows[fill]
                 m = tail
                 yield out, labels[out_rows], out_rows
     order = rng.permutation(m)
@@ -294,6 +386,20 @@ class ClassSampler:
         self._refresh()
         return out
 
+    def balanced(self, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        """A class-balanced batch: ``per_class`` random patches of every class, class after
+        class, and their labels. Each class is drawn as :meth:`batch` draws it, straight into
+        the batch (one copy per patch); the reservoir is refreshed once per batch, so when
+        ``refresh_chunks`` store chunks hold ``num_classes * per_class`` rows every patch
+        delivered costs one patch decoded."""
+        for c in range(self.num_classes):
+            self._check_class(c)
+        out = np.empty((self.num_classes * per_class, *self.patch_shape), dtype=np.uint8)
+        for c in range(self.num_classes):
+            self._draw(c, per_class, out[c * per_class:(c + 1) * per_class])
+        self._refresh()
+        return out, np.repeat(np.arange(self.num_classes, dtype=np.int64), per_class)
+
     def mixed(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` patches whose classes are drawn in proportion to class sizes, and their labels."""
         labels = self._rng.choice(self.num_classes, n, p=self.counts / self.counts.sum())
@@ -348,10 +454,13 @@ class ClassSampler:
             raise ValueError(f"{self.store.path}: class {self.store.class_names[c]!r} ({c}) has "
                              "no patches in the sampled rows")
 
-    def _draw(self, c: int, n: int) -> np.ndarray:
+    def _draw(self, c: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``n`` random cached patches of class ``c`` (into ``out`` when given)."""
         held = len(self._held[c])
         pick = self._rng.choice(held, n, replace=n > held)
-        return self._cache[c][pick]
+        if out is None:
+            return self._cache[c][pick]
+        return np.take(self._cache[c], pick, axis=0, out=out, mode="clip")  # in range: unbuffered
 
     def _chunk_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sampled rows in store chunk ``k`` and their classes (metadata only, no I/O)."""
@@ -412,5 +521,5 @@ class ClassSampler:
                 slots = self._rng.choice(int(self._capacity[c]), m, replace=False)
                 if block is None:
                     block = _read_sorted(self._arr, rows)
-                self._cache[c][slots] = block[pos]
+                _copy_rows(self._cache[c], slots, block, pos)
                 self._held[c][slots] = rows[pos]

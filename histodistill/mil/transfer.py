@@ -29,7 +29,6 @@ import zarr
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore, store_slides
-from histodistill.data.stream import iterate
 from histodistill.metrics import metrics, summarise_runs
 from histodistill.runtime import Compute, device
 from histodistill.training import Batches, Inputs, TrainConfig, predict, tensor_batches, train
@@ -67,9 +66,7 @@ def _synthetic_patches(distilled: list[str | os.PathLike], centre: int
 
 def _streamed(inputs: Inputs, rows: np.ndarray, batch: int, seed: int) -> Batches:
     def epoch(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for x, y, r in iterate(inputs.store, "train", batch, seed * 100003 + e, inputs.buffer_mb,
-                               rows=rows):
-            yield inputs(torch.from_numpy(x)), torch.from_numpy(y).to(inputs.dev), torch.from_numpy(r)
+        return inputs.split("train", batch, seed * 100003 + e, rows=rows)
     return epoch
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from itertools import zip_longest
 from typing import Any
 
 import numpy as np
-import torch
 
 from histodistill.augment import Augment, AugmentConfig
+from histodistill.data.real import device_batches
 from histodistill.data.stream import iterate
 from histodistill.data.store import PatchStore
 from histodistill.runtime import device, versions
@@ -65,11 +66,13 @@ def mixed_batches(inputs: Inputs, sources: list[tuple[PatchStore, np.ndarray]], 
     def epoch(e: int):  # noqa: ANN202
         streams = [iterate(store, "train", b, seed * 100003 + e * 31 + k, buffer_mb, rows=rows)
                    for k, ((store, rows), b) in enumerate(zip(sources, shares))]
-        for row in zip_longest(*streams):
-            parts = [p for p in row if p is not None]
-            x = np.concatenate([p[0] for p in parts])
-            y = np.concatenate([p[1] for p in parts])
-            yield inputs(torch.from_numpy(x)), torch.from_numpy(y).to(inputs.dev), None
+        def joined() -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
+            for row in zip_longest(*streams):
+                parts = [p for p in row if p is not None]
+                yield (np.concatenate([p[0] for p in parts]),
+                       np.concatenate([p[1] for p in parts]), None)
+
+        return device_batches(joined(), inputs, inputs.dev, inputs.prefetch)
 
     return epoch
 
