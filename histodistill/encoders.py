@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData, Stats
 from histodistill.data.store import PatchStore, fingerprint
 from histodistill.data.stream import iterate
-from histodistill.runtime import Compute, device
+from histodistill.runtime import Compute, Projection, device
 from histodistill.state import Checkpoint
 from histodistill.training import TrainConfig, loop_state, restore_loop, scheduler, train
 from histodistill.io import InputError, settings_hash
@@ -185,10 +186,12 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
         with compute.autocast():
             return model(compute.inputs(view)).float()
 
+    projection = Projection(compute.device_type, "encoders.<name>.train.epochs", tc.epochs - first)
     model.train()
     for epoch in tqdm(range(first, tc.epochs), desc="simclr epochs", initial=first, total=tc.epochs):
-        total, steps = 0.0, 0
-        for x, _, _ in real.epoch(tc.batch, int(cfg["seed"]) * 100003 + epoch):
+        total, steps, start = 0.0, 0, time.perf_counter()
+        batches = real.epoch(tc.batch, int(cfg["seed"]) * 100003 + epoch)
+        for step, (x, _, _) in enumerate(batches, 1):
             if len(x) < 2:
                 continue
             loss = nt_xent(project(aug(x, gen)), project(aug(x, gen)), float(cfg["temperature"]))
@@ -196,7 +199,9 @@ def _train_simclr(net: models.Classifier, dim: int, real: RealData, cfg: dict[st
             loss.backward()
             opt.step()
             total, steps = total + float(loss.detach()), steps + 1
+            projection.step(step, len(batches), time.perf_counter() - start)
         sched.step()
+        projection.epoch(time.perf_counter() - start)
         log.info("simclr epoch %d/%d: loss %.4f", epoch + 1, tc.epochs, total / max(steps, 1))
         checkpoint.save(loop_state(objs, gen, epoch=epoch + 1))
 
@@ -253,7 +258,7 @@ def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: di
         if kind == "supervised":
             tc = TrainConfig.from_config(cfg["train"])
             train(net, lambda epoch: real.epoch(tc.batch, seed * 100003 + epoch), tc, gen, aug,
-                  progress=True, checkpoint=ckpt)
+                  progress=True, checkpoint=ckpt, setting="encoders.<name>.train.epochs")
         else:
             assert isinstance(net, models.Classifier)  # what _build makes for every other kind
             _train_simclr(net, dim, real, cfg, aug, gen, ckpt)

@@ -45,7 +45,7 @@ def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike |
     result = evaluate_arch(arch, cfg["arch_kwargs"].get(arch, {}),
                            lambda gen: inputs.split_batches("train", train_cfg.batch, seed),
                            inputs, int(store.attrs["patch_size"]), len(store.class_names),
-                           train_cfg, 1, seed, aug, ckpt)
+                           train_cfg, 1, seed, aug, ckpt, setting="evaluate.full.epochs")
     result["epochs"] = train_cfg.epochs
     write_json(out, result)
     ckpt.remove()

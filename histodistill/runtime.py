@@ -6,6 +6,7 @@ module its script imports)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 M = TypeVar("M", bound=torch.nn.Module)
+log = logging.getLogger(__name__)
 
 PACKAGES = ("histodistill", "torch", "torchvision", "numpy", "zarr", "scikit-learn",
             "openslide-python", "snakemake")
@@ -83,6 +85,69 @@ class Compute:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+LONG_STAGE_S = 600.0  # a loop projected to run longer than this is announced as a warning
+
+
+def describe(dev: torch.device | str) -> str:
+    """The device in words for a log line: "2 CPU threads" or the GPU's name."""
+    dev = torch.device(dev)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def human(seconds: float) -> str:
+    """A duration as "~40 s", "~12 min" or "~2.1 h"."""
+    if seconds < 100:
+        return f"~{seconds:.0f} s"
+    if seconds < 6000:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+class Projection:
+    """A training loop's duration projected from its first steps and logged once, as a warning
+    naming the ``setting`` that governs it when it will run longer than :data:`LONG_STAGE_S`
+    ("training: ~2.1 h on 2 CPU threads at these settings (30 epochs of 125 steps); see
+    encoders.supervised.train.epochs"), so a user on a laptop learns at once what a default
+    meant for a GPU costs, not after hours. Steps after the first are timed (the first pays for
+    allocations); with an epoch of unknown length, the first whole epoch is."""
+
+    def __init__(self, dev: torch.device | str, setting: str, epochs: int, repeats: int = 1,
+                 probe: int = 5) -> None:
+        self.dev, self.setting, self.epochs, self.repeats = dev, setting, epochs, repeats
+        self.probe, self.told = probe, False
+        self.first_step_s: float | None = None
+
+    def step(self, done: int, per_epoch: int | None, elapsed: float) -> None:
+        """After ``done`` steps of the first epoch (of ``per_epoch``, None when unknown),
+        ``elapsed`` seconds into it."""
+        if self.told or per_epoch is None:
+            return
+        if done == 1:
+            self.first_step_s = elapsed
+        if done == min(self.probe, per_epoch) and done > 1 and self.first_step_s is not None:
+            per_step = (elapsed - self.first_step_s) / (done - 1)
+            self._tell(per_step * per_epoch, per_epoch)
+
+    def epoch(self, seconds: float) -> None:
+        """After the first epoch, ``seconds`` long (when its steps did not already tell)."""
+        if not self.told:
+            self._tell(seconds, None)
+
+    def _tell(self, epoch_s: float, per_epoch: int | None) -> None:
+        self.told = True
+        total = epoch_s * self.epochs * self.repeats
+        runs = f"{self.repeats} runs of " if self.repeats > 1 else ""
+        steps = f" of {per_epoch} steps" if per_epoch is not None else ""
+        line = (f"training: {human(total)} on {describe(self.dev)} at these settings "
+                f"({runs}{self.epochs} epochs{steps})")
+        if total > LONG_STAGE_S:
+            log.warning("%s; see %s", line, self.setting)
+        else:
+            log.info("%s", line)
 
 
 def versions() -> dict[str, str]:

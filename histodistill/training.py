@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,9 +26,9 @@ from histodistill import models
 from histodistill.augment import Augment
 from histodistill.data.real import Stats, device_batches
 from histodistill.data.store import PatchStore
-from histodistill.data.stream import PREFETCH, iterate
+from histodistill.data.stream import PREFETCH, Epoch, iterate
 from histodistill.metrics import metrics, summarise_runs
-from histodistill.runtime import Compute
+from histodistill.runtime import Compute, Projection
 from histodistill.stain import MacenkoNormaliser, StainTemplate
 from histodistill.state import Checkpoint
 
@@ -64,9 +64,12 @@ class TrainConfig:
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator) -> Batches:
     """Shuffled batches of an in-memory set (normalised images), a fresh order every epoch."""
 
-    def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for idx in torch.randperm(len(x), generator=gen).split(batch):
+    def batches(order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for idx in order.split(batch):
             yield x[idx.to(x.device)], y[idx.to(y.device)], idx
+
+    def epoch(_: int) -> Epoch[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return Epoch(batches(torch.randperm(len(x), generator=gen)), -(-len(x) // batch))
 
     return epoch
 
@@ -133,7 +136,8 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
           aug: Augment | None = None, on_epoch: Any = None, progress: bool = False,
           curve: dict[str, list[float]] | None = None,
           checkpoint: Checkpoint | None = None,
-          extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+          extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          setting: str = "this stage's train.epochs", repeats: int = 1
           ) -> list[float]:
     """Train ``net`` in place on ``batches(epoch)``; returns seconds per epoch.
 
@@ -147,6 +151,9 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
     cross-entropy (InfoDist's boundary loss, :func:`histodistill.select.boundary.boundary_term`).
     The forward pass and loss run under ``cfg``'s :class:`~histodistill.runtime.Compute`
     (bfloat16 autocast, channels_last; the network is left in that memory format).
+    After its first steps the loop logs its projected duration (times ``repeats``, the runs of
+    its kind still to come), as a warning naming ``setting`` when it exceeds ten minutes
+    (:class:`~histodistill.runtime.Projection`).
     """
     if checkpoint is not None and on_epoch is not None:
         raise ValueError("train: a checkpointed loop cannot also report epochs to on_epoch")
@@ -166,13 +173,16 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
         if curve is not None:
             curve.update(resumed["curve"])
         log.info("resuming training from %s (epoch %d)", checkpoint.path, first)
+    projection = Projection(compute.device_type, setting, cfg.epochs - first, repeats)
     net.train()
     for epoch in tqdm(range(first, cfg.epochs), desc="epochs", disable=not progress, leave=False,
                       initial=first, total=cfg.epochs):
         start = time.perf_counter()
         rows, correct = [], []
         loss_sum, hits, seen = 0.0, 0, 0
-        for xb, yb, rb in batches(epoch):
+        epoch_batches = batches(epoch)
+        per_epoch = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
+        for step, (xb, yb, rb) in enumerate(epoch_batches, 1):
             if aug is not None and aug.enabled:
                 xb = aug(xb, gen)
             with compute.autocast():
@@ -193,8 +203,10 @@ def train(net: torch.nn.Module, batches: Batches, cfg: TrainConfig, gen: torch.G
                 assert rb is not None, "on_epoch needs batches that carry their rows"
                 rows.append(rb.cpu())
                 correct.append((logits.argmax(1) == yb).cpu())
+            projection.step(step, per_epoch, time.perf_counter() - start)
         sched.step()
         times.append(time.perf_counter() - start)
+        projection.epoch(times[-1])
         if curve is not None:
             curve.setdefault("loss", []).append(loss_sum / max(seen, 1))
             curve.setdefault("acc", []).append(hits / max(seen, 1))
@@ -247,11 +259,11 @@ class Inputs:
 
     def split(self, split: str, batch: int, seed: int | None = None,
               rows: np.ndarray | None = None
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+              ) -> Epoch[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One streamed pass over a split, or its ``rows`` (store order when ``seed`` is None),
         read ahead by a worker thread."""
-        return device_batches(iterate(self.store, split, batch, seed, self.buffer_mb, rows=rows),
-                              self, self.dev, self.prefetch)
+        epoch = iterate(self.store, split, batch, seed, self.buffer_mb, rows=rows)
+        return Epoch(device_batches(epoch, self, self.dev, self.prefetch), len(epoch))
 
     def split_batches(self, split: str, batch: int, seed: int) -> Batches:
         """Training batches over a split, reshuffled every epoch (seeded)."""
@@ -262,11 +274,12 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
                   inputs: Inputs, im_size: int, num_classes: int, cfg: TrainConfig, runs: int,
                   seed: int, aug: Augment | None, checkpoint: Checkpoint | None = None,
                   split: str = "test",
-                  extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  setting: str = "evaluate.train.epochs"
                   ) -> dict[str, Any]:
     """Train ``arch`` ``runs`` times (seeds seed, seed+1, ...) on ``batches(gen)`` and test each
     on the real ``split`` (``val`` when settings are being chosen). ``checkpoint`` makes a single
-    run resumable per epoch."""
+    run resumable per epoch; ``setting`` is the one a long training's projection names."""
     if checkpoint is not None and runs != 1:
         raise ValueError("evaluate_arch: a checkpoint resumes a single training run")
     results, times = [], []
@@ -277,7 +290,8 @@ def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[tor
         net = models.build(arch, num_classes, im_size, **arch_kwargs).to(inputs.dev)
         curves.append({})
         times += train(net, batches(gen), cfg, gen, aug, progress=runs == 1, curve=curves[-1],
-                       checkpoint=checkpoint, extra_loss=extra_loss)
+                       checkpoint=checkpoint, extra_loss=extra_loss, setting=setting,
+                       repeats=runs - run)
         prob, y = predict(net, inputs.split(split, 512), Compute.on(net, cfg.compute))
         if len(y) == 0:
             raise ValueError(f"{inputs.store.path} has no {split} split to evaluate on")

@@ -5,6 +5,7 @@ training loops train, and accuracy on the pre-tiled demo stays within the run-to
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import TRAIN, make_toy_store
 from histodistill import config, models
 from histodistill.data import ingest
 from histodistill.data.store import PatchStore
-from histodistill.runtime import CHANNELS_LAST, PRECISIONS, Compute
+from histodistill.runtime import CHANNELS_LAST, PRECISIONS, Compute, Projection
 from histodistill.state import load_state
 from histodistill.synth.patches import PatchDemoSpec, make_patch_demo
 from histodistill.training import Inputs, TrainConfig, evaluate_arch, predict, tensor_batches, train
@@ -178,3 +179,25 @@ def test_bf16_accuracy_on_the_pre_tiled_demo_is_within_the_run_to_run_spread(dem
     assert fp32["mean"] > 2 / len(demo_store.class_names)  # it learns (chance: 1/6)
     assert fp32["std"] > 0
     assert abs(bf16["mean"] - fp32["mean"]) <= fp32["std"], results
+
+
+def test_a_long_training_is_announced_with_the_setting_to_lower(caplog):
+    """The projection from the first steps: steps after the first are timed, times the epochs
+    and runs to come; over ten minutes it is a warning naming the setting, else a line of info."""
+    proj = Projection("cpu", "encoders.<name>.train.epochs", epochs=30, repeats=2, probe=3)
+    with caplog.at_level(logging.INFO, logger="histodistill.runtime"):
+        for done, elapsed in ((1, 5.0), (2, 7.0), (3, 9.0)):  # 2 s a step after the first
+            proj.step(done, 100, elapsed)
+        proj.step(4, 100, 11.0)
+        proj.epoch(500.0)  # already told: nothing more
+    [rec] = caplog.records
+    assert rec.levelname == "WARNING" and "~3.3 h" in rec.message  # 2 s x 100 x 30 x 2
+    assert "(2 runs of 30 epochs of 100 steps)" in rec.message
+    assert rec.message.endswith("see encoders.<name>.train.epochs")
+    caplog.clear()
+    short = Projection("cpu", "evaluate.train.epochs", epochs=3)
+    with caplog.at_level(logging.INFO, logger="histodistill.runtime"):
+        short.step(1, None, 1.0)  # an epoch of unknown length: the first epoch is timed
+        short.epoch(20.0)
+    [rec] = caplog.records
+    assert rec.levelname == "INFO" and "~60 s" in rec.message and "see" not in rec.message

@@ -155,7 +155,7 @@ def test_iterate_subset_and_foreign_rows(skewed_store):
     got = np.concatenate([r for _, _, r in iterate(skewed_store, "val", 8, seed=1, rows=subset)])
     assert np.array_equal(np.sort(got), subset)
     with pytest.raises(ValueError, match="not in split 'val'"):
-        next(iterate(skewed_store, "val", 8, seed=None, rows=skewed_store.indices("train")[:3]))
+        iterate(skewed_store, "val", 8, seed=None, rows=skewed_store.indices("train")[:3])
 
 
 def test_sampler_resident_when_split_fits(skewed_store):
@@ -353,3 +353,13 @@ def test_prefetch_stops_its_worker_when_the_consumer_stops_early(stop):
     unstarted = Source(5)
     prefetch(unstarted, depth=2).close()  # a stream never read starts no worker
     assert unstarted.produced == 0 and not workers()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 1000])
+@pytest.mark.parametrize("seed", [None, 3])
+def test_an_epoch_knows_its_batch_count_before_the_first(skewed_store, batch, seed):
+    """len() of an epoch is the number of batches it then yields (a loop projects its duration
+    from it), in store order and shuffled, with a buffer smaller than the split, and on rows."""
+    for rows in (None, skewed_store.indices("train")[::5]):
+        epoch = iterate(skewed_store, "train", batch, seed, buffer_mb=0.01, rows=rows)
+        assert len(epoch) == len(list(epoch))

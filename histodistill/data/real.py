@@ -20,7 +20,8 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from histodistill.data.stream import PREFETCH, ClassSampler, channel_stats, iterate, prefetch
+from histodistill.data.stream import (PREFETCH, ClassSampler, Epoch, channel_stats, iterate,
+                                      prefetch)
 from histodistill.data.store import PatchStore
 
 log = logging.getLogger(__name__)
@@ -160,13 +161,14 @@ class RealData:
         return torch.from_numpy(self.sampler.rows(rows)).to(self.device).float().div_(255)
 
     def epoch(self, batch: int, seed: int | None, rows: np.ndarray | None = None
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+              ) -> Epoch[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One pass over the split (or ``rows``): normalised patches, labels and store rows,
         shuffled through a buffer of ``cache_mb`` when seeded, read ahead by a worker thread."""
         if rows is None and self.sampler.restricted:
             rows = self.sampler.selected_rows
-        return device_batches(iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows),
-                              self.stats.normalise, self.device, self.prefetch)
+        epoch = iterate(self.store, self.split, batch, seed, self.cache_mb, rows=rows)
+        return Epoch(device_batches(epoch, self.stats.normalise, self.device, self.prefetch),
+                     len(epoch))
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -6,7 +6,8 @@ the same chunk many times).
 
 * :func:`channel_stats`: per-channel mean and std of a split, streamed.
 * :func:`iterate`: one epoch over a split in batches, in store order or shuffled through a
-  bounded shuffle buffer (training and prediction).
+  bounded shuffle buffer (training and prediction); an :class:`Epoch`, whose ``len`` is its
+  batch count, so a training loop can project its duration after a few steps.
 * :class:`ClassSampler`: class-balanced random batches for distillation, from the whole split
   when it fits in the cache budget, otherwise from a per-class reservoir refreshed with a few
   random store chunks after every draw.
@@ -21,7 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import zarr
@@ -200,9 +201,23 @@ def record_channel_stats(path: str | os.PathLike) -> dict[str, list[float]]:
     return attrs
 
 
+class Epoch(Generic[_T]):
+    """One epoch of batches whose count is known before the first (``len``): a training loop
+    projects its duration from its first steps (:class:`histodistill.runtime.Projection`)."""
+
+    def __init__(self, batches: Iterable[_T], count: int) -> None:
+        self.batches, self.count = batches, count
+
+    def __iter__(self) -> Iterator[_T]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def iterate(store: PatchStore, split: str, batch: int, seed: int | None, buffer_mb: float = 256,
             rows: np.ndarray | None = None
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            ) -> "Epoch[tuple[np.ndarray, np.ndarray, np.ndarray]]":
     """One epoch over the split (or ``rows``, which must belong to it): batches of patches
     (uint8), labels (int64) and store rows (int64); every row is yielded exactly once.
 
@@ -223,13 +238,13 @@ def iterate(store: PatchStore, split: str, batch: int, seed: int | None, buffer_
             raise ValueError(f"{store.path}: some requested rows are not in split {split!r}")
     rows = rows.astype(np.int64)
     groups = list(_chunk_groups(rows, arr.chunks[0]))
+    count = -(-len(rows) // batch)  # full batches, then the rest
     if seed is None:
-        yield from _ordered(arr, labels, rows, groups, batch)
-    else:
-        row_bytes = int(np.prod(arr.shape[1:]))
-        capacity = min(len(rows), max(batch, int(buffer_mb * _MIB) // row_bytes))
-        yield from _shuffled(arr, labels, rows, groups, batch, capacity,
-                             np.random.default_rng(seed))
+        return Epoch(_ordered(arr, labels, rows, groups, batch), count)
+    row_bytes = int(np.prod(arr.shape[1:]))
+    capacity = min(len(rows), max(batch, int(buffer_mb * _MIB) // row_bytes))
+    return Epoch(_shuffled(arr, labels, rows, groups, batch, capacity, np.random.default_rng(seed)),
+                 count)
 
 
 def _ordered(arr: Any, labels: np.ndarray, rows: np.ndarray,

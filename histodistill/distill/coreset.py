@@ -63,7 +63,8 @@ class _Trained(_Coreset):
         aug = Augment(AugmentConfig.from_config(self.cfg["augment"]),
                       self.ctx.template, real.stats.mean, real.stats.std)
         train(net, lambda epoch: real.epoch(cfg.batch, self.ctx.seed * 100003 + epoch), cfg,
-              self.gen, aug, on_epoch=on_epoch, progress=self.ctx.progress)
+              self.gen, aug, on_epoch=on_epoch, progress=self.ctx.progress,
+              setting=f"distill.methods.{self.name}.train.epochs")
         return net
 
 

@@ -62,7 +62,8 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
 
         times = train(net, lambda epoch: real.epoch(train_cfg.batch, seed * 1000 + k * 100 + epoch),
                       train_cfg, torch.Generator().manual_seed(seed * 1000 + k), aug,
-                      on_epoch=snapshot, progress=True)
+                      on_epoch=snapshot, progress=True, setting="distill.pool.train.epochs",
+                      repeats=int(cfg["size"]) - k)
         log.info("pool network %d/%d trained (%.1fs)", k + 1, cfg["size"], sum(times))
     save_state({"net": cfg["net"], "net_kwargs": cfg["net_kwargs"], "states": states}, out)
 

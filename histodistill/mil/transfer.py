@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import zarr
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore, store_slides
+from histodistill.data.stream import Epoch
 from histodistill.metrics import metrics, summarise_runs
 from histodistill.runtime import Compute, device
 from histodistill.training import Batches, Inputs, TrainConfig, predict, tensor_batches, train
@@ -65,7 +65,7 @@ def _synthetic_patches(distilled: list[str | os.PathLike], centre: int
 
 
 def _streamed(inputs: Inputs, rows: np.ndarray, batch: int, seed: int) -> Batches:
-    def epoch(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def epoch(e: int) -> Epoch[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return inputs.split("train", batch, seed * 100003 + e, rows=rows)
     return epoch
 
@@ -97,7 +97,8 @@ def patch_transfer(inputs: Inputs, aug: Augment, arch: str, arch_kwargs: dict[st
         torch.manual_seed(seed + run)
         net = models.build(arch, num_classes, size, **arch_kwargs).to(inputs.dev)
         times["pre"].append(train(net, _streamed(inputs, target_rows, pretrain.batch, seed + run),
-                                  pretrain, gen, aug))
+                                  pretrain, gen, aug, setting="mil.transfer.pretrain.epochs",
+                                  repeats=runs - run))
         res["pre"].append(_patch_test(net, inputs, pretrain))
         for kind, batches in (("syn", tensor_batches(syn_x, syn_y, finetune.batch, gen)),
                               ("full", _streamed(inputs, source_rows, finetune.batch, seed + run))):

@@ -111,7 +111,7 @@ def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], c
             cfg["arch"], cfg["arch_kwargs"],
             lambda gen: mixed_batches(inputs, sources, train_cfg.batch, seed, cache_mb),
             inputs, int(real.attrs["patch_size"]), len(real.class_names), train_cfg,
-            int(cfg["runs"]), seed, aug)
+            int(cfg["runs"]), seed, aug, setting="select.augment_study.train.epochs")
         fid = frechet_distance(real_feats, ctx.pool.features[pos]) if k > 1 else None
         row = {"setting": name, "ratio": ratio, "synthetic_per_class": k,
                **{m: summary[m] for m in ("acc", "f1", "sensitivity", "specificity", "auc")},

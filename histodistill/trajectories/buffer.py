@@ -76,7 +76,8 @@ def train_expert(cfg: dict[str, Any], inputs: Inputs, seed: int, expert: int,
 
     curve: dict[str, list[float]] = {}
     train(net, inputs.split_batches("train", train_cfg.batch, s), train_cfg,
-          torch.Generator().manual_seed(s), aug, on_epoch=snapshot, progress=progress, curve=curve)
+          torch.Generator().manual_seed(s), aug, on_epoch=snapshot, progress=progress, curve=curve,
+          setting="trajectories.train.epochs")
     log.info("expert %d: training accuracy %.4f after %d epochs", expert, curve["acc"][-1],
              train_cfg.epochs)
     return np.stack(points)
