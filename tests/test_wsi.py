@@ -142,8 +142,10 @@ def test_threads_and_decode_limit(cmu_slide, tumour_slide, which, mag, size, str
     np.testing.assert_array_equal(one, three)
     assert down == down3
     coords = wsi.grid(*slide.dimensions, geom)[1::2]
+    done: list[int] = []
     np.testing.assert_array_equal(wsi.read_patches(path, coords, geom, threads=1),
-                                  wsi.read_patches(path, coords, geom, threads=3))
+                                  wsi.read_patches(path, coords, geom, threads=3, progress=done.append))
+    assert sum(done) == len(coords) and all(done)
     tile = int(slide.properties[f"openslide.level[{geom.level}].tile-width"])
     lxy = np.round(coords / geom.level_downsample).astype(int)
     width, height = geom.level_dims

@@ -342,18 +342,6 @@ class _TiffLevel:
                 list(pool.map(work, [keys[k::threads] for k in range(threads)]))
         return buf
 
-    def window_into(self, tiles: dict[int, np.ndarray], lx: int, ly: int, r: int,
-                    dst: np.ndarray, size: int) -> None:
-        """Write the ``r`` x ``r`` window at level pixel (lx, ly), resized to ``size``, into
-        ``dst``; a window inside one tile that needs no resize is copied once."""
-        tx, ty = lx // self.tw, ly // self.th
-        if (r == size and lx + r <= min((tx + 1) * self.tw, self.width)
-                and ly + r <= min((ty + 1) * self.th, self.height)):
-            x0, y0 = lx - tx * self.tw, ly - ty * self.th
-            dst[...] = tiles[ty * self.ntx + tx][y0:y0 + r, x0:x0 + r]
-        else:
-            dst[...] = _resize(self.window_rect(tiles, lx, ly, r, r), size)
-
 
 def _touched_tiles(lxy: np.ndarray, r: int, tile: tuple[int, int], level_size: tuple[int, int]
                    ) -> set[int]:
@@ -371,12 +359,72 @@ def _touched_tiles(lxy: np.ndarray, r: int, tile: tuple[int, int], level_size: t
 
 
 def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
-               progress: Callable[[int], None] | None, out: np.ndarray, band_rows: int = 1,
-               ahead: int = 2) -> np.ndarray:
-    """Patches from decoded tiles, a band of tile rows at a time; each tile is decoded once.
+               progress: Callable[[int], None] | None, out: np.ndarray) -> np.ndarray:
+    """Patches from decoded tiles, each tile decoded once, in ``threads`` threads."""
+    if geom.read_size == geom.patch_size:
+        return _read_tiff_pieces(level, coords, geom, threads, progress, out)
+    return _read_tiff_bands(level, coords, geom, threads, progress, out)
+
+
+def _read_tiff_pieces(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
+                      progress: Callable[[int], None] | None, out: np.ndarray, task: int = 16
+                      ) -> np.ndarray:
+    """Patches read at their own size: each worker decodes a run of ``task`` tiles (row-major)
+    and copies each tile's part of every patch it touches straight into ``out`` (workers write
+    disjoint pixels), so a tile is used while it is hot and dropped at once; nothing waits
+    for a band."""
+    r = geom.read_size
+    lxy = np.round(coords / geom.level_downsample).astype(np.int64)
+    tw, th, ntx = level.tw, level.th, level.ntx
+    # the part of a window outside the level stays black, as OpenSlide gives it
+    outside = np.flatnonzero((lxy[:, 0] + r > level.width) | (lxy[:, 1] + r > level.height))
+    out[outside] = 0
+    pieces: dict[int, list[tuple[int, int, int, int, int, int, int]]] = {}
+    for i, (lx, ly) in enumerate(lxy.tolist()):  # (patch, tile rows, tile cols, patch y, x)
+        for ty in range(ly // th, min((ly + r - 1) // th, (level.height - 1) // th) + 1):
+            sy, ey = max(ly, ty * th), min(ly + r, (ty + 1) * th, level.height)
+            for tx in range(lx // tw, min((lx + r - 1) // tw, ntx - 1) + 1):
+                sx, ex = max(lx, tx * tw), min(lx + r, (tx + 1) * tw, level.width)
+                if ex <= sx or ey <= sy:  # the window starts past the image's edge
+                    continue
+                pieces.setdefault(ty * ntx + tx, []).append(
+                    (i, sy - ty * th, ey - ty * th, sx - tx * tw, ex - tx * tw, sy - ly, sx - lx))
+    keys = sorted(pieces)
+    runs = [keys[k:k + task] for k in range(0, len(keys), task)]
+    last_run = np.zeros(len(lxy), np.int64)  # a patch is done once the last run it needs is
+    for j, run in enumerate(runs):
+        for key in run:
+            for piece in pieces[key]:
+                last_run[piece[0]] = j
+    finished = np.bincount(last_run, minlength=len(runs))
+    if not runs and progress is not None:  # every window outside the level: all black
+        progress(len(lxy))
+
+    def work(run: list[int]) -> None:
+        for key in run:
+            tile = level.tile(key)
+            for i, y0, y1, x0, x1, py, px in pieces[key]:
+                out[i, py:py + y1 - y0, px:px + x1 - x0] = tile[y0:y1, x0:x1]
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        for j, future in enumerate([pool.submit(work, run) for run in runs]):
+            future.result()
+            if progress is not None and finished[j]:
+                progress(int(finished[j]))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+def _read_tiff_bands(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
+                     progress: Callable[[int], None] | None, out: np.ndarray, band_rows: int = 1,
+                     ahead: int = 2) -> np.ndarray:
+    """Patches read at another size and resized, a band of tile rows at a time; each tile is
+    decoded once.
 
     Pipelined: the worker threads decode the tiles of the next ``ahead`` bands while (and as
-    soon as) others cut the patches of the current band straight into ``out``, so no thread
+    soon as) others cut and resize the patches of the current band into ``out``, so no thread
     waits at a band's end. A tile is dropped once the band after it starts below its row.
     """
     r, size = geom.read_size, geom.patch_size
@@ -395,8 +443,7 @@ def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threa
 
     def cut(members: np.ndarray) -> None:
         for i in members.tolist():
-            lx, ly = int(lxy[i, 0]), int(lxy[i, 1])
-            level.window_into(cache, lx, ly, r, out[i], size)
+            out[i] = _resize(level.window_rect(cache, int(lxy[i, 0]), int(lxy[i, 1]), r, r), size)
 
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
