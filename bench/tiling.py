@@ -30,7 +30,7 @@ subprocess of the peers' Python that stays warm across runs (bench/peers/hs2p_ti
 times itself around ``hs2p.tile_slide`` plus reading every kept tile's pixels into memory with
 ``hs2p.wsi.streaming.iter_tile_arrays_from_result`` (interpreter start and imports excluded),
 interleaved with the tiler (plan and read on all cores, into memory, nothing stored), best of
-N after one untimed warm-up run each. Same slides (the CMU crop and the large slide), same
+``--large-repeats`` after one untimed warm-up run of hs2p. Same slides (the CMU crop and the large slide), same
 output: 256 px patches at 20x, which hs2p asks as microns per pixel (the slide's own mpp at
 20x: 0.499 and 0.5 um/px; tolerance 0.05, no overlap), on all cores (``num_workers``), with
 its tifffile slide reader, given level 0's mpp as OpenSlide reads it (it misreads the SVS
@@ -46,10 +46,12 @@ half as fast on the large slide here). Tissue, matched as closely as the two sem
          kept when >= 0.5 (``min_coverage["tissue"]``) of it lies inside them.
 ``--hs2p-seg hsv`` uses hs2p's default fixed HSV window instead. ``tiling_vs_hs2p`` is hs2p's
 time / the tiler's (>1: the tiler is faster), ``tiling_patches_vs_hs2p`` the tiler's patch
-count / hs2p's; their summaries take the lower slide.
+count / hs2p's; their summaries take the lower slide. The counts differ by more than the masks:
+hs2p starts its grid afresh at each tissue contour, the tiler has one grid for the whole slide;
+the ``hs2p_<slide>`` lines also say how many of hs2p's tiles pass the tiler's tissue test.
 
 ``--smoke``: seconds, for tests: the CMU crop only, a 4,800 x 3,200 large slide in a temporary
-folder, one repeat, the peer only if installed; figures go to results/bench/smoke/tiling.txt,
+folder, one repeat, the peer only if installed (no warm-up); figures go to results/bench/smoke/tiling.txt,
 never over the real ones.
 """
 
