@@ -8,7 +8,7 @@ TARGET  ?= demo_patch_level
 # The demos' settings: overlays merged over config.yaml (defaults: workflow/schemas/config.schema.yaml)
 DEMO_CONFIG := configs/demo.yaml configs/demo_patches.yaml
 
-.PHONY: demo demo-full test test-all test-slurm lint docs report venv resources bench table pcam pcam-generate clean
+.PHONY: demo demo-full test test-all test-slurm lint docs report venv resources bench bench-peers table pcam pcam-generate clean
 
 venv: $(VENV_OK)
 
@@ -60,6 +60,17 @@ docs: $(VENV_OK)
 # `make report TARGET=<file> CONFIG=<files>`: that target on any state, with report_state.html
 report: $(VENV_OK)
 	$(PY) -m histodistill.report report.html $(if $(filter command line,$(origin TARGET)),--target $(TARGET)) $(if $(CONFIG),--configfile $(CONFIG))
+
+# Peer tilers for bench/tiling.py's comparison (hs2p), pinned in bench/peers.txt, in their own
+# venv .venv-peers (not dependencies; the bench skips them with a message when it is missing)
+PEERS_OK := .venv-peers/.installed
+
+bench-peers: $(PEERS_OK)
+
+$(PEERS_OK): bench/peers.txt
+	test -x .venv-peers/bin/python || python3 -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet --disable-pip-version-check -r bench/peers.txt
+	touch $@
 
 bench: $(VENV_OK) $(REAL)
 	$(PY) bench/tiling.py

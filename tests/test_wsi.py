@@ -130,6 +130,34 @@ def test_fast_reader_equals_one_read_per_patch(cmu_slide, tumour_slide, which, m
     np.testing.assert_array_equal(fast, naive)
 
 
+@pytest.mark.parametrize("which, mag, size, stride", [("cmu", 20, 256, 256), ("demo", 7, 48, 48)])
+def test_threads_and_decode_limit(cmu_slide, tumour_slide, which, mag, size, stride):
+    """One thread or several, the same mask and patches; decode_tiles decodes each tile the
+    patches touch once, directly or through OpenSlide."""
+    path = cmu_slide if which == "cmu" else tumour_slide
+    slide = wsi.open_slide(path)
+    geom = wsi.geometry(slide, path, mag, size, stride)
+    one, down = wsi.tissue_mask(slide, path, geom.base_mpp, 1.0, threads=1)  # a level of tiles
+    three, down3 = wsi.tissue_mask(slide, path, geom.base_mpp, 1.0, threads=3)
+    np.testing.assert_array_equal(one, three)
+    assert down == down3
+    coords = wsi.grid(*slide.dimensions, geom)[1::2]
+    done: list[int] = []
+    np.testing.assert_array_equal(wsi.read_patches(path, coords, geom, threads=1),
+                                  wsi.read_patches(path, coords, geom, threads=3, progress=done.append))
+    assert sum(done) == len(coords) and all(done)
+    tile = int(slide.properties[f"openslide.level[{geom.level}].tile-width"])
+    lxy = np.round(coords / geom.level_downsample).astype(int)
+    width, height = geom.level_dims
+    touched = {(ty, tx) for lx, ly in lxy
+               for ty in range(ly // tile, min(ly + geom.read_size - 1, height - 1) // tile + 1)
+               for tx in range(lx // tile, min(lx + geom.read_size - 1, width - 1) // tile + 1)}
+    assert wsi.decode_tiles(path, coords, geom, threads=2) == len(touched) > 0
+    via_openslide = wsi.SlideGeometry(**{**vars(geom), "vendor": "other"})
+    assert wsi.decode_tiles(path, coords, via_openslide, threads=2) == len(touched)
+    assert wsi.decode_tiles(path, coords[:0], geom) == 0
+
+
 def test_blank_slide_has_empty_mask(tmp_path):
     path = tmp_path / "blank.tif"
     with tifffile.TiffWriter(path, bigtiff=True) as tif:

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +118,7 @@ def geometry(
 
 def tissue_mask(
     slide: openslide.OpenSlide, path: str | os.PathLike, mpp: float, mask_mpp: float = 8.0,
-    max_size: int = 2048, min_saturation: float = 15.0,
+    max_size: int = 2048, min_saturation: float = 15.0, threads: int = 1,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Otsu tissue mask on the saturation of a low-magnification thumbnail.
 
@@ -126,11 +126,11 @@ def tissue_mask(
     stroma blend and Otsu separates tissue from glass, capped at ``max_size`` pixels. The Otsu
     threshold is floored at ``min_saturation`` (0-255), so a blank slide gives an empty mask
     instead of a threshold through background noise. Returns the boolean mask and its
-    downsample ``(dx, dy)`` relative to level 0.
+    downsample ``(dx, dy)`` relative to level 0. ``threads`` decode the thumbnail's level.
     """
     w0, h0 = slide.dimensions
     side = int(np.clip(max(w0, h0) * mpp / mask_mpp, 32, max_size))
-    thumb = thumbnail(slide, path, side)
+    thumb = thumbnail(slide, path, side, threads)
     # the BOX-averaged thumbnail is already smooth; opening below removes isolated specks
     sat = np.asarray(Image.fromarray(thumb).convert("HSV").getchannel("S"))
     if sat.max() < min_saturation:
@@ -143,12 +143,14 @@ def tissue_mask(
     return mask, (w0 / mask.shape[1], h0 / mask.shape[0])
 
 
-def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int) -> np.ndarray:
+def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int, threads: int = 1
+              ) -> np.ndarray:
     """RGB image of the whole slide whose longest side is ``side`` pixels, cheaply.
 
     Uses the coarsest pyramid level that is at least that large; when even that level is over
     four times larger and the file embeds a thumbnail of the same aspect ratio (Aperio SVS
-    does), that thumbnail is used instead. Tiled TIFF levels are decoded directly.
+    does), that thumbnail is used instead. Tiled TIFF levels are decoded directly, in
+    ``threads`` threads.
     """
     w0, h0 = slide.dimensions
     scale = side / max(w0, h0)
@@ -167,8 +169,7 @@ def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int) ->
             image = read_region(slide, path, (0, 0), level, (lw, lh)).convert("RGB")
         else:
             try:
-                tiles = {i: tiff.tile(i) for i in range(len(tiff.offsets))}
-                image = Image.fromarray(tiff.window_rect(tiles, 0, 0, lw, lh))
+                image = Image.fromarray(tiff.whole(threads))
             finally:
                 tiff.close()
     return np.asarray(image.resize(size, Image.Resampling.BOX))
@@ -199,8 +200,10 @@ def box_fraction(
     image, so it costs O(N) whatever the patch size.
     """
     dx, dy = down
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    count = np.int32 if mask.size < 2**31 else np.int64  # exact either way; int32 is faster
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), count)
+    np.cumsum(mask, 0, dtype=count, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], 1, out=integral[1:, 1:])
     # pixel j lies inside [x, x + size0) when x <= (j + 0.5) dx < x + size0
     j0 = np.clip(np.ceil(coords[:, 0] / dx - 0.5), 0, mask.shape[1]).astype(np.int64)
     j1 = np.clip(np.ceil((coords[:, 0] + size0) / dx - 0.5), 0, mask.shape[1]).astype(np.int64)
@@ -283,12 +286,6 @@ class _TiffLevel:
     def close(self) -> None:
         os.close(self.fd)
 
-    def rows_cols(self, lx: int, ly: int, r: int) -> tuple[range, range]:
-        """Tile rows and columns an ``r``-pixel window at level pixel (lx, ly) touches."""
-        last_row, last_col = (self.height - 1) // self.th, self.ntx - 1
-        return (range(ly // self.th, min((ly + r - 1) // self.th, last_row) + 1),
-                range(lx // self.tw, min((lx + r - 1) // self.tw, last_col) + 1))
-
     def tile(self, index: int) -> np.ndarray:
         """Decode tile ``index`` (row-major) as (th, tw, 3) uint8."""
         if self.counts[index] == 0:  # sparse tile: OpenSlide paints it transparent, i.e. black
@@ -324,36 +321,156 @@ class _TiffLevel:
                         tiles[ty * self.ntx + tx][sy - y0:ey - y0, sx - x0:ex - x0]
         return out
 
+    def whole(self, threads: int = 1) -> np.ndarray:
+        """The whole level as (height, width, 3) uint8, its tiles decoded in ``threads``
+        threads straight into place."""
+        buf = np.empty((self.height, self.width, 3), np.uint8)
+
+        def work(keys: range) -> None:
+            for key in keys:
+                ty, tx = divmod(key, self.ntx)
+                y0, x0 = ty * self.th, tx * self.tw
+                h, w = min(self.th, self.height - y0), min(self.tw, self.width - x0)
+                buf[y0:y0 + h, x0:x0 + w] = self.tile(key)[:h, :w]
+
+        keys = range(len(self.offsets))
+        threads = max(1, min(threads, len(keys)))
+        if threads == 1:
+            work(keys)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(work, [keys[k::threads] for k in range(threads)]))
+        return buf
+
+
+def _touched_tiles(lxy: np.ndarray, r: int, tile: tuple[int, int], level_size: tuple[int, int]
+                   ) -> set[int]:
+    """Row-major indices of the ``tile`` (w, h) sized tiles of a level of ``level_size`` (w, h)
+    that ``r`` x ``r`` windows at level pixels ``lxy`` (N, 2) touch."""
+    (tw, th), (width, height) = tile, level_size
+    ntx = -(-width // tw)
+    x0, y0 = lxy[:, 0] // tw, lxy[:, 1] // th
+    x1 = np.minimum((lxy[:, 0] + r - 1) // tw, ntx - 1)
+    y1 = np.minimum((lxy[:, 1] + r - 1) // th, (height - 1) // th)
+    need: set[int] = set()
+    for ax, bx, ay, by in zip(x0.tolist(), x1.tolist(), y0.tolist(), y1.tolist()):
+        need.update(ty * ntx + tx for ty in range(ay, by + 1) for tx in range(ax, bx + 1))
+    return need
+
 
 def _read_tiff(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
-               progress: Callable[[int], None] | None, out: np.ndarray, band_rows: int = 4
-               ) -> np.ndarray:
-    """Patches from decoded tiles, a band of tile rows at a time; each tile is decoded once."""
+               progress: Callable[[int], None] | None, out: np.ndarray) -> np.ndarray:
+    """Patches from decoded tiles, each tile decoded once, in ``threads`` threads."""
+    if geom.read_size == geom.patch_size:
+        return _read_tiff_pieces(level, coords, geom, threads, progress, out)
+    return _read_tiff_bands(level, coords, geom, threads, progress, out)
+
+
+def _read_tiff_pieces(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
+                      progress: Callable[[int], None] | None, out: np.ndarray, task: int = 16
+                      ) -> np.ndarray:
+    """Patches read at their own size: each worker decodes a run of ``task`` tiles (row-major)
+    and copies each tile's part of every patch it touches straight into ``out`` (workers write
+    disjoint pixels), so a tile is used while it is hot and dropped at once; nothing waits
+    for a band."""
     r = geom.read_size
+    lxy = np.round(coords / geom.level_downsample).astype(np.int64)
+    tw, th, ntx = level.tw, level.th, level.ntx
+    # the part of a window outside the level stays black, as OpenSlide gives it
+    outside = np.flatnonzero((lxy[:, 0] + r > level.width) | (lxy[:, 1] + r > level.height))
+    out[outside] = 0
+    pieces: dict[int, list[tuple[int, int, int, int, int, int, int]]] = {}
+    for i, (lx, ly) in enumerate(lxy.tolist()):  # (patch, tile rows, tile cols, patch y, x)
+        for ty in range(ly // th, min((ly + r - 1) // th, (level.height - 1) // th) + 1):
+            sy, ey = max(ly, ty * th), min(ly + r, (ty + 1) * th, level.height)
+            for tx in range(lx // tw, min((lx + r - 1) // tw, ntx - 1) + 1):
+                sx, ex = max(lx, tx * tw), min(lx + r, (tx + 1) * tw, level.width)
+                if ex <= sx or ey <= sy:  # the window starts past the image's edge
+                    continue
+                pieces.setdefault(ty * ntx + tx, []).append(
+                    (i, sy - ty * th, ey - ty * th, sx - tx * tw, ex - tx * tw, sy - ly, sx - lx))
+    keys = sorted(pieces)
+    runs = [keys[k:k + task] for k in range(0, len(keys), task)]
+    last_run = np.zeros(len(lxy), np.int64)  # a patch is done once the last run it needs is
+    for j, run in enumerate(runs):
+        for key in run:
+            for piece in pieces[key]:
+                last_run[piece[0]] = j
+    finished = np.bincount(last_run, minlength=len(runs))
+    if not runs and progress is not None:  # every window outside the level: all black
+        progress(len(lxy))
+
+    def work(run: list[int]) -> None:
+        for key in run:
+            tile = level.tile(key)
+            for i, y0, y1, x0, x1, py, px in pieces[key]:
+                out[i, py:py + y1 - y0, px:px + x1 - x0] = tile[y0:y1, x0:x1]
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        for j, future in enumerate([pool.submit(work, run) for run in runs]):
+            future.result()
+            if progress is not None and finished[j]:
+                progress(int(finished[j]))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+def _read_tiff_bands(level: _TiffLevel, coords: np.ndarray, geom: SlideGeometry, threads: int,
+                     progress: Callable[[int], None] | None, out: np.ndarray, band_rows: int = 1,
+                     ahead: int = 2) -> np.ndarray:
+    """Patches read at another size and resized, a band of tile rows at a time; each tile is
+    decoded once.
+
+    Pipelined: the worker threads decode the tiles of the next ``ahead`` bands while (and as
+    soon as) others cut and resize the patches of the current band into ``out``, so no thread
+    waits at a band's end. A tile is dropped once the band after it starts below its row.
+    """
+    r, size = geom.read_size, geom.patch_size
     lxy = np.round(coords / geom.level_downsample).astype(np.int64)
     order = np.lexsort((lxy[:, 0], lxy[:, 1]))
     band = lxy[order, 1] // (level.th * band_rows)
+    cuts = np.flatnonzero(np.diff(band)) + 1
+    groups = np.split(order, cuts)
+    first_rows = [int(band[0]) * band_rows] + [int(b) * band_rows for b in band[cuts]]
     cache: dict[int, np.ndarray] = {}
+    scheduled: set[int] = set()
     threads = max(1, threads)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for b in np.unique(band):
-            members = order[band == b]
-            need: set[int] = set()
-            for lx, ly in lxy[members]:
-                rows, cols = level.rows_cols(int(lx), int(ly), r)
-                need.update(ty * level.ntx + tx for ty in rows for tx in cols)
-            todo = sorted(need - cache.keys())
-            chunks = [todo[k::threads] for k in range(threads)]  # one task per thread
-            for keys, decoded in zip(chunks, pool.map(lambda ks: [level.tile(k) for k in ks], chunks)):
-                cache.update(zip(keys, decoded))
-            for i in members:
-                lx, ly = int(lxy[i, 0]), int(lxy[i, 1])
-                out[i] = _resize(level.window_rect(cache, lx, ly, r, r), geom.patch_size)
-            next_row = (int(b) + 1) * band_rows  # later bands start here: drop rows above
+
+    def decode(keys: list[int]) -> list[tuple[int, np.ndarray]]:
+        return [(k, level.tile(k)) for k in keys]
+
+    def cut(members: np.ndarray) -> None:
+        for i in members.tolist():
+            out[i] = _resize(level.window_rect(cache, int(lxy[i, 0]), int(lxy[i, 1]), r, r), size)
+
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        def submit_decode(j: int) -> list[Future[list[tuple[int, np.ndarray]]]]:
+            need = _touched_tiles(lxy[groups[j]], r, (level.tw, level.th), (level.width, level.height))
+            todo = sorted(need - scheduled)
+            scheduled.update(todo)
+            return [pool.submit(decode, todo[k::threads]) for k in range(threads) if todo[k:]]
+
+        decoding = [submit_decode(j) for j in range(min(ahead, len(groups)))]
+        for j, members in enumerate(groups):
+            for decoded in decoding[j]:
+                cache.update(decoded.result())
+            decoding[j] = []
+            cutting = [pool.submit(cut, part) for part in np.array_split(members, threads)
+                       if len(part)]
+            if j + ahead < len(groups):
+                decoding.append(submit_decode(j + ahead))
+            for done in cutting:
+                done.result()
+            next_row = first_rows[j + 1] if j + 1 < len(groups) else level.height
             for key in [k for k in cache if k // level.ntx < next_row]:
                 del cache[key]
             if progress is not None:
                 progress(len(members))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -430,6 +547,56 @@ def read_patches(
         return _read_tiff(level, coords, geom, threads, progress, out)
     finally:
         level.close()
+
+
+def decode_tiles(slide_path: str | os.PathLike, coords: np.ndarray, geom: SlideGeometry,
+                 threads: int = 2) -> int:
+    """Decode, in ``threads`` threads, exactly the tiles of level ``geom.level`` that the patches
+    at ``coords`` (level-0 corners) touch, each once, and return how many.
+
+    Nothing is cut, resized or stored: this is the decode limit that :func:`read_patches` can
+    at best reach on the same patches (benchmarks compare against it). Levels without a direct
+    tile reader (see :func:`read_patches`) are decoded with one OpenSlide ``read_region`` per
+    internal tile, each thread with its own handle.
+    """
+    if len(coords) == 0:
+        return 0
+    lxy = np.round(np.asarray(coords) / geom.level_downsample).astype(np.int64)
+    r, threads = geom.read_size, max(1, threads)
+    level = _TiffLevel.open(slide_path, geom.vendor, geom.level, geom.level_dims)
+    if level is not None:
+        tw, th, (width, height) = level.tw, level.th, (level.width, level.height)
+    else:
+        with openslide.OpenSlide(str(slide_path)) as slide:
+            tw = th = _tile_size(slide, geom.level)
+        width, height = geom.level_dims
+    ntx = -(-width // tw)
+    todo = sorted(_touched_tiles(lxy, r, (tw, th), (width, height)))
+    chunks = [todo[k::threads] for k in range(threads)]
+    if level is not None:
+        tiff = level
+
+        def work(keys: list[int]) -> int:
+            for key in keys:
+                tiff.tile(key)
+            return len(keys)
+    else:
+        ds = geom.level_downsample
+
+        def work(keys: list[int]) -> int:
+            with openslide.OpenSlide(str(slide_path)) as own:
+                for key in keys:
+                    ty, tx = divmod(key, ntx)
+                    size = (min(tw, width - tx * tw), min(th, height - ty * th))
+                    read_region(own, slide_path, (round(tx * tw * ds), round(ty * th * ds)),
+                                geom.level, size)
+            return len(keys)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return sum(pool.map(work, chunks))
+    finally:
+        if level is not None:
+            level.close()
 
 
 def iter_level_tiles(slide: openslide.OpenSlide, level: int) -> Iterator[tuple[int, int, int, int]]:
