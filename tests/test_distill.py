@@ -332,7 +332,7 @@ def test_forgetting_keeps_the_most_forgotten(toy_store, monkeypatch):
     flips = {0: [True, False, True, False], 4: [True, False, False, False],
              7: [True, False, True, False]}
 
-    def fake_train(net, batches, cfg, gen, aug=None, on_epoch=None, progress=False):
+    def fake_train(net, batches, cfg, gen, aug=None, on_epoch=None, progress=False, **_):
         rows = torch.from_numpy(train_rows)
         for epoch in range(4):  # rows 0 and 7 are forgotten twice, row 4 once, others never
             correct = torch.ones(len(rows), dtype=torch.bool)

@@ -48,7 +48,7 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
         geom = wsi.geometry(slide, path, cfg["magnification"], cfg["patch_size"], cfg["stride"],
                             cfg.get("default_mpp"))
         mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
-                                     cfg["min_saturation"], int(cfg.get("threads", 1)))
+                                     cfg["min_saturation"], int(cfg["threads"]))
         dims = slide.dimensions
         coords = wsi.grid(*dims, geom)
     finally:
