@@ -25,11 +25,8 @@ results/bench/smoke/memory.txt.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _child import child_result  # noqa: E402  (bench/_child.py, beside this script)
 from histodistill import config  # noqa: E402
 
 # complete settings, as the library takes them: the schema's defaults with the bench's values
@@ -137,14 +135,7 @@ def run_stage(name: str, store: Path, cache_mb: float, untrimmed: bool = False,
     flags = ["--untrimmed"] * untrimmed + ["--smoke"] * smoke
     with tempfile.TemporaryDirectory() as work:
         argv = ["--stage", name, "--store", str(store), "--work", work, "--cache-mb", str(cache_mb), *flags]
-        if smoke:
-            with contextlib.redirect_stdout(io.StringIO()) as buf:
-                main(argv)
-            out = buf.getvalue()
-        else:
-            out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
-                                 text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        return child_result(__file__, main, argv, fresh=not smoke)
 
 
 def step_ratio(store: Path, cache_mb: float, repeats: int = 5, smoke: bool = False

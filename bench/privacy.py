@@ -22,11 +22,8 @@ results/bench/smoke/privacy.txt.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 SIZE = 32
 HELD_OUT = 500  # per class
+
+from _child import child_result  # noqa: E402  (bench/_child.py, beside this script)
 from histodistill import config  # noqa: E402
 
 ENCODER = {**config.defaults("$defs/encoder"), "kind": "supervised", "net": "convnet", "seed": 0,
@@ -102,14 +101,7 @@ def measure(store: Path, encoder: Path, synthetic: Path, held_out: int = HELD_OU
     """The audit's seconds and peak RSS, in a fresh process (in this one when not ``fresh``)."""
     argv = ["--child", str(store), str(encoder), str(synthetic), "--held-out", str(held_out),
             "--threads", str(threads)]
-    if fresh:
-        out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
-                             text=True).stdout
-    else:
-        with contextlib.redirect_stdout(io.StringIO()) as buf:
-            main(argv)
-        out = buf.getvalue()
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(__file__, main, argv, fresh)
 
 
 def main(argv: list[str] | None = None) -> None:

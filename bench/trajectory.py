@@ -25,11 +25,8 @@ results/bench/smoke/trajectory.txt.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from memory import AUGMENT, TRAIN, make_store  # noqa: E402  (bench/memory.py, beside this script)
 
+from _child import child_result  # noqa: E402  (bench/_child.py, beside this script)
 from histodistill import config  # noqa: E402
 
 BUFFER = {"experts": 1, "epochs": 2, "net": "convnet",
@@ -118,14 +116,7 @@ def measure(args: argparse.Namespace, store: Path, experts: Path, method: str, s
     argv = ["--child", method, "--store", str(store), "--experts", str(experts), "--steps",
             str(steps), "--segment", str(segment), "--ipc", str(args.ipc), "--repeats",
             str(args.repeats), "--threads", str(args.threads)]
-    if args.smoke:
-        with contextlib.redirect_stdout(io.StringIO()) as buf:
-            main(argv)
-        out = buf.getvalue()
-    else:
-        out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
-                             text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(__file__, main, argv, fresh=not args.smoke)
 
 
 def main(argv: list[str] | None = None) -> None:

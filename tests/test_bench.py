@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 
-BENCHES = sorted((ROOT / "bench").glob("*.py"))
+BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
 FIGURE = re.compile(r"^[A-Za-z_][\w.\-]*: (\S+)$")
 TAIL = 3  # the last lines of every bench's output: figures with numeric values
 
