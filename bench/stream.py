@@ -1,7 +1,7 @@
 """Streaming speed: class-balanced batches from a large patch store against raw chunk decoding,
 and training steps fed by the stream against training steps on preloaded tensors.
 
-Usage: python bench/stream.py [--n 20480] [--repeats 3] [--train-repeats 5] [--steps 24] [--smoke]
+Usage: python bench/stream.py [--n 20480] [--repeats 3] [--train-repeats 7] [--steps 24] [--smoke]
 
 Store: ``--n`` (>= 20,000) 256 px uint8 patches of four tissue classes in equal numbers, in
 random class order, all in the training split, written with the library's ``StoreWriter`` (the
@@ -32,7 +32,9 @@ batch weighs as much as a CPU allows against a step, batch 32, trained by
 ``histodistill.training.train`` on --steps batches of the streamed training split
 (``Inputs.split_batches``: shuffled, normalised, read ahead by the worker thread) against the
 very same batches preloaded as tensors, and against the stream without the worker (prefetch
-0); interleaved, best of --train-repeats. A step's
+0); interleaved, --train-repeats times, each ratio the median over repeats of the ratio within
+a repeat (paired: one fast or slow run on a shared VM does not decide it, as a best-of would;
+the preloaded step alone varied by a third between repeats here). A step's
 time is the time from one batch to the next, as the loop sees it (so it includes any wait for
 the batch), over the steps after the first two (the first fills the shuffle buffer).
 ``train_step_ratio`` is the streamed step over the preloaded one (goal <= 1.05);
@@ -54,6 +56,7 @@ import argparse
 import copy
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -215,7 +218,7 @@ def training(store: PatchStore, repeats: int, steps: int, batch: int, width: int
         "preloaded": lambda e: iter(preloaded),
         **{k: (lambda e, f=f: islice(f.split_batches("train", batch, seed)(0), steps))
            for k, f in feeds.items()}}
-    best: dict[str, tuple[float, float]] = {}
+    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode, batches in modes.items():
             stamps: list[tuple[float, float]] = []
@@ -224,18 +227,22 @@ def training(store: PatchStore, repeats: int, steps: int, batch: int, width: int
             wall, own = per_step(stamps, warm)
             print(f"  {mode}: {wall * 1e3:.0f} ms per step (batch {batch}), "
                   f"{own * 1e3:.0f} ms not queued for a core")
-            old = best.get(mode, (float("inf"), float("inf")))
-            best[mode] = (min(old[0], wall), min(old[1], own))
+            runs[mode].append((wall, own))
     # loading and preparing a batch alone (the stream's own steps, on the same single thread)
     stamps = []
     for _ in stamped(islice(feeds["inline"].split_batches("train", batch, seed)(0), steps), stamps):
         pass
     load = per_step(stamps, warm)[1]
-    return {"ratio": best["prefetch"][0] / best["preloaded"][0],
-            "ratio_inline": best["inline"][0] / best["preloaded"][0],
-            "ratio_own": best["prefetch"][1] / best["preloaded"][1],
-            "ratio_inline_own": best["inline"][1] / best["preloaded"][1],
-            "step_ms": best["preloaded"][0] * 1e3, "load_vs_step": load / best["preloaded"][1]}
+    def paired(mode: str, k: int) -> float:
+        """The median over repeats of ``mode``'s step over the preloaded step of the same repeat
+        (paired: a drift of the machine between repeats cancels)."""
+        return statistics.median(m[k] / p[k] for m, p in zip(runs[mode], runs["preloaded"]))
+
+    step = statistics.median(w for w, _ in runs["preloaded"])
+    own = statistics.median(o for _, o in runs["preloaded"])
+    return {"ratio": paired("prefetch", 0), "ratio_inline": paired("inline", 0),
+            "ratio_own": paired("prefetch", 1), "ratio_inline_own": paired("inline", 1),
+            "step_ms": step * 1e3, "load_vs_step": load / own}
 
 
 def main() -> None:
@@ -243,7 +250,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20480, help="patches in the store (>= 20,000)")
     parser.add_argument("--size", type=int, default=256, help="patch size (px)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-repeats", type=int, default=5)
+    parser.add_argument("--train-repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=24, help="training steps timed per mode")
     parser.add_argument("--batch", type=int, default=32, help="training batch")
     parser.add_argument("--width", type=int, default=2, help="ConvNet width")
