@@ -50,9 +50,12 @@ rule demo:
 
 rule demo_patch_level:
     """The demo's patch-level table alone (tiling, stain template, pool, distillation, evaluation,
-    the full-data bound): what `make demo` builds; `demo` adds the slide level and privacy."""
+    the full-data bound): what `make demo` builds; `demo` adds the slide level and privacy.
+    """
     input:
-        profile_inputs("demo_patch_level", ["demo"], final_targets("demo", "patch_eval/")),
+        profile_inputs(
+            "demo_patch_level", ["demo"], final_targets("demo", "patch_eval/")
+        ),
 
 
 rule demo_pretiled:

@@ -179,7 +179,9 @@ def final_targets(name, stage=""):
     """Every result file the configured targets ask for, for one dataset (with ``stage``, e.g.
     "patch_eval/", that stage's file of each instead)."""
     t = config["targets"]
-    return [f"results/{name}/{stage}{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]]
+    return [
+        f"results/{name}/{stage}{m}_ipc{i}.json" for m in t["methods"] for i in t["ipc"]
+    ]
 
 
 def profile_inputs(rule_name, names, files):
