@@ -199,7 +199,7 @@ def versus_hs2p(name: str, path: Path, cfg: dict, peer: Hs2p, repeats: int, warm
                 ) -> tuple[float, float, str]:
     """Interleaved best of ``repeats``: hs2p's time / the tiler's, the tiler's patch count /
     hs2p's, and a line describing both."""
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
     replies: list[dict[str, Any]] = [peer.tile(path, cfg, geom)] if warm_up else []  # untimed
 
     def hs2p() -> float:
@@ -231,11 +231,11 @@ def large_case(base: dict, size: tuple[int, int], repeats: int, folder: Path) ->
     path = large_slide(*size, folder)
     cores = os.cpu_count() or 1
     cfg = base | {"magnification": 20, "patch_size": 256, "stride": 256, "threads": cores}
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
     cpu: dict[str, float] = {}
     t = best_of({"naive": lambda: naive(path, cfg),
                  "tiler": lambda: tiler(path, cfg),
-                 "plan": lambda: len(tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)[0]),
+                 "plan": lambda: len(tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))[0]),
                  "reads": lambda: sum(len(p) for _, p in tiling.read_chunks(path, coords, geom, cores)),
                  "decode": lambda: wsi.decode_tiles(path, coords, geom, cores)}, repeats, cpu=cpu)
     n_tiles = wsi.decode_tiles(path, coords, geom, cores)
@@ -252,7 +252,7 @@ def large_case(base: dict, size: tuple[int, int], repeats: int, folder: Path) ->
 
 def tiler(path: Path, cfg: dict) -> int:
     """Plan, then read chunk by chunk into one buffer, as a tiling job does before storing."""
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
     return sum(len(p) for _, p in tiling.read_chunks(path, coords, geom, int(cfg["threads"])))
 
 
@@ -318,7 +318,7 @@ def main() -> None:
     try:
         speedups, vs_decode, read_speedups = {}, {}, {}
         for name, (path, cfg) in cases.items():
-            coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES)
+            coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
             n_naive = naive(path, cfg)
             assert n_naive == len(coords), "naive loop and tiler must keep the same patches"
             t = best_of({"naive": lambda: naive(path, cfg),

@@ -37,8 +37,10 @@ READ_BYTES = 64 * 2**20
 
 
 def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index: int,
-               cfg: dict[str, Any], class_names: list[str]) -> tuple[np.ndarray, np.ndarray, wsi.SlideGeometry]:
-    """Decide which patches of one slide to keep and their labels, without reading pixels.
+               cfg: dict[str, Any], class_names: list[str], threads: int = 1
+               ) -> tuple[np.ndarray, np.ndarray, wsi.SlideGeometry]:
+    """Decide which patches of one slide to keep and their labels, without reading pixels (the
+    mask level decoded in ``threads`` threads, an operational setting: the patches are the same).
 
     Returns level-0 corners (N, 2), label indices (N,) and the read geometry. Raises
     :class:`InputError` naming the slide when it has no tissue or cannot be read.
@@ -48,7 +50,7 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
         geom = wsi.geometry(slide, path, cfg["magnification"], cfg["patch_size"], cfg["stride"],
                             cfg.get("default_mpp"))
         mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
-                                     cfg["min_saturation"], int(cfg["threads"]))
+                                     cfg["min_saturation"], threads)
         dims = slide.dimensions
         coords = wsi.grid(*dims, geom)
     finally:
@@ -209,7 +211,7 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
         writer = StoreWriter(tmp, cfg["patch_size"])
         try:
             coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"],
-                                              row["index"], cfg, class_names)
+                                              row["index"], cfg, class_names, threads)
         except InputError as err:
             if not (cfg.get("skip_empty") and "tissue" in str(err)):
                 raise
