@@ -92,7 +92,7 @@ def test_editing_a_section_reruns_only_its_stage_and_below(built):
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"stain_template": 1, **below_stain}
         tiny_config(built / "config.yaml", tiling={"tissue_threshold": 0.6})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {
-            "tile_slides": 4, "tile": 1, "stain_template": 1, **below_stain,
+            "tile_slides": 1, "tile": 1, "stain_template": 1, **below_stain,  # ten slides a job
             "train_encoder": 1, "extract_features": 4, "full_mil": 2}
         tiny_config(built / "config.yaml", evaluate={"seed": 3})
         assert planned_jobs(snakemake(built, "-n", "demo")) == {"full_train": 1, "evaluate": 3, "result": 3, "demo": 1}
