@@ -265,9 +265,10 @@ class Inputs:
         epoch = iterate(self.store, split, batch, seed, self.buffer_mb, rows=rows)
         return Epoch(device_batches(epoch, self, self.dev, self.prefetch), len(epoch))
 
-    def split_batches(self, split: str, batch: int, seed: int) -> Batches:
-        """Training batches over a split, reshuffled every epoch (seeded)."""
-        return lambda epoch: self.split(split, batch, seed * 100003 + epoch)
+    def split_batches(self, split: str, batch: int, seed: int, rows: np.ndarray | None = None
+                      ) -> Batches:
+        """Training batches over a split (or its ``rows``), reshuffled every epoch (seeded)."""
+        return lambda epoch: self.split(split, batch, seed * 100003 + epoch, rows=rows)
 
 
 def evaluate_arch(arch: str, arch_kwargs: dict[str, Any], batches: Callable[[torch.Generator], Batches],

@@ -28,10 +28,9 @@ import zarr
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.store import PatchStore, store_slides
-from histodistill.data.stream import Epoch
 from histodistill.metrics import metrics, summarise_runs
 from histodistill.runtime import Compute, device
-from histodistill.training import Batches, Inputs, TrainConfig, predict, tensor_batches, train
+from histodistill.training import Inputs, TrainConfig, predict, tensor_batches, train
 from histodistill.io import InputError, write_json
 from histodistill.mil.train import Bags, bag_storage, bag_metrics, train_model
 from histodistill.stain import StainTemplate
@@ -64,12 +63,6 @@ def _synthetic_patches(distilled: list[str | os.PathLike], centre: int
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _streamed(inputs: Inputs, rows: np.ndarray, batch: int, seed: int) -> Batches:
-    def epoch(e: int) -> Epoch[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return inputs.split("train", batch, seed * 100003 + e, rows=rows)
-    return epoch
-
-
 def _patch_test(net: torch.nn.Module, inputs: Inputs, cfg: TrainConfig) -> dict[str, float]:
     prob, y = predict(net, inputs.split("test", 512), Compute.on(net, cfg.compute))
     return metrics(y, prob)
@@ -96,12 +89,12 @@ def patch_transfer(inputs: Inputs, aug: Augment, arch: str, arch_kwargs: dict[st
         gen = torch.Generator().manual_seed(seed + run)
         torch.manual_seed(seed + run)
         net = models.build(arch, num_classes, size, **arch_kwargs).to(inputs.dev)
-        times["pre"].append(train(net, _streamed(inputs, target_rows, pretrain.batch, seed + run),
+        times["pre"].append(train(net, inputs.split_batches("train", pretrain.batch, seed + run, target_rows),
                                   pretrain, gen, aug, setting="mil.transfer.pretrain.epochs",
                                   repeats=runs - run))
         res["pre"].append(_patch_test(net, inputs, pretrain))
         for kind, batches in (("syn", tensor_batches(syn_x, syn_y, finetune.batch, gen)),
-                              ("full", _streamed(inputs, source_rows, finetune.batch, seed + run))):
+                              ("full", inputs.split_batches("train", finetune.batch, seed + run, source_rows))):
             tuned = copy.deepcopy(net)
             times[kind].append(train(tuned, batches, finetune, gen, aug))
             res[kind].append(_patch_test(tuned, inputs, finetune))
