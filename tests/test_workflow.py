@@ -46,6 +46,10 @@ def test_demo_target_builds_every_stage(built):
     assert "patches" in (built / "logs/tile/demo.log").read_text()
     assert (built / "benchmarks/tile/demo.tsv").exists()
     assert planned_jobs(snakemake(built, "-n", "demo")) == {}
+    # `make demo`'s target: the patch level alone, no slide level, no privacy audit
+    patch_level = planned_jobs(snakemake(built, "-n", "--forceall", "demo_patch_level"))
+    assert {"tile", "distill", "evaluate", "full_train"} <= set(patch_level)
+    assert not {"privacy_audit", "result", "full_mil", "evaluate_mil", "train_encoder"} & set(patch_level)
     text = summarise(built / "results/demo")
     assert f"{len(store)} patches of 32 px" in text and "template patch" in text
     assert "histodd_ipc10.json" in text and "random_ipc10.json" in text
