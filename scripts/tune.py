@@ -4,4 +4,4 @@ from histodistill.logs import rule_logging
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
-    choose(list(sm.input), sm.output[0])
+    choose(list(sm.input), sm.output[0], sm.params.max_saturated)

@@ -116,9 +116,10 @@ def test_a_store_without_val_is_refused_not_judged_on_test(stores):
     assert selection_split(PatchStore(stores["val"])) == "val"
 
 
-def _candidate(tmp, k, acc, split="val"):
+def _candidate(tmp, k, acc, split="val", saturated=0.0):
     path = tmp / f"cand{k}.json"
     path.write_text(json.dumps({"overrides": {"lr_img": k}, "split": split,
+                                "saturated_fraction": saturated,
                                 "patch": {"convnet": {"acc": {"mean": acc, "std": 0.0},
                                                       "auc": {"mean": acc, "std": 0.0}}},
                                 "distill": {"seconds": 10.0 + k, "image_updates": 5}}))
@@ -127,12 +128,22 @@ def _candidate(tmp, k, acc, split="val"):
 
 def test_the_best_validation_accuracy_is_chosen_ties_to_the_first(tmp_path):
     files = [_candidate(tmp_path, k, acc) for k, acc in enumerate([0.6, 0.7, 0.7, 0.5])]
-    choice = choose(files, tmp_path / "choice.json")
+    choice = choose(files, tmp_path / "choice.json", 0.02)
     assert choice["choice"] == 1 and choice["overrides"] == {"lr_img": 1}
     assert choice["split"] == "val" and len(choice["candidates"]) == 4
     assert json.loads((tmp_path / "choice.json").read_text()) == choice
     with pytest.raises(ValueError, match="test split"):
-        choose([_candidate(tmp_path, 9, 0.9, "test")], tmp_path / "bad.json")
+        choose([_candidate(tmp_path, 9, 0.9, "test")], tmp_path / "bad.json", 0.02)
+
+
+def test_a_saturated_candidate_is_chosen_only_when_every_candidate_is(tmp_path):
+    files = [_candidate(tmp_path, 0, 0.6), _candidate(tmp_path, 1, 0.9, saturated=0.085),
+             _candidate(tmp_path, 2, 0.7, saturated=0.02)]
+    choice = choose(files, tmp_path / "choice.json", 0.02)
+    assert choice["choice"] == 2 and choice["within_saturation_limit"]  # 0.9 is over the limit
+    assert [c["saturated_fraction"] for c in choice["candidates"]] == [0.0, 0.085, 0.02]
+    over = choose(files[1:2], tmp_path / "over.json", 0.01)
+    assert over["choice"] == 0 and not over["within_saturation_limit"]
 
 
 def test_a_candidate_key_the_method_lacks_is_named():
@@ -256,10 +267,10 @@ def test_a_diverged_run_is_refused_and_a_diverged_candidate_never_chosen(stores,
     record = json.loads(files[1].read_text())
     record["distill"]["diverged_at"] = 3
     files[1].write_text(json.dumps(record))
-    choice = choose(files, tmp_path / "choice.json")
+    choice = choose(files, tmp_path / "choice.json", 0.02)
     assert choice["choice"] == 0 and choice["candidates"][1]["diverged_at"] == 3
     with pytest.raises(ValueError, match="every candidate diverged"):
-        choose([files[1]], tmp_path / "none.json")
+        choose([files[1]], tmp_path / "none.json", 0.02)
 
 
 def test_a_choice_applies_its_overrides_except_those_the_use_sets_itself():

@@ -4,7 +4,8 @@ A method's declared grid (``tuning.candidates.<method>``: a list of setting over
 distilled once per candidate at the method's configured budget, and each candidate set is
 trained on and tested on the **validation** split (:func:`histodistill.evaluate.evaluate_candidate`,
 rule tune_candidate); the candidate with
-the best mean validation accuracy is the method's setting (ties: the first listed). The test
+the best mean validation accuracy is the method's setting (ties: the first listed; a candidate
+with more saturated pixels than ``tuning.max_saturated`` only when every candidate has). The test
 split never picks a setting: nothing here or in the candidates' evaluation reads it. The distill rule then takes the
 chosen candidate's set (same settings, same seed, so the same set) and the result records the
 choice.
@@ -26,24 +27,36 @@ from histodistill.distilled import adopt
 from histodistill.metrics import METRICS
 from histodistill.io import read_json, write_json
 
-def choose(candidates: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+def choose(candidates: list[str | os.PathLike], out: str | os.PathLike,
+           max_saturated: float) -> dict[str, Any]:
     """The candidate with the best mean validation accuracy of the first evaluated
     architecture (ties: the first; a diverged candidate never); writes every candidate's
-    figures and the choice."""
+    figures and the choice.
+
+    A set with more than ``max_saturated`` of its pixels at 0 or 255 is not shareable as it
+    is (it is clipped to uint8), so such a candidate is chosen only when every candidate is
+    above the limit; the choice records whether it is within it."""
     records = [read_json(p, "tune") for p in candidates]
     if any(r["split"] == "test" for r in records):
         raise ValueError("tune: a candidate was evaluated on the test split")
     arch = next(iter(records[0]["patch"]))
     # a candidate whose images stopped being finite is never chosen
-    scores = [-np.inf if r["distill"].get("diverged_at") is not None
-              else r["patch"][arch]["acc"]["mean"] for r in records]
-    if all(np.isneginf(scores)):
+    diverged = [r["distill"].get("diverged_at") is not None for r in records]
+    if all(diverged):
         raise ValueError(f"tune: every candidate diverged: {[r['overrides'] for r in records]}")
+    within = [r["saturated_fraction"] <= max_saturated for r in records]
+    eligible = [w and not d for w, d in zip(within, diverged)]
+    if not any(eligible):
+        eligible = [not d for d in diverged]
+    scores = [r["patch"][arch]["acc"]["mean"] if ok else -np.inf
+              for r, ok in zip(records, eligible)]
     best = int(np.argmax(scores))  # first maximum
     choice = {"split": records[0]["split"], "arch": arch, "choice": best,
-              "overrides": records[best]["overrides"],
+              "overrides": records[best]["overrides"], "max_saturated": max_saturated,
+              "within_saturation_limit": within[best],
               "candidates": [{"overrides": r["overrides"], "acc": r["patch"][arch]["acc"],
                               "auc": r["patch"][arch]["auc"],
+                              "saturated_fraction": r["saturated_fraction"],
                               "seconds": r["distill"]["seconds"],
                               "diverged_at": r["distill"].get("diverged_at"),
                               "image_updates": r["distill"].get("image_updates")}

@@ -138,6 +138,7 @@ rule tune:
         mem_mb=1000,
         runtime=10,
     params:
+        max_saturated=setting("tuning", "max_saturated"),
         code=library("tune.py"),
     script:
         "../../scripts/tune.py"
