@@ -22,8 +22,16 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
     Also starts the allocator trimmer, so memory does not grow with the job's length."""
     start_trimmer()
     console = sys.stderr
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    with open(log_path, "w", buffering=1) as log_file:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        log_file = open(log_path, "w", buffering=1)
+    except OSError as err:  # the log folder itself cannot be written
+        if err.errno not in WRITE_ERRORS:
+            raise
+        print(f"histodistill error: [io] log file {log_path}: {err.strerror} "
+              f"({WRITE_ERRORS[err.errno]})", file=console)
+        raise SystemExit(1) from None
+    with log_file:
         sys.stderr = log_file
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from histodistill import catalogue
-from histodistill.io import read_json
+from histodistill.io import atomic_path, read_json
 
 SATURATED_LIMIT = 0.02  # a set with more saturated pixels is flagged "(!)": clipped noise, not tissue
 ORDER = catalogue.names()  # rows in the catalogue's order
@@ -197,8 +197,8 @@ def frontier(folder: str | Path, out: str | Path, space: str = "pixel") -> list[
     ax.set_xlim(-5, 105)
     ax.set_title(f"{Path(folder).name}: utility against memorisation", fontsize=10)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return points
 

@@ -53,6 +53,33 @@ def test_dataset_override_typos_fail_at_load(section, override, message):
         config.validate(cfg)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("target, message", [
+    ("dm_ipc0", r"target dm_ipc0 of dataset 'demo_patches': ipc is the number of images per "
+                r"class, at least 1"),
+    ("random_ipc0", r"target random_ipc0 of dataset 'demo_patches': ipc is the number"),
+    ("dm_ipc25", r"\[distill\] .*patches.zarr: ipc 25 exceeds the 24 training patches of class "
+                 r"'dark'.*choose ipc <= 24"),
+])
+def test_an_impossible_ipc_target_fails_the_dry_run_with_its_line(tmp_path, target, message):
+    """The workflow, not only the library: the error names the target or the class, and the
+    dry run writes nothing."""
+    import re
+
+    from conftest import make_toy_store, snakemake, tiny_config
+
+    tiny_config(tmp_path / "config.yaml")
+    store = make_toy_store(tmp_path / "results" / "demo_patches" / "patches.zarr")
+    def written() -> list[Path]:  # outside Snakemake's own bookkeeping
+        return sorted(p for p in tmp_path.rglob("*") if ".snakemake" not in p.parts)
+
+    before = written()
+    proc = snakemake(tmp_path, "-n", "--cores", "1", "--", f"results/demo_patches/{target}.json",
+                     check=False)
+    assert proc.returncode != 0 and re.search(message, proc.stdout + proc.stderr)
+    assert written() == before and store.exists()
+
+
 @pytest.mark.parametrize("size", [0, -4])
 def test_a_pre_tiled_patch_size_below_the_minimum_fails_at_load(size):
     cfg = copy.deepcopy(CONFIG)
@@ -256,6 +283,9 @@ def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, t
     ("s1,tumor,{outside},,train,", r"line 2: slide path .* outside the dataset root"),
     ("s1,tumor,../../x.tif,,train,", r"line 2: slide path '../../x.tif' resolves to .* outside"),
     ("s1,tumor,{slide},/etc/x.xml,train,", r"line 2: annotation '/etc/x.xml' resolves to .* outside"),
+    ("../../s9,tumor,,,train,", r"line 2: slide '../../s9': file '.*slides/../../s9' resolves to .* outside"),
+    ("s1,tumor,{slide},,train,\ns2,tumor,{slide},,test,",
+     r"line 3: slide file .*s1.tif is already listed on line 2: one slide file per row"),
 ])
 def test_slide_table_values_are_checked_at_the_cohort_stage(tumour_slide, tmp_path, row, message):
     root = tmp_path / "cohort"

@@ -52,10 +52,17 @@ elif stage == "distill":
     distill("dm", 2, a["cfg"], 0,
             {"zarr": a["out"], "grid": a["out"] + ".png", "cost": a["out"] + ".json"},
             store_path=a["store"], checkpoint=a["out"] + ".ckpt", cache_mb=64, progress=False)
-elif stage == "evaluate":
+elif stage == "full_train":
     from histodistill.evaluate import full_train
     print("READY", flush=True)
     full_train(a["store"], None, "convnet", a["cfg"], a["out"], a["out"] + ".ckpt")
+elif stage == "evaluate":  # a distilled set (random real patches, made first) trained on, tested
+    from histodistill.distill.run import distill
+    from histodistill.evaluate import evaluate_distilled
+    made = {"zarr": a["out"] + ".set.zarr", "grid": a["out"] + ".set.png", "cost": a["out"] + ".set.json"}
+    distill("random", 2, {}, 0, made, store_path=a["store"], cache_mb=64, progress=False)
+    print("READY", flush=True)
+    evaluate_distilled(made["zarr"], made["cost"], a["store"], None, {}, a["cfg"], "d", a["out"])
 """
 
 NET = {"width": 8, "norm": "none"}
@@ -66,10 +73,12 @@ STAGES = {
                "dtype": "float32"},
     "distill": method_settings("dm", net="convnet", net_kwargs=NET, iterations=40, lr_img=1.0,
                                batch_real=8, augment={**AUGMENT, "preset": "dsa"}, checkpoint_every=1),
-    "evaluate": {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": {"convnet": NET},
-                 "runs": 1, "seed": 0, "full": {**TRAIN, "epochs": 30, "batch": 16, "lr": 0.01},
-                 "augment": {**AUGMENT, "preset": "dsa"}, "stain_norm": False},
+    "full_train": {**config.defaults("evaluate"), "archs": ["convnet"], "arch_kwargs": {"convnet": NET},
+                   "runs": 1, "seed": 0, "full": {**TRAIN, "epochs": 30, "batch": 16, "lr": 0.01},
+                   "augment": {**AUGMENT, "preset": "dsa"}, "stain_norm": False},
 }
+STAGES["evaluate"] = {**STAGES["full_train"], "runs": 6,
+                      "train": {**TRAIN, "epochs": 60, "batch": 16, "lr": 0.01}}
 
 
 def run_child(stage: str, args: dict, kill_after: float | None = None) -> float:
@@ -132,14 +141,16 @@ def result_of(stage: str, out: Path):
         with h5py.File(out) as f:
             return [f["params"][:]]
     result = json.loads(out.read_text())
+    if stage == "evaluate":
+        return [np.array(result["patch"]["convnet"]["acc"]["runs"])]
     return [np.array(result["acc"]["runs"] if "runs" in result["acc"] else result["acc"])]
 
 
-@pytest.mark.parametrize("stage", ["ingest", "tile", "buffer", "distill", "evaluate"])
+@pytest.mark.parametrize("stage", ["ingest", "tile", "buffer", "distill", "full_train", "evaluate"])
 def test_a_stage_killed_at_random_points_resumes_to_the_uninterrupted_result(inputs, stage):
     work = inputs["work"] / stage
     work.mkdir()
-    ext = {"buffer": ".h5", "evaluate": ".json"}.get(stage, ".zarr")
+    ext = {"buffer": ".h5", "full_train": ".json", "evaluate": ".json"}.get(stage, ".zarr")
     reference = work / f"reference{ext}"
     duration = run_child(stage, stage_args(stage, inputs, reference))
     expected = result_of(stage, reference)

@@ -257,6 +257,24 @@ def test_a_read_only_folder_is_one_error_naming_the_output(tmp_path, monkeypatch
         assert list(tmp_path.iterdir()) == []
 
 
+def test_a_log_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from histodistill.logs import rule_logging
+
+    def refuse(*args, **kwargs):  # what a read-only logs/ folder does
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "logs"))
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    ran = []
+    with pytest.raises(SystemExit) as exit_:
+        with rule_logging(tmp_path / "logs" / "rule.log"):
+            ran.append(True)
+    assert exit_.value.code == 1 and not ran
+    assert capsys.readouterr().err == (f"histodistill error: [io] log file {tmp_path}/logs/rule.log: "
+                                       "Permission denied (permission denied (a read-only folder?))\n")
+
+
 def test_a_damaged_json_input_is_one_error_and_damaged_json_resume_state_is_redone(tmp_path):
     from histodistill.stain import StainTemplate
 

@@ -98,12 +98,18 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
         records = list(reader)
     rows = []
     roots = [root, *dataset["extra_roots"]]
-    for line, rec in enumerate(records, start=2):
+    seen: dict[Path, int] = {}  # each slide file's first line: one file under two names would
+    for line, rec in enumerate(records, start=2):  # put the same tissue in two splits
         where = f"{table}, line {line}"
         name = rec[slide_col].strip()
-        if rec.get("path"):
-            confine(rec["path"], roots, STAGE, where, "slide path")
         path = Path(rec["path"]) if rec.get("path") else _find_slide(slide_dir, name)
+        # a slide name such as ../../x or an absolute name is confined like a path column
+        full = confine(path, roots, STAGE, where, "slide path" if rec.get("path") else
+                       f"slide {name!r}: file")
+        if full in seen:
+            raise InputError(STAGE, where, f"slide file {full} is already listed on line "
+                             f"{seen[full]}: one slide file per row")
+        seen[full] = line
         annotation = rec.get("annotation", "") or ""
         if annotation:
             confine(annotation, roots, STAGE, where, "annotation")
