@@ -7,6 +7,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,11 @@ def test_resume_state_from_other_settings_is_ignored_not_removed(tmp_path):
     assert load_resume(tmp_path / "absent.ckpt", "a") is None and load_resume(None, "a") is None
 
 
-def test_damaged_generator_checkpoint_starts_afresh(tmp_path):
+def test_damaged_generator_checkpoint_starts_afresh(tmp_path, caplog):
     from histodistill.generate.train import TrainState, fit
 
     def state() -> TrainState:
+        torch.manual_seed(0)
         net = torch.nn.Linear(2, 2)
         return TrainState({"net": net}, {"net": torch.optim.SGD(net.parameters(), 0.1)},
                           torch.Generator().manual_seed(0), "k", None)
@@ -189,6 +191,29 @@ def test_damaged_generator_checkpoint_starts_afresh(tmp_path):
     plant(tmp_path / "g.ckpt", tmp_path / "pwned", True)
     assert resumed(0).step == 0
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "g.ckpt").exists()
+
+    def trained(ckpt: Path | None, stop_after: int | None = None) -> TrainState:
+        out = state()
+        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+
+        def step(i: int) -> dict[str, float]:
+            loss = out.modules["net"](x).pow(2).mean()
+            out.optimizers["net"].zero_grad()
+            loss.backward()
+            out.optimizers["net"].step()
+            return {"loss": float(loss)}
+
+        fit(out, step, 6, ckpt, 1, "g", stop_after=stop_after, progress=False)
+        return out
+
+    clean = trained(None)
+    trained(tmp_path / "t.ckpt", stop_after=3)  # a checkpoint at step 3, then cut off mid-write
+    (tmp_path / "t.ckpt").write_bytes((tmp_path / "t.ckpt").read_bytes()[:-40])
+    with caplog.at_level("WARNING"):
+        redone = trained(tmp_path / "t.ckpt")
+    assert redone.step == 6 and re.search(r"t.ckpt is damaged .*redoing", caplog.text)
+    for a, b in zip(redone.modules["net"].parameters(), clean.modules["net"].parameters()):
+        assert torch.equal(a, b)  # redone from step 0 to what an unbroken run ends with
 
 
 def test_an_atomic_write_removes_the_temporaries_a_killed_write_left(tmp_path):
