@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -31,6 +33,10 @@ def test_a_dry_run_leaves_the_listing_alone(tmp_path):
     assert path.read_text() == "a\n" and path.stat().st_mtime_ns == before
     assert not sources.listing_input(tmp_path / "new" / "y.txt", "c\n", dry_run=True).startswith(str(tmp_path))
     assert not (tmp_path / "new").exists()
+    again = sources.listing_input(path, "c\n", dry_run=True)  # the next dry run: the same copy,
+    assert again == changed and open(again).read() == "c\n"  # rewritten, not a new file each time
+    assert os.stat(again).st_mtime_ns >= os.stat(changed).st_mtime_ns
+    os.remove(again)
 
 
 def test_cohort_tables_and_listing(small_cohort, tmp_path):

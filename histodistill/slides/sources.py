@@ -9,23 +9,22 @@ patches, by size or mtime) replaced. Listing thousands of files costs millisecon
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from histodistill.data.ingest import IMAGE_EXTS, csv_items
-from histodistill.io import dataset_root
+from histodistill.io import atomic_path, dataset_root
 
 
 def write_if_changed(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` to ``path`` unless it already holds exactly that; return the path."""
     path = Path(path)
     if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     return str(path)
 
 
@@ -33,16 +32,18 @@ def listing_input(path: str | os.PathLike, text: str, dry_run: bool) -> str:
     """The listing input of a job: ``path``, rewritten when ``text`` changed (see
     :func:`write_if_changed`). A dry run writes nothing under results/: when the listing would
     change, it gets a fresh copy in the system's temporary folder instead, newer than every
-    output, so the dry run still plans the jobs that read it."""
+    output, so the dry run still plans the jobs that read it (one file per listing, named by
+    its path and rewritten by the next dry run, so dry runs do not pile files up there)."""
     path = Path(path)
     if path.is_file() and path.read_text() == text:
         return str(path)
     if not dry_run:
         return write_if_changed(path, text)
-    fd, tmp = tempfile.mkstemp(prefix=f"histodistill-dryrun-{path.stem}-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return tmp
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    copy = Path(tempfile.gettempdir()) / f"histodistill-dryrun-{path.stem}-{key}.txt"
+    with atomic_path(copy) as tmp:  # always written: its mtime must be newer than every output
+        tmp.write_text(text)
+    return str(copy)
 
 
 def cohort_tables(name: str, dataset: dict[str, Any]) -> list[str]:
