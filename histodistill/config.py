@@ -73,6 +73,11 @@ OVERRIDES = ("tiling", "distill", "evaluate", "trajectories", "encoders", "priva
 def load_schema(schema: str | os.PathLike = SCHEMA) -> dict[str, Any]:
     """The config schema, its method enums (``$defs.method``, ``$defs.selection_method``)
     filled in from the catalogue."""
+    if Path(schema) == SCHEMA and not SCHEMA.is_file():
+        raise ConfigError(f"[config] {SCHEMA}: not found. histodistill's library runs from its "
+                          "repository (the workflow, schema and config live beside the package): "
+                          "install it from the clone with `pip install -e .` (what `make venv` "
+                          "does), not as a copy with `pip install .`")
     with open(schema) as f:
         spec = yaml.safe_load(f)
     spec["$defs"]["method"]["enum"] = catalogue.names()

@@ -60,3 +60,13 @@ def test_summary_lists_patch_level_results_until_the_result_file_joins_them(tmp_
     assert any(ln.split()[1] == str(tmp_path / "random_ipc10.json") and "acc 50.0 ± 2.0%" in ln
                for ln in lines)
     assert not any("patch_eval/random_ipc10.json" in ln for ln in lines)
+
+
+def test_a_copy_installed_without_its_repository_says_how_to_install(tmp_path, monkeypatch):
+    """`pip install .` copies the package without the workflow and schema beside it."""
+    from histodistill import config
+
+    missing = tmp_path / "workflow" / "schemas" / "config.schema.yaml"
+    monkeypatch.setattr(config, "SCHEMA", missing)
+    with pytest.raises(config.ConfigError, match=r"not found.*pip install -e \."):
+        config.load_schema(missing)
