@@ -145,6 +145,7 @@ def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict
 
     Each ``datasets.<name>.<section>`` override is checked against the schema of the global
     section, without filling defaults (a default there would replace the global value)."""
+    _check_finite(config, ())
     spec = load_schema(schema)
     validator = _with_defaults(jsonschema.Draft202012Validator)(spec)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -161,6 +162,17 @@ def validate(config: dict[str, Any], schema: str | os.PathLike = SCHEMA) -> dict
                 raise ConfigError("invalid config: " + _message(errors[0], ("datasets", name, key)))
         _check_own_experts(config, name)
     return config
+
+
+def _check_finite(node: Any, where: tuple[Any, ...]) -> None:
+    """No NaN anywhere in the config: it passes every bound of the schema (a comparison with
+    NaN is false) and would reach the stages as a number (YAML's ``.nan``)."""
+    if isinstance(node, float) and node != node:
+        raise ConfigError(f"invalid config: '{'.'.join(map(str, where))}' = nan: not a number")
+    children = node.items() if isinstance(node, dict) else (
+        enumerate(node) if isinstance(node, list) else ())
+    for key, value in children:
+        _check_finite(value, (*where, key))
 
 
 def _check_own_experts(config: dict[str, Any], name: str) -> None:

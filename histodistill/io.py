@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import difflib
 import errno
 import glob
@@ -107,6 +108,46 @@ def confine(path: str | os.PathLike, roots: list[str | os.PathLike], stage: str,
                          f"dataset root{'s' if len(bases) > 1 else ''} {', '.join(bases)}; list "
                          "files inside it (or name their folder in datasets.<name>.extra_roots)")
     return Path(full)
+
+
+def read_csv(path: str | os.PathLike, stage: str, required: list[str],
+             filled: list[str] | tuple[str, ...] = ()) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a CSV with a header row, checked: UTF-8 text (a byte-order mark is
+    allowed), no repeated column name, the ``required`` columns present, every row with exactly
+    the header's fields, and no empty cell in the ``filled`` columns. Anything else is an
+    :class:`InputError` naming the file and line (a short row would read as missing values, an
+    extra field or a repeated column as the wrong label)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise InputError(stage, path, f"column(s) {repeated} appear more than once in "
+                                 "the header")
+            missing = sorted(set(required) - set(header))
+            if missing:
+                raise InputError(stage, path, f"missing column(s) {missing} (header: {header})")
+            rows = []
+            for rec in reader:
+                line = reader.line_num
+                if None in rec:
+                    raise InputError(stage, f"{path}, line {line}", f"has {len(header) + len(rec[None])} "
+                                     f"fields, the header {len(header)}")
+                short = [c for c in header if rec[c] is None]
+                if short:
+                    raise InputError(stage, f"{path}, line {line}", f"has {len(header) - len(short)} "
+                                     f"fields, the header {len(header)} (no {short})")
+                empty = [c for c in filled if not rec[c].strip()]
+                if empty:
+                    raise InputError(stage, f"{path}, line {line}", f"empty {empty} cell")
+                rows.append((line, rec))
+    except UnicodeDecodeError as err:
+        raise InputError(stage, path, f"is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         "save it as UTF-8") from None
+    except csv.Error as err:
+        raise InputError(stage, path, f"is not a readable CSV ({err})") from None
+    return rows
 
 
 def did_you_mean(value: str, options: list[str]) -> str:

@@ -144,6 +144,13 @@ GOOD_NPZ = {"train_images": pixels(6), "train_labels": np.array([[0], [1], [0], 
     ({"test_images": pixels(2, seed=1)[:, :, :, :2]},
      r"test_images has shape \(2, 8, 8, 2\); expected \(N, H, W\) or \(N, H, W, 3\)"),
     ({"train_labels": np.array([0, 0, 0, 0, 0, 0])}, r"class\(es\) \['b'\] have no training images"),
+    ({"train_images": pixels(6)[:, :, :6]}, r"train_images are 6x8 px; patches must be square"),
+    ({"train_images": pixels(6, size=4), "test_images": pixels(2, size=4)},
+     r"train_images are 4x4 px; patches must be square and at least 8 px"),
+    ({"test_images": pixels(2, size=16)},
+     r"test_images are 16 px but train_images 8 px; set datasets.<name>.patch_size"),
+    ({"train_labels": np.array([0, 1, 0, 1, 0, 2**63 + 1], dtype=np.uint64)},
+     r"train_labels holds label 9223372036854775809, not a class index"),
 ])
 def test_bad_npz_names_the_file_and_leaves_nothing(tmp_path, edit, message):
     arrays = {k: v for k, v in {**GOOD_NPZ, **edit}.items() if v is not None}
@@ -151,6 +158,24 @@ def test_bad_npz_names_the_file_and_leaves_nothing(tmp_path, edit, message):
     with pytest.raises(InputError, match=r"\[ingest\] .*d.npz: " + message):
         ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {}, ["a", "b"])
     assert leftovers(tmp_path) == []
+
+
+def test_npz_class_names_given_twice_are_an_error(tmp_path):
+    np.savez(tmp_path / "d.npz", **GOOD_NPZ, class_names=np.array(["x", "x"]))
+    with pytest.raises(InputError, match=r"class name\(s\) \['x'\] appear more than once"):
+        ingest.ingest_npz(tmp_path / "d.npz", tmp_path / "p.zarr", None, {})
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"classes": ["a", "a"]}, r"'datasets.pcam.classes' = \['a', 'a'\]: .*non-unique"),
+    ({"test_fraction": float("nan")}, r"'datasets.pcam.test_fraction' = nan: not a number"),
+])
+def test_repeated_classes_and_nan_settings_are_refused_at_load(edit, message):
+    cfg = copy.deepcopy(CONFIG)
+    cfg["datasets"]["pcam"].update(edit)
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg)
 
 
 def test_npz_without_class_names_counts_labels_and_a_good_npz_passes(tmp_path):
@@ -284,6 +309,8 @@ def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, t
     ("s1,tumor,../../x.tif,,train,", r"line 2: slide path '../../x.tif' resolves to .* outside"),
     ("s1,tumor,{slide},/etc/x.xml,train,", r"line 2: annotation '/etc/x.xml' resolves to .* outside"),
     ("../../s9,tumor,,,train,", r"line 2: slide '../../s9': file '.*slides/../../s9' resolves to .* outside"),
+    ("s1,,{slide},,train,", r"line 2: empty \['label'\] cell"),
+    ("s1,tumor,{slide}", r"line 2: has 3 fields, the header 6"),
     ("s1,tumor,{slide},,train,\ns2,tumor,{slide},,test,",
      r"line 3: slide file .*s1.tif is already listed on line 2: one slide file per row"),
 ])

@@ -109,6 +109,25 @@ def test_a_folder_nested_in_a_class_folder_is_an_error_not_that_class(tmp_path):
         ingest_folder(root, tmp_path / "p.zarr")
 
 
+@pytest.mark.parametrize("where, message", [
+    ("train/c/", r"train/c: class folder holds no images"),
+    ("train/loose.png", r"d/train: 1 image file\(s\) outside any class folder \(loose.png\)"),
+    ("loose.png", r"d: 1 image file\(s\) outside any class folder \(loose.png\)"),
+])
+def test_an_empty_class_folder_or_an_image_outside_the_class_folders_is_an_error(tmp_path, where,
+                                                                                 message):
+    """Either used to vanish: the empty class from the classes, the loose image from the set."""
+    root = folder_set(tmp_path / "d")
+    if where.endswith("/"):
+        (root / where).mkdir()
+    else:
+        Image.fromarray(noise(7)).save(root / where)
+    (root / "README.md").write_text("a dataset's notes beside its folders are fine")
+    with pytest.raises(InputError, match=r"^\[ingest\] .*" + message):
+        ingest_folder(root, tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
+
+
 def test_non_image_files_are_refused_and_browser_files_skipped(tmp_path):
     root = folder_set(tmp_path / "d")
     (root / "train/a/.DS_Store").write_bytes(b"\0")
@@ -177,6 +196,29 @@ def test_csv_rows_stay_inside_the_root_once_each_with_exact_labels(tmp_path, tra
     with pytest.raises(InputError, match=r"\[ingest\] .*" + message):
         ingest.ingest_dataset("c", cfg, tmp_path / "p.zarr")
     assert not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image,label\nx.png,a\ny.png,\n", r"train.csv, line 3: empty \['label'\] cell"),
+    ("image,label\nx.png,a\ny.png\n", r"train.csv, line 3: has 1 fields, the header 2 \(no \['label'\]\)"),
+    ("image,label\nx.png,a\ny.png,b,a\n", r"train.csv, line 3: has 3 fields, the header 2"),
+    ("image,label,label\nx.png,a,b\n", r"train.csv: column\(s\) \['label'\] appear more than once"),
+    ("image;label\nx.png;a\n", r"train.csv: missing column\(s\) \['image', 'label'\]"),
+    ("image,label\nx.png,a\n\xe9.png,b\n", r"train.csv: is not UTF-8 text"),
+])
+def test_a_malformed_label_csv_is_one_error_naming_its_line(tmp_path, text, message):
+    cfg = csv_set(tmp_path / "d", {"train": [("x.png", "a")], "test": [("z.png", "a")]})
+    data = text.encode("latin-1") if "\xe9" in text else text.encode()
+    (tmp_path / "d" / "train.csv").write_bytes(data)
+    with pytest.raises(InputError, match=r"^\[ingest\] .*" + message):
+        ingest.ingest_dataset("c", cfg, tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_label_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    cfg = csv_set(tmp_path / "d", {"train": [("x.png", "a"), ("y.png", "b")], "test": [("z.png", "a")]})
+    (tmp_path / "d" / "train.csv").write_bytes(b"\xef\xbb\xbfimage,label\nx.png,a\ny.png,b\n")
+    assert PatchStore(ingest.ingest_dataset("c", cfg, tmp_path / "p.zarr")).class_names == ["a", "b"]
 
 
 def test_a_clean_csv_set_is_ingested(tmp_path):

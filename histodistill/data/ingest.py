@@ -8,7 +8,6 @@ given; coordinates and slides are -1 (unknown).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from histodistill.data.stream import record_channel_stats
-from histodistill.io import InputError, atomic_path, confine, dataset_root, did_you_mean
+from histodistill.io import InputError, atomic_path, confine, dataset_root, did_you_mean, read_csv
 from histodistill.data.store import SPLITS, StoreWriter
 
 STAGE = "ingest"
@@ -143,9 +142,20 @@ def imagefolder_items(root: Path, split_fraction: float, seed: int
     """
     split_dirs = _split_folders(root)
     items: list[tuple[Path, str, str]] = []
+    for base in [root, *split_dirs.values()]:  # an image beside the class folders has no class
+        loose = sorted(p.name for p in base.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if loose:
+            raise InputError(STAGE, base, f"{len(loose)} image file(s) outside any class folder "
+                             f"({', '.join(loose[:3])}); put each image in its class's folder "
+                             "(root/[split/]class/)")
     for split, base in split_dirs.items() or [("", root)]:
         for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            items += [(path, cls_dir.name, split) for path in _class_images(cls_dir)]
+            images = _class_images(cls_dir)
+            if not images:
+                raise InputError(STAGE, cls_dir, "class folder holds no images; remove it or "
+                                 "add its images (an empty class would be left out unnoticed)")
+            items += [(path, cls_dir.name, split) for path in images]
     if not items:
         raise InputError(STAGE, root, "no images found (expected root/[split/]class/*.png)")
     folded: dict[str, str] = {}
@@ -230,22 +240,17 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
             raise InputError(STAGE, path, f"csv key {split!r} is not a split; use {list(SPLITS)}")
         if not path.is_file():
             raise InputError(STAGE, path, f"label CSV for split {split!r} does not exist")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {image_col, label_col} - set(reader.fieldnames or [])
-            if missing:
-                raise InputError(STAGE, path, f"missing column(s) {sorted(missing)}")
-            for line, rec in enumerate(reader, start=2):
-                where = f"{path}, line {line}"
-                label, name = rec[label_col], rec[image_col]
-                folder = root / image_dir.format(split=split, label=label)
-                image = confine(folder / name, roots, STAGE, where, "image")  # compared
-                if image in seen:
-                    raise InputError(STAGE, where, f"image {name!r} is listed again (first at "
-                                     f"{seen[image]}); a patch belongs to one row of one split")
-                seen[image] = where
-                items.append((folder / name, label, split))
-                rows.append(where)
+        for line, rec in read_csv(path, STAGE, [image_col, label_col], [image_col, label_col]):
+            where = f"{path}, line {line}"
+            label, name = rec[label_col], rec[image_col]
+            folder = root / image_dir.format(split=split, label=label)
+            image = confine(folder / name, roots, STAGE, where, "image")  # compared
+            if image in seen:
+                raise InputError(STAGE, where, f"image {name!r} is listed again (first at "
+                                 f"{seen[image]}); a patch belongs to one row of one split")
+            seen[image] = where
+            items.append((folder / name, label, split))
+            rows.append(where)
     if not items:
         raise InputError(STAGE, root,
                          f"the label CSVs {sorted(dataset['csv'].values())} list no images")
@@ -352,6 +357,10 @@ def ingest_npz(path: Path, out: Path, patch_size: int | None, attrs: dict[str, A
                   if "class_names" in data.files else None)
         top = int(max(v.max(initial=0) for v in labels.values()))
         classes = class_names or stored or [str(i) for i in range(top + 1)]
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise InputError(STAGE, path, f"class name(s) {repeated} appear more than once in "
+                             f"its class_names array ({classes}); name each class once")
         if top >= len(classes):
             source = "datasets.<name>.classes" if class_names else "its class_names array"
             raise InputError(STAGE, path, f"labels go up to {top} but {len(classes)} classes "
@@ -365,8 +374,19 @@ def ingest_npz(path: Path, out: Path, patch_size: int | None, attrs: dict[str, A
             if len(imgs) != len(labels[split]):
                 raise InputError(STAGE, path, f"{split}_labels has {len(labels[split])} labels "
                                  f"for {len(imgs)} images")
-            size = size or int(imgs.shape[1])
-            if imgs.shape[1:3] != (size, size):
+            h, w = int(imgs.shape[1]), int(imgs.shape[2])
+            if h != w or h < MIN_SIZE:
+                raise InputError(STAGE, path, f"{split}_images are {w}x{h} px; patches must be "
+                                 f"square and at least {MIN_SIZE} px (nothing is squashed)")
+            if size is None:
+                size = h
+            elif h != size and patch_size is None:  # mixed sizes need an explicit patch_size
+                raise InputError(STAGE, path, f"{split}_images are {h} px but {splits[0]}_images "
+                                 f"{size} px; set datasets.<name>.patch_size to resize them all "
+                                 "to one size (bilinear)")
+            if h != size:
+                log.info("%s: %d images of %d px resized to %d px (bilinear, antialiased)",
+                         split, len(imgs), h, size)
                 imgs = np.stack([np.asarray(Image.fromarray(i).resize((size, size),
                                                                       Image.Resampling.BILINEAR))
                                  for i in imgs])
@@ -419,6 +439,8 @@ def _npz_labels(path: Path, key: str, raw: np.ndarray) -> np.ndarray:
                          "indices")
     if len(labels) and labels.min() < 0:
         raise InputError(STAGE, path, f"{key} holds label {labels.min()}; class indices start at 0")
+    if len(labels) and labels.max() > np.iinfo(np.int64).max:  # a uint64 that int64 would wrap
+        raise InputError(STAGE, path, f"{key} holds label {labels.max()}, not a class index")
     return labels.astype(np.int64)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from histodistill.data.store import SPLITS
-from histodistill.io import InputError, atomic_path, confine, dataset_root, did_you_mean
+from histodistill.io import (InputError, atomic_path, confine, dataset_root, did_you_mean,
+                             read_csv)
 
 STAGE = "cohort"
 COLUMNS = ("slide", "path", "label", "split", "centre", "annotation")
@@ -90,16 +91,11 @@ def _table(root: Path, dataset: dict[str, Any]) -> list[dict[str, Any]]:
     slide_col = dataset["slide_column"]
     label_col = dataset["label_column"]
     slide_dir = root / dataset["slide_dir"]
-    with open(table, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {slide_col, label_col} - set(reader.fieldnames or [])
-        if missing:
-            raise InputError(STAGE, table, f"missing column(s) {sorted(missing)}")
-        records = list(reader)
+    records = read_csv(table, STAGE, [slide_col, label_col], [slide_col, label_col])
     rows = []
     roots = [root, *dataset["extra_roots"]]
     seen: dict[Path, int] = {}  # each slide file's first line: one file under two names would
-    for line, rec in enumerate(records, start=2):  # put the same tissue in two splits
+    for line, rec in records:  # put the same tissue in two splits
         where = f"{table}, line {line}"
         name = rec[slide_col].strip()
         path = Path(rec["path"]) if rec.get("path") else _find_slide(slide_dir, name)
