@@ -226,6 +226,16 @@ class Pieces:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.partial.mkdir(parents=True, exist_ok=True)
 
+    def __enter__(self) -> Pieces:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """A job that fails before finishing any piece leaves nothing to resume: its empty (or
+        unsealed) folder goes; with a finished piece the folder stays for the rerun."""
+        if exc_type is not None and self.partial.is_dir() \
+                and not any(self.partial.glob(f"*{self.SUFFIX}")):
+            remove_path(self.partial)
+
     def path(self, name: str) -> Path:
         return self.partial / name
 

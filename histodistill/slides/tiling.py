@@ -184,15 +184,15 @@ def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.P
     only when every slide is done. A slide without tissue is recorded as skipped (no rows) when
     ``skip_empty`` is set, else it fails the job.
     """
-    pieces = Pieces(out)
-    for row in rows:
-        name, key = f"{row['slide']}.zarr", _slide_key(row, cfg, class_names)
-        if pieces.done(name, key):
-            log.info("%s: already tiled, kept", row["slide"])
-            continue
-        _tile_one(row, cfg, class_names, pieces.path(name), key, threads)
-        pieces.seal(name, key)
-    return pieces.finish({f"{row['slide']}.zarr" for row in rows})  # slides left the batch go
+    with Pieces(out) as pieces:
+        for row in rows:
+            name, key = f"{row['slide']}.zarr", _slide_key(row, cfg, class_names)
+            if pieces.done(name, key):
+                log.info("%s: already tiled, kept", row["slide"])
+                continue
+            _tile_one(row, cfg, class_names, pieces.path(name), key, threads)
+            pieces.seal(name, key)
+        return pieces.finish({f"{row['slide']}.zarr" for row in rows})  # slides left the batch go
 
 
 def _slide_key(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str]) -> str:

@@ -96,19 +96,19 @@ def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: d
     # the finished experts' key: the same without the number of experts
     per_expert = {k: v for k, v in settings.items() if k != "experts"}
     expert_key = settings_hash({"settings": per_expert, "seed": seed, "store": store_key(store)})
-    pieces = Pieces(out)
     experts = int(cfg["experts"])
     names = [f"expert_{e:04d}.npy" for e in range(experts)]
-    for e, name in enumerate(names):
-        if pieces.done(name, expert_key):
-            log.info("expert %d/%d already trained (%s)", e + 1, experts, pieces.path(name))
-            continue
-        traj = train_expert(cfg, inputs, seed, e, progress)
-        with atomic_path(pieces.path(name)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, traj)
-        pieces.seal(name, expert_key)
-        log.info("expert %d/%d trained and kept in %s", e + 1, experts, pieces.partial)
+    with Pieces(out) as pieces:
+        for e, name in enumerate(names):
+            if pieces.done(name, expert_key):
+                log.info("expert %d/%d already trained (%s)", e + 1, experts, pieces.path(name))
+                continue
+            traj = train_expert(cfg, inputs, seed, e, progress)
+            with atomic_path(pieces.path(name)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, traj)
+            pieces.seal(name, expert_key)
+            log.info("expert %d/%d trained and kept in %s", e + 1, experts, pieces.partial)
     files = [pieces.path(name) for name in names]
     student = Student(new_expert(cfg, inputs, 0))
     attrs = {"net": cfg["net"], "net_kwargs": cfg["net_kwargs"],
