@@ -363,3 +363,23 @@ def test_an_epoch_knows_its_batch_count_before_the_first(skewed_store, batch, se
     for rows in (None, skewed_store.indices("train")[::5]):
         epoch = iterate(skewed_store, "train", batch, seed, buffer_mb=0.01, rows=rows)
         assert len(epoch) == len(list(epoch))
+
+
+@pytest.mark.parametrize("array", ["patches", "label"])
+def test_a_finished_store_missing_a_chunk_file_is_refused_not_read_as_zeros(tmp_path, array):
+    """zarr reads a deleted chunk as its fill value: black patches, class-0 labels."""
+    import shutil
+
+    from conftest import make_toy_store
+    from histodistill.data.store import PatchStore
+    from histodistill.io import InputError
+
+    store = make_toy_store(tmp_path / "p.zarr")
+    assert len(PatchStore(store)) == 64  # intact: opens
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    chunk = next(f for f in sorted((copy / array).rglob("*")) if f.is_file() and f.name != "zarr.json")
+    chunk.unlink()
+    with pytest.raises(InputError, match=rf"^\[store\] .*copy.zarr: chunk files differ from those "
+                                         rf"recorded when it was built \(\{{'{array}': '\d+ of \d+'\}}\)"):
+        PatchStore(copy)

@@ -76,6 +76,14 @@ class StoreWriter:
             arr[n:n + m] = value.astype(arr.dtype, copy=False)
 
 
+def chunk_files(path: str | os.PathLike) -> dict[str, int]:
+    """Chunk files per array of the store at ``path`` (recorded when a store is finished and
+    checked on every open: zarr reads a deleted chunk as zeros without a word)."""
+    root = Path(path)
+    return {name: sum(1 for f in (root / name).rglob("*") if f.is_file() and f.name != "zarr.json")
+            for name in ("patches", *FIELDS) if (root / name).is_dir()}
+
+
 @dataclass(init=False)
 class PatchStore:
     """Read access to a patch store; arrays are loaded lazily from zarr. Opened from any path
@@ -87,6 +95,14 @@ class PatchStore:
         self.path = Path(path)
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs: dict[str, Any] = dict(self.group.attrs)
+        recorded = self.attrs.get("chunk_files")
+        if recorded is not None and (found := chunk_files(self.path)) != recorded:
+            short = {k: f"{found.get(k, 0)} of {n}" for k, n in recorded.items()
+                     if found.get(k, 0) != n}
+            # zarr reads a missing chunk as zeros: black patches and class-0 labels, silently
+            raise InputError("store", self.path, f"chunk files differ from those recorded when "
+                             f"it was built ({short}): a damaged or partial copy; delete it so "
+                             "that the rule that wrote it builds it again")
 
     def __len__(self) -> int:
         return self.group["patches"].shape[0]

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import zarr
 
-from histodistill.data.store import SPLITS, PatchStore
+from histodistill.data.store import SPLITS, PatchStore, chunk_files
 
 _MIB = 2**20
 _T = TypeVar("_T")
@@ -194,9 +194,10 @@ def _mean_std(sums: np.ndarray, squares: np.ndarray, count: int
 def record_channel_stats(path: str | os.PathLike) -> dict[str, list[float]]:
     """Compute the training split's channel statistics of the store at ``path`` and record them
     as attributes ``channel_mean`` and ``channel_std`` (called once when a store is built): the
-    network input normalisation of every later stage."""
+    network input normalisation of every later stage. Also records its chunk files per array,
+    which :class:`PatchStore` checks on every open."""
     mean, std = channel_stats(PatchStore(path), "train")
-    attrs = {"channel_mean": mean, "channel_std": std}
+    attrs = {"channel_mean": mean, "channel_std": std, "chunk_files": chunk_files(path)}
     zarr.open_group(str(path), mode="a").attrs.update(attrs)
     return attrs
 
