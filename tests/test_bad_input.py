@@ -101,7 +101,7 @@ def test_ipc_zero_and_ipc_above_a_class_count_are_one_error(tmp_path):
                                          r"patches of class 'dark'.*choose ipc <= 24"):
         distill("random", 25, {}, 0,
                 {"zarr": tmp_path / "r.zarr", "grid": tmp_path / "r.png", "cost": tmp_path / "r.json"},
-                store_path=store, progress=False)
+                store_path=store, cache_mb=64, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # nothing written
 
 
@@ -264,8 +264,8 @@ def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_p
     assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
     with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
                                          r"has no annotation"):
-        tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"])
-    tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"], ["tumor_001"])  # opt-in
+        tiling.check_cohort("c16", rows, CHECK, class_names=["normal", "tumor"])
+    tiling.check_cohort("c16", rows, CHECK, class_names=["normal", "tumor"], unannotated=["tumor_001"])  # opt-in
 
 
 def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, tmp_path):
@@ -310,7 +310,7 @@ def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumo
     for check in (CHECK, CHECK | {"unannotated_label": "slide"}):
         with pytest.raises(InputError, match=r"s1.tif: dataset 't': label 'Tumor' is not one of "
                                              r"the classes .*\(did you mean 'tumor'\?\)"):
-            tiling.check_cohort("t", rows, check, ["normal", "tumor"], ["s1"])
+            tiling.check_cohort("t", rows, check, class_names=["normal", "tumor"], unannotated=["s1"])
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -36,6 +36,8 @@ CLF = {**config.defaults("generate.latent_classifier"), "ch": 8, "ch_mult": [1, 
        "heads": 2, "steps": 4, "batch": 8, "lr": 1e-3, "weight_decay": 0.05}
 FT = {**config.defaults("generate.finetune"), "steps": 3, "batch": 8, "lr": 1e-3, "lambda_ce": 0.1,
       "aux": {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "steps": 2, "lr": 0.01}}
+# a training's operational settings: no checkpoint written, the toy store held whole
+RUN = {"checkpoint_every": 1000, "cache_mb": 64, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +47,16 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("gen")
     files = {"store": make_toy_store(tmp / "toy.zarr")}
     files["autoencoder"] = tmp / "ae.pt"
-    train_autoencoder(files["store"], files["autoencoder"], AE, 0, progress=False)
+    train_autoencoder(files["store"], files["autoencoder"], AE, seed=0, **RUN)
     for mode in ("cond", "uncond"):
         files[mode] = tmp / f"uvit_{mode}.pt"
-        train_generator(files["store"], files["autoencoder"], files[mode], GEN, mode, 0,
-                        progress=False)
+        train_generator(files["store"], files["autoencoder"], files[mode], cfg=GEN, mode=mode, seed=0,
+                        **RUN)
     files["classifier"] = tmp / "clf.pt"
-    train_latent_classifier(files["store"], files["autoencoder"], files["classifier"], CLF,
-                            GEN["schedule"], 0, progress=False)
+    train_latent_classifier(files["store"], files["autoencoder"], files["classifier"], cfg=CLF,
+                            schedule_cfg=GEN["schedule"], seed=0, **RUN)
     files["decoder"] = tmp / "dec.pt"
-    finetune_decoder(files["store"], files["autoencoder"], files["decoder"], FT, 0, progress=False)
+    finetune_decoder(files["store"], files["autoencoder"], files["decoder"], cfg=FT, seed=0, **RUN)
     return files
 
 
@@ -247,14 +249,16 @@ def test_classifier_guidance_raises_the_guided_class_probability() -> None:
 # ---- trainings: resume and decoder-only fine-tuning ---------------------------------------
 @pytest.mark.slow
 def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Path) -> None:
-    whole = train_generator(toy["store"], toy["autoencoder"], tmp_path / "a.pt", GEN, "cond", 3,
-                            checkpoint=tmp_path / "a.ckpt", checkpoint_every=2, progress=False)
+    whole = train_generator(toy["store"], toy["autoencoder"], tmp_path / "a.pt", cfg=GEN, mode="cond",
+                            seed=3, checkpoint=tmp_path / "a.ckpt", checkpoint_every=2, cache_mb=64,
+                            progress=False)
     ckpt = tmp_path / "b.ckpt"
-    part = train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", GEN, "cond", 3,
-                           checkpoint=ckpt, checkpoint_every=100, stop_after=3, progress=False)
+    part = train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", cfg=GEN, mode="cond",
+                           seed=3, checkpoint=ckpt, checkpoint_every=100, cache_mb=64, stop_after=3,
+                           progress=False)
     assert part.step == 3 and ckpt.exists() and not (tmp_path / "b.pt").exists()
-    train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", GEN, "cond", 3,
-                    checkpoint=ckpt, checkpoint_every=100, progress=False)
+    train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", cfg=GEN, mode="cond", seed=3,
+                    checkpoint=ckpt, checkpoint_every=100, cache_mb=64, progress=False)
     assert not ckpt.exists()  # the output supersedes the checkpoint
     a, b = (load_state(tmp_path / f"{k}.pt") for k in "ab")
     assert a["ema"].keys() == b["ema"].keys()
@@ -262,8 +266,8 @@ def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Pa
     assert a["history"] == b["history"]
     assert whole.step == GEN["steps"]
     # another seed ends elsewhere: the comparison could fail
-    c = train_generator(toy["store"], toy["autoencoder"], tmp_path / "c.pt", GEN, "cond", 4,
-                        progress=False)
+    c = train_generator(toy["store"], toy["autoencoder"], tmp_path / "c.pt", cfg=GEN, mode="cond", seed=4,
+                        **RUN)
     assert not all(torch.equal(c.ema["net"].state_dict()[k], a["ema"][k]) for k in a["ema"])
 
 
@@ -272,13 +276,13 @@ def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path
                                                              tmp_path: Path) -> None:
     """With the discriminator on and the split streamed through a small reservoir."""
     cfg = {**AE, "steps": 5}
-    whole = train_autoencoder(toy["store"], tmp_path / "a.pt", cfg, 1, cache_mb=0.005,
-                              progress=False)
+    whole = train_autoencoder(toy["store"], tmp_path / "a.pt", cfg, seed=1, checkpoint_every=1000,
+                              cache_mb=0.005, progress=False)
     ckpt = tmp_path / "b.ckpt"
-    train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, 1, checkpoint=ckpt, cache_mb=0.005,
-                      stop_after=3, progress=False)
-    resumed = train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, 1, checkpoint=ckpt,
-                                cache_mb=0.005, progress=False)
+    train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, seed=1, checkpoint=ckpt, checkpoint_every=1000,
+                      cache_mb=0.005, stop_after=3, progress=False)
+    resumed = train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, seed=1, checkpoint=ckpt,
+                                checkpoint_every=1000, cache_mb=0.005, progress=False)
     sa, sb = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -287,7 +291,7 @@ def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path
 def test_decoder_finetuning_changes_only_the_decoder(toy: dict[str, Path]) -> None:
     before = load_autoencoder(toy["autoencoder"], torch.device("cpu")).state_dict()
     after = finetune_decoder(toy["store"], toy["autoencoder"], toy["decoder"].with_name("d2.pt"),
-                             FT, 0, progress=False).state_dict()
+                             cfg=FT, seed=0, **RUN).state_dict()
     decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
     others = [k for k in before if k not in decoder]
     assert decoder and others
@@ -310,7 +314,7 @@ def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path
     files = {"autoencoder": toy["autoencoder"]}
     files.update({"uvit": toy["cond"]} if name == "uvit" else
                  {"uvit": toy["uncond"], "decoder": toy["decoder"], "classifier": toy["classifier"]})
-    out = sample_synthetic(name, files, tmp_path / "a.zarr", SAMPLING[name], 0, 5, 2,
+    out = sample_synthetic(name, files, tmp_path / "a.zarr", cfg=SAMPLING[name], seed=0, per_class=5, batch=2,
                            progress=False)
     store = PatchStore(out)
     assert len(store) == 10 and store.class_names == ["dark", "bright"]
@@ -320,24 +324,24 @@ def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path
     assert len(store.attrs["channel_mean"]) == 3 and store.attrs["patch_size"] == 16
     # interrupted after two batches (one class done but one row), resumed: the same store
     b = tmp_path / "b.zarr"
-    assert sample_synthetic(name, files, b, SAMPLING[name], 0, 5, 2, stop_after=2,
+    assert sample_synthetic(name, files, b, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, stop_after=2,
                             progress=False) is None
     assert not b.exists() and (tmp_path / "b.zarr.partial").exists()
-    sample_synthetic(name, files, b, SAMPLING[name], 0, 5, 2, progress=False)
+    sample_synthetic(name, files, b, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, progress=False)
     assert np.array_equal(PatchStore(b).patches(), store.patches())
     # a finished batch damaged (a chunk of the partial store lost), or the metadata: redone
     for damage in ("chunk", "metadata"):
         d = tmp_path / f"d_{damage}.zarr"
-        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, stop_after=2, progress=False)
+        sample_synthetic(name, files, d, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, stop_after=2, progress=False)
         partial = tmp_path / f"d_{damage}.zarr.partial"
         if damage == "chunk":
             next(p for p in sorted((partial / "patches").rglob("*"))
                  if p.is_file() and p.name != "zarr.json").unlink()
         else:
             (partial / "zarr.json").write_text("{")
-        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, progress=False)
+        sample_synthetic(name, files, d, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, progress=False)
         assert np.array_equal(PatchStore(d).patches(), store.patches()), damage
-    other = sample_synthetic(name, files, tmp_path / "c.zarr", SAMPLING[name], 1, 5, 2,
+    other = sample_synthetic(name, files, tmp_path / "c.zarr", cfg=SAMPLING[name], seed=1, per_class=5, batch=2,
                              progress=False)
     assert not np.array_equal(PatchStore(other).patches(), store.patches())
 
@@ -391,13 +395,13 @@ def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path)
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
     cfg = {**config.defaults("generate.quality"), "seed": 0, "k": 3, "max_real": 0, "grid_per_class": 2}
-    out = generator_quality(store, store, embed, cfg, tmp_path / "q.json", tmp_path / "q.png",
-                            "toy", classify=always_dark)
+    out = generator_quality(store, store, embed, cfg=cfg, out=tmp_path / "q.json", grid=tmp_path / "q.png",
+                            encoder_name="toy", classify=always_dark)
     assert out["class_agreement"] == pytest.approx(0.5) and out["real_agreement"] == pytest.approx(0.5)
     assert out["class_agreement_per_class"] == {"dark": 1.0, "bright": 0.0}
     assert out["fid_in_domain"] == pytest.approx(0.0, abs=1e-6) and out["precision"] == 1.0
-    assert "class_agreement" not in generator_quality(store, store, embed, cfg, tmp_path / "u.json",
-                                                      tmp_path / "u.png", "toy")
+    assert "class_agreement" not in generator_quality(store, store, embed, cfg=cfg, out=tmp_path / "u.json",
+                                                      grid=tmp_path / "u.png", encoder_name="toy")
 
 
 # ---- bad input ----------------------------------------------------------------------------

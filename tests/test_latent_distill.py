@@ -33,7 +33,7 @@ SLFD = method_settings("slfd", **TINY, rank=2, mc_samples=4, lr_module=0.1, init
 def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("latent")
     store = make_toy_store(tmp / "toy.zarr", n_per_class=12, size=16)
-    train_autoencoder(store, tmp / "ae.pt", AE, 0, progress=False)
+    train_autoencoder(store, tmp / "ae.pt", AE, seed=0, checkpoint_every=1000, cache_mb=64, progress=False)
     return {"store": store, "ae": tmp / "ae.pt", "tmp": tmp}
 
 

@@ -121,7 +121,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     encoder = tmp / "enc.pt"
     train_encoder(store, encoder, {**ENCODER, "kind": "supervised", "net": "convnet", "seed": 0,
                                    "net_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"},
-                                   "train": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.01}})
+                                   "train": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.01}},
+                  cache_mb=64)
     return {"store": store, "encoder": encoder, "tmp": tmp}
 
 
@@ -187,8 +188,9 @@ def test_random_selector_is_seeded_and_class_pure(toy) -> None:
 
 def test_select_writes_a_distilled_set_and_refuses_too_small_pools(toy) -> None:
     tmp = toy["tmp"]
-    rows = select("infodist_real", INFODIST, 4, 0, toy["store"], toy["store"], toy["encoder"],
-                  tmp / "s.zarr", tmp / "s.png", tmp / "s.json")
+    rows = select("infodist_real", INFODIST, 4, seed=0, pool_path=toy["store"], store_path=toy["store"],
+                  encoder_path=toy["encoder"], out_zarr=tmp / "s.zarr", out_png=tmp / "s.png",
+                  out_json=tmp / "s.json")
     group = zarr.open_group(str(tmp / "s.zarr"), mode="r")
     store = PatchStore(toy["store"])
     assert group["labels"][:].tolist() == [0] * 4 + [1] * 4
@@ -197,8 +199,9 @@ def test_select_writes_a_distilled_set_and_refuses_too_small_pools(toy) -> None:
     assert group.attrs["method"] == "infodist_real" and group.attrs["patch_size"] == 16
     assert (tmp / "s.png").stat().st_size > 0 and (tmp / "s.json").exists()
     with pytest.raises(InputError, match="has 30 candidates, fewer than the 31"):
-        select("infodist_real", INFODIST, 31, 0, toy["store"], toy["store"], toy["encoder"],
-               tmp / "t.zarr", tmp / "t.png", tmp / "t.json")
+        select("infodist_real", INFODIST, 31, seed=0, pool_path=toy["store"], store_path=toy["store"],
+               encoder_path=toy["encoder"], out_zarr=tmp / "t.zarr", out_png=tmp / "t.png",
+               out_json=tmp / "t.json")
     assert not (tmp / "t.zarr").exists()
 
 
@@ -207,8 +210,9 @@ def test_select_refuses_a_pool_of_other_classes(toy) -> None:
     other = make_toy_store(tmp / "other.zarr", n_per_class=10, size=16)
     zarr.open_group(str(other), mode="a").attrs["class_names"] = ["a", "b"]
     with pytest.raises(InputError, match=r"\[select\].*classes \['a', 'b'\] differ"):
-        select("synrandom", {**config.defaults("select.methods.synrandom"), "selector": "random"}, 2, 0, other,
-               toy["store"], None, tmp / "u.zarr", tmp / "u.png", tmp / "u.json")
+        select("synrandom", {**config.defaults("select.methods.synrandom"), "selector": "random"}, 2,
+               seed=0, pool_path=other, store_path=toy["store"], encoder_path=None,
+               out_zarr=tmp / "u.zarr", out_png=tmp / "u.png", out_json=tmp / "u.json")
 
 
 def test_study_subset_is_balanced_and_mixed_batches_cover_both_sources_once(toy) -> None:

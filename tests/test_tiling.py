@@ -186,15 +186,15 @@ def test_batched_jobs_gather_to_the_one_process_store(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
     cfg = CFG | {"max_patches_per_slide": 30}
     ref = PatchStore(tiling.tile_cohort(rows, cfg, tmp_path / "ref.zarr", CLASSES))
-    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, CLASSES)
+    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, class_names=CLASSES, threads=1)
             for name, batch in tiling.batches(rows, 3).items()]
-    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, tmp_path / "got.zarr", CLASSES))
+    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, out=tmp_path / "got.zarr", class_names=CLASSES))
     for name in ("coords", "slide", "label", "split"):
         np.testing.assert_array_equal(got.array(name), ref.array(name))
     np.testing.assert_array_equal(got.patches(), ref.patches())
     assert got.attrs == ref.attrs
     with pytest.raises(InputError, match="test_002.tif: no tiled output for this slide"):
-        tiling.gather(rows, dirs[:1], cfg, tmp_path / "bad.zarr", CLASSES)
+        tiling.gather(rows, dirs[:1], cfg, out=tmp_path / "bad.zarr", class_names=CLASSES)
     assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
 
 
@@ -212,41 +212,41 @@ def test_finished_slides_are_kept_unless_their_file_or_settings_change(small_coh
     monkeypatch.setattr(wsi, "read_patches", reading)
     crash = True
     with pytest.raises(KeyboardInterrupt):
-        tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+        tiling.tile_slides(rows, CFG, tmp_path / "job", class_names=CLASSES, threads=1)
     crash = False
-    tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+    tiling.tile_slides(rows, CFG, tmp_path / "job", class_names=CLASSES, threads=1)
     assert calls == [rows[0]["path"], rows[1]["path"], rows[1]["path"]]  # the first not redone
     calls.clear()
     crash = True
     with pytest.raises(KeyboardInterrupt):
-        tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job2", CLASSES)
+        tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job2", class_names=CLASSES, threads=1)
     crash = False
-    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.5}, tmp_path / "job2", CLASSES)
+    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.5}, tmp_path / "job2", class_names=CLASSES, threads=1)
     assert len(calls) == 4  # other settings than the finished slide's: both redone
 
 
 def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
-    tiling.check_cohort("c16", rows, CFG, CLASSES)
+    tiling.check_cohort("c16", rows, CFG, class_names=CLASSES)
     no_xml = [{**r, "annotation": ""} if r["slide"] == "tumor_001" else r for r in rows]
     with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
                                          "has no annotation"):
-        tiling.check_cohort("c16", no_xml, CFG, CLASSES)
-    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, CLASSES)
+        tiling.check_cohort("c16", no_xml, CFG, class_names=CLASSES)
+    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, class_names=CLASSES)
     with pytest.raises(InputError, match=r"ghost.xml: annotation of slide tumor_001 \(dataset 'c16'\)"):
         tiling.check_cohort("c16", [{**r, "annotation": str(tmp_path / "ghost.xml")}
-                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, CLASSES)
+                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, class_names=CLASSES)
     with pytest.raises(InputError, match="lists slide 'normal_001' twice"):
-        tiling.check_cohort("c16", rows + rows[:1], CFG, CLASSES)
+        tiling.check_cohort("c16", rows + rows[:1], CFG, class_names=CLASSES)
     with pytest.raises(InputError, match=r"datasets.c16.tiling: dataset 'c16': label 'normal' is not"):
-        tiling.check_cohort("c16", rows, CFG, ["benign", "tumor"])
+        tiling.check_cohort("c16", rows, CFG, class_names=["benign", "tumor"])
     with pytest.raises(InputError, match=r"label 'tumor' is not one of the classes \['a', 'b'\]"):
-        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, ["a", "b"])
+        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, class_names=["a", "b"])
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00garbage")
     with pytest.raises(InputError, match="broken.tif: cannot be read by OpenSlide"):
         tiling.check_cohort("c16", rows[:1] + [{**rows[0], "slide": "b", "path": str(broken)}],
-                            CFG, CLASSES)
+                            CFG, class_names=CLASSES)
 
 
 def test_chunked_reads_into_one_buffer_equal_one_read(cmu_slide):

@@ -431,9 +431,9 @@ def load_autoencoder(path: str | os.PathLike, dev: torch.device) -> AutoencoderK
 
 
 def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                      seed: int, pretrain: Sources | None = None,
-                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
-                      cache_mb: float = 1024, stop_after: int | None = None,
+                      *, seed: int, pretrain: Sources | None = None,
+                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int,
+                      cache_mb: float, stop_after: int | None = None,
                       progress: bool = True) -> AutoencoderKL | None:
     """LDM's KL autoencoder: Adam (betas 0.5, 0.9) on the autoencoder and the learned
     log-variance, a second Adam on the discriminator once it is switched on; the forward passes

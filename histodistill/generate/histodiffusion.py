@@ -109,10 +109,10 @@ def guidance_grad(clf: LatentClassifier, y: torch.Tensor):  # noqa: ANN201 (a Gr
 
 
 def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.PathLike,
-                            out: str | os.PathLike, cfg: dict[str, Any],
+                            out: str | os.PathLike, *, cfg: dict[str, Any],
                             schedule_cfg: dict[str, Any], seed: int,
                             checkpoint: str | os.PathLike | None = None,
-                            checkpoint_every: int = 1000, cache_mb: float = 1024,
+                            checkpoint_every: int, cache_mb: float,
                             stop_after: int | None = None, progress: bool = True
                             ) -> LatentClassifier:
     """Cross-entropy on latents of the labelled training split noised to a uniform t under the
@@ -173,9 +173,9 @@ def apply_decoder(ae: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
 
 
 def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
-                     out: str | os.PathLike, cfg: dict[str, Any], seed: int,
-                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
-                     cache_mb: float = 1024, stop_after: int | None = None,
+                     out: str | os.PathLike, *, cfg: dict[str, Any], seed: int,
+                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int,
+                     cache_mb: float, stop_after: int | None = None,
                      progress: bool = True) -> AutoencoderKL:
     """First ``aux.steps`` steps train the auxiliary classifier phi (``aux.net`` from the model
     registry, on normalised pixels; SGD as the evaluation protocol); then phi is frozen and

@@ -62,7 +62,7 @@ def per_class(selector: Selector, pool: Candidates, k: int, stage: str) -> np.nd
     return np.concatenate(chosen)
 
 
-def select(method: str, cfg: dict[str, Any], ipc: int, seed: int, pool_path: str | os.PathLike,
+def select(method: str, cfg: dict[str, Any], ipc: int, *, seed: int, pool_path: str | os.PathLike,
            store_path: str | os.PathLike, encoder_path: str | os.PathLike | None,
            out_zarr: str | os.PathLike, out_png: str | os.PathLike,
            out_json: str | os.PathLike) -> np.ndarray:

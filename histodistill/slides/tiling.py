@@ -88,7 +88,7 @@ def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
     return list(configured) if configured else sorted({r["label"] for r in rows} | {cfg["tumour_class"]})
 
 
-def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
+def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any], *,
                  class_names: list[str], unannotated: Collection[str] = ()) -> None:
     """Check a slide table before any tiling job is queued, so a wrong root fails at once.
 
@@ -175,8 +175,8 @@ def store_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return slide_settings(cfg)
 
 
-def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
-                class_names: list[str], threads: int = 1) -> Path:
+def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike, *,
+                class_names: list[str], threads: int) -> Path:
     """Tile the slides of one batch (rows from :func:`batches`) into ``out/<slide>.zarr`` each.
 
     Slides are done one at a time into ``<out>.partial``; a slide already finished there with the
@@ -236,7 +236,7 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
 
 
 def gather(rows: list[dict[str, Any]], slide_dirs: list[str | os.PathLike], cfg: dict[str, Any],
-           out: str | os.PathLike, class_names: list[str],
+           *, out: str | os.PathLike, class_names: list[str],
            attrs: dict[str, Any] | None = None) -> Path:
     """Concatenate the per-slide stores of every row (found in ``slide_dirs``, the outputs of
     :func:`tile_slides`) in slide-table order into a new patch store at ``out``, atomically."""
@@ -281,7 +281,7 @@ def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.P
     out = Path(out)
     slides = out.with_name(out.name + ".slides")
     indexed = [row for batch in batches(rows, 1).values() for row in batch]
-    tile_slides(indexed, cfg, slides, class_names, int(cfg["threads"]))
-    gather(rows, [slides], cfg, out, class_names, attrs)
+    tile_slides(indexed, cfg, slides, class_names=class_names, threads=int(cfg["threads"]))
+    gather(rows, [slides], cfg, out=out, class_names=class_names, attrs=attrs)
     shutil.rmtree(slides)
     return out
