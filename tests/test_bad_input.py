@@ -237,7 +237,9 @@ def xml_with(tmp_path: Path, x: str, group: str = "_0") -> Path:
 ])
 def test_bad_annotation_coordinates_and_groups(tmp_path, x, group, message):
     with pytest.raises(InputError, match=r"\[tile\] .*ann.xml: " + message):
-        annotations.read_asap_xml(xml_with(tmp_path, x, group))
+        annotations.read_asap_xml(xml_with(tmp_path, x, group), tumour_groups=TILING["tumour_groups"],
+                                  exclusion_groups=TILING["exclusion_groups"],
+                                  ignore_groups=TILING["ignore_groups"])
 
 
 def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_path):
@@ -246,10 +248,10 @@ def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_pat
     with pytest.raises(InputError, match=r"\[tile\] .*far.xml: annotation 'Annotation 0' \(group '_0'\) "
                                          r"lies wholly outside the slide: x 50000..51000, y 40000..41000 "
                                          r"on a 1024 x 768 level-0 slide"):
-        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"])
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"], threads=1)
     beyond = np.array([[-500, -500], [1500, -500], [1500, 1200], [-500, 1200]])  # past every edge
     annotations.write_asap_xml(xml, {"_0": [beyond]})
-    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"])
+    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"], threads=1)
     assert len(labels) and (labels == 1).all()
 
 
@@ -316,7 +318,7 @@ def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumo
 @pytest.mark.parametrize("direct", [True, False])
 def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_path, direct):
     cfg = TILING | {"magnification": 20, "patch_size": 64, "stride": 64, "max_patches_per_slide": 0}
-    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"])
+    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"], threads=1)
     assert geom.level == 0
     with tifffile.TiffFile(tumour_slide) as tif:
         page = tif.pages[0]

@@ -199,7 +199,7 @@ def test_model_augmentation_fixed_step_gives_each_filter_a_perturbation_of_norm_
 def test_model_augmentation_draws_acc_dd_steps_from_the_range_with_random_signs():
     net = models.build("convnet", 2, 16, width=8, norm="none")
     gen = torch.Generator().manual_seed(0)
-    steps = [s for _ in range(50) for s in model_augment(net, [0.01, 0.09], gen)]
+    steps = [s for _ in range(50) for s in model_augment(net, [0.01, 0.09], gen, directions=2)]
     assert len(steps) == 100 and all(0.01 <= abs(s) <= 0.09 for s in steps)
     assert min(steps) < 0 < max(steps) and np.std(np.abs(steps)) > 0.015
 

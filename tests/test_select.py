@@ -69,7 +69,7 @@ def test_pick_takes_the_most_central_nodes_of_each_community() -> None:
 # ---- graph ----------------------------------------------------------------------------------------
 def test_softmax_graph_matches_a_hand_computed_example() -> None:
     x = np.array([[0.0], [1.0], [3.0]])  # distances d01 = 1, d02 = 3, d12 = 2
-    g = softmax_graph(x, eta=0.35).toarray()
+    g = softmax_graph(x, eta=0.35, relative=False).toarray()
     w01 = math.e / (math.e + math.exp(1 / 3))  # node 0: softmax(1/1, 1/3)
     w10 = math.e / (math.e + math.exp(0.5))  # node 1: softmax(1/1, 1/2)
     w20 = math.exp(1 / 3) / (math.exp(1 / 3) + math.exp(0.5))  # node 2: softmax(1/3, 1/2)
@@ -77,15 +77,15 @@ def test_softmax_graph_matches_a_hand_computed_example() -> None:
                          [w10, 0, 1 - w10],
                          [w20, 1 - w20, 0]])
     assert np.allclose(g, expected, atol=1e-12)
-    assert np.allclose(softmax_graph(x, eta=0.0).toarray().sum(1), 1.0)  # rows are a softmax
-    assert softmax_graph(x, eta=0.7).nnz == 0
+    assert np.allclose(softmax_graph(x, eta=0.0, relative=False).toarray().sum(1), 1.0)  # rows are a softmax
+    assert softmax_graph(x, eta=0.7, relative=False).nnz == 0
     # relative distances: divided by the mean pairwise distance (2), so the logits double
     rel = softmax_graph(x, eta=0.0, relative=True).toarray()
     assert rel[0, 1] == pytest.approx(math.exp(2) / (math.exp(2) + math.exp(2 / 3)))
     assert np.allclose(softmax_graph(7 * x, eta=0.0, relative=True).toarray(), rel)  # scale-free
     # blocks of rows give the same graph as one block
     y = np.random.default_rng(1).normal(size=(50, 4))
-    a, b = softmax_graph(y, 0.01, chunk=7), softmax_graph(y, 0.01)
+    a, b = softmax_graph(y, 0.01, chunk=7, relative=False), softmax_graph(y, 0.01, relative=False)
     assert (a != 0).toarray().tolist() == (b != 0).toarray().tolist()
     assert np.allclose(a.toarray(), b.toarray(), atol=1e-12)
 
@@ -101,7 +101,7 @@ def two_clusters(sizes: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 def test_infomap_finds_two_clear_clusters_and_the_selection_uses_both() -> None:
     x = two_clusters((40, 20))
-    comm = communities(softmax_graph(x, 0.004), seed=1, trials=2)
+    comm = communities(softmax_graph(x, 0.004, relative=False), seed=1, trials=2)
     assert len(comm.sizes) == 2 and sorted(comm.sizes.tolist()) == [20, 40]
     assert len(set(comm.module[:40])) == 1 and len(set(comm.module[40:])) == 1
     for budget, split in ((6, (4, 2)), (2, (1, 1)), (5, (3, 2))):  # proportional to 40 : 20
@@ -109,7 +109,7 @@ def test_infomap_finds_two_clear_clusters_and_the_selection_uses_both() -> None:
         assert len(set(chosen.tolist())) == budget
         assert ((chosen < 40).sum(), (chosen >= 40).sum()) == split
     # same seed, same communities
-    again = communities(softmax_graph(x, 0.004), seed=1, trials=2)
+    again = communities(softmax_graph(x, 0.004, relative=False), seed=1, trials=2)
     assert (again.module == comm.module).all()
 
 
@@ -129,7 +129,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def context(toy: dict[str, Path], features: np.ndarray | None = None) -> Context:
     store = PatchStore(toy["store"])
     enc = load_encoder(toy["encoder"], torch.device("cpu"))
-    pool = Candidates(store, enc)
+    pool = Candidates(store, enc, per_class=0, seed=0)
     if features is not None:
         pool._features = features
     return Context(pool, store, enc, seed=0)

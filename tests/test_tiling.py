@@ -36,7 +36,7 @@ def test_labels_follow_a_hand_made_polygon(tumour_slide, tmp_path):
     xml = tmp_path / "square.xml"
     square = np.array([[320, 192], [576, 192], [576, 448], [320, 448]], float)  # 64-px grid
     annotations.write_asap_xml(xml, {"Tumor": [square]})
-    coords, labels, geom = tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+    coords, labels, geom = tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES, threads=1)
     size0 = geom.patch_size * geom.scale
     inside = ((coords[:, 0] >= 320) & (coords[:, 0] + size0 <= 576)
               & (coords[:, 1] >= 192) & (coords[:, 1] + size0 <= 448))
@@ -52,15 +52,15 @@ def test_class_names_default_to_slide_labels_plus_tumour():
 
 def test_unannotated_label_can_be_the_slide_label(tumour_slide):
     _, labels, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0,
-                                     CFG | {"unannotated_label": "slide"}, CLASSES)
+                                     CFG | {"unannotated_label": "slide"}, CLASSES, threads=1)
     assert (labels == 1).all()
 
 
 def test_cap_samples_deterministically(tumour_slide):
     cfg = CFG | {"max_patches_per_slide": 20}
-    a, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
-    b, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
-    c, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg | {"seed": 1}, CLASSES)
+    a, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES, threads=1)
+    b, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES, threads=1)
+    c, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg | {"seed": 1}, CLASSES, threads=1)
     assert len(a) == 20 and (a == b).all() and not (a == c).all()
 
 
@@ -139,7 +139,7 @@ def test_unparseable_annotation_names_the_file(tumour_slide, tmp_path):
     xml = tmp_path / "tumor_001.xml"
     xml.write_text("<ASAP_Annotations><Annotations>")
     with pytest.raises(InputError, match="tumor_001.xml: annotation XML does not parse"):
-        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES, threads=1)
 
 
 def test_missing_root_and_missing_slide(tmp_path, small_cohort):
@@ -251,13 +251,13 @@ def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
 
 def test_chunked_reads_into_one_buffer_equal_one_read(cmu_slide):
     cfg = CFG | {"magnification": 20, "patch_size": 256, "stride": 256}
-    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES)
-    whole = wsi.read_patches(cmu_slide, coords, geom)
+    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES, threads=1)
+    whole = wsi.read_patches(cmu_slide, coords, geom, threads=2)
     buffer = np.empty((7, 256, 256, 3), np.uint8)  # 240 px tiles: chunk edges share tiles
     chunks = [(start, p.copy()) for start, p in tiling.read_chunks(cmu_slide, coords, geom, 2, buffer)]
     assert [s for s, _ in chunks] == list(range(0, len(coords), 7))
     np.testing.assert_array_equal(np.concatenate([p for _, p in chunks]), whole)
     with pytest.raises(ValueError, match="cannot hold uint8 patches"):
-        wsi.read_patches(cmu_slide, coords, geom, out=buffer)
+        wsi.read_patches(cmu_slide, coords, geom, threads=2, out=buffer)
     assert tiling.patch_buffer(256, 10**6).nbytes <= tiling.READ_BYTES
     assert len(tiling.patch_buffer(256, 5)) == 5 and len(tiling.patch_buffer(32, 10**6)) % 64 == 0

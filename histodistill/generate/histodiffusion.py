@@ -63,11 +63,9 @@ class LatentClassifier(nn.Module):
     """p(y | z_t, t): the autoencoder's encoder over latents, with a timestep embedding
     (sinusoidal, then a two-layer MLP) added in every residual block, then attention pooling."""
 
-    def __init__(self, z_channels: int, latent_size: int, num_classes: int, ch: int = 128,
-                 ch_mult: list[int] | None = None, num_res_blocks: int = 2,
-                 heads: int = 4) -> None:
+    def __init__(self, z_channels: int, latent_size: int, num_classes: int, *, ch: int,
+                 ch_mult: list[int], num_res_blocks: int, heads: int) -> None:
         super().__init__()
-        ch_mult = ch_mult or [1, 2, 2]
         self.ch = ch
         self.temb = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
         self.encoder = Encoder(z_channels, ch, ch_mult, num_res_blocks, 1, 4 * ch)
@@ -82,9 +80,9 @@ class LatentClassifier(nn.Module):
 
 def build_classifier(cfg: dict[str, Any], z_channels: int, latent_size: int,
                      num_classes: int) -> LatentClassifier:
-    return LatentClassifier(z_channels, latent_size, num_classes, int(cfg["ch"]),
-                            [int(m) for m in cfg["ch_mult"]], int(cfg["num_res_blocks"]),
-                            int(cfg["heads"]))
+    return LatentClassifier(z_channels, latent_size, num_classes, ch=int(cfg["ch"]),
+                            ch_mult=[int(m) for m in cfg["ch_mult"]],
+                            num_res_blocks=int(cfg["num_res_blocks"]), heads=int(cfg["heads"]))
 
 
 def load_classifier(path: str | os.PathLike, dev: torch.device

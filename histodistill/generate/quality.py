@@ -71,7 +71,7 @@ def _covered(query: np.ndarray, ref: np.ndarray, radii: np.ndarray, chunk: int) 
     return out
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024
+def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int, chunk: int = 1024
                      ) -> tuple[float, float]:
     """Kynkaanniemi et al.'s improved precision and recall with k-NN manifolds."""
     if min(len(real), len(fake)) <= k:
@@ -142,7 +142,7 @@ def inception_embed(path: str | os.PathLike, dev: torch.device) -> Embed:
 def feature_metrics(real: np.ndarray, real_y: np.ndarray, fake: np.ndarray, fake_y: np.ndarray,
                     class_names: list[str], k: int) -> dict[str, Any]:
     """FID, precision and recall overall, and FID per class (where both sides have > 1 sample)."""
-    precision, recall = precision_recall(real, fake, k)
+    precision, recall = precision_recall(real, fake, k=k)
     per_class = {}
     for c, name in enumerate(class_names):
         a, b = real[real_y == c], fake[fake_y == c]
