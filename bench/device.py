@@ -385,7 +385,9 @@ def uvit_steps(run: Run, work: Path) -> Figures:
     out = work / "uvit.pt"
 
     def seconds(steps: int) -> float:
-        train_generator(store, ae_path, out, {**cfg, "steps": steps}, "cond", 0, progress=False)
+        train_generator(store, ae_path, out, cfg={**cfg, "steps": steps}, mode="cond", seed=0,
+                        checkpoint_every=run.generate["checkpoint_every"],
+                        cache_mb=run.generate["cache_mb"], progress=False)
         return float(load_state(out)["seconds"])
 
     k1, k2 = (1, 3) if run.smoke or run.dev.type == "cpu" else (5, 55)

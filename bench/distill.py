@@ -88,7 +88,8 @@ def smoke_store(folder: Path) -> Path:
     from privacy import make_store  # bench/privacy.py, beside this script
 
     store = make_store(folder / "patches.zarr", 16, held_out=4)
-    build_template(store, folder / "stain/template.json", folder / "stain/template.png")
+    build_template(store, folder / "stain/template.json", folder / "stain/template.png",
+                   **config.defaults("stain"))
     return store
 
 

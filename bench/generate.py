@@ -57,6 +57,7 @@ GEOMETRY = {"tiny": (32, 4, 1, 64), "small": (128, 8, 2, 32), "mid": (256, 8, 2,
             "large": (256, 8, 2, 32)}
 AE = {**config.defaults("generate.autoencoder"), "ch": 32, "num_res_blocks": 1, "z_channels": 4}
 GENERATOR = config.defaults("generate.generator")  # its schedule: linear
+GENERATE = config.defaults("generate")  # checkpoint_every, cache_mb
 SAMPLING = {"steps": 50, "eta": 0.0, "cfg_scale": 0.4}
 SMOKE = {"batch": 4, "sampling_steps": 2, "train_steps": 1, "store_patches": 16}
 
@@ -151,8 +152,9 @@ def bench(preset: str, repeats: int, tmp: Path, smoke: bool = False) -> dict[str
 
     def train_seconds(steps: int) -> float:
         """Seconds the training loop of ``train_generator`` spent on ``steps`` steps."""
-        train_generator(store, paths["autoencoder"], tmp / "g.pt", {**gcfg, "steps": steps},
-                        "cond", 0, progress=False)
+        train_generator(store, paths["autoencoder"], tmp / "g.pt", cfg={**gcfg, "steps": steps},
+                        mode="cond", seed=0, checkpoint_every=GENERATE["checkpoint_every"],
+                        cache_mb=GENERATE["cache_mb"], progress=False)
         return float(load_state(tmp / "g.pt")["seconds"])
 
     steps = SMOKE["train_steps"] if smoke else 4

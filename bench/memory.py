@@ -112,18 +112,19 @@ def stage(name: str, store: str, work: str, cache_mb: float, untrimmed: bool,
     w = Path(work)
     cfgs, ipc = stage_settings(smoke), SMOKE["ipc"] if smoke else 10
     if name == "distill_histodd":
-        pretrain_pool(store, None, w / "pool.pt", cfgs["pool"], 0, cache_mb)
+        pretrain_pool(store, None, w / "pool.pt", cfg=cfgs["pool"], seed=0, cache_mb=cache_mb)
         distill("histodd", ipc, cfgs["histodd"], 0, outputs(w, "h"), store_path=store,
                 pool_path=w / "pool.pt", cache_mb=cache_mb, progress=False)
     elif name == "distill_dm":
         distill("dm", ipc, cfgs["dm"], 0, outputs(w, "d"), store_path=store, cache_mb=cache_mb,
                 progress=False)
     else:
-        full_train(store, None, "convnet", cfgs["evaluate"], w / "full.json")
+        full_train(store, None, "convnet", cfg=cfgs["evaluate"], out=w / "full.json")
         distill("random", ipc, {}, 0, outputs(w, "r"), store_path=store, cache_mb=cache_mb,
                 progress=False)
-        evaluate_distilled(w / "r.zarr", w / "r.json", store, None, {"convnet": w / "full.json"},
-                           cfgs["evaluate"], "bench", w / "result.json")
+        evaluate_distilled(w / "r.zarr", w / "r.json", store_path=store, template_path=None,
+                           full={"convnet": w / "full.json"}, cfg=cfgs["evaluate"],
+                           dataset="bench", out=w / "result.json")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "seconds": time.perf_counter() - start}))
 

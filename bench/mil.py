@@ -91,8 +91,8 @@ def smoke_bags(folder: Path, classes: list[str], names: tuple[str, str], slides:
 
 def bench(args: argparse.Namespace, cfg: dict, folder: Path, classes: list[str], out: Path) -> None:
     """Time the models on the bags of ``folder`` (``args.bags`` and ``real``); save to ``out``."""
-    syn = Bags(folder / args.bags, classes, "train")
-    full = Bags(folder / "real", classes, "train")
+    syn = Bags(folder / args.bags, classes, "train", cache_mb=cfg["cache_mb"])
+    full = Bags(folder / "real", classes, "train", cache_mb=cfg["cache_mb"])
     small = RandomBags(syn, round(syn.patches / len(syn)))
     large = RandomBags(syn, args.scale)
     figures, ratios, scaled = [], [], []

@@ -52,7 +52,7 @@ def features(n: int, seed: int = 0) -> np.ndarray:
 
 def run(x: np.ndarray) -> tuple[float, float, int, int]:
     start = time.perf_counter()
-    graph = softmax_graph(x, ETA)
+    graph = softmax_graph(x, ETA, relative=False)
     graph_s = time.perf_counter() - start
     comm = communities(graph, seed=1, trials=TRIALS)
     chosen = pick(comm, len(x) // 10, "modular_centrality")

@@ -85,8 +85,9 @@ HS2P_WORKER = ROOT / "bench/peers/hs2p_tiling.py"
 def naive(path: Path, cfg: dict) -> int:
     slide = openslide.OpenSlide(str(path))
     geom = wsi.geometry(slide, path, cfg["magnification"], cfg["patch_size"], cfg["stride"])
-    mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
-                                 cfg["min_saturation"], int(cfg["threads"]))
+    mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, mask_mpp=cfg["mask_mpp"],
+                                 max_size=cfg["mask_max_size"], min_saturation=cfg["min_saturation"],
+                                 threads=int(cfg["threads"]))
     coords = wsi.grid(*slide.dimensions, geom)
     keep = wsi.box_fraction(mask, down, coords, geom.patch_size * geom.scale) >= cfg["tissue_threshold"]
     for xy in coords[keep]:  # the same tissue check, then one read_region per patch
@@ -199,7 +200,7 @@ def versus_hs2p(name: str, path: Path, cfg: dict, peer: Hs2p, repeats: int, warm
                 ) -> tuple[float, float, str]:
     """Interleaved best of ``repeats``: hs2p's time / the tiler's, the tiler's patch count /
     hs2p's, and a line describing both."""
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, threads=int(cfg["threads"]))
     replies: list[dict[str, Any]] = [peer.tile(path, cfg, geom)] if warm_up else []  # untimed
 
     def hs2p() -> float:
@@ -209,8 +210,9 @@ def versus_hs2p(name: str, path: Path, cfg: dict, peer: Hs2p, repeats: int, warm
     t = best_of({"tiler": lambda: tiler(path, cfg), "hs2p": hs2p}, repeats, own_time={"hs2p"})
     got = replies[-1]
     with wsi.open_slide(path) as slide:  # how many of hs2p's tiles pass the tiler's own test
-        mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
-                                     cfg["min_saturation"])
+        mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, mask_mpp=cfg["mask_mpp"],
+                                     max_size=cfg["mask_max_size"],
+                                     min_saturation=cfg["min_saturation"], threads=1)
     theirs = np.stack([got["x"], got["y"]], 1).reshape(-1, 2)
     passing = int((wsi.box_fraction(mask, down, theirs, geom.patch_size * geom.scale)
                    >= cfg["tissue_threshold"]).sum())
@@ -231,14 +233,15 @@ def large_case(base: dict, size: tuple[int, int], repeats: int, folder: Path) ->
     path = large_slide(*size, folder)
     cores = os.cpu_count() or 1
     cfg = base | {"magnification": 20, "patch_size": 256, "stride": 256, "threads": cores}
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, threads=int(cfg["threads"]))
     cpu: dict[str, float] = {}
     t = best_of({"naive": lambda: naive(path, cfg),
                  "tiler": lambda: tiler(path, cfg),
-                 "plan": lambda: len(tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))[0]),
+                 "plan": lambda: len(tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES,
+                                                       threads=int(cfg["threads"]))[0]),
                  "reads": lambda: sum(len(p) for _, p in tiling.read_chunks(path, coords, geom, cores)),
-                 "decode": lambda: wsi.decode_tiles(path, coords, geom, cores)}, repeats, cpu=cpu)
-    n_tiles = wsi.decode_tiles(path, coords, geom, cores)
+                 "decode": lambda: wsi.decode_tiles(path, coords, geom, threads=cores)}, repeats, cpu=cpu)
+    n_tiles = wsi.decode_tiles(path, coords, geom, threads=cores)
     print(f"large: {path.name} level {geom.level}, 256 px at 20x, {len(coords)} patches from "
           f"{n_tiles} tiles, {cores} cores; best of {repeats}: naive {t['naive']:.2f} s, "
           f"tiler {t['tiler']:.2f} s (mask and plan {t['plan']:.2f} s, reads {t['reads']:.2f} s), "
@@ -252,7 +255,7 @@ def large_case(base: dict, size: tuple[int, int], repeats: int, folder: Path) ->
 
 def tiler(path: Path, cfg: dict) -> int:
     """Plan, then read chunk by chunk into one buffer, as a tiling job does before storing."""
-    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
+    coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, threads=int(cfg["threads"]))
     return sum(len(p) for _, p in tiling.read_chunks(path, coords, geom, int(cfg["threads"])))
 
 
@@ -318,7 +321,7 @@ def main() -> None:
     try:
         speedups, vs_decode, read_speedups = {}, {}, {}
         for name, (path, cfg) in cases.items():
-            coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, int(cfg["threads"]))
+            coords, _, geom = tiling.plan_slide(path, "", "normal", 0, cfg, CLASSES, threads=int(cfg["threads"]))
             n_naive = naive(path, cfg)
             assert n_naive == len(coords), "naive loop and tiler must keep the same patches"
             t = best_of({"naive": lambda: naive(path, cfg),

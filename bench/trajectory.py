@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp) / "p.zarr", patches, args.size)
         experts = Path(tmp) / "convnet.h5"
-        buffer_experts(store, experts, {**BUFFER, "net_kwargs": {"width": args.width}}, 0,
-                       progress=False)
+        buffer_experts(store, experts, {**BUFFER, "net_kwargs": {"width": args.width}}, seed=0,
+                       cache_mb=config.defaults("trajectories")["cache_mb"], progress=False)
         runs = {}
         for method in ("mtt", "ptm"):
             for steps in (n, 4 * n):

@@ -115,7 +115,7 @@ class Encoder:
         return self.net(self.stats.normalise(pixels.to(self.device))).softmax(1)
 
 
-def embed_array(encoder: Encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def embed_array(encoder: Encoder, images: np.ndarray, *, batch: int) -> np.ndarray:
     """Features (N, D) float32 of (N, 3, H, W) uint8 images, in batches."""
     out = np.empty((len(images), encoder.dim), dtype=np.float32)
     for s in range(0, len(images), batch):
@@ -123,7 +123,7 @@ def embed_array(encoder: Encoder, images: np.ndarray, batch: int = 256) -> np.nd
     return out
 
 
-def embed_split(encoder: Encoder, store: PatchStore, split: str, batch: int = 256,
+def embed_split(encoder: Encoder, store: PatchStore, split: str, *, batch: int,
                 buffer_mb: float = 256, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features (N, D), labels and store rows of one split, streamed in store order: only the
@@ -220,7 +220,7 @@ def _build(kind: str, net: str, net_kwargs: dict[str, Any], num_classes: int, im
 
 
 def train_encoder(store_path: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                  cache_mb: float = 1024, checkpoint: str | os.PathLike | None = None,
+                  *, cache_mb: float, checkpoint: str | os.PathLike | None = None,
                   weights: str | os.PathLike | None = None) -> Encoder:
     """Train (or, for ``resnet50_trunc``, load) the encoder ``cfg`` describes on the store's
     real training split and save it to ``out``. Training resumes from ``checkpoint``."""

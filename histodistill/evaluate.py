@@ -33,7 +33,7 @@ def _setup(store_path: str | os.PathLike, template_path: str | os.PathLike | Non
 
 
 def full_train(store_path: str | os.PathLike, template_path: str | os.PathLike | None, arch: str,
-               cfg: dict[str, Any], out: str | os.PathLike,
+               *, cfg: dict[str, Any], out: str | os.PathLike,
                checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """The upper bound: ``arch`` trained once on the whole real training split (streamed),
     resumable per epoch from ``checkpoint``."""
@@ -103,7 +103,7 @@ def set_record(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
     return record
 
 
-def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.PathLike,
+def evaluate_distilled(distilled: str | os.PathLike, distill_stats: str | os.PathLike, *,
                        store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                        full: dict[str, str | os.PathLike], cfg: dict[str, Any], dataset: str,
                        out: str | os.PathLike) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def selection_split(store: PatchStore) -> str:
     return "val"
 
 
-def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike,
+def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike, *,
                        store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                        evaluate: dict[str, Any], overrides: dict[str, Any],
                        out: str | os.PathLike) -> dict[str, Any]:

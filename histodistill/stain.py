@@ -59,7 +59,7 @@ def _to_od(x: torch.Tensor, io: float) -> torch.Tensor:
     return -torch.log((x.reshape(b, 3, -1).transpose(1, 2) * 255.0 + 1.0) / io)
 
 
-def stain_vectors(x: torch.Tensor, io: float = IO, alpha: float = ALPHA, beta: float = BETA,
+def stain_vectors(x: torch.Tensor, *, io: float, alpha: float, beta: float,
                   min_pixels: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Macenko stain matrices (B, 2, 3) of a batch (B, 3, H, W) in [0, 1], differentiably.
 
@@ -112,7 +112,7 @@ def concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram, stains @ od.transpose(1, 2))
 
 
-def max_concentrations(conc: torch.Tensor, x: torch.Tensor, ignore_clipped: bool = True,
+def max_concentrations(conc: torch.Tensor, x: torch.Tensor, *, ignore_clipped: bool,
                        min_pixels: int = 16) -> torch.Tensor:
     """99th percentile (B, 2) of each image's concentrations (B, 2, N) over its pixels of
     (B, 3, H, W) ``x`` in [0, 1]; with ``ignore_clipped`` over the pixels with no channel at 0
@@ -133,18 +133,18 @@ def max_concentrations(conc: torch.Tensor, x: torch.Tensor, ignore_clipped: bool
     return torch.nanquantile(masked, 0.99, dim=-1)
 
 
-def fit(image: np.ndarray | torch.Tensor, io: float = IO, alpha: float = ALPHA,
-        beta: float = BETA, ignore_clipped: bool = True) -> StainTemplate:
+def fit(image: np.ndarray | torch.Tensor, *, io: float, alpha: float, beta: float,
+        ignore_clipped: bool) -> StainTemplate:
     """Fit a Macenko template to one image: (H, W, 3) uint8 or (3, H, W) float in [0, 1].
 
     Raises ``ValueError`` when the image has too few stained pixels to estimate stains.
     """
     x = _as_batch(image)
-    stains, valid = stain_vectors(x, io, alpha, beta)
+    stains, valid = stain_vectors(x, io=io, alpha=alpha, beta=beta)
     if not bool(valid[0]):
         raise ValueError("too few stained pixels (OD > beta) to fit a Macenko template")
     conc = concentrations(_to_od(x, io), stains)
-    max_c = max_concentrations(conc, x, ignore_clipped)
+    max_c = max_concentrations(conc, x, ignore_clipped=ignore_clipped)
     return StainTemplate(stains[0].tolist(), max_c[0].tolist(), io, alpha, beta, ignore_clipped)
 
 
@@ -179,11 +179,11 @@ class MacenkoNormaliser(torch.nn.Module):
         dtype = x.dtype
         xd = x.double()
         b, _, h, w = xd.shape
-        stains, valid = stain_vectors(xd, self.io, self.alpha, self.beta)
+        stains, valid = stain_vectors(xd, io=self.io, alpha=self.alpha, beta=self.beta)
         stains = torch.where(valid[:, None, None], stains, self.stains)
         od = _to_od(xd, self.io)
         conc = concentrations(od, stains)
-        max_c = max_concentrations(conc, xd, self.ignore_clipped).clamp_min(1e-6)
+        max_c = max_concentrations(conc, xd, ignore_clipped=self.ignore_clipped).clamp_min(1e-6)
         conc = conc * (self.max_c / max_c)[..., None]
         out = self.io * torch.exp(-(self.stains.T @ conc)) - 1.0  # exact inverse of _to_od
         out = (out / 255.0).clamp(0.0, 1.0).reshape(b, 3, h, w)
@@ -202,8 +202,8 @@ def normalise(images: np.ndarray, template: StainTemplate, batch: int = 64) -> n
 
 
 def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
-                    chunk: int = 1024, io: float = IO, alpha: float = ALPHA, beta: float = BETA,
-                    ignore_clipped: bool = True) -> tuple[StainTemplate, dict[str, list[float]]]:
+                    chunk: int = 1024, *, io: float, alpha: float, beta: float,
+                    ignore_clipped: bool) -> tuple[StainTemplate, dict[str, list[float]]]:
     """Histo-DD's template: the patch whose pixel mean and std are closest to the dataset's.
 
     ``patches(idx)`` returns uint8 (n, 3, H, W) for sorted rows ``idx``. Statistics are per
@@ -226,8 +226,8 @@ def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarra
     dist = np.linalg.norm(np.concatenate([patch_mean - mean, patch_std - std], 1), axis=1)
     for k in np.argsort(dist, kind="stable"):
         try:
-            template = fit(patches(rows[k:k + 1])[0].transpose(1, 2, 0), io, alpha, beta,
-                           ignore_clipped)
+            template = fit(patches(rows[k:k + 1])[0].transpose(1, 2, 0), io=io, alpha=alpha,
+                           beta=beta, ignore_clipped=ignore_clipped)
         except ValueError:
             continue
         template.index = int(rows[k])
@@ -238,9 +238,8 @@ def choose_template(patches: Callable[[np.ndarray], np.ndarray], rows: np.ndarra
 
 
 def build_template(store_path: str | os.PathLike, json_path: str | os.PathLike,
-                   png_path: str | os.PathLike, io: float = IO, alpha: float = ALPHA,
-                   beta: float = BETA, split: str = "train", ignore_clipped: bool = True
-                   ) -> StainTemplate:
+                   png_path: str | os.PathLike, *, io: float, alpha: float, beta: float,
+                   split: str, ignore_clipped: bool) -> StainTemplate:
     """Choose a dataset's template from its patch store; write its JSON and a PNG of the patch."""
     store = PatchStore(store_path)
     rows = store.indices(split)

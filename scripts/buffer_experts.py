@@ -8,4 +8,4 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     cfg = sm.params.trajectories
-    buffer_experts(sm.input[0], sm.output[0], cfg, cfg["seed"], sm.resources.cache_mb)
+    buffer_experts(sm.input[0], sm.output[0], cfg, seed=cfg["seed"], cache_mb=sm.resources.cache_mb)

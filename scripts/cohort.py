@@ -7,6 +7,6 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     rows = build_table(sm.params.name, sm.params.dataset)
     check_cohort(sm.params.name, rows, sm.params.tiling,
-                 class_names(rows, sm.params.tiling, sm.params.dataset.get("classes")),
-                 sm.params.dataset.get("unannotated_slides", ()))
+                 class_names=class_names(rows, sm.params.tiling, sm.params.dataset.get("classes")),
+                 unannotated=sm.params.dataset.get("unannotated_slides", ()))
     write_table(rows, sm.output[0])

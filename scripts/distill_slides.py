@@ -12,6 +12,7 @@ with rule_logging(sm.log[0]):
     cfg = apply_choice({**sm.params.cfg, "checkpoint_every": sm.resources.checkpoint_every},
                        read_choice(sm.input.get("choice")), sm.wildcards.method,
                        keep=sm.params.per_slide)  # checkpoint_every: not a param, no rerun
-    distill_slides(sm.input.store, sm.input.template, sm.input.get("pool"), sm.wildcards.method,
-                   int(sm.wildcards.ipc), cfg, sm.params.seed, sm.params.slides, sm.output[0],
-                   sm.resources.cache_mb)
+    distill_slides(sm.input.store, sm.input.template, pool_path=sm.input.get("pool"),
+                   method=sm.wildcards.method, ipc=int(sm.wildcards.ipc), cfg=cfg,
+                   seed=sm.params.seed, slides=sm.params.slides, out=sm.output[0],
+                   cache_mb=sm.resources.cache_mb)

@@ -9,5 +9,6 @@ with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     full = dict(zip(sm.params.evaluate["archs"], sm.input.full))
     cfg = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}  # not a param: no rerun
-    evaluate_distilled(sm.input.distilled, sm.input.cost, sm.input.store, sm.input.template, full,
-                       cfg, sm.wildcards.dataset, sm.output[0])
+    evaluate_distilled(sm.input.distilled, sm.input.cost, store_path=sm.input.store,
+                       template_path=sm.input.template, full=full, cfg=cfg,
+                       dataset=sm.wildcards.dataset, out=sm.output[0])

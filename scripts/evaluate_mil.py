@@ -9,5 +9,6 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     full = dict(zip(sm.params.mil["models"], sm.input.full))
-    evaluate_mil(sm.input.synthetic, sm.input.real, full, PatchStore(sm.input.store).class_names,
-                 sm.params.mil, sm.output[0], sm.resources.cache_mb)
+    evaluate_mil(sm.input.synthetic, sm.input.real, full=full,
+                 class_names=PatchStore(sm.input.store).class_names, settings=sm.params.mil,
+                 out=sm.output[0], cache_mb=sm.resources.cache_mb)

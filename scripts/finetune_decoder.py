@@ -7,6 +7,7 @@ from histodistill.logs import rule_logging
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
-    finetune_decoder(sm.input.store, sm.input.autoencoder, sm.output[0], sm.params.finetune,
-                     sm.params.seed, sm.params.checkpoint, sm.resources.checkpoint_every,
-                     sm.resources.cache_mb)
+    finetune_decoder(sm.input.store, sm.input.autoencoder, sm.output[0], cfg=sm.params.finetune,
+                     seed=sm.params.seed, checkpoint=sm.params.checkpoint,
+                     checkpoint_every=sm.resources.checkpoint_every,
+                     cache_mb=sm.resources.cache_mb)

@@ -9,4 +9,5 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     full_mil(sm.input.bags, PatchStore(sm.input.store).class_names, sm.wildcards.model,
-             sm.params.settings, sm.params.runs, sm.params.seed, sm.output[0], sm.resources.cache_mb)
+             cfg=sm.params.settings, runs=sm.params.runs, seed=sm.params.seed, out=sm.output[0],
+             cache_mb=sm.resources.cache_mb)

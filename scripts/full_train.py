@@ -8,5 +8,5 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     cfg = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}  # not a param: no rerun
-    full_train(sm.input.store, sm.input.template, sm.wildcards.arch, cfg, sm.output[0],
-               sm.params.checkpoint)
+    full_train(sm.input.store, sm.input.template, sm.wildcards.arch, cfg=cfg, out=sm.output[0],
+               checkpoint=sm.params.checkpoint)

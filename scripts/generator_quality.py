@@ -7,5 +7,5 @@ from histodistill.logs import rule_logging
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
-    quality(sm.input.synthetic, sm.input.store, sm.input.encoder, sm.params.quality,
-            sm.output.json, sm.output.grid)
+    quality(sm.input.synthetic, sm.input.store, sm.input.encoder, cfg=sm.params.quality,
+            out=sm.output.json, grid=sm.output.grid)

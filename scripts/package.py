@@ -4,5 +4,5 @@ from histodistill.privacy.package import write_package
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
-    write_package(sm.input.distilled, sm.input.result, sm.input.store, sm.output.share,
-                  sm.output.datasheet, sm.params.package)
+    write_package(sm.input.distilled, sm.input.result, sm.input.store, out=sm.output.share,
+                  datasheet_html=sm.output.datasheet, settings=sm.params.package)

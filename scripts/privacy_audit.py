@@ -9,4 +9,4 @@ with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     cfg = {**sm.params.privacy, "batch": sm.resources.batch}  # block size: not a param, no rerun
     privacy_audit(sm.input.distilled, sm.input.store, sm.input.encoder[0] if sm.input.encoder else None,
-                  cfg, sm.output.json, sm.output.grid)
+                  cfg=cfg, out_json=sm.output.json, out_grid=sm.output.grid)

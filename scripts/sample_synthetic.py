@@ -8,5 +8,5 @@ sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
     files = {k: v for k, v in sm.input.items()}
-    sample_synthetic(sm.wildcards.generator, files, sm.output[0], sm.params.sampling,
-                     sm.params.seed, sm.params.per_class, sm.params.batch)
+    sample_synthetic(sm.wildcards.generator, files, sm.output[0], cfg=sm.params.sampling,
+                     seed=sm.params.seed, per_class=sm.params.per_class, batch=sm.params.batch)

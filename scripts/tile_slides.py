@@ -4,4 +4,5 @@ from histodistill.slides.tiling import tile_slides
 
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
-    tile_slides(sm.params.rows, sm.params.tiling, sm.output[0], sm.params.classes, sm.threads)
+    tile_slides(sm.params.rows, sm.params.tiling, sm.output[0], class_names=sm.params.classes,
+                threads=sm.threads)

@@ -8,6 +8,7 @@ from histodistill.logs import rule_logging
 sm = snakemake  # noqa: F821 (snakemake injects this object)
 with rule_logging(sm.log[0]):
     torch.set_num_threads(sm.threads)
-    train_autoencoder(sm.input.store, sm.output[0], sm.params.autoencoder, sm.params.seed,
-                      pooled(sm.input.pretrain), sm.params.checkpoint,
-                      sm.resources.checkpoint_every, sm.resources.cache_mb)
+    train_autoencoder(sm.input.store, sm.output[0], sm.params.autoencoder, seed=sm.params.seed,
+                      pretrain=pooled(sm.input.pretrain), checkpoint=sm.params.checkpoint,
+                      checkpoint_every=sm.resources.checkpoint_every,
+                      cache_mb=sm.resources.cache_mb)

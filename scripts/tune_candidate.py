@@ -18,5 +18,6 @@ with rule_logging(sm.log[0]):
             experts=sm.input.get("experts"), autoencoder=sm.input.get("autoencoder"),
             keep_diverged=True)
     evaluate = {**sm.params.evaluate, "cache_mb": sm.resources.cache_mb}
-    evaluate_candidate(sm.output.zarr, sm.output.cost, sm.input.store, sm.input.template, evaluate,
-                       sm.params.overrides, sm.output.json)
+    evaluate_candidate(sm.output.zarr, sm.output.cost, store_path=sm.input.store,
+                       template_path=sm.input.template, evaluate=evaluate,
+                       overrides=sm.params.overrides, out=sm.output.json)

@@ -51,6 +51,8 @@ AUGMENT = hdconfig.defaults("$defs/augment")
 TRAIN = hdconfig.defaults("$defs/train")
 ENCODER = hdconfig.defaults("$defs/encoder")
 DATASET = hdconfig.defaults("datasets.*")  # a datasets.<name> entry
+# the stain section's Macenko settings (what stain.fit and choose_template take)
+MACENKO = {k: v for k, v in hdconfig.defaults("stain").items() if k != "split"}
 
 
 def method_settings(method: str, **settings) -> dict:

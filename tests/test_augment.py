@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MACENKO
 from histodistill import config
 from histodistill.augment import PRESETS, Augment, AugmentConfig
 from histodistill.stain import fit
@@ -74,7 +75,7 @@ def test_all_preset_is_histodd_table_2_and_applies_stain_on_every_call(target_im
     cfg = augment(preset="all")
     assert cfg.ops == ["stain", "rotate", "flip", "scale"] and cfg.mode == "all"
     assert "color" not in cfg.ops  # colour jitter works against stain normalisation
-    template = fit(target_image[:256, :256])
+    template = fit(target_image[:256, :256], **MACENKO)
     aug = Augment(cfg, template)
     gen = torch.Generator().manual_seed(0)
     assert all([op for op, _ in aug.sample(gen)][0] == "stain" for _ in range(20))
@@ -108,7 +109,7 @@ def test_flip_and_rotate_do_what_they_say():
 
 
 def test_stain_op_works_in_pixels_and_returns_normalised_inputs(target_image):
-    template = fit(target_image[:256, :256])
+    template = fit(target_image[:256, :256], **MACENKO)
     aug = Augment(augment(ops=["stain"], mode="all"), template, MEAN, STD)
     pixels = torch.from_numpy(target_image[256:288, 256:288].copy()).permute(2, 0, 1)[None] / 255.0
     x = (pixels - torch.tensor(MEAN).reshape(1, 3, 1, 1)) / torch.tensor(STD).reshape(1, 3, 1, 1)

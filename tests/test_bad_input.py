@@ -101,7 +101,7 @@ def test_ipc_zero_and_ipc_above_a_class_count_are_one_error(tmp_path):
                                          r"patches of class 'dark'.*choose ipc <= 24"):
         distill("random", 25, {}, 0,
                 {"zarr": tmp_path / "r.zarr", "grid": tmp_path / "r.png", "cost": tmp_path / "r.json"},
-                store_path=store, progress=False)
+                store_path=store, cache_mb=64, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # nothing written
 
 
@@ -262,7 +262,9 @@ def xml_with(tmp_path: Path, x: str, group: str = "_0") -> Path:
 ])
 def test_bad_annotation_coordinates_and_groups(tmp_path, x, group, message):
     with pytest.raises(InputError, match=r"\[tile\] .*ann.xml: " + message):
-        annotations.read_asap_xml(xml_with(tmp_path, x, group))
+        annotations.read_asap_xml(xml_with(tmp_path, x, group), tumour_groups=TILING["tumour_groups"],
+                                  exclusion_groups=TILING["exclusion_groups"],
+                                  ignore_groups=TILING["ignore_groups"])
 
 
 def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_path):
@@ -271,10 +273,10 @@ def test_annotation_outside_the_slide_names_the_slide_size(tumour_slide, tmp_pat
     with pytest.raises(InputError, match=r"\[tile\] .*far.xml: annotation 'Annotation 0' \(group '_0'\) "
                                          r"lies wholly outside the slide: x 50000..51000, y 40000..41000 "
                                          r"on a 1024 x 768 level-0 slide"):
-        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"])
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, TILING, ["normal", "tumor"], threads=1)
     beyond = np.array([[-500, -500], [1500, -500], [1500, 1200], [-500, 1200]])  # past every edge
     annotations.write_asap_xml(xml, {"_0": [beyond]})
-    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"])
+    _, labels, _ = tiling.plan_slide(tumour_slide, str(xml), "normal", 0, TILING, ["normal", "tumor"], threads=1)
     assert len(labels) and (labels == 1).all()
 
 
@@ -289,8 +291,8 @@ def test_tumour_slide_without_annotation_fails_before_tiling(tumour_slide, tmp_p
     assert [(r["slide"], r["annotation"]) for r in rows] == [("tumor_001", "")]
     with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
                                          r"has no annotation"):
-        tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"])
-    tiling.check_cohort("c16", rows, CHECK, ["normal", "tumor"], ["tumor_001"])  # opt-in
+        tiling.check_cohort("c16", rows, CHECK, class_names=["normal", "tumor"])
+    tiling.check_cohort("c16", rows, CHECK, class_names=["normal", "tumor"], unannotated=["tumor_001"])  # opt-in
 
 
 def test_missing_annotation_in_a_slide_table_fails_before_tiling(tumour_slide, tmp_path):
@@ -337,13 +339,13 @@ def test_a_slide_label_differing_in_case_from_a_class_is_an_error_naming_it(tumo
     for check in (CHECK, CHECK | {"unannotated_label": "slide"}):
         with pytest.raises(InputError, match=r"s1.tif: dataset 't': label 'Tumor' is not one of "
                                              r"the classes .*\(did you mean 'tumor'\?\)"):
-            tiling.check_cohort("t", rows, check, ["normal", "tumor"], ["s1"])
+            tiling.check_cohort("t", rows, check, class_names=["normal", "tumor"], unannotated=["s1"])
 
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_corrupt_jpeg_tile_names_the_slide_level_and_region(tumour_slide, tmp_path, direct):
     cfg = TILING | {"magnification": 20, "patch_size": 64, "stride": 64, "max_patches_per_slide": 0}
-    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"])
+    coords, _, geom = tiling.plan_slide(tumour_slide, "", "normal", 0, cfg, ["normal", "tumor"], threads=1)
     assert geom.level == 0
     with tifffile.TiffFile(tumour_slide) as tif:
         page = tif.pages[0]

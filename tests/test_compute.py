@@ -134,18 +134,19 @@ def test_generator_trainings_run_under_forced_bf16_and_channels_last(tmp_path: P
     ae = {**config.defaults("generate.autoencoder"), "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
           "downsample": 2, "lr": 1e-3, "batch": 4, "steps": 3, "disc_start": 1, "disc_layers": 1,
           "scale_batches": 1, "compute": FORCED}
-    train_autoencoder(store, tmp_path / "ae.pt", ae, 0, progress=False)
+    run = {"seed": 0, "checkpoint_every": 1000, "cache_mb": 64, "progress": False}
+    train_autoencoder(store, tmp_path / "ae.pt", ae, **run)
     gen = {**config.defaults("generate.generator"), "preset": "tiny", "dim": 16, "depth": 2, "heads": 2,
            "steps": 2, "batch": 4, "warmup": 1, "compute": FORCED}
     clf = {**config.defaults("generate.latent_classifier"), "ch": 8, "ch_mult": [1, 2],
            "num_res_blocks": 1, "heads": 2, "steps": 2, "batch": 4, "compute": FORCED}
     ft = {**config.defaults("generate.finetune"), "steps": 2, "batch": 4, "compute": FORCED,
           "aux": {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "steps": 2, "lr": 0.01}}
-    states = [train_generator(store, tmp_path / "ae.pt", tmp_path / "g.pt", gen, "cond", 0,
-                              progress=False).history]
-    train_latent_classifier(store, tmp_path / "ae.pt", tmp_path / "c.pt", clf, gen["schedule"], 0,
-                            progress=False)
-    finetune_decoder(store, tmp_path / "ae.pt", tmp_path / "d.pt", ft, 0, progress=False)
+    states = [train_generator(store, tmp_path / "ae.pt", tmp_path / "g.pt", cfg=gen, mode="cond",
+                              **run).history]
+    train_latent_classifier(store, tmp_path / "ae.pt", tmp_path / "c.pt", cfg=clf,
+                            schedule_cfg=gen["schedule"], **run)
+    finetune_decoder(store, tmp_path / "ae.pt", tmp_path / "d.pt", cfg=ft, **run)
     for name in ("ae", "c", "d"):
         states.append(load_state(tmp_path / f"{name}.pt")["history"])
     for history in states:

@@ -199,7 +199,7 @@ def test_model_augmentation_fixed_step_gives_each_filter_a_perturbation_of_norm_
 def test_model_augmentation_draws_acc_dd_steps_from_the_range_with_random_signs():
     net = models.build("convnet", 2, 16, width=8, norm="none")
     gen = torch.Generator().manual_seed(0)
-    steps = [s for _ in range(50) for s in model_augment(net, [0.01, 0.09], gen)]
+    steps = [s for _ in range(50) for s in model_augment(net, [0.01, 0.09], gen, directions=2)]
     assert len(steps) == 100 and all(0.01 <= abs(s) <= 0.09 for s in steps)
     assert min(steps) < 0 < max(steps) and np.std(np.abs(steps)) > 0.015
 
@@ -294,7 +294,8 @@ def test_every_set_records_the_real_rows_it_was_made_from(method, toy_store, tmp
     out, pool_file = tmp_path / "d.zarr", tmp_path / "pool.pt"
     save_state(pool(), pool_file)
     distill(method, 3, SETTINGS[method], 0, {"zarr": out, "grid": tmp_path / "d.png", "cost": tmp_path / "d.json"},
-            store_path=toy_store.path, template_path=None, pool_path=pool_file, checkpoint=None, progress=False)
+            store_path=toy_store.path, template_path=None, pool_path=pool_file, checkpoint=None,
+            cache_mb=64, progress=False)
     group = zarr.open_group(str(out), mode="r")
     sources, labels = group["sources"][:], group["labels"][:]
     assert len(sources) == 6 and (toy_store.array("split")[sources] == 0).all()  # training rows
@@ -413,11 +414,12 @@ def test_the_pool_trains_under_distillations_augmentation_with_the_stain_templat
     cfg = {"net": "convnet", "net_kwargs": NET, "size": 1, "save_epochs": [1],
            "train": {**TRAIN, "epochs": 1, "batch": 16, "schedule": "constant"},
            "augment": {**AUGMENT, "preset": "all"}}
-    run.pretrain_pool(toy_store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg, 0, 64)
+    run.pretrain_pool(toy_store.path, tmp_path / "t.json", tmp_path / "pool.pt", cfg=cfg, seed=0,
+                      cache_mb=64)
     assert seen and "stain" in seen[0][0]
     assert seen[0][1] is not None and seen[0][1].stain_matrix == template.stain_matrix
     with pytest.raises(ValueError, match="stain template"):
-        run.pretrain_pool(toy_store.path, None, tmp_path / "pool2.pt", cfg, 0, 64)
+        run.pretrain_pool(toy_store.path, None, tmp_path / "pool2.pt", cfg=cfg, seed=0, cache_mb=64)
 
 
 @pytest.mark.slow

@@ -125,13 +125,13 @@ def test_simclr_encoder_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
 def test_resnet50_trunc_loads_local_weights_and_refuses_none(toy, tmp_path):
     cfg = {**ENCODER, "kind": "resnet50_trunc", "net": "resnet18", "seed": 0}
     with pytest.raises(InputError, match=r"\[train_encoder\] encoders.<name>.weights: .*local"):
-        train_encoder(toy, tmp_path / "r.pt", cfg)
+        train_encoder(toy, tmp_path / "r.pt", cfg, cache_mb=8)
     with pytest.raises(InputError, match="does not exist"):
-        train_encoder(toy, tmp_path / "r.pt", cfg, weights=tmp_path / "missing.pth")
+        train_encoder(toy, tmp_path / "r.pt", cfg, cache_mb=8, weights=tmp_path / "missing.pth")
     torch.manual_seed(0)
     full = torchvision.models.resnet50(weights=None).eval()
     torch.save(full.state_dict(), tmp_path / "r50.pth")
-    train_encoder(toy, tmp_path / "r.pt", cfg, weights=tmp_path / "r50.pth")
+    train_encoder(toy, tmp_path / "r.pt", cfg, cache_mb=8, weights=tmp_path / "r50.pth")
     enc = load_encoder(tmp_path / "r.pt", torch.device("cpu"))
     x = torch.from_numpy(PatchStore(toy).patches(slice(0, 3)))
     feats = enc.embed(x)
@@ -142,7 +142,7 @@ def test_resnet50_trunc_loads_local_weights_and_refuses_none(toy, tmp_path):
     torch.testing.assert_close(feats, f.mean((2, 3)))
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(InputError, match="not a ResNet50 state dict"):
-        train_encoder(toy, tmp_path / "r2.pt", cfg, weights=tmp_path / "bad.pth")
+        train_encoder(toy, tmp_path / "r2.pt", cfg, cache_mb=8, weights=tmp_path / "bad.pth")
 
 
 def test_timm_encoder_loads_a_foundation_style_vit_from_a_local_file(toy, tmp_path):
@@ -157,11 +157,11 @@ def test_timm_encoder_loads_a_foundation_style_vit_from_a_local_file(toy, tmp_pa
     cfg = {**ENCODER, "kind": "timm", "model": "vit_tiny_patch16_224", "model_kwargs": kwargs,
            "input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "seed": 0}
     with pytest.raises(InputError, match=r"encoders.<name>.weights: .*local weights file"):
-        train_encoder(toy, tmp_path / "t.pt", cfg)
+        train_encoder(toy, tmp_path / "t.pt", cfg, cache_mb=8)
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **kwargs).eval()
     save_file(reference.state_dict(), str(tmp_path / "vit.safetensors"))  # with its 3-class head
-    train_encoder(toy, tmp_path / "t.pt", cfg, weights=tmp_path / "vit.safetensors")
+    train_encoder(toy, tmp_path / "t.pt", cfg, cache_mb=8, weights=tmp_path / "vit.safetensors")
     enc = load_encoder(tmp_path / "t.pt", torch.device("cpu"))
     x = torch.from_numpy(PatchStore(toy).patches(slice(0, 4)))  # 16 px patches, resized to 32
     feats = enc.embed(x)
@@ -175,7 +175,7 @@ def test_timm_encoder_loads_a_foundation_style_vit_from_a_local_file(toy, tmp_pa
                               **{**kwargs, "embed_dim": 16})
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(InputError, match="other.pth: not weights of this timm model"):
-        train_encoder(toy, tmp_path / "t2.pt", cfg, weights=tmp_path / "other.pth")
+        train_encoder(toy, tmp_path / "t2.pt", cfg, cache_mb=8, weights=tmp_path / "other.pth")
 
 
 def test_the_docs_uni_example_is_a_valid_config():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from conftest import AUGMENT, TRAIN, make_toy_store
+from conftest import AUGMENT, MACENKO, TRAIN, make_toy_store
 from histodistill import models
 from histodistill.augment import Augment, AugmentConfig
 from histodistill.data.real import RealData
@@ -101,7 +101,7 @@ def test_evaluation_inputs_are_normalised_and_optionally_stain_normalised(tmp_pa
     inputs = Inputs(store, None, False, torch.device("cpu"))
     x = torch.cat([xb for xb, _, _ in inputs.split("train", 16)])
     assert x.mean((0, 2, 3)).abs().max() < 1e-4 and (x.std((0, 2, 3)) - 1).abs().max() < 1e-2
-    template = fit(target_image[:256, :256])
+    template = fit(target_image[:256, :256], **MACENKO)
     stained = Inputs(store, template, True, torch.device("cpu"))
     pixels = torch.from_numpy(target_image[:16, :16].copy()).permute(2, 0, 1)[None]
     expect = stained.stats.normalise(stained.stain(pixels.float() / 255))
@@ -115,7 +115,7 @@ def test_streamed_batches_and_training_do_not_depend_on_prefetch(tmp_path, targe
     """Reading ahead in a worker thread changes where batches are made, not what they are: the
     same seeds give bit-identical batches and trained weights with and without it."""
     store = PatchStore(make_toy_store(tmp_path / "p.zarr"))
-    template = fit(target_image[:256, :256])
+    template = fit(target_image[:256, :256], **MACENKO)
     cpu = torch.device("cpu")
 
     def run(depth: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:

@@ -41,11 +41,11 @@ elif stage == "tile":
     rows = cohort.build_table("s", {**DATASET, "format": "wsi", "layout": "camelyon16", "root": a["root"]})
     rows = [r for b in tiling.batches(rows, 1).values() for r in b]
     print("READY", flush=True)
-    tiling.tile_slides(rows, a["cfg"], a["out"], ["normal", "tumor"])
+    tiling.tile_slides(rows, a["cfg"], a["out"], class_names=["normal", "tumor"], threads=1)
 elif stage == "buffer":
     from histodistill.trajectories.buffer import buffer_experts
     print("READY", flush=True)
-    buffer_experts(a["store"], a["out"], a["cfg"], 0, cache_mb=64, progress=False)
+    buffer_experts(a["store"], a["out"], a["cfg"], seed=0, cache_mb=64, progress=False)
 elif stage == "distill":
     from histodistill.distill.run import distill
     print("READY", flush=True)
@@ -55,14 +55,15 @@ elif stage == "distill":
 elif stage == "full_train":
     from histodistill.evaluate import full_train
     print("READY", flush=True)
-    full_train(a["store"], None, "convnet", a["cfg"], a["out"], a["out"] + ".ckpt")
+    full_train(a["store"], None, "convnet", cfg=a["cfg"], out=a["out"], checkpoint=a["out"] + ".ckpt")
 elif stage == "evaluate":  # a distilled set (random real patches, made first) trained on, tested
     from histodistill.distill.run import distill
     from histodistill.evaluate import evaluate_distilled
     made = {"zarr": a["out"] + ".set.zarr", "grid": a["out"] + ".set.png", "cost": a["out"] + ".set.json"}
     distill("random", 2, {}, 0, made, store_path=a["store"], cache_mb=64, progress=False)
     print("READY", flush=True)
-    evaluate_distilled(made["zarr"], made["cost"], a["store"], None, {}, a["cfg"], "d", a["out"])
+    evaluate_distilled(made["zarr"], made["cost"], store_path=a["store"], template_path=None, full={},
+                       cfg=a["cfg"], dataset="d", out=a["out"])
 """
 
 NET = {"width": 8, "norm": "none"}

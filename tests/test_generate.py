@@ -36,6 +36,11 @@ CLF = {**config.defaults("generate.latent_classifier"), "ch": 8, "ch_mult": [1, 
        "heads": 2, "steps": 4, "batch": 8, "lr": 1e-3, "weight_decay": 0.05}
 FT = {**config.defaults("generate.finetune"), "steps": 3, "batch": 8, "lr": 1e-3, "lambda_ce": 0.1,
       "aux": {"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "steps": 2, "lr": 0.01}}
+LINEAR = {"timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}  # LDM's and U-ViT's
+COSINE = {"timesteps": 1000, "s": 0.008}  # Nichol & Dhariwal's
+UVIT = {"mlp_ratio": 4.0, "grad_checkpoint": False}  # U-ViT's
+# a training's operational settings: no checkpoint written, the toy store held whole
+RUN = {"checkpoint_every": 1000, "cache_mb": 64, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +50,22 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("gen")
     files = {"store": make_toy_store(tmp / "toy.zarr")}
     files["autoencoder"] = tmp / "ae.pt"
-    train_autoencoder(files["store"], files["autoencoder"], AE, 0, progress=False)
+    train_autoencoder(files["store"], files["autoencoder"], AE, seed=0, **RUN)
     for mode in ("cond", "uncond"):
         files[mode] = tmp / f"uvit_{mode}.pt"
-        train_generator(files["store"], files["autoencoder"], files[mode], GEN, mode, 0,
-                        progress=False)
+        train_generator(files["store"], files["autoencoder"], files[mode], cfg=GEN, mode=mode, seed=0,
+                        **RUN)
     files["classifier"] = tmp / "clf.pt"
-    train_latent_classifier(files["store"], files["autoencoder"], files["classifier"], CLF,
-                            GEN["schedule"], 0, progress=False)
+    train_latent_classifier(files["store"], files["autoencoder"], files["classifier"], cfg=CLF,
+                            schedule_cfg=GEN["schedule"], seed=0, **RUN)
     files["decoder"] = tmp / "dec.pt"
-    finetune_decoder(files["store"], files["autoencoder"], files["decoder"], FT, 0, progress=False)
+    finetune_decoder(files["store"], files["autoencoder"], files["decoder"], cfg=FT, seed=0, **RUN)
     return files
 
 
 # ---- schedule and sampler against closed forms ------------------------------------------------
 def test_linear_schedule_closed_form() -> None:
-    s = Schedule.linear(1000, 0.00085, 0.012)
+    s = Schedule.linear(timesteps=1000, beta_start=0.00085, beta_end=0.012)
     t = torch.arange(1000, dtype=torch.float64)
     expected = (0.00085 ** 0.5 + t / 999 * (0.012 ** 0.5 - 0.00085 ** 0.5)) ** 2
     assert torch.allclose(s.betas, expected, rtol=0, atol=1e-15)
@@ -72,7 +77,7 @@ def test_linear_schedule_closed_form() -> None:
 
 
 def test_cosine_schedule_closed_form() -> None:
-    s = Schedule.cosine(1000, 0.008)
+    s = Schedule.cosine(timesteps=1000, s=0.008)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     for t in (0, 10, 500, 900):
         assert s.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
@@ -80,7 +85,7 @@ def test_cosine_schedule_closed_form() -> None:
 
 
 def test_q_sample_and_one_ddim_step_match_closed_form() -> None:
-    s = Schedule.linear(1000)
+    s = Schedule.linear(**LINEAR)
     z0, noise = torch.full((1, 1, 2, 2), 0.7), torch.full((1, 1, 2, 2), -0.4)
     a = float(s.alphas_cumprod[300])
     z_t = s.q_sample(z0, torch.tensor([300]), noise)
@@ -107,7 +112,7 @@ def test_q_sample_and_one_ddim_step_match_closed_form() -> None:
 def test_ddim_with_the_exact_noise_of_a_point_mass_returns_it() -> None:
     """For data concentrated at mu the optimal eps is (z_t - sqrt(abar) mu) / sqrt(1 - abar);
     DDIM (eta 0 and 1) must land on mu from any noise."""
-    s = Schedule.cosine(1000)
+    s = Schedule.cosine(**COSINE)
     mu = torch.tensor([0.5, -1.0, 2.0]).reshape(1, 3, 1, 1)
 
     def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +131,7 @@ def test_ddim_with_the_exact_noise_of_a_point_mass_returns_it() -> None:
 @pytest.mark.parametrize("size,patch", [(4, 1), (7, 1), (8, 2), (16, 4)])
 def test_uvit_maps_shapes_with_labels_and_null(size: int, patch: int) -> None:
     torch.manual_seed(0)
-    net = UViT(3, size, patch, dim=32, depth=4, heads=4, num_classes=3).eval()
+    net = UViT(3, size, patch_size=patch, dim=32, depth=4, heads=4, **UVIT, num_classes=3).eval()
     z, t = torch.randn(5, 3, size, size), torch.randint(1000, (5,))
     y = torch.tensor([0, 1, 2, 3, 1])  # 3 is the null label
     out = net(z, t, y)
@@ -137,7 +142,7 @@ def test_uvit_maps_shapes_with_labels_and_null(size: int, patch: int) -> None:
     with torch.no_grad():  # labels and time are tokens: they change the prediction
         assert not torch.allclose(net(z, t, torch.zeros_like(y)), net(z, t, torch.full_like(y, 3)))
         assert not torch.allclose(net(z, t, y), net(z, t + 1, y))
-    uncond = UViT(3, size, patch, dim=32, depth=4, heads=4).eval()
+    uncond = UViT(3, size, patch_size=patch, dim=32, depth=4, heads=4, **UVIT).eval()
     assert uncond(z, t).shape == z.shape and uncond.pos_embed.shape[1] == 1 + (size // patch) ** 2
     with pytest.raises(ValueError, match="no class labels"):
         uncond(z, t, y)
@@ -145,9 +150,9 @@ def test_uvit_maps_shapes_with_labels_and_null(size: int, patch: int) -> None:
 
 def test_uvit_rejects_bad_geometry_and_builds_presets() -> None:
     with pytest.raises(ValueError, match="patch size"):
-        UViT(3, 7, 2)
+        UViT(3, 7, patch_size=2, dim=32, depth=4, heads=4, **UVIT)
     with pytest.raises(ValueError, match="even"):
-        UViT(3, 8, 2, depth=3)
+        UViT(3, 8, patch_size=2, dim=32, depth=3, heads=4, **UVIT)
     net = build({**config.defaults("generate.generator"), "preset": "small", "patch_size": 2}, 4, 8, 10)
     assert net.dim == 512 and len(net.in_blocks) == 6  # U-ViT-S: 13 blocks of width 512
     with pytest.raises(ValueError, match="preset"):
@@ -171,7 +176,7 @@ def test_cfg_eps_combines_conditional_and_null_predictions() -> None:
 # ---- autoencoder --------------------------------------------------------------------------
 @pytest.mark.parametrize("size,mult", [(28, [1, 2, 4]), (32, [1, 2, 4, 4]), (16, [1, 2])])
 def test_autoencoder_shapes_and_kl(size: int, mult: list[int]) -> None:
-    ae = AutoencoderKL(size, 8, mult, 1, 3)
+    ae = AutoencoderKL(size, ch=8, ch_mult=mult, num_res_blocks=1, z_channels=3)
     x = torch.rand(2, 3, size, size) * 2 - 1
     post = ae.encode(x)
     down = 2 ** (len(mult) - 1)
@@ -214,7 +219,7 @@ def test_classifier_guidance_raises_the_guided_class_probability() -> None:
     """A latent classifier trained to tell latents of mean -1 from mean +1 at every noise
     level; DDIM from the same noise, guided to each class, ends with a higher probability of
     the guided class than unguided sampling."""
-    s = Schedule.linear(1000)
+    s = Schedule.linear(**LINEAR)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     clf = LatentClassifier(3, 4, 2, ch=8, ch_mult=[1, 2], num_res_blocks=1, heads=2)
@@ -229,7 +234,7 @@ def test_classifier_guidance_raises_the_guided_class_probability() -> None:
         loss.backward()
         opt.step()
     clf.eval().requires_grad_(False)
-    net = UViT(3, 4, 2, dim=16, depth=2, heads=2).eval()  # an untrained noise predictor
+    net = UViT(3, 4, patch_size=2, dim=16, depth=2, heads=2, **UVIT).eval()  # an untrained noise predictor
     eps = lambda z, t: net(z, t)  # noqa: E731
 
     def prob(c: int, g: float) -> float:
@@ -247,14 +252,16 @@ def test_classifier_guidance_raises_the_guided_class_probability() -> None:
 # ---- trainings: resume and decoder-only fine-tuning ---------------------------------------
 @pytest.mark.slow
 def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Path) -> None:
-    whole = train_generator(toy["store"], toy["autoencoder"], tmp_path / "a.pt", GEN, "cond", 3,
-                            checkpoint=tmp_path / "a.ckpt", checkpoint_every=2, progress=False)
+    whole = train_generator(toy["store"], toy["autoencoder"], tmp_path / "a.pt", cfg=GEN, mode="cond",
+                            seed=3, checkpoint=tmp_path / "a.ckpt", checkpoint_every=2, cache_mb=64,
+                            progress=False)
     ckpt = tmp_path / "b.ckpt"
-    part = train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", GEN, "cond", 3,
-                           checkpoint=ckpt, checkpoint_every=100, stop_after=3, progress=False)
+    part = train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", cfg=GEN, mode="cond",
+                           seed=3, checkpoint=ckpt, checkpoint_every=100, cache_mb=64, stop_after=3,
+                           progress=False)
     assert part.step == 3 and ckpt.exists() and not (tmp_path / "b.pt").exists()
-    train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", GEN, "cond", 3,
-                    checkpoint=ckpt, checkpoint_every=100, progress=False)
+    train_generator(toy["store"], toy["autoencoder"], tmp_path / "b.pt", cfg=GEN, mode="cond", seed=3,
+                    checkpoint=ckpt, checkpoint_every=100, cache_mb=64, progress=False)
     assert not ckpt.exists()  # the output supersedes the checkpoint
     a, b = (load_state(tmp_path / f"{k}.pt") for k in "ab")
     assert a["ema"].keys() == b["ema"].keys()
@@ -262,8 +269,8 @@ def test_generator_resumed_ends_bit_identical(toy: dict[str, Path], tmp_path: Pa
     assert a["history"] == b["history"]
     assert whole.step == GEN["steps"]
     # another seed ends elsewhere: the comparison could fail
-    c = train_generator(toy["store"], toy["autoencoder"], tmp_path / "c.pt", GEN, "cond", 4,
-                        progress=False)
+    c = train_generator(toy["store"], toy["autoencoder"], tmp_path / "c.pt", cfg=GEN, mode="cond", seed=4,
+                        **RUN)
     assert not all(torch.equal(c.ema["net"].state_dict()[k], a["ema"][k]) for k in a["ema"])
 
 
@@ -272,13 +279,13 @@ def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path
                                                              tmp_path: Path) -> None:
     """With the discriminator on and the split streamed through a small reservoir."""
     cfg = {**AE, "steps": 5}
-    whole = train_autoencoder(toy["store"], tmp_path / "a.pt", cfg, 1, cache_mb=0.005,
-                              progress=False)
+    whole = train_autoencoder(toy["store"], tmp_path / "a.pt", cfg, seed=1, checkpoint_every=1000,
+                              cache_mb=0.005, progress=False)
     ckpt = tmp_path / "b.ckpt"
-    train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, 1, checkpoint=ckpt, cache_mb=0.005,
-                      stop_after=3, progress=False)
-    resumed = train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, 1, checkpoint=ckpt,
-                                cache_mb=0.005, progress=False)
+    train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, seed=1, checkpoint=ckpt, checkpoint_every=1000,
+                      cache_mb=0.005, stop_after=3, progress=False)
+    resumed = train_autoencoder(toy["store"], tmp_path / "b.pt", cfg, seed=1, checkpoint=ckpt,
+                                checkpoint_every=1000, cache_mb=0.005, progress=False)
     sa, sb = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -287,7 +294,7 @@ def test_autoencoder_resume_with_discriminator_and_reservoir(toy: dict[str, Path
 def test_decoder_finetuning_changes_only_the_decoder(toy: dict[str, Path]) -> None:
     before = load_autoencoder(toy["autoencoder"], torch.device("cpu")).state_dict()
     after = finetune_decoder(toy["store"], toy["autoencoder"], toy["decoder"].with_name("d2.pt"),
-                             FT, 0, progress=False).state_dict()
+                             cfg=FT, seed=0, **RUN).state_dict()
     decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
     others = [k for k in before if k not in decoder]
     assert decoder and others
@@ -310,7 +317,7 @@ def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path
     files = {"autoencoder": toy["autoencoder"]}
     files.update({"uvit": toy["cond"]} if name == "uvit" else
                  {"uvit": toy["uncond"], "decoder": toy["decoder"], "classifier": toy["classifier"]})
-    out = sample_synthetic(name, files, tmp_path / "a.zarr", SAMPLING[name], 0, 5, 2,
+    out = sample_synthetic(name, files, tmp_path / "a.zarr", cfg=SAMPLING[name], seed=0, per_class=5, batch=2,
                            progress=False)
     store = PatchStore(out)
     assert len(store) == 10 and store.class_names == ["dark", "bright"]
@@ -320,24 +327,24 @@ def test_sample_synthetic_store_layout_and_resume(toy: dict[str, Path], tmp_path
     assert len(store.attrs["channel_mean"]) == 3 and store.attrs["patch_size"] == 16
     # interrupted after two batches (one class done but one row), resumed: the same store
     b = tmp_path / "b.zarr"
-    assert sample_synthetic(name, files, b, SAMPLING[name], 0, 5, 2, stop_after=2,
+    assert sample_synthetic(name, files, b, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, stop_after=2,
                             progress=False) is None
     assert not b.exists() and (tmp_path / "b.zarr.partial").exists()
-    sample_synthetic(name, files, b, SAMPLING[name], 0, 5, 2, progress=False)
+    sample_synthetic(name, files, b, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, progress=False)
     assert np.array_equal(PatchStore(b).patches(), store.patches())
     # a finished batch damaged (a chunk of the partial store lost), or the metadata: redone
     for damage in ("chunk", "metadata"):
         d = tmp_path / f"d_{damage}.zarr"
-        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, stop_after=2, progress=False)
+        sample_synthetic(name, files, d, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, stop_after=2, progress=False)
         partial = tmp_path / f"d_{damage}.zarr.partial"
         if damage == "chunk":
             next(p for p in sorted((partial / "patches").rglob("*"))
                  if p.is_file() and p.name != "zarr.json").unlink()
         else:
             (partial / "zarr.json").write_text("{")
-        sample_synthetic(name, files, d, SAMPLING[name], 0, 5, 2, progress=False)
+        sample_synthetic(name, files, d, cfg=SAMPLING[name], seed=0, per_class=5, batch=2, progress=False)
         assert np.array_equal(PatchStore(d).patches(), store.patches()), damage
-    other = sample_synthetic(name, files, tmp_path / "c.zarr", SAMPLING[name], 1, 5, 2,
+    other = sample_synthetic(name, files, tmp_path / "c.zarr", cfg=SAMPLING[name], seed=1, per_class=5, batch=2,
                              progress=False)
     assert not np.array_equal(PatchStore(other).patches(), store.patches())
 
@@ -357,14 +364,14 @@ def test_frechet_distance_known_answers() -> None:
 def test_precision_recall_of_covering_and_collapsed_sets() -> None:
     rng = np.random.default_rng(0)
     real = rng.normal(size=(400, 8))
-    assert precision_recall(real, real.copy(), 3) == (1.0, 1.0)
-    p, r = precision_recall(real, real + 100.0, 3)
+    assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+    p, r = precision_recall(real, real + 100.0, k=3)
     assert p == 0.0 and r == 0.0
     collapsed = np.repeat(real[:5], 10, 0) + 1e-3 * rng.normal(size=(50, 8))  # mode collapse
-    p, r = precision_recall(real, collapsed, 3)
+    p, r = precision_recall(real, collapsed, k=3)
     assert p == 1.0 and r == pytest.approx(5 / 400)
     with pytest.raises(ValueError, match="k=3"):
-        precision_recall(real[:3], real, 3)
+        precision_recall(real[:3], real, k=3)
 
 
 def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path) -> None:
@@ -391,13 +398,13 @@ def test_class_agreement_sees_a_generator_that_ignores_its_label(tmp_path: Path)
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
     cfg = {**config.defaults("generate.quality"), "seed": 0, "k": 3, "max_real": 0, "grid_per_class": 2}
-    out = generator_quality(store, store, embed, cfg, tmp_path / "q.json", tmp_path / "q.png",
-                            "toy", classify=always_dark)
+    out = generator_quality(store, store, embed, cfg=cfg, out=tmp_path / "q.json", grid=tmp_path / "q.png",
+                            encoder_name="toy", classify=always_dark)
     assert out["class_agreement"] == pytest.approx(0.5) and out["real_agreement"] == pytest.approx(0.5)
     assert out["class_agreement_per_class"] == {"dark": 1.0, "bright": 0.0}
     assert out["fid_in_domain"] == pytest.approx(0.0, abs=1e-6) and out["precision"] == 1.0
-    assert "class_agreement" not in generator_quality(store, store, embed, cfg, tmp_path / "u.json",
-                                                      tmp_path / "u.png", "toy")
+    assert "class_agreement" not in generator_quality(store, store, embed, cfg=cfg, out=tmp_path / "u.json",
+                                                      grid=tmp_path / "u.png", encoder_name="toy")
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ SLFD = method_settings("slfd", **TINY, rank=2, mc_samples=4, lr_module=0.1, init
 def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("latent")
     store = make_toy_store(tmp / "toy.zarr", n_per_class=12, size=16)
-    train_autoencoder(store, tmp / "ae.pt", AE, 0, progress=False)
+    train_autoencoder(store, tmp / "ae.pt", AE, seed=0, checkpoint_every=1000, cache_mb=64, progress=False)
     return {"store": store, "ae": tmp / "ae.pt", "tmp": tmp}
 
 
@@ -45,7 +45,7 @@ def distiller(toy: dict[str, Path], method: str, cfg: dict, checkpoint: Path | N
 
 def test_low_rank_normal_covariance_is_diag_plus_factor_factor_t() -> None:
     torch.manual_seed(0)
-    head = StochasticHead(dim=5, classes=3, rank=2)
+    head = StochasticHead(dim=5, classes=3, rank=2, init_var=0.01, min_var=1e-4, max_var=1.0)
     for layer in (head.mean, head.log_diag, head.factor):
         torch.nn.init.normal_(layer.weight, std=0.3)
     f, logits = torch.randn(4, 5), torch.randn(4, 3)
@@ -82,7 +82,7 @@ def test_the_variance_is_bounded_and_the_rank_at_most_the_classes() -> None:
         assert float(dist.covariance_matrix.diagonal(dim1=1, dim2=2).max()) <= 2.0 + 1e-6
         assert torch.isfinite(stochastic_cross_entropy(dist, torch.tensor([0, 1, 1, 0]), 8))
     with pytest.raises(ValueError, match="init_var"):
-        StochasticHead(dim=5, classes=2, rank=2, init_var=2.0, max_var=1.0)
+        StochasticHead(dim=5, classes=2, rank=2, init_var=2.0, min_var=1e-4, max_var=1.0)
 
 
 def test_the_modules_input_comes_from_the_generator_not_the_matching_network(toy) -> None:

@@ -230,8 +230,9 @@ PER_SLIDE = {
 
 @pytest.mark.parametrize("method", sorted(PER_SLIDE))
 def test_per_slide_distillation_yields_m_per_class_per_slide_and_no_more(method, slide_patches, tmp_path):
-    out = distill_slides(slide_patches.path, None, None, method, 5, PER_SLIDE[method], 0,
-                         ["n1", "t1", "n2", "t2"], tmp_path / "b", progress=False)
+    out = distill_slides(slide_patches.path, None, pool_path=None, method=method, ipc=5,
+                         cfg=PER_SLIDE[method], seed=0, slides=["n1", "t1", "n2", "t2"],
+                         out=tmp_path / "b", cache_mb=64, progress=False)
     for name in ("n1", "t1", "n2", "t2"):
         group = zarr.open_group(str(out / f"{name}.zarr"), mode="r")
         counts = np.bincount(group["labels"][:], minlength=2).tolist()
@@ -243,8 +244,8 @@ def test_per_slide_distillation_yields_m_per_class_per_slide_and_no_more(method,
 
 
 def test_random_per_slide_keeps_real_patches_of_that_slide(slide_patches, tmp_path):
-    out = distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["t1"], tmp_path / "b",
-                         progress=False)
+    out = distill_slides(slide_patches.path, None, pool_path=None, method="random", ipc=5, cfg={},
+                         seed=0, slides=["t1"], out=tmp_path / "b", cache_mb=64, progress=False)
     images = zarr.open_group(str(out / "t1.zarr"), mode="r")["images"][:]
     rows = {s.name: s for s in store_slides(slide_patches)}["t1"].rows
     own = slide_patches.patches(rows).reshape(len(rows), -1)
@@ -270,12 +271,15 @@ def _crash_before(monkeypatch, slide_name):
 @pytest.mark.parametrize("damage", [None, "chunk", "attrs"])
 def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slide(
         slide_patches, tmp_path, monkeypatch, damage):
-    clean = distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"],
-                           tmp_path / "clean", progress=False)
+    clean = distill_slides(slide_patches.path, None, pool_path=None, method="dm", ipc=5,
+                           cfg=PER_SLIDE["dm"], seed=0, slides=["n1", "t1"], out=tmp_path / "clean",
+                           cache_mb=64, progress=False)
     out, partial = tmp_path / "b", tmp_path / "b.partial"
     restore = _crash_before(monkeypatch, "t1")
     with pytest.raises(KeyboardInterrupt):
-        distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+        distill_slides(slide_patches.path, None, pool_path=None, method="dm", ipc=5,
+                       cfg=PER_SLIDE["dm"], seed=0, slides=["n1", "t1"], out=out, cache_mb=64,
+                       progress=False)
     restore()
     n1 = partial / "n1.zarr"
     if damage == "chunk":  # a chunk of the finished slide's images lost
@@ -283,7 +287,8 @@ def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slid
     elif damage == "attrs":
         (n1 / "zarr.json").write_text("{not json")
     stamp = (n1 / "zarr.json").stat().st_mtime_ns
-    distill_slides(slide_patches.path, None, None, "dm", 5, PER_SLIDE["dm"], 0, ["n1", "t1"], out, progress=False)
+    distill_slides(slide_patches.path, None, pool_path=None, method="dm", ipc=5, cfg=PER_SLIDE["dm"],
+                   seed=0, slides=["n1", "t1"], out=out, cache_mb=64, progress=False)
     assert ((out / "n1.zarr" / "zarr.json").stat().st_mtime_ns == stamp) == (damage is None)
     assert not partial.exists() and sorted(p.name for p in out.iterdir()) == ["n1.zarr", "t1.zarr"]
     for name in ("n1.zarr", "t1.zarr"):  # ends identical to the uninterrupted run
@@ -293,13 +298,16 @@ def test_per_slide_distillation_resumes_slide_by_slide_and_redoes_a_damaged_slid
 
 def test_per_slide_bad_requests_give_one_clear_error(slide_patches, tmp_path):
     with pytest.raises(InputError, match="'forgetting' cannot run per slide"):
-        distill_slides(slide_patches.path, None, None, "forgetting", 5, {}, 0, ["n1"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, pool_path=None, method="forgetting", ipc=5, cfg={}, seed=0,
+                       slides=["n1"], out=tmp_path / "a", cache_mb=64)
     with pytest.raises(ConfigError, match="'herding' cannot run per slide"):
         check_per_slide("herding")
     with pytest.raises(InputError, match="'nope' is not in the store"):
-        distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["nope"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, pool_path=None, method="random", ipc=5, cfg={}, seed=0,
+                       slides=["nope"], out=tmp_path / "a", cache_mb=64)
     with pytest.raises(InputError, match="'x1' is a test slide"):
-        distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["x1"], tmp_path / "a")
+        distill_slides(slide_patches.path, None, pool_path=None, method="random", ipc=5, cfg={}, seed=0,
+                       slides=["x1"], out=tmp_path / "a", cache_mb=64)
 
 
 def test_a_store_without_slides_is_refused(tmp_path):
@@ -320,11 +328,13 @@ def bags(slide_patches, tmp_path_factory):
     train_encoder(slide_patches.path, enc, {**ENCODER, "kind": "supervised",
                                     "net": "convnet", "seed": 0,
                                     "net_kwargs": {"width": 8, "norm": "batchnorm"},
-                                    "train": {**TRAIN, "epochs": 3, "batch": 16, "lr": 0.01}})
+                                    "train": {**TRAIN, "epochs": 3, "batch": 16, "lr": 0.01}},
+                  cache_mb=64)
     real = extract_real_bags(slide_patches.path, enc, work / "real", batch=5, progress=False)
-    distilled = distill_slides(slide_patches.path, None, None, "random", 5, {}, 0, ["n1", "t1", "n2", "t2"],
-                               work / "d", progress=False)
-    syn = extract_synthetic_bags([distilled], enc, work / "syn", progress=False)
+    distilled = distill_slides(slide_patches.path, None, pool_path=None, method="random", ipc=5,
+                               cfg={}, seed=0, slides=["n1", "t1", "n2", "t2"], out=work / "d",
+                               cache_mb=64, progress=False)
+    syn = extract_synthetic_bags([distilled], enc, work / "syn", batch=256, progress=False)
     return real, syn, distilled
 
 
@@ -405,14 +415,14 @@ def test_training_learns_a_separable_bag_task():
 def test_runs_resume_and_are_seeded(bags, tmp_path):
     real, syn, _ = bags
     classes = ["normal", "tumor"]
-    train, test = Bags(syn, classes, "train"), Bags(real, classes, "test")
+    train, test = Bags(syn, classes, "train", cache_mb=64), Bags(real, classes, "test", cache_mb=64)
     resume = tmp_path / "r.json"
     a = run_model("clam_sb", SMALL["clam_sb"], train, test, 2, 2, 0, resume, progress=False)
     assert resume.exists()
     b = run_model("clam_sb", SMALL["clam_sb"], train, test, 2, 2, 0, None, progress=False)
     assert a["acc"]["runs"] == b["acc"]["runs"] and a["auc"]["runs"] == b["auc"]["runs"]
     with pytest.raises(InputError, match="no bags of split 'test' and centres \\[0\\]"):
-        Bags(syn, classes, "test", [0])
+        Bags(syn, classes, "test", [0], cache_mb=64)
 
 
 def test_transfer_needs_two_centres(slide_patches, tmp_path):
@@ -469,8 +479,9 @@ def test_transfer_runs_both_directions_and_records_storage(slide_patches, bags, 
                         "finetune": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.001}},
            "model_settings": SMALL["clam_sb"], "arch_kwargs": {"width": 8, "norm": "batchnorm"},
            "augment": {**AUGMENT, "preset": "none"}, "stain_norm": False}
-    out = transfer(slide_patches.path, None, [distilled], real, syn, cfg, "toy", "random", 5,
-                   tmp_path / "t.json")
+    out = transfer(slide_patches.path, None, distilled=[distilled], real_bags=real,
+                   synthetic_bags=syn, cfg=cfg, dataset="toy", method="random", ipc=5,
+                   out=tmp_path / "t.json", cache_mb=64)
     assert [(d["target"], d["source"]) for d in out["directions"]] == [(0, 1), (1, 0)]
     d = out["directions"][0]  # fine-tuned on centre 1: slides n2 (5 synthetic) and t2 (5 + 2)
     assert d["patch"]["synthetic"]["patches"] == 12 and d["patch"]["full"]["patches"] == 16

@@ -234,13 +234,13 @@ def _result(section: dict, method: str) -> dict:
 def _package(tmp_path: Path, tile_store: Path, images: np.ndarray, method: str,
              sources: np.ndarray | None, encoder: Path | None, **settings) -> Path:
     zarr_path = distilled(tmp_path / f"{method}_ipc10.zarr", images, method, sources)
-    section = privacy_audit(zarr_path, tile_store, encoder, CFG.__dict__, tmp_path / "privacy.json",
-                            tmp_path / "pairs.png")
+    section = privacy_audit(zarr_path, tile_store, encoder, cfg=CFG.__dict__,
+                            out_json=tmp_path / "privacy.json", out_grid=tmp_path / "pairs.png")
     result = tmp_path / f"{method}_ipc10.json"
     result.write_text(json.dumps(_result(section, method)))
     out = tmp_path / f"{method}_ipc10.share"
-    write_package(zarr_path, result, tile_store, out, tmp_path / "datasheet.html",
-                  {**PACKAGE, **settings})
+    write_package(zarr_path, result, tile_store, out=out, datasheet_html=tmp_path / "datasheet.html",
+                  settings={**PACKAGE, **settings})
     return out
 
 
@@ -304,7 +304,7 @@ def test_a_set_without_an_audit_is_not_packaged(tile_store, tmp_path):
     result.write_text(json.dumps({**_result({}, "dm"), "privacy": None}))
     with pytest.raises(InputError, match="has no privacy audit"):
         write_package(distilled(tmp_path / "d.zarr", noise(20)), result, tile_store,
-                      tmp_path / "out.share", tmp_path / "d.html", PACKAGE)
+                      out=tmp_path / "out.share", datasheet_html=tmp_path / "d.html", settings=PACKAGE)
     assert not (tmp_path / "out.share").exists()
 
 

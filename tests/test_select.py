@@ -69,7 +69,7 @@ def test_pick_takes_the_most_central_nodes_of_each_community() -> None:
 # ---- graph ----------------------------------------------------------------------------------------
 def test_softmax_graph_matches_a_hand_computed_example() -> None:
     x = np.array([[0.0], [1.0], [3.0]])  # distances d01 = 1, d02 = 3, d12 = 2
-    g = softmax_graph(x, eta=0.35).toarray()
+    g = softmax_graph(x, eta=0.35, relative=False).toarray()
     w01 = math.e / (math.e + math.exp(1 / 3))  # node 0: softmax(1/1, 1/3)
     w10 = math.e / (math.e + math.exp(0.5))  # node 1: softmax(1/1, 1/2)
     w20 = math.exp(1 / 3) / (math.exp(1 / 3) + math.exp(0.5))  # node 2: softmax(1/3, 1/2)
@@ -77,15 +77,15 @@ def test_softmax_graph_matches_a_hand_computed_example() -> None:
                          [w10, 0, 1 - w10],
                          [w20, 1 - w20, 0]])
     assert np.allclose(g, expected, atol=1e-12)
-    assert np.allclose(softmax_graph(x, eta=0.0).toarray().sum(1), 1.0)  # rows are a softmax
-    assert softmax_graph(x, eta=0.7).nnz == 0
+    assert np.allclose(softmax_graph(x, eta=0.0, relative=False).toarray().sum(1), 1.0)  # rows are a softmax
+    assert softmax_graph(x, eta=0.7, relative=False).nnz == 0
     # relative distances: divided by the mean pairwise distance (2), so the logits double
     rel = softmax_graph(x, eta=0.0, relative=True).toarray()
     assert rel[0, 1] == pytest.approx(math.exp(2) / (math.exp(2) + math.exp(2 / 3)))
     assert np.allclose(softmax_graph(7 * x, eta=0.0, relative=True).toarray(), rel)  # scale-free
     # blocks of rows give the same graph as one block
     y = np.random.default_rng(1).normal(size=(50, 4))
-    a, b = softmax_graph(y, 0.01, chunk=7), softmax_graph(y, 0.01)
+    a, b = softmax_graph(y, 0.01, chunk=7, relative=False), softmax_graph(y, 0.01, relative=False)
     assert (a != 0).toarray().tolist() == (b != 0).toarray().tolist()
     assert np.allclose(a.toarray(), b.toarray(), atol=1e-12)
 
@@ -101,7 +101,7 @@ def two_clusters(sizes: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 def test_infomap_finds_two_clear_clusters_and_the_selection_uses_both() -> None:
     x = two_clusters((40, 20))
-    comm = communities(softmax_graph(x, 0.004), seed=1, trials=2)
+    comm = communities(softmax_graph(x, 0.004, relative=False), seed=1, trials=2)
     assert len(comm.sizes) == 2 and sorted(comm.sizes.tolist()) == [20, 40]
     assert len(set(comm.module[:40])) == 1 and len(set(comm.module[40:])) == 1
     for budget, split in ((6, (4, 2)), (2, (1, 1)), (5, (3, 2))):  # proportional to 40 : 20
@@ -109,7 +109,7 @@ def test_infomap_finds_two_clear_clusters_and_the_selection_uses_both() -> None:
         assert len(set(chosen.tolist())) == budget
         assert ((chosen < 40).sum(), (chosen >= 40).sum()) == split
     # same seed, same communities
-    again = communities(softmax_graph(x, 0.004), seed=1, trials=2)
+    again = communities(softmax_graph(x, 0.004, relative=False), seed=1, trials=2)
     assert (again.module == comm.module).all()
 
 
@@ -121,14 +121,15 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     encoder = tmp / "enc.pt"
     train_encoder(store, encoder, {**ENCODER, "kind": "supervised", "net": "convnet", "seed": 0,
                                    "net_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"},
-                                   "train": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.01}})
+                                   "train": {**TRAIN, "epochs": 2, "batch": 16, "lr": 0.01}},
+                  cache_mb=64)
     return {"store": store, "encoder": encoder, "tmp": tmp}
 
 
 def context(toy: dict[str, Path], features: np.ndarray | None = None) -> Context:
     store = PatchStore(toy["store"])
     enc = load_encoder(toy["encoder"], torch.device("cpu"))
-    pool = Candidates(store, enc)
+    pool = Candidates(store, enc, per_class=0, seed=0)
     if features is not None:
         pool._features = features
     return Context(pool, store, enc, seed=0)
@@ -187,8 +188,9 @@ def test_random_selector_is_seeded_and_class_pure(toy) -> None:
 
 def test_select_writes_a_distilled_set_and_refuses_too_small_pools(toy) -> None:
     tmp = toy["tmp"]
-    rows = select("infodist_real", INFODIST, 4, 0, toy["store"], toy["store"], toy["encoder"],
-                  tmp / "s.zarr", tmp / "s.png", tmp / "s.json")
+    rows = select("infodist_real", INFODIST, 4, seed=0, pool_path=toy["store"], store_path=toy["store"],
+                  encoder_path=toy["encoder"], out_zarr=tmp / "s.zarr", out_png=tmp / "s.png",
+                  out_json=tmp / "s.json")
     group = zarr.open_group(str(tmp / "s.zarr"), mode="r")
     store = PatchStore(toy["store"])
     assert group["labels"][:].tolist() == [0] * 4 + [1] * 4
@@ -197,8 +199,9 @@ def test_select_writes_a_distilled_set_and_refuses_too_small_pools(toy) -> None:
     assert group.attrs["method"] == "infodist_real" and group.attrs["patch_size"] == 16
     assert (tmp / "s.png").stat().st_size > 0 and (tmp / "s.json").exists()
     with pytest.raises(InputError, match="has 30 candidates, fewer than the 31"):
-        select("infodist_real", INFODIST, 31, 0, toy["store"], toy["store"], toy["encoder"],
-               tmp / "t.zarr", tmp / "t.png", tmp / "t.json")
+        select("infodist_real", INFODIST, 31, seed=0, pool_path=toy["store"], store_path=toy["store"],
+               encoder_path=toy["encoder"], out_zarr=tmp / "t.zarr", out_png=tmp / "t.png",
+               out_json=tmp / "t.json")
     assert not (tmp / "t.zarr").exists()
 
 
@@ -207,8 +210,9 @@ def test_select_refuses_a_pool_of_other_classes(toy) -> None:
     other = make_toy_store(tmp / "other.zarr", n_per_class=10, size=16)
     zarr.open_group(str(other), mode="a").attrs["class_names"] = ["a", "b"]
     with pytest.raises(InputError, match=r"\[select\].*classes \['a', 'b'\] differ"):
-        select("synrandom", {**config.defaults("select.methods.synrandom"), "selector": "random"}, 2, 0, other,
-               toy["store"], None, tmp / "u.zarr", tmp / "u.png", tmp / "u.json")
+        select("synrandom", {**config.defaults("select.methods.synrandom"), "selector": "random"}, 2,
+               seed=0, pool_path=other, store_path=toy["store"], encoder_path=None,
+               out_zarr=tmp / "u.zarr", out_png=tmp / "u.png", out_json=tmp / "u.json")
 
 
 def test_study_subset_is_balanced_and_mixed_batches_cover_both_sources_once(toy) -> None:

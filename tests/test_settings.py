@@ -1,6 +1,7 @@
 """Defaults in one place: the schema (workflow/schemas/config.schema.yaml) is the only source of
 a setting's default. The library reads validated sections, every key present, so it holds no
-literal fallback for a setting the schema defines and its settings classes no field defaults."""
+literal fallback for a setting the schema defines, no function a literal default for a parameter
+that carries one, and its settings classes no field defaults."""
 
 from __future__ import annotations
 
@@ -228,3 +229,133 @@ def test_a_candidates_mapping_takes_the_schemas_defaults():
     assert tuned == {**cfg, "augment": {**config.defaults("$defs/augment"), "preset": "none"},
                      "lr_img": 0.5}
     assert config.with_candidate(cfg, {}, "dm") == cfg
+
+
+# ---- signatures: no literal default for a parameter that carries a setting ------------------------
+# Parameters named like a schema property whose default is not that setting's: what each means
+# instead. Keys are ``<file>:<function>(<parameter>)``; a stale entry fails the test below.
+NOT_A_SETTING = {
+    "a data split to read or test on (train/val/test), not stain.split": [
+        "histodistill/evaluate.py:train_on_set(split)",
+        "histodistill/evaluate.py:set_record(split)",
+        "histodistill/training.py:evaluate_arch(split)",
+        "histodistill/slides/cohort.py:_split_by_slide(split)",
+        "histodistill/mil/train.py:Bags.__init__(split)",
+        "histodistill/select/centroid.py:class_centroids(split)",
+    ],
+    "images per forward pass of an embedding or normalisation, not a training batch setting": [
+        "histodistill/data/ingest.py:ingest_images(batch)",
+        "histodistill/generate/quality.py:generator_quality(batch)",
+        "histodistill/select/base.py:Candidates.__init__(batch)",
+        "histodistill/select/centroid.py:class_centroids(batch)",
+        "histodistill/stain.py:normalise(batch)",
+    ],
+    "batches a prefetching thread reads ahead, not the generator's depth": [
+        "histodistill/data/real.py:device_batches(depth)",
+        "histodistill/data/stream.py:prefetch(depth)",
+    ],
+    "the dataset's channel statistics (identity when absent), not an encoder's mean and std": [
+        "histodistill/augment.py:Augment.__init__(mean)",
+        "histodistill/augment.py:Augment.__init__(std)",
+    ],
+    "LDM's dropout (0), not a generate.autoencoder setting (dropout is a MIL model's)": [
+        "histodistill/generate/autoencoder.py:ResBlock.__init__(dropout)",
+        "histodistill/generate/autoencoder.py:Encoder.__init__(dropout)",
+        "histodistill/generate/autoencoder.py:Decoder.__init__(dropout)",
+        "histodistill/generate/autoencoder.py:AutoencoderKL.__init__(dropout)",
+    ],
+    "PatchGAN's base width (taming's NLayerDiscriminator), not demo.width": [
+        "histodistill/generate/autoencoder.py:PatchDiscriminator.__init__(width)",
+    ],
+    "an evaluation network's architecture as its paper gives it (DC's ConvNet, IDC's ResNetAP, a "
+    "small ViT); net_kwargs and arch_kwargs override it and the schema leaves them open": [
+        "histodistill/models.py:ConvNet.__init__(width)",
+        "histodistill/models.py:ConvNet.__init__(depth)",
+        "histodistill/models.py:ResNetAP10.__init__(width)",
+        "histodistill/models.py:ViT.__init__(dim)",
+        "histodistill/models.py:ViT.__init__(depth)",
+        "histodistill/models.py:ViT.__init__(heads)",
+    ],
+    "the smooth top-1 SVM loss's margin and temperature (CLAM's), not histodd.alpha or "
+    "evaluate.boundary.tau": [
+        "histodistill/mil/clam.py:smooth_top1_svm(alpha)",
+        "histodistill/mil/clam.py:smooth_top1_svm(tau)",
+    ],
+    "samples per patch side of the tumour-fraction grid, not privacy.samples": [
+        "histodistill/slides/annotations.py:tumour_fraction(samples)",
+    ],
+    "the report command's Snakemake targets, not the config's targets section": [
+        "histodistill/report.py:build_report(targets)",
+    ],
+}
+NOT_A_SETTING_KEYS = {key for keys in NOT_A_SETTING.values() for key in keys}
+
+
+def _constant(node: ast.expr) -> bool:
+    """A default that fixes a value: a literal other than None (and other than the ``...`` of an
+    overload stub), or a module constant (an UPPER_CASE name, e.g. ``IO = 240.0``)."""
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return False
+    if isinstance(node, ast.Name):
+        return node.id.isupper()
+    return _literal(node)
+
+
+def setting_defaults(path: Path) -> list[str]:
+    """``file:function(parameter)`` of each parameter named like a setting whose default is a
+    literal or a module constant, in one source file (overload stubs left out)."""
+    tree = ast.parse(path.read_text(), str(path))
+    where = path.relative_to(config.ROOT).as_posix()
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if not any("overload" in ast.unparse(d) for d in child.decorator_list):
+                    a = child.args
+                    positional = a.posonlyargs + a.args
+                    pairs = [*zip(positional[len(positional) - len(a.defaults):], a.defaults),
+                             *[(p, d) for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]]
+                    found.extend(f"{where}:{prefix}{child.name}({p.arg})" for p, d in pairs
+                                 if p.arg in SETTINGS and _constant(d))
+                visit(child, f"{prefix}{child.name}.<locals>.")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
+def test_no_signature_defaults_a_setting():
+    """A function takes a setting from its caller, who has it from the validated config: a
+    literal default there would be a second default, used whenever a caller forgets one (make
+    it required and keyword-only)."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    found = [hit for path in files for hit in setting_defaults(path)]
+    assert not [hit for hit in found if hit not in NOT_A_SETTING_KEYS], (
+        "parameters named like a setting with a literal default (make them required and "
+        "keyword-only, or list what they mean instead in NOT_A_SETTING):\n"
+        + "\n".join(hit for hit in found if hit not in NOT_A_SETTING_KEYS))
+    assert not NOT_A_SETTING_KEYS - set(found), "stale NOT_A_SETTING entries"
+
+
+def test_the_signature_walk_sees_a_default():
+    import tempfile
+
+    code = ("IO = 240.0\n\n\ndef f(x, cache_mb: float = 1024, *, batch: int = 256, weights=None,\n"
+            "      io: float = IO, not_a_setting: int = 3) -> None: ...\n\n\n"
+            "class C:\n    def __init__(self, dropout=0.1, depth=PREFETCH_DEPTH):\n"
+            "        def inner(seed=0): ...\n\n\n"
+            "@overload\ndef g(split: str = ...) -> None: ...\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", dir=PACKAGE, delete=False) as f:
+        f.write(code)
+    path = Path(f.name)
+    try:
+        hits = setting_defaults(path)
+    finally:
+        path.unlink()
+    assert [h.split(":", 1)[1] for h in hits] == [
+        "f(cache_mb)", "f(batch)", "f(io)", "C.__init__(dropout)", "C.__init__(depth)",
+        "C.__init__.<locals>.inner(seed)"]

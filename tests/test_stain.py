@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MACENKO
 from histodistill import stain
 
 H = np.array([0.65, 0.70, 0.29])
@@ -29,14 +30,14 @@ def angle(a, b) -> float:
 
 
 def test_known_stain_vectors_are_recovered_within_5_degrees():
-    template = stain.fit(synthesise(H, E))
+    template = stain.fit(synthesise(H, E), **MACENKO)
     assert angle(template.stain_matrix[0], H) < 5
     assert angle(template.stain_matrix[1], E) < 5
 
 
 def test_normaliser_returns_the_template_for_the_template():
     img = synthesise(H, E, seed=1)
-    template = stain.fit(img)
+    template = stain.fit(img, **MACENKO)
     out = stain.normalise(img.transpose(2, 0, 1)[None].copy(), template)[0].transpose(1, 2, 0)
     assert np.abs(out.astype(float) - img).mean() < 1.0
 
@@ -46,7 +47,7 @@ def test_normaliser_maps_another_stain_onto_the_template():
     e2 = np.array([0.35, 0.80, 0.48])
     target = synthesise(H, E, seed=2)
     source = synthesise(h2 / np.linalg.norm(h2), e2 / np.linalg.norm(e2), seed=2, scale=(1.4, 0.6))
-    out = stain.normalise(source.transpose(2, 0, 1)[None].copy(), stain.fit(target))[0]
+    out = stain.normalise(source.transpose(2, 0, 1)[None].copy(), stain.fit(target, **MACENKO))[0]
     out = out.transpose(1, 2, 0).astype(float)
     # same concentrations, re-stained with the template's stains: close to the target itself
     assert np.abs(out - target).mean() < 0.25 * np.abs(source.astype(float) - target).mean()
@@ -62,7 +63,7 @@ def test_close_to_reference_macenko_on_real_tissue(target_image, cmu_slide):
     ref_norm.fit(torch.from_numpy(target_image.copy()).permute(2, 0, 1).float())
     reference, _, _ = ref_norm.normalize(torch.from_numpy(crop.copy()).permute(2, 0, 1).float(),
                                          stains=False)
-    template = stain.fit(target_image, ignore_clipped=False)  # the reference's percentile
+    template = stain.fit(target_image, **{**MACENKO, "ignore_clipped": False})  # the reference's percentile
     np.testing.assert_allclose(np.array(template.stain_matrix), ref_norm.HERef.T.numpy(), atol=2e-3)
     ours = stain.normalise(crop.transpose(2, 0, 1)[None].copy(), template)[0].transpose(1, 2, 0)
     diff = np.abs(ours.astype(float) - reference.numpy())
@@ -75,14 +76,14 @@ def test_normaliser_passes_gradcheck():
     # Percentiles are differentiable away from ties, so jitter breaks the ties of uint8 pixels.
     img = synthesise(H, E, seed=4, size=12).transpose(2, 0, 1)[None] / 255.0
     jitter = np.random.default_rng(0).uniform(0, 2e-3, img.shape)
-    template = stain.fit(synthesise(H, E, seed=5))
+    template = stain.fit(synthesise(H, E, seed=5), **MACENKO)
     norm = stain.MacenkoNormaliser(template)
     x = torch.from_numpy(img * 0.9 + 0.03 + jitter).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: norm(t), (x,), eps=1e-6, atol=1e-4, rtol=1e-3)
 
 
 def test_gradient_reaches_input_in_float32_batches():
-    template = stain.fit(synthesise(H, E, seed=6))
+    template = stain.fit(synthesise(H, E, seed=6), **MACENKO)
     x = torch.from_numpy(np.stack([synthesise(H, E, seed=s, size=32) for s in range(3)])
                          .transpose(0, 3, 1, 2) / 255.0).float().requires_grad_(True)
     out = stain.MacenkoNormaliser(template)(x)
@@ -92,7 +93,7 @@ def test_gradient_reaches_input_in_float32_batches():
 
 
 def test_blank_images_pass_through_unchanged():
-    template = stain.fit(synthesise(H, E))
+    template = stain.fit(synthesise(H, E), **MACENKO)
     blank = torch.full((2, 3, 16, 16), 0.93)
     blank[1, :, :4, :4] = 0.2  # a few stained pixels are not enough to fit stains
     out = stain.MacenkoNormaliser(template)(blank)
@@ -101,7 +102,7 @@ def test_blank_images_pass_through_unchanged():
 
 def test_fit_rejects_a_blank_image():
     with pytest.raises(ValueError, match="too few stained pixels"):
-        stain.fit(np.full((32, 32, 3), 235, np.uint8))
+        stain.fit(np.full((32, 32, 3), 235, np.uint8), **MACENKO)
 
 
 def test_template_is_the_patch_closest_to_dataset_statistics():
@@ -109,7 +110,7 @@ def test_template_is_the_patch_closest_to_dataset_statistics():
     base = synthesise(H, E, seed=7, size=32).transpose(2, 0, 1).astype(int)
     patches = np.stack([np.clip(base + d, 0, 255) for d in (-40, -20, 0, 25, 35)]).astype(np.uint8)
     patches = patches[rng.permutation(5)]
-    template, stats = stain.choose_template(lambda idx: patches[idx], np.arange(5))
+    template, stats = stain.choose_template(lambda idx: patches[idx], np.arange(5), **MACENKO)
     # the dataset mean sits nearest the unshifted patch
     assert np.abs(patches[template.index].astype(int) - base).max() == 0
     assert len(stats["dataset_mean"]) == 3
@@ -119,12 +120,12 @@ def test_blank_candidates_are_passed_over():
     good = synthesise(H, E, seed=8, size=32).transpose(2, 0, 1)
     blank = np.full_like(good, 236)
     patches = np.stack([blank, blank, blank, good])
-    template, _ = stain.choose_template(lambda idx: patches[idx], np.arange(4))
+    template, _ = stain.choose_template(lambda idx: patches[idx], np.arange(4), **MACENKO)
     assert template.index == 3
 
 
 def test_template_json_round_trip(tmp_path):
-    template = stain.fit(synthesise(H, E))
+    template = stain.fit(synthesise(H, E), **MACENKO)
     template.index, template.slide = 7, "tumor_001"
     template.save(tmp_path / "t.json", split="train")
     loaded = stain.StainTemplate.load(tmp_path / "t.json")
@@ -136,7 +137,7 @@ def test_saturated_pixels_do_not_set_the_concentration_percentile():
     at its bounds) is normalised as it would be without them: the 99th percentile of the
     concentrations is taken over unclipped pixels only."""
     img = synthesise(H, E, seed=3)
-    template = stain.fit(synthesise(H, E, seed=4))
+    template = stain.fit(synthesise(H, E, seed=4), **MACENKO)
     clean = stain.normalise(img.transpose(2, 0, 1)[None].copy(), template)[0]
     rng = np.random.default_rng(0)
     damaged = img.copy()
@@ -147,13 +148,13 @@ def test_saturated_pixels_do_not_set_the_concentration_percentile():
     diff = np.abs(out.astype(float) - clean.astype(float)).transpose(1, 2, 0)[kept].mean()
     assert diff < 1.0
     # the fitted template ignores them too
-    fitted = stain.fit(damaged)
-    reference = stain.fit(img)
+    fitted = stain.fit(damaged, **MACENKO)
+    reference = stain.fit(img, **MACENKO)
     assert np.allclose(fitted.max_concentrations, reference.max_concentrations, rtol=0.1)
     x = torch.from_numpy(damaged).permute(2, 0, 1)[None].double() / 255
     conc = torch.arange(x[0, 0].numel(), dtype=torch.float64).repeat(1, 2, 1)
     expected = torch.quantile(conc[..., torch.from_numpy(~hit.reshape(-1))], 0.99, dim=-1)
-    assert torch.allclose(stain.max_concentrations(conc, x), expected)
+    assert torch.allclose(stain.max_concentrations(conc, x, ignore_clipped=True), expected)
     # the reference's percentile (every pixel) is what the saturated pixels wash out
-    plain = stain.fit(damaged, ignore_clipped=False)
+    plain = stain.fit(damaged, **{**MACENKO, "ignore_clipped": False})
     assert not np.allclose(plain.max_concentrations, reference.max_concentrations, rtol=0.1)

@@ -101,7 +101,7 @@ def _loaders():
 
     cpu = torch.device("cpu")
     return {
-        "pretrain_pool": lambda p, store: context(store, None, p, 0, progress=False),
+        "pretrain_pool": lambda p, store: context(store, None, p, 0, cache_mb=64, progress=False),
         "train_encoder": lambda p, store: load_encoder(p, cpu),
         "train_autoencoder": lambda p, store: load_autoencoder(p, cpu),
         "train_generator": lambda p, store: load_uvit(p, cpu),

@@ -36,7 +36,7 @@ def test_labels_follow_a_hand_made_polygon(tumour_slide, tmp_path):
     xml = tmp_path / "square.xml"
     square = np.array([[320, 192], [576, 192], [576, 448], [320, 448]], float)  # 64-px grid
     annotations.write_asap_xml(xml, {"Tumor": [square]})
-    coords, labels, geom = tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+    coords, labels, geom = tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES, threads=1)
     size0 = geom.patch_size * geom.scale
     inside = ((coords[:, 0] >= 320) & (coords[:, 0] + size0 <= 576)
               & (coords[:, 1] >= 192) & (coords[:, 1] + size0 <= 448))
@@ -52,15 +52,15 @@ def test_class_names_default_to_slide_labels_plus_tumour():
 
 def test_unannotated_label_can_be_the_slide_label(tumour_slide):
     _, labels, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0,
-                                     CFG | {"unannotated_label": "slide"}, CLASSES)
+                                     CFG | {"unannotated_label": "slide"}, CLASSES, threads=1)
     assert (labels == 1).all()
 
 
 def test_cap_samples_deterministically(tumour_slide):
     cfg = CFG | {"max_patches_per_slide": 20}
-    a, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
-    b, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES)
-    c, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg | {"seed": 1}, CLASSES)
+    a, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES, threads=1)
+    b, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg, CLASSES, threads=1)
+    c, _, _ = tiling.plan_slide(tumour_slide, "", "tumor", 0, cfg | {"seed": 1}, CLASSES, threads=1)
     assert len(a) == 20 and (a == b).all() and not (a == c).all()
 
 
@@ -142,7 +142,7 @@ def test_unparseable_annotation_names_the_file(tumour_slide, tmp_path):
     xml = tmp_path / "tumor_001.xml"
     xml.write_text("<ASAP_Annotations><Annotations>")
     with pytest.raises(InputError, match="tumor_001.xml: annotation XML does not parse"):
-        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES)
+        tiling.plan_slide(tumour_slide, str(xml), "tumor", 0, CFG, CLASSES, threads=1)
 
 
 def test_missing_root_and_missing_slide(tmp_path, small_cohort):
@@ -189,15 +189,15 @@ def test_batched_jobs_gather_to_the_one_process_store(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
     cfg = CFG | {"max_patches_per_slide": 30}
     ref = PatchStore(tiling.tile_cohort(rows, cfg, tmp_path / "ref.zarr", CLASSES))
-    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, CLASSES)
+    dirs = [tiling.tile_slides(batch, cfg, tmp_path / "tiles" / name, class_names=CLASSES, threads=1)
             for name, batch in tiling.batches(rows, 3).items()]
-    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, tmp_path / "got.zarr", CLASSES))
+    got = PatchStore(tiling.gather(rows, dirs[::-1], cfg, out=tmp_path / "got.zarr", class_names=CLASSES))
     for name in ("coords", "slide", "label", "split"):
         np.testing.assert_array_equal(got.array(name), ref.array(name))
     np.testing.assert_array_equal(got.patches(), ref.patches())
     assert got.attrs == ref.attrs
     with pytest.raises(InputError, match="test_002.tif: no tiled output for this slide"):
-        tiling.gather(rows, dirs[:1], cfg, tmp_path / "bad.zarr", CLASSES)
+        tiling.gather(rows, dirs[:1], cfg, out=tmp_path / "bad.zarr", class_names=CLASSES)
     assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
 
 
@@ -215,52 +215,52 @@ def test_finished_slides_are_kept_unless_their_file_or_settings_change(small_coh
     monkeypatch.setattr(wsi, "read_patches", reading)
     crash = True
     with pytest.raises(KeyboardInterrupt):
-        tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+        tiling.tile_slides(rows, CFG, tmp_path / "job", class_names=CLASSES, threads=1)
     crash = False
-    tiling.tile_slides(rows, CFG, tmp_path / "job", CLASSES)
+    tiling.tile_slides(rows, CFG, tmp_path / "job", class_names=CLASSES, threads=1)
     assert calls == [rows[0]["path"], rows[1]["path"], rows[1]["path"]]  # the first not redone
     calls.clear()
     crash = True
     with pytest.raises(KeyboardInterrupt):
-        tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job2", CLASSES)
+        tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.6}, tmp_path / "job2", class_names=CLASSES, threads=1)
     crash = False
-    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.5}, tmp_path / "job2", CLASSES)
+    tiling.tile_slides(rows, CFG | {"tissue_threshold": 0.5}, tmp_path / "job2", class_names=CLASSES, threads=1)
     assert len(calls) == 4  # other settings than the finished slide's: both redone
 
 
 def test_cohort_check_names_dataset_and_file(small_cohort, tmp_path):
     rows = rows_of(small_cohort)
-    tiling.check_cohort("c16", rows, CFG, CLASSES)
+    tiling.check_cohort("c16", rows, CFG, class_names=CLASSES)
     no_xml = [{**r, "annotation": ""} if r["slide"] == "tumor_001" else r for r in rows]
     with pytest.raises(InputError, match=r"tumor_001.tif: dataset 'c16': slide labelled 'tumor' "
                                          "has no annotation"):
-        tiling.check_cohort("c16", no_xml, CFG, CLASSES)
-    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, CLASSES)
+        tiling.check_cohort("c16", no_xml, CFG, class_names=CLASSES)
+    tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, class_names=CLASSES)
     with pytest.raises(InputError, match=r"ghost.xml: annotation of slide tumor_001 \(dataset 'c16'\)"):
         tiling.check_cohort("c16", [{**r, "annotation": str(tmp_path / "ghost.xml")}
-                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, CLASSES)
+                                    if r["slide"] == "tumor_001" else r for r in rows], CFG, class_names=CLASSES)
     with pytest.raises(InputError, match="lists slide 'normal_001' twice"):
-        tiling.check_cohort("c16", rows + rows[:1], CFG, CLASSES)
+        tiling.check_cohort("c16", rows + rows[:1], CFG, class_names=CLASSES)
     with pytest.raises(InputError, match=r"datasets.c16.tiling: dataset 'c16': label 'normal' is not"):
-        tiling.check_cohort("c16", rows, CFG, ["benign", "tumor"])
+        tiling.check_cohort("c16", rows, CFG, class_names=["benign", "tumor"])
     with pytest.raises(InputError, match=r"label 'tumor' is not one of the classes \['a', 'b'\]"):
-        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, ["a", "b"])
+        tiling.check_cohort("c16", no_xml, CFG | {"unannotated_label": "slide"}, class_names=["a", "b"])
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00garbage")
     with pytest.raises(InputError, match="broken.tif: cannot be read by OpenSlide"):
         tiling.check_cohort("c16", rows[:1] + [{**rows[0], "slide": "b", "path": str(broken)}],
-                            CFG, CLASSES)
+                            CFG, class_names=CLASSES)
 
 
 def test_chunked_reads_into_one_buffer_equal_one_read(cmu_slide):
     cfg = CFG | {"magnification": 20, "patch_size": 256, "stride": 256}
-    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES)
-    whole = wsi.read_patches(cmu_slide, coords, geom)
+    coords, _, geom = tiling.plan_slide(cmu_slide, "", "normal", 0, cfg, CLASSES, threads=1)
+    whole = wsi.read_patches(cmu_slide, coords, geom, threads=2)
     buffer = np.empty((7, 256, 256, 3), np.uint8)  # 240 px tiles: chunk edges share tiles
     chunks = [(start, p.copy()) for start, p in tiling.read_chunks(cmu_slide, coords, geom, 2, buffer)]
     assert [s for s, _ in chunks] == list(range(0, len(coords), 7))
     np.testing.assert_array_equal(np.concatenate([p for _, p in chunks]), whole)
     with pytest.raises(ValueError, match="cannot hold uint8 patches"):
-        wsi.read_patches(cmu_slide, coords, geom, out=buffer)
+        wsi.read_patches(cmu_slide, coords, geom, threads=2, out=buffer)
     assert tiling.patch_buffer(256, 10**6).nbytes <= tiling.READ_BYTES
     assert len(tiling.patch_buffer(256, 5)) == 5 and len(tiling.patch_buffer(32, 10**6)) % 64 == 0

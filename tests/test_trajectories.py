@@ -45,7 +45,7 @@ def store_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def experts(store_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("experts") / "convnet.h5"
-    buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+    buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
     return out
 
 
@@ -135,7 +135,7 @@ def test_buffered_trajectory_loads_into_a_network_bit_exactly(store_path, expert
 
 def test_float16_store_holds_the_rounded_trajectory(store_path, experts, tmp_path):
     out = tmp_path / "half.h5"
-    buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 1, "dtype": "float16"}, 0,
+    buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 1, "dtype": "float16"}, seed=0,
                           cache_mb=64, progress=False)
     with h5py.File(out) as f:
         assert f["params"].dtype == np.float16
@@ -159,11 +159,11 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
 
     monkeypatch.setattr(buffer, "train_expert", crash_at_third)
     with pytest.raises(RuntimeError, match="job lost"):
-        buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+        buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
     assert not out.exists()
     assert sorted(p.name for p in (tmp_path / "convnet.h5.partial").glob("*.npy")) == [
         "expert_0000.npy", "expert_0001.npy"]
-    buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+    buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
     assert trained == [0, 1, "crashed", 2]  # the rerun trained only the unfinished expert
     assert not (tmp_path / "convnet.h5.partial").exists()
     with h5py.File(out) as a, h5py.File(experts) as b:
@@ -172,31 +172,31 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
     crashes.append(1)
     trained.clear()
     with pytest.raises(RuntimeError, match="job lost"):
-        buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, 0, cache_mb=64,
+        buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, seed=0, cache_mb=64,
                               progress=False)
-    buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+    buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
     assert trained == [0, "crashed", 1, 2]
     with h5py.File(out) as a, h5py.File(experts) as b:
         assert np.array_equal(a["params"][:], b["params"][:])
         assert a.attrs["key"] == b.attrs["key"]  # the store's key (a distillation's) counts them
-    buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, 0, cache_mb=64, progress=False)
+    buffer.buffer_experts(store_path, out, {**BUFFER, "experts": 2}, seed=0, cache_mb=64, progress=False)
     with h5py.File(out) as a, h5py.File(experts) as b:
         assert a.attrs["key"] != b.attrs["key"]
     # experts of other settings, unsealed (a kill while writing) or damaged are not reused
     crashes.append(2)
     trained.clear()
     with pytest.raises(RuntimeError, match="job lost"):
-        buffer.buffer_experts(store_path, out, {**BUFFER, "train": {**BUFFER["train"], "lr": 0.02}}, 0, cache_mb=64,
-                              progress=False)
+        buffer.buffer_experts(store_path, out, {**BUFFER, "train": {**BUFFER["train"], "lr": 0.02}}, seed=0,
+                              cache_mb=64, progress=False)
     assert trained == [0, 1, "crashed"]
     trained.clear()
-    buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+    buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
     assert trained == [0, 1, 2]  # other settings: nothing reused
     partial = tmp_path / "convnet.h5.partial"
     for damage in ("truncate", "unsealed", "bad seal"):
         crashes.append(2)
         with pytest.raises(RuntimeError, match="job lost"):
-            buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+            buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
         npy = partial / "expert_0001.npy"
         if damage == "truncate":
             npy.write_bytes(npy.read_bytes()[:-40])
@@ -205,7 +205,7 @@ def test_interrupted_buffer_resumes_expert_by_expert(store_path, experts, tmp_pa
         else:
             (partial / "expert_0001.npy.sealed").write_text("{")
         trained.clear()
-        buffer.buffer_experts(store_path, out, BUFFER, 0, cache_mb=64, progress=False)
+        buffer.buffer_experts(store_path, out, BUFFER, seed=0, cache_mb=64, progress=False)
         assert trained == [1, 2], damage  # the damaged expert redone, the intact one kept
         with h5py.File(out) as a, h5py.File(experts) as b:
             assert np.array_equal(a["params"][:], b["params"][:])

@@ -46,8 +46,9 @@ def test_no_tuning_code_path_reads_the_test_split(stores, monkeypatch):
     tmp = stores["tmp"]
     distill("dm", 2, DM, 0, {"zarr": tmp / "c0.zarr", "grid": tmp / "c0.png", "cost": tmp / "c0_cost.json"},
             store_path=stores["val"], cache_mb=64, progress=False)
-    record = evaluate_candidate(tmp / "c0.zarr", tmp / "c0_cost.json", stores["val"], None,
-                                EVALUATE, {"lr_img": 1.0}, tmp / "c0.json")
+    record = evaluate_candidate(tmp / "c0.zarr", tmp / "c0_cost.json", store_path=stores["val"],
+                                template_path=None, evaluate=EVALUATE, overrides={"lr_img": 1.0},
+                                out=tmp / "c0.json")
     assert "test" not in read and "val" in read
     assert record["split"] == "val" and len(record["patch"]["convnet"]["acc"]["runs"]) == 2
 
@@ -98,9 +99,10 @@ def test_a_result_holds_both_protocols_and_their_cross_architecture_figures(stor
             store_path=stores["val"], cache_mb=64, progress=False)
     (tmp / "full.json").write_text(json.dumps({"train_time_s": 4.0}))
     cfg = {**EVALUATE, "runs": 1, "both_protocols": True, "extra_archs": ["lenet"]}
-    result = evaluate.evaluate_distilled(tmp / "s.zarr", tmp / "s_cost.json", stores["val"],
-                                         tmp / "t.json", {"convnet": tmp / "full.json"}, cfg,
-                                         "toy", tmp / "r.json")
+    result = evaluate.evaluate_distilled(tmp / "s.zarr", tmp / "s_cost.json", store_path=stores["val"],
+                                         template_path=tmp / "t.json",
+                                         full={"convnet": tmp / "full.json"}, cfg=cfg, dataset="toy",
+                                         out=tmp / "r.json")
     assert result["split"] == "test" and result["stain_norm"] is False
     assert result["other_protocol"]["stain_norm"] is True
     for view in (result, result["other_protocol"]):
@@ -178,7 +180,8 @@ def test_the_budget_fills_the_seconds_with_each_methods_measured_cost(stores):
 
     from histodistill.distill import budget
 
-    args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0}
+    args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0,
+            "cache_mb": 64}
     cost = budget.seconds_per_iteration("dm", DM, 2, args, probe=2)
     assert cost > 0
     calibration = {"methods": {
@@ -210,7 +213,8 @@ def test_the_probe_times_iterations_across_the_run_not_only_its_start(stores):
             return 0.0
 
     try:
-        args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0}
+        args = {"store_path": stores["val"], "template_path": None, "pool_path": None, "seed": 0,
+                "cache_mb": 64}
         cost = budget.seconds_per_iteration("rising_cost", {}, 2, args, probe=5)
         assert 0.007 < cost < 0.02  # points 0, 2, 4, 6, 8: a mean of 8 ms
     finally:

@@ -9,8 +9,13 @@ import openslide
 import pytest
 import tifffile
 
+from histodistill import config
 from histodistill.slides import wsi
 from histodistill.io import InputError
+
+_TILING = config.defaults("$defs/tiling")
+MASK = {"mask_mpp": _TILING["mask_mpp"], "max_size": _TILING["mask_max_size"],
+        "min_saturation": _TILING["min_saturation"], "threads": 1}  # the tiler's settings
 
 
 def test_openslide_reads_demo_slide_at_every_level(tumour_slide):
@@ -95,7 +100,7 @@ def brute_force(slide, geom, mask, down, threshold):
 def test_grid_and_tissue_fraction_match_brute_force(tumour_slide, mag, size, stride):
     slide = wsi.open_slide(tumour_slide)
     geom = wsi.geometry(slide, tumour_slide, mag, size, stride)
-    mask, down = wsi.tissue_mask(slide, tumour_slide, geom.base_mpp, mask_mpp=16.0)
+    mask, down = wsi.tissue_mask(slide, tumour_slide, geom.base_mpp, **{**MASK, "mask_mpp": 16.0})
     coords = wsi.grid(*slide.dimensions, geom)
     frac = wsi.box_fraction(mask, down, coords, size * geom.scale)
     fast = [(int(x), int(y), f) for (x, y), f in zip(coords, frac) if f >= 0.5]
@@ -137,8 +142,8 @@ def test_threads_and_decode_limit(cmu_slide, tumour_slide, which, mag, size, str
     path = cmu_slide if which == "cmu" else tumour_slide
     slide = wsi.open_slide(path)
     geom = wsi.geometry(slide, path, mag, size, stride)
-    one, down = wsi.tissue_mask(slide, path, geom.base_mpp, 1.0, threads=1)  # a level of tiles
-    three, down3 = wsi.tissue_mask(slide, path, geom.base_mpp, 1.0, threads=3)
+    one, down = wsi.tissue_mask(slide, path, geom.base_mpp, **{**MASK, "mask_mpp": 1.0})  # a level of tiles
+    three, down3 = wsi.tissue_mask(slide, path, geom.base_mpp, **{**MASK, "mask_mpp": 1.0, "threads": 3})
     np.testing.assert_array_equal(one, three)
     assert down == down3
     coords = wsi.grid(*slide.dimensions, geom)[1::2]
@@ -155,7 +160,7 @@ def test_threads_and_decode_limit(cmu_slide, tumour_slide, which, mag, size, str
     assert wsi.decode_tiles(path, coords, geom, threads=2) == len(touched) > 0
     via_openslide = wsi.SlideGeometry(**{**vars(geom), "vendor": "other"})
     assert wsi.decode_tiles(path, coords, via_openslide, threads=2) == len(touched)
-    assert wsi.decode_tiles(path, coords[:0], geom) == 0
+    assert wsi.decode_tiles(path, coords[:0], geom, threads=2) == 0
 
 
 def test_blank_slide_has_empty_mask(tmp_path):
@@ -164,7 +169,7 @@ def test_blank_slide_has_empty_mask(tmp_path):
         tif.write(np.full((1024, 1024, 3), 238, np.uint8), tile=(256, 256), photometric="rgb",
                   resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     slide = wsi.open_slide(path)
-    mask, _ = wsi.tissue_mask(slide, path, 0.5)
+    mask, _ = wsi.tissue_mask(slide, path, 0.5, **MASK)
     assert not mask.any()
 
 

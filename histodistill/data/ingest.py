@@ -266,8 +266,8 @@ def csv_items(root: Path, dataset: dict[str, Any]) -> tuple[list[tuple[Path, str
 
 
 def ingest_images(items: list[tuple[Path, str, str]], classes: list[str], out: Path,
-                  patch_size: int | None, attrs: dict[str, Any], batch: int = 512,
-                  crop: int | None = None, dedupe: bool = False) -> Path:
+                  patch_size: int | None, attrs: dict[str, Any], *, batch: int = 512,
+                  crop: int | None = None, dedupe: bool) -> Path:
     """Write (path, class, split) items into a new patch store at ``out`` (atomically),
     optionally keeping the central ``crop`` pixels before resizing to ``patch_size``
     (:class:`ImagePolicy`). The same pixels in two splits (a leak between training and test)

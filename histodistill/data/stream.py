@@ -148,7 +148,7 @@ def prefetch(items: Iterable[_T], depth: int = PREFETCH) -> Generator[_T, None, 
         worker.join()
 
 
-def channel_stats(store: PatchStore, split: str = "train", chunk_rows: int = 4096
+def channel_stats(store: PatchStore, split: str, chunk_rows: int = 4096
                   ) -> tuple[list[float], list[float]]:
     """Per-channel mean and (population) std of the split's pixels in [0, 1] units.
 

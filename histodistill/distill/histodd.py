@@ -37,7 +37,7 @@ class HistoDD(Distiller):
         pool = self.ctx.pool
         net = self.new_net(pool["net"], pool["net_kwargs"])
         net.load_state_dict(pool["states"][int(torch.randint(len(pool["states"]), (1,), generator=self.gen))])
-        model_augment(net, c["alpha"], self.gen, int(c["directions"]))
+        model_augment(net, c["alpha"], self.gen, directions=int(c["directions"]))
         net.train()
         params = matched_params(net, "l1", bool(c["match_fc"]))
         opt_net = torch.optim.SGD(net.parameters(), lr=float(c["lr_net"]), momentum=0.9,

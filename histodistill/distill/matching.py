@@ -75,8 +75,8 @@ def _filter_direction(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def model_augment(net: nn.Module, alpha: float | list[float], gen: torch.Generator,
-                  directions: int = 2) -> list[float]:
+def model_augment(net: nn.Module, alpha: float | list[float], gen: torch.Generator, *,
+                  directions: int) -> list[float]:
     """Perturb weights in place along filter-normalised random directions (Acc-DD).
 
     ``directions`` Gaussian directions d_k, each filter rescaled to the norm of the weight

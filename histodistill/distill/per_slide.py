@@ -47,10 +47,10 @@ def slide_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
-def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLike | None, *,
                    pool_path: str | os.PathLike | None, method: str, ipc: int,
                    cfg: dict[str, Any], seed: int, slides: list[str], out: str | os.PathLike,
-                   cache_mb: float = 1024, progress: bool = True) -> Path:
+                   cache_mb: float, progress: bool = True) -> Path:
     """Distil each training slide in ``slides`` into ``out/<slide>.zarr`` (the layout of a
     distilled set, attrs adding ``slide``, ``real_counts`` and ``seconds``).
 

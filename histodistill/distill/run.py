@@ -34,7 +34,7 @@ def real_data(store_path: str | os.PathLike, cache_mb: float, seed: int, max_per
 
 
 def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
-                  out: str | os.PathLike, cfg: dict[str, Any], seed: int, cache_mb: float = 1024,
+                  out: str | os.PathLike, *, cfg: dict[str, Any], seed: int, cache_mb: float,
                   max_per_class: int = 0) -> None:
     """Histo-DD's pool of early-stage networks (Acc-DD): ``cfg['size']`` networks ``cfg['net']``
     trained on the real data from different seeded initialisations, with per-image augmentation,
@@ -69,8 +69,8 @@ def pretrain_pool(store_path: str | os.PathLike, template_path: str | os.PathLik
 
 
 def context(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
-            pool_path: str | os.PathLike | None, seed: int,
-            checkpoint: str | os.PathLike | None = None, cache_mb: float = 1024,
+            pool_path: str | os.PathLike | None, seed: int, *,
+            checkpoint: str | os.PathLike | None = None, cache_mb: float,
             max_per_class: int = 0, progress: bool = True,
             experts: str | os.PathLike | None = None,
             autoencoder: str | os.PathLike | None = None) -> Context:
@@ -93,7 +93,7 @@ def distill(method: str, ipc: int, cfg: dict[str, Any], seed: int,
             out: dict[str, str | os.PathLike], *, store_path: str | os.PathLike,
             template_path: str | os.PathLike | None = None,
             pool_path: str | os.PathLike | None = None,
-            checkpoint: str | os.PathLike | None = None, cache_mb: float = 1024,
+            checkpoint: str | os.PathLike | None = None, cache_mb: float,
             max_per_class: int = 0, progress: bool = True,
             experts: str | os.PathLike | None = None,
             autoencoder: str | os.PathLike | None = None,
@@ -107,8 +107,9 @@ def distill(method: str, ipc: int, cfg: dict[str, Any], seed: int,
     finite is refused (FloatingPointError, nothing written) unless ``keep_diverged`` (a tuning
     candidate: recorded as diverged, never chosen)."""
     PatchStore(store_path).check_ipc(ipc, "distill")
-    ctx = context(store_path, template_path, pool_path, seed, checkpoint, cache_mb,
-                  max_per_class, progress, experts, autoencoder)
+    ctx = context(store_path, template_path, pool_path, seed, checkpoint=checkpoint,
+                  cache_mb=cache_mb, max_per_class=max_per_class, progress=progress,
+                  experts=experts, autoencoder=autoencoder)
     real = ctx.real
     start = time.perf_counter()
     distiller = build(method, cfg, ipc, ctx)

@@ -42,8 +42,8 @@ class StochasticHead(nn.Module):
     """Three linear layers: conditioning features (B, D) -> mean shift (B, C), diagonal (B, C)
     in [min_var, max_var], covariance factor (B, C, rank) with entries in +-sqrt(max_var / rank)."""
 
-    def __init__(self, dim: int, classes: int, rank: int, init_var: float = 1e-2,
-                 min_var: float = 1e-4, max_var: float = 1.0) -> None:
+    def __init__(self, dim: int, classes: int, rank: int, *, init_var: float, min_var: float,
+                 max_var: float) -> None:
         super().__init__()
         if not min_var < init_var < max_var:
             raise ValueError(f"distill.methods.slfd: init_var {init_var} must lie between "
@@ -84,8 +84,9 @@ class SLFD(GLaD):
         c = self.cfg
         with torch.no_grad():
             dim = self.condition(self.images[:1]).shape[1]
-        self.head = StochasticHead(dim, self.ctx.num_classes, int(c["rank"]), float(c["init_var"]),
-                                   float(c["min_var"]), float(c["max_var"])).to(self.ctx.device)
+        self.head = StochasticHead(dim, self.ctx.num_classes, int(c["rank"]),
+                                   init_var=float(c["init_var"]), min_var=float(c["min_var"]),
+                                   max_var=float(c["max_var"])).to(self.ctx.device)
         if not c["learn_shift"]:  # the ablation: the module learns the covariance only
             self.head.mean.requires_grad_(False)
         self.opt.add_param_group({"params": list(self.head.parameters()),

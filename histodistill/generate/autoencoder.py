@@ -225,10 +225,9 @@ class AutoencoderKL(nn.Module):
 
     scale_factor: torch.Tensor  # a buffer (registered in __init__)
 
-    def __init__(self, image_size: int, ch: int = 128, ch_mult: list[int] | None = None,
-                 num_res_blocks: int = 2, z_channels: int = 3, dropout: float = 0.0) -> None:
+    def __init__(self, image_size: int, *, ch: int, ch_mult: list[int], num_res_blocks: int,
+                 z_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        ch_mult = ch_mult or [1, 2, 4]
         self.encoder = Encoder(3, ch, ch_mult, num_res_blocks, 2 * z_channels, 0, dropout)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
@@ -240,8 +239,8 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any], image_size: int) -> "AutoencoderKL":
         """From ``generate.autoencoder`` settings (LDM's dropout, 0, is not one of them)."""
-        return cls(image_size, int(cfg["ch"]), ch_mult_for(cfg), int(cfg["num_res_blocks"]),
-                   int(cfg["z_channels"]))
+        return cls(image_size, ch=int(cfg["ch"]), ch_mult=ch_mult_for(cfg),
+                   num_res_blocks=int(cfg["num_res_blocks"]), z_channels=int(cfg["z_channels"]))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
@@ -431,9 +430,9 @@ def load_autoencoder(path: str | os.PathLike, dev: torch.device) -> AutoencoderK
 
 
 def train_autoencoder(store: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                      seed: int, pretrain: Sources | None = None,
-                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
-                      cache_mb: float = 1024, stop_after: int | None = None,
+                      *, seed: int, pretrain: Sources | None = None,
+                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int,
+                      cache_mb: float, stop_after: int | None = None,
                       progress: bool = True) -> AutoencoderKL | None:
     """LDM's KL autoencoder: Adam (betas 0.5, 0.9) on the autoencoder and the learned
     log-variance, a second Adam on the discriminator once it is switched on; the forward passes

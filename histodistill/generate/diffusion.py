@@ -42,20 +42,20 @@ class Schedule:
         """``{kind: linear|cosine, timesteps, beta_start, beta_end, cosine_s}``."""
         kind, steps = cfg["kind"], int(cfg["timesteps"])
         if kind == "linear":
-            return cls.linear(steps, float(cfg["beta_start"]), float(cfg["beta_end"]))
+            return cls.linear(timesteps=steps, beta_start=float(cfg["beta_start"]),
+                              beta_end=float(cfg["beta_end"]))
         if kind == "cosine":
-            return cls.cosine(steps, float(cfg["cosine_s"]))
+            return cls.cosine(timesteps=steps, s=float(cfg["cosine_s"]))
         raise ValueError(f"unknown noise schedule {kind!r}; choose linear or cosine")
 
     @classmethod
-    def linear(cls, timesteps: int = 1000, beta_start: float = 0.00085,
-               beta_end: float = 0.012) -> "Schedule":
+    def linear(cls, *, timesteps: int, beta_start: float, beta_end: float) -> "Schedule":
         """Linear in sqrt(beta) (LDM's and U-ViT's ``linear``)."""
         root = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64)
         return cls(root ** 2)
 
     @classmethod
-    def cosine(cls, timesteps: int = 1000, s: float = 0.008) -> "Schedule":
+    def cosine(cls, *, timesteps: int, s: float) -> "Schedule":
         """Nichol & Dhariwal's cosine schedule."""
         t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2

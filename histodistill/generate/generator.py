@@ -38,9 +38,9 @@ def load_uvit(path: str | os.PathLike, dev: torch.device) -> tuple[uvit.UViT, di
 
 
 def train_generator(store: str | os.PathLike, autoencoder: str | os.PathLike,
-                    out: str | os.PathLike, cfg: dict[str, Any], mode: str, seed: int,
+                    out: str | os.PathLike, *, cfg: dict[str, Any], mode: str, seed: int,
                     pretrain: Sources | None = None, checkpoint: str | os.PathLike | None = None,
-                    checkpoint_every: int = 1000, cache_mb: float = 1024,
+                    checkpoint_every: int, cache_mb: float,
                     stop_after: int | None = None, progress: bool = True) -> TrainState:
     """U-ViT latent diffusion, DDPM epsilon-prediction at T steps: AdamW with U-ViT's linear
     warm-up, EMA weights (saved for sampling), the forward pass and loss under ``cfg['compute']``

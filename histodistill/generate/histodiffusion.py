@@ -63,11 +63,9 @@ class LatentClassifier(nn.Module):
     """p(y | z_t, t): the autoencoder's encoder over latents, with a timestep embedding
     (sinusoidal, then a two-layer MLP) added in every residual block, then attention pooling."""
 
-    def __init__(self, z_channels: int, latent_size: int, num_classes: int, ch: int = 128,
-                 ch_mult: list[int] | None = None, num_res_blocks: int = 2,
-                 heads: int = 4) -> None:
+    def __init__(self, z_channels: int, latent_size: int, num_classes: int, *, ch: int,
+                 ch_mult: list[int], num_res_blocks: int, heads: int) -> None:
         super().__init__()
-        ch_mult = ch_mult or [1, 2, 2]
         self.ch = ch
         self.temb = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
         self.encoder = Encoder(z_channels, ch, ch_mult, num_res_blocks, 1, 4 * ch)
@@ -82,9 +80,9 @@ class LatentClassifier(nn.Module):
 
 def build_classifier(cfg: dict[str, Any], z_channels: int, latent_size: int,
                      num_classes: int) -> LatentClassifier:
-    return LatentClassifier(z_channels, latent_size, num_classes, int(cfg["ch"]),
-                            [int(m) for m in cfg["ch_mult"]], int(cfg["num_res_blocks"]),
-                            int(cfg["heads"]))
+    return LatentClassifier(z_channels, latent_size, num_classes, ch=int(cfg["ch"]),
+                            ch_mult=[int(m) for m in cfg["ch_mult"]],
+                            num_res_blocks=int(cfg["num_res_blocks"]), heads=int(cfg["heads"]))
 
 
 def load_classifier(path: str | os.PathLike, dev: torch.device
@@ -109,10 +107,10 @@ def guidance_grad(clf: LatentClassifier, y: torch.Tensor):  # noqa: ANN201 (a Gr
 
 
 def train_latent_classifier(store: str | os.PathLike, autoencoder: str | os.PathLike,
-                            out: str | os.PathLike, cfg: dict[str, Any],
+                            out: str | os.PathLike, *, cfg: dict[str, Any],
                             schedule_cfg: dict[str, Any], seed: int,
                             checkpoint: str | os.PathLike | None = None,
-                            checkpoint_every: int = 1000, cache_mb: float = 1024,
+                            checkpoint_every: int, cache_mb: float,
                             stop_after: int | None = None, progress: bool = True
                             ) -> LatentClassifier:
     """Cross-entropy on latents of the labelled training split noised to a uniform t under the
@@ -173,9 +171,9 @@ def apply_decoder(ae: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
 
 
 def finetune_decoder(store: str | os.PathLike, autoencoder: str | os.PathLike,
-                     out: str | os.PathLike, cfg: dict[str, Any], seed: int,
-                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1000,
-                     cache_mb: float = 1024, stop_after: int | None = None,
+                     out: str | os.PathLike, *, cfg: dict[str, Any], seed: int,
+                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int,
+                     cache_mb: float, stop_after: int | None = None,
                      progress: bool = True) -> AutoencoderKL:
     """First ``aux.steps`` steps train the auxiliary classifier phi (``aux.net`` from the model
     registry, on normalised pixels; SGD as the evaluation protocol); then phi is frozen and

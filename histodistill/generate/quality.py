@@ -71,7 +71,7 @@ def _covered(query: np.ndarray, ref: np.ndarray, radii: np.ndarray, chunk: int) 
     return out
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024
+def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int, chunk: int = 1024
                      ) -> tuple[float, float]:
     """Kynkaanniemi et al.'s improved precision and recall with k-NN manifolds."""
     if min(len(real), len(fake)) <= k:
@@ -142,7 +142,7 @@ def inception_embed(path: str | os.PathLike, dev: torch.device) -> Embed:
 def feature_metrics(real: np.ndarray, real_y: np.ndarray, fake: np.ndarray, fake_y: np.ndarray,
                     class_names: list[str], k: int) -> dict[str, Any]:
     """FID, precision and recall overall, and FID per class (where both sides have > 1 sample)."""
-    precision, recall = precision_recall(real, fake, k)
+    precision, recall = precision_recall(real, fake, k=k)
     per_class = {}
     for c, name in enumerate(class_names):
         a, b = real[real_y == c], fake[fake_y == c]
@@ -187,7 +187,7 @@ def check_classes(synthetic: PatchStore, real: PatchStore) -> None:
                          f"differ from the real store's {real.class_names}")
 
 
-def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, embed: Embed,
+def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, embed: Embed, *,
                       cfg: dict[str, Any], out: str | os.PathLike, grid: str | os.PathLike,
                       encoder_name: str, inception: Embed | None = None,
                       classify: Embed | None = None, batch: int = 256) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def generator_quality(synthetic: str | os.PathLike, store: str | os.PathLike, em
 
 
 def quality(synthetic: str | os.PathLike, store: str | os.PathLike, encoder: str | os.PathLike,
-            cfg: dict[str, Any], out: str | os.PathLike, grid: str | os.PathLike
+            *, cfg: dict[str, Any], out: str | os.PathLike, grid: str | os.PathLike
             ) -> dict[str, Any]:
     """:func:`generator_quality` with the pipeline's encoder file (rule ``train_encoder``) and,
     when ``cfg['inception']`` names one, a local Inception-v3 state dict."""
@@ -240,5 +240,5 @@ def quality(synthetic: str | os.PathLike, store: str | os.PathLike, encoder: str
     enc = load_encoder(encoder)
     inception = inception_embed(cfg["inception"], enc.device) if cfg.get("inception") else None
     classify = enc.probabilities if enc.kind == "supervised" else None
-    return generator_quality(synthetic, store, enc.embed, cfg, out, grid, cfg["encoder"], inception,
-                             classify)
+    return generator_quality(synthetic, store, enc.embed, cfg=cfg, out=out, grid=grid,
+                             encoder_name=cfg["encoder"], inception=inception, classify=classify)

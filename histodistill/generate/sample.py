@@ -123,7 +123,7 @@ def build(name: str, files: dict[str, str | os.PathLike], cfg: dict[str, Any],
 
 
 def sample_synthetic(name: str, files: dict[str, str | os.PathLike], out: str | os.PathLike,
-                     cfg: dict[str, Any], seed: int, per_class: int, batch: int,
+                     *, cfg: dict[str, Any], seed: int, per_class: int, batch: int,
                      stop_after: int | None = None, progress: bool = True) -> Path | None:
     """Write ``per_class`` images of every class to the store ``out`` (see module docstring).
     ``stop_after`` ends after that many batches, leaving the partial store (to test resume)."""

@@ -70,9 +70,9 @@ class UViT(nn.Module):
     """Noise predictor eps(z_t, t, y) on (B, C, S, S) latents; ``num_classes`` 0 is
     unconditional, otherwise labels run 0..num_classes with ``num_classes`` the null label."""
 
-    def __init__(self, in_channels: int, latent_size: int, patch_size: int = 2, dim: int = 512,
-                 depth: int = 12, heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 conv_out: bool = True, grad_checkpoint: bool = False) -> None:
+    def __init__(self, in_channels: int, latent_size: int, *, patch_size: int, dim: int,
+                 depth: int, heads: int, mlp_ratio: float, grad_checkpoint: bool,
+                 num_classes: int = 0, conv_out: bool = True) -> None:
         super().__init__()
         if depth % 2:
             raise ValueError(f"U-ViT depth must be even (in and out halves), got {depth}")
@@ -146,6 +146,6 @@ def build(cfg: dict[str, Any], in_channels: int, latent_size: int, num_classes: 
     if preset not in PRESETS:
         raise ValueError(f"unknown U-ViT preset {preset!r}; choose one of {sorted(PRESETS)}")
     arch = {**PRESETS[preset], **{k: cfg[k] for k in ("dim", "depth", "heads") if cfg.get(k)}}
-    return UViT(in_channels, latent_size, int(cfg["patch_size"]), arch["dim"],
-                arch["depth"], arch["heads"], float(cfg["mlp_ratio"]), num_classes,
-                grad_checkpoint=bool(cfg["grad_checkpoint"]))
+    return UViT(in_channels, latent_size, patch_size=int(cfg["patch_size"]), dim=arch["dim"],
+                depth=arch["depth"], heads=arch["heads"], mlp_ratio=float(cfg["mlp_ratio"]),
+                grad_checkpoint=bool(cfg["grad_checkpoint"]), num_classes=num_classes)

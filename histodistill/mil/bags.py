@@ -172,7 +172,7 @@ class _Writer:
 
 
 def extract_real_bags(store_path: str | os.PathLike, encoder_path: str | os.PathLike,
-                      out: str | os.PathLike, batch: int = 256, buffer_mb: float = 256,
+                      out: str | os.PathLike, *, batch: int, buffer_mb: float = 256,
                       progress: bool = True) -> Path:
     """One bag per slide of the store (training and test) with the encoder's features of its
     patches, streamed slide by slide; returns the bag folder ``out``."""
@@ -202,7 +202,7 @@ def _embed_rows(encoder: Encoder, store: PatchStore, split: str, rows: np.ndarra
 
 
 def extract_synthetic_bags(distilled: list[str | os.PathLike], encoder_path: str | os.PathLike,
-                           out: str | os.PathLike, batch: int = 256,
+                           out: str | os.PathLike, *, batch: int,
                            progress: bool = True) -> Path:
     """One bag per distilled slide (the ``<slide>.zarr`` sets in the ``distilled`` folders of
     rule ``distill_slides``), in slide order; returns the bag folder ``out``."""
@@ -220,7 +220,7 @@ def extract_synthetic_bags(distilled: list[str | os.PathLike], encoder_path: str
         writer.add(manifest_row(attrs["slide"], attrs["label"], "train", int(attrs["centre"]), n))
         if writer.done(attrs["slide"], key):
             continue
-        feats = embed_array(encoder, group["images"][:], batch)
+        feats = embed_array(encoder, group["images"][:], batch=batch)
         writer.write(attrs["slide"], key, feats, np.full((n, 2), -1),
                      {"slide": attrs["slide"], "label": attrs["label"], "split": "train",
                       "centre": int(attrs["centre"]), "kind": "synthetic",

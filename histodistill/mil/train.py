@@ -46,8 +46,8 @@ class Bags:
     indices; optionally only the slides of some ``centres``."""
 
     def __init__(self, folder: str | os.PathLike, class_names: list[str],
-                 split: str | None = "train", centres: list[int] | None = None,
-                 cache_mb: float = 1024) -> None:
+                 split: str | None = "train", centres: list[int] | None = None, *,
+                 cache_mb: float) -> None:
         self.folder = Path(folder)
         rows = [r for r in read_manifest(folder) if split is None or r["split"] == split]
         if centres is not None:
@@ -184,9 +184,9 @@ def bag_storage(bags: Bags) -> dict[str, Any]:
             "image_gb": bags.patches * 3 * bags.patch_size ** 2 / 1e9, "feature_dim": bags.dim}
 
 
-def full_mil(real_bags: str | os.PathLike, class_names: list[str], model: str,
+def full_mil(real_bags: str | os.PathLike, class_names: list[str], model: str, *,
              cfg: dict[str, Any], runs: int, seed: int, out: str | os.PathLike,
-             cache_mb: float = 1024) -> dict[str, Any]:
+             cache_mb: float) -> dict[str, Any]:
     """The full-bag upper bound of one model: trained ``runs`` times on every real training
     bag, tested on the real test bags (cached per model, rule ``full_mil``)."""
     train = Bags(real_bags, class_names, "train", cache_mb=cache_mb)
@@ -199,10 +199,10 @@ def full_mil(real_bags: str | os.PathLike, class_names: list[str], model: str,
     return result
 
 
-def evaluate_mil(synthetic_bags: str | os.PathLike, real_bags: str | os.PathLike,
+def evaluate_mil(synthetic_bags: str | os.PathLike, real_bags: str | os.PathLike, *,
                  full: dict[str, str | os.PathLike], class_names: list[str],
                  settings: dict[str, Any], out: str | os.PathLike,
-                 cache_mb: float = 1024) -> dict[str, Any]:
+                 cache_mb: float) -> dict[str, Any]:
     """Train every model of ``settings['models']`` on the synthetic bags of the training slides
     and test on the real test bags; join each model's cached full-bag result (``full``) and
     write the ``slide`` section of the result file (README: slide level)."""

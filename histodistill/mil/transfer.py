@@ -115,10 +115,10 @@ def slide_transfer(name: str, cfg: dict[str, Any], real_bags: str | os.PathLike,
                    ) -> dict[str, Any]:
     """Pre-train MIL model ``name`` on the target's real bags, fine-tune ``epochs`` on the
     source's synthetic bags and on its real bags; metrics on the real test slides, per run."""
-    pre_bags = Bags(real_bags, class_names, "train", [target], cache_mb)
+    pre_bags = Bags(real_bags, class_names, "train", [target], cache_mb=cache_mb)
     test = Bags(real_bags, class_names, "test", cache_mb=cache_mb)
-    sources = {"syn": Bags(synthetic_bags, class_names, "train", [source], cache_mb),
-               "full": Bags(real_bags, class_names, "train", [source], cache_mb)}
+    sources = {"syn": Bags(synthetic_bags, class_names, "train", [source], cache_mb=cache_mb),
+               "full": Bags(real_bags, class_names, "train", [source], cache_mb=cache_mb)}
     res: dict[str, list] = {k: [] for k in ("pre", "syn", "full")}
     times: dict[str, list] = {k: [] for k in ("pre", "syn", "full")}
     k = len(class_names)
@@ -135,10 +135,10 @@ def slide_transfer(name: str, cfg: dict[str, Any], real_bags: str | os.PathLike,
             "full": {**_summary(res["full"], times["full"]), **bag_storage(sources["full"])}}
 
 
-def transfer(store_path: str | os.PathLike, template_path: str | os.PathLike | None,
+def transfer(store_path: str | os.PathLike, template_path: str | os.PathLike | None, *,
              distilled: list[str | os.PathLike], real_bags: str | os.PathLike,
              synthetic_bags: str | os.PathLike, cfg: dict[str, Any], dataset: str, method: str,
-             ipc: int, out: str | os.PathLike, cache_mb: float = 1024) -> dict[str, Any]:
+             ipc: int, out: str | os.PathLike, cache_mb: float) -> dict[str, Any]:
     """Both transfer directions between every pair of centres, written to ``out``.
 
     ``cfg``: ``transfer`` (``patch_arch``, ``pretrain``, ``finetune``, ``model``, ``runs``,

@@ -42,8 +42,8 @@ def pinv_iterative(x: torch.Tensor, iters: int) -> torch.Tensor:
 class NystromAttention(nn.Module):
     """Multi-head self-attention approximated with ``landmarks`` segment-mean landmarks."""
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, landmarks: int = 256,
-                 pinv_iterations: int = 6, residual_kernel: int = 33, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, *, heads: int, dim_head: int = 64, landmarks: int,
+                 pinv_iterations: int = 6, residual_kernel: int = 33, dropout: float) -> None:
         super().__init__()
         self.heads, self.dim_head, self.landmarks = heads, dim_head, landmarks
         self.pinv_iterations = pinv_iterations
@@ -134,7 +134,7 @@ class TransMIL(MILModel):
         base = torch.optim.RAdam(self.parameters(), lr=float(self.cfg["lr"]),
                                  weight_decay=float(self.cfg["weight_decay"]))
         look = self.cfg["lookahead"]
-        return Lookahead(base, int(look["k"]), float(look["alpha"])) if look else base
+        return Lookahead(base, k=int(look["k"]), alpha=float(look["alpha"])) if look else base
 
 
 class Lookahead:
@@ -142,7 +142,7 @@ class Lookahead:
     weights (starting at the initial weights) move ``alpha`` of the way to the fast ones and the
     fast weights restart there. Has the optimiser methods the training loop calls."""
 
-    def __init__(self, base: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+    def __init__(self, base: torch.optim.Optimizer, *, k: int, alpha: float) -> None:
         if k < 1 or not 0 <= alpha <= 1:
             raise ValueError(f"Lookahead needs k >= 1 and 0 <= alpha <= 1, got {k}, {alpha}")
         self.base, self.k, self.alpha, self.steps = base, k, alpha, 0

@@ -371,7 +371,7 @@ def save_pairs_grid(pairs: dict[str, np.ndarray], section: dict[str, Any], class
 
 
 def privacy_audit(distilled: str | os.PathLike, store_path: str | os.PathLike,
-                  encoder_path: str | os.PathLike | None, cfg: dict[str, Any],
+                  encoder_path: str | os.PathLike | None, *, cfg: dict[str, Any],
                   out_json: str | os.PathLike, out_grid: str | os.PathLike) -> dict[str, Any]:
     """Rule ``privacy_audit``: audit one distilled set, write its privacy section and the
     closest-pairs grid."""

@@ -256,7 +256,7 @@ def _write_images(root: Path, images: np.ndarray, labels: np.ndarray, names: lis
 
 
 def write_package(distilled: str | os.PathLike, result_path: str | os.PathLike,
-                  store_path: str | os.PathLike, out: str | os.PathLike,
+                  store_path: str | os.PathLike, *, out: str | os.PathLike,
                   datasheet_html: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any]:
     """Rule ``package``: the guard, then the package directory ``out`` (written atomically) and
     its datasheet as HTML for the report. Returns the manifest."""

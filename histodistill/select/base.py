@@ -40,8 +40,8 @@ class Candidates:
     """The training rows of ``store`` (at most ``per_class`` seeded rows per class when > 0),
     with features and probabilities of ``encoder`` computed on first use."""
 
-    def __init__(self, store: PatchStore, encoder: Encoder | None, per_class: int = 0,
-                 seed: int = 0, batch: int = 256) -> None:
+    def __init__(self, store: PatchStore, encoder: Encoder | None, *, per_class: int, seed: int,
+                 batch: int = 256) -> None:
         self.store, self.encoder, self.batch = store, encoder, batch
         rows = store.indices("train")
         labels = store.array("label")[rows]

@@ -39,8 +39,8 @@ def mean_distance(x: torch.Tensor, chunk: int = 1024) -> float:
     return total / (n * (n - 1))
 
 
-def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 1024,
-                  relative: bool = False) -> sparse.csr_matrix:
+def softmax_graph(features: np.ndarray | torch.Tensor, eta: float, chunk: int = 1024, *,
+                  relative: bool) -> sparse.csr_matrix:
     """(N, N) sparse directed graph: w_ij = softmax_{j != i}(1 / d_ij), kept where w_ij >= eta.
     With ``relative`` the distances are first divided by their mean over the class's pairs, so
     the graph no longer depends on the feature space's scale (not in InfoDist).

@@ -43,8 +43,8 @@ def open_pool(pool_path: str | os.PathLike, real: PatchStore, stage: str) -> Pat
 def selection_context(cfg: dict[str, Any], seed: int, pool: PatchStore, real: PatchStore,
                       encoder_path: str | os.PathLike | None) -> Context:
     encoder = load_encoder(encoder_path, device()) if encoder_path else None
-    return Context(Candidates(pool, encoder, int(cfg["pool_per_class"]), seed), real,
-                   encoder, seed)
+    return Context(Candidates(pool, encoder, per_class=int(cfg["pool_per_class"]), seed=seed),
+                   real, encoder, seed)
 
 
 def per_class(selector: Selector, pool: Candidates, k: int, stage: str) -> np.ndarray:
@@ -62,7 +62,7 @@ def per_class(selector: Selector, pool: Candidates, k: int, stage: str) -> np.nd
     return np.concatenate(chosen)
 
 
-def select(method: str, cfg: dict[str, Any], ipc: int, seed: int, pool_path: str | os.PathLike,
+def select(method: str, cfg: dict[str, Any], ipc: int, *, seed: int, pool_path: str | os.PathLike,
            store_path: str | os.PathLike, encoder_path: str | os.PathLike | None,
            out_zarr: str | os.PathLike, out_png: str | os.PathLike,
            out_json: str | os.PathLike) -> np.ndarray:

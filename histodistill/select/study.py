@@ -77,10 +77,11 @@ def mixed_batches(inputs: Inputs, sources: list[tuple[PatchStore, np.ndarray]], 
     return epoch
 
 
-def augment_study(dataset: str, selector_method: str, sel_cfg: dict[str, Any], cfg: dict[str, Any],
-                  seed: int, store_path: str | os.PathLike, pool_path: str | os.PathLike,
-                  encoder_path: str | os.PathLike, template_path: str | os.PathLike | None,
-                  out: str | os.PathLike, cache_mb: float = 1024) -> dict[str, Any]:
+def augment_study(dataset: str, selector_method: str, *, sel_cfg: dict[str, Any],
+                  cfg: dict[str, Any], seed: int, store_path: str | os.PathLike,
+                  pool_path: str | os.PathLike, encoder_path: str | os.PathLike,
+                  template_path: str | os.PathLike | None, out: str | os.PathLike,
+                  cache_mb: float) -> dict[str, Any]:
     """Run the study (see module docstring) and write ``out``."""
     real = PatchStore(store_path)
     pool = open_pool(pool_path, real, STAGE)

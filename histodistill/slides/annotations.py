@@ -19,10 +19,6 @@ from matplotlib.path import Path as MplPath
 
 from histodistill.io import InputError
 
-TUMOUR_GROUPS = ("_0", "_1", "Tumor", "tumor", "Tumour", "tumour", "metastases")
-EXCLUSION_GROUPS = ("_2", "Exclusion", "exclusion")
-
-
 @dataclass
 class Annotation:
     """Tumour and exclusion polygons, each an (K, 2) float array of level-0 ``(x, y)``."""
@@ -33,13 +29,15 @@ class Annotation:
 
 def read_asap_xml(
     path: str | os.PathLike,
-    tumour_groups: tuple[str, ...] | list[str] = TUMOUR_GROUPS,
-    exclusion_groups: tuple[str, ...] | list[str] = EXCLUSION_GROUPS,
+    *,
+    tumour_groups: tuple[str, ...] | list[str],
+    exclusion_groups: tuple[str, ...] | list[str],
     stage: str = "tile",
-    ignore_groups: tuple[str, ...] | list[str] = (),
+    ignore_groups: tuple[str, ...] | list[str],
     bounds: tuple[int, int] | None = None,
 ) -> Annotation:
     """Parse an ASAP XML file; raise :class:`InputError` naming the file if it is malformed.
+    The groups are the tiling settings of the same names (ASAP's and Camelyon16's by default).
 
     ``bounds`` is the slide's level-0 (width, height): a polygon wholly outside it is an error
     (coordinates of another slide or level). Polygons of groups in ``ignore_groups`` are dropped.

@@ -37,7 +37,7 @@ READ_BYTES = 64 * 2**20
 
 
 def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index: int,
-               cfg: dict[str, Any], class_names: list[str], threads: int = 1
+               cfg: dict[str, Any], class_names: list[str], *, threads: int
                ) -> tuple[np.ndarray, np.ndarray, wsi.SlideGeometry]:
     """Decide which patches of one slide to keep and their labels, without reading pixels (the
     mask level decoded in ``threads`` threads, an operational setting: the patches are the same).
@@ -49,8 +49,9 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     try:
         geom = wsi.geometry(slide, path, cfg["magnification"], cfg["patch_size"], cfg["stride"],
                             cfg.get("default_mpp"))
-        mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, cfg["mask_mpp"], cfg["mask_max_size"],
-                                     cfg["min_saturation"], threads)
+        mask, down = wsi.tissue_mask(slide, path, geom.base_mpp, mask_mpp=cfg["mask_mpp"],
+                                     max_size=cfg["mask_max_size"],
+                                     min_saturation=cfg["min_saturation"], threads=threads)
         dims = slide.dimensions
         coords = wsi.grid(*dims, geom)
     finally:
@@ -69,8 +70,9 @@ def plan_slide(path: str | os.PathLike, annotation: str, slide_label: str, index
     default = slide_label if cfg["unannotated_label"] == "slide" else cfg["unannotated_label"]
     labels = np.full(len(coords), _class_index(default, class_names, path), np.int64)
     if annotation:
-        ann = asap.read_asap_xml(annotation, cfg["tumour_groups"], cfg["exclusion_groups"],
-                                 STAGE, cfg["ignore_groups"], dims)
+        ann = asap.read_asap_xml(annotation, tumour_groups=cfg["tumour_groups"],
+                                 exclusion_groups=cfg["exclusion_groups"], stage=STAGE,
+                                 ignore_groups=cfg["ignore_groups"], bounds=dims)
         frac = asap.tumour_fraction(ann, coords, size0)
         labels[frac >= cfg["tumour_overlap"]] = _class_index(cfg["tumour_class"], class_names, path)
     return coords, labels, geom
@@ -88,7 +90,7 @@ def class_names(rows: list[dict[str, Any]], cfg: dict[str, Any],
     return list(configured) if configured else sorted({r["label"] for r in rows} | {cfg["tumour_class"]})
 
 
-def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any],
+def check_cohort(name: str, rows: list[dict[str, Any]], cfg: dict[str, Any], *,
                  class_names: list[str], unannotated: Collection[str] = ()) -> None:
     """Check a slide table before any tiling job is queued, so a wrong root fails at once.
 
@@ -175,8 +177,8 @@ def store_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return slide_settings(cfg)
 
 
-def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike,
-                class_names: list[str], threads: int = 1) -> Path:
+def tile_slides(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.PathLike, *,
+                class_names: list[str], threads: int) -> Path:
     """Tile the slides of one batch (rows from :func:`batches`) into ``out/<slide>.zarr`` each.
 
     Slides are done one at a time into ``<out>.partial``; a slide already finished there with the
@@ -211,7 +213,7 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
         writer = StoreWriter(tmp, cfg["patch_size"])
         try:
             coords, labels, geom = plan_slide(row["path"], row["annotation"], row["label"],
-                                              row["index"], cfg, class_names, threads)
+                                              row["index"], cfg, class_names, threads=threads)
         except InputError as err:
             if not (cfg.get("skip_empty") and "tissue" in str(err)):
                 raise
@@ -236,7 +238,7 @@ def _tile_one(row: dict[str, Any], cfg: dict[str, Any], class_names: list[str], 
 
 
 def gather(rows: list[dict[str, Any]], slide_dirs: list[str | os.PathLike], cfg: dict[str, Any],
-           out: str | os.PathLike, class_names: list[str],
+           *, out: str | os.PathLike, class_names: list[str],
            attrs: dict[str, Any] | None = None) -> Path:
     """Concatenate the per-slide stores of every row (found in ``slide_dirs``, the outputs of
     :func:`tile_slides`) in slide-table order into a new patch store at ``out``, atomically."""
@@ -281,7 +283,7 @@ def tile_cohort(rows: list[dict[str, Any]], cfg: dict[str, Any], out: str | os.P
     out = Path(out)
     slides = out.with_name(out.name + ".slides")
     indexed = [row for batch in batches(rows, 1).values() for row in batch]
-    tile_slides(indexed, cfg, slides, class_names, int(cfg["threads"]))
-    gather(rows, [slides], cfg, out, class_names, attrs)
+    tile_slides(indexed, cfg, slides, class_names=class_names, threads=int(cfg["threads"]))
+    gather(rows, [slides], cfg, out=out, class_names=class_names, attrs=attrs)
     shutil.rmtree(slides)
     return out

@@ -117,8 +117,8 @@ def geometry(
 
 
 def tissue_mask(
-    slide: openslide.OpenSlide, path: str | os.PathLike, mpp: float, mask_mpp: float = 8.0,
-    max_size: int = 2048, min_saturation: float = 15.0, threads: int = 1,
+    slide: openslide.OpenSlide, path: str | os.PathLike, mpp: float, *, mask_mpp: float,
+    max_size: int, min_saturation: float, threads: int,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Otsu tissue mask on the saturation of a low-magnification thumbnail.
 
@@ -130,7 +130,7 @@ def tissue_mask(
     """
     w0, h0 = slide.dimensions
     side = int(np.clip(max(w0, h0) * mpp / mask_mpp, 32, max_size))
-    thumb = thumbnail(slide, path, side, threads)
+    thumb = thumbnail(slide, path, side, threads=threads)
     # the BOX-averaged thumbnail is already smooth; opening below removes isolated specks
     sat = np.asarray(Image.fromarray(thumb).convert("HSV").getchannel("S"))
     if sat.max() < min_saturation:
@@ -143,7 +143,7 @@ def tissue_mask(
     return mask, (w0 / mask.shape[1], h0 / mask.shape[0])
 
 
-def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int, threads: int = 1
+def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int, *, threads: int
               ) -> np.ndarray:
     """RGB image of the whole slide whose longest side is ``side`` pixels, cheaply.
 
@@ -169,7 +169,7 @@ def thumbnail(slide: openslide.OpenSlide, path: str | os.PathLike, side: int, th
             image = read_region(slide, path, (0, 0), level, (lw, lh)).convert("RGB")
         else:
             try:
-                image = Image.fromarray(tiff.whole(threads))
+                image = Image.fromarray(tiff.whole(threads=threads))
             finally:
                 tiff.close()
     return np.asarray(image.resize(size, Image.Resampling.BOX))
@@ -321,7 +321,7 @@ class _TiffLevel:
                         tiles[ty * self.ntx + tx][sy - y0:ey - y0, sx - x0:ex - x0]
         return out
 
-    def whole(self, threads: int = 1) -> np.ndarray:
+    def whole(self, *, threads: int) -> np.ndarray:
         """The whole level as (height, width, 3) uint8, its tiles decoded in ``threads``
         threads straight into place."""
         buf = np.empty((self.height, self.width, 3), np.uint8)
@@ -517,7 +517,8 @@ def read_patches(
     slide_path: str | os.PathLike,
     coords: np.ndarray,
     geom: SlideGeometry,
-    threads: int = 2,
+    *,
+    threads: int,
     progress: Callable[[int], None] | None = None,
     direct: bool = True,
     out: np.ndarray | None = None,
@@ -549,8 +550,8 @@ def read_patches(
         level.close()
 
 
-def decode_tiles(slide_path: str | os.PathLike, coords: np.ndarray, geom: SlideGeometry,
-                 threads: int = 2) -> int:
+def decode_tiles(slide_path: str | os.PathLike, coords: np.ndarray, geom: SlideGeometry, *,
+                 threads: int) -> int:
     """Decode, in ``threads`` threads, exactly the tiles of level ``geom.level`` that the patches
     at ``coords`` (level-0 corners) touch, each once, and return how many.
 

@@ -76,7 +76,7 @@ def _tissue(rng: np.random.Generator, lo: tuple[int, int]) -> np.ndarray:
 
 
 def _tumour_polygons(rng: np.random.Generator, tissue_lo: np.ndarray, cell: int,
-                     coverage: float = 0.5, sigma: float = 7.0
+                     coverage: float, sigma: float
                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Irregular tumour polygons (level-0 x, y) covering about ``coverage`` of the tissue, with
     blobs about ``sigma`` low-resolution cells across.
@@ -247,8 +247,8 @@ def render_slide(rng: np.random.Generator, spec: DemoSpec, tumour: bool, centre:
     return rgb, {"_0": polys, "_2": holes}
 
 
-def write_pyramid(path: str | os.PathLike, rgb: np.ndarray, mpp: float, levels: int,
-                  quality: int = 90, tile: int = 256) -> None:
+def write_pyramid(path: str | os.PathLike, rgb: np.ndarray, mpp: float, levels: int, *,
+                  quality: int, tile: int = 256) -> None:
     """Write a pyramidal tiled JPEG TIFF that OpenSlide opens (each level a top-level page)."""
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         img = rgb
@@ -306,7 +306,8 @@ def make_cohort(out: str | os.PathLike, spec: DemoSpec, progress: bool = True) -
                 img_dir, ann_dir = tmp / "training" / row["label"], tmp / "training/lesion_annotations"
             else:
                 img_dir, ann_dir = tmp / "testing/images", tmp / "testing/lesion_annotations"
-            write_pyramid(img_dir / f"{row['slide']}.tif", rgb, spec.mpp, spec.levels, spec.jpeg_quality)
+            write_pyramid(img_dir / f"{row['slide']}.tif", rgb, spec.mpp, spec.levels,
+                          quality=spec.jpeg_quality)
             if polys["_0"]:
                 write_asap_xml(ann_dir / f"{row['slide']}.xml", polys)
         with open(tmp / "testing/reference.csv", "w", newline="") as f:

@@ -84,7 +84,7 @@ def train_expert(cfg: dict[str, Any], inputs: Inputs, seed: int, expert: int,
 
 
 def buffer_experts(store_path: str | os.PathLike, out: str | os.PathLike, cfg: dict[str, Any],
-                   seed: int, cache_mb: float = 1024, progress: bool = True) -> None:
+                   *, seed: int, cache_mb: float, progress: bool = True) -> None:
     """Train ``cfg['experts']`` experts on the store's training split and write their
     trajectories to the HDF5 store ``out``, resuming expert by expert from ``<out>.partial``."""
     if cfg["dtype"] not in DTYPES:

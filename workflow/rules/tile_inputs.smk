@@ -31,8 +31,8 @@ def cohort_input(wildcards):
         name,
         rows,
         tiling_cfg(name),
-        dataset_classes(name, rows),
-        ds.get("unannotated_slides", ()),
+        class_names=dataset_classes(name, rows),
+        unannotated=ds.get("unannotated_slides", ()),
     )
     listing = hdsources.listing_input(
         f"results/{name}/sources/cohort.txt",
