@@ -132,7 +132,8 @@ def test_slide_without_tissue_names_the_file(tmp_path, small_cohort):
         tiling.tile_cohort(rows, CFG, out, CLASSES)
     assert not out.exists()
     with pytest.raises(InputError, match=r"blank.tif: no tissue found"):  # nothing finished:
-        tiling.tile_slides([{**rows[1], "index": 0}], CFG, tmp_path / "tiles", CLASSES)
+        tiling.tile_slides([{**rows[1], "index": 0}], CFG, tmp_path / "tiles", class_names=CLASSES,
+                           threads=1)
     assert sorted(p.name for p in tmp_path.glob("tiles*")) == []  # nothing left to resume
     store = PatchStore(tiling.tile_cohort(rows, CFG | {"skip_empty": True}, out, CLASSES))
     assert store.attrs["skipped_slides"] == ["blank"] and set(store.array("slide")) == {0}
