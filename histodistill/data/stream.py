@@ -197,9 +197,9 @@ def record_channel_stats(path: str | os.PathLike) -> dict[str, list[float]]:
     network input normalisation of every later stage. Also records its chunk files per array,
     which :class:`PatchStore` checks on every open."""
     mean, std = channel_stats(PatchStore(path), "train")
-    attrs = {"channel_mean": mean, "channel_std": std, "chunk_files": chunk_files(path)}
-    zarr.open_group(str(path), mode="a").attrs.update(attrs)
-    return attrs
+    stats = {"channel_mean": mean, "channel_std": std}
+    zarr.open_group(str(path), mode="a").attrs.update({**stats, "chunk_files": chunk_files(path)})
+    return stats
 
 
 class Epoch(Generic[_T]):
