@@ -105,20 +105,25 @@ def test_the_library_has_no_literal_fallback_for_a_setting():
                        + "\n".join(found))
 
 
-def test_the_walk_sees_a_fallback():
-    """The walk itself: a fallback is found, an allowlisted receiver and a non-setting are not."""
+def walked(code: str, walk) -> list[str]:  # noqa: ANN001
+    """What ``walk`` finds in ``code``, written as a module of the library for the walk."""
     import tempfile
 
-    code = ('a = cfg.get("dropout", 0.25)\nb = result.get("split", "")\n'
-            'c = cfg.get("not_a_setting", 1)\nd = self.cfg.get("unit_grad") or False\n'
-            'e = cfg.get("net_kwargs")\n')
     with tempfile.NamedTemporaryFile("w", suffix=".py", dir=PACKAGE, delete=False) as f:
         f.write(code)
     path = Path(f.name)
     try:
-        hits = literal_fallbacks(path)
+        return walk(path)
     finally:
         path.unlink()
+
+
+def test_the_walk_sees_a_fallback():
+    """The walk itself: a fallback is found, an allowlisted receiver and a non-setting are not."""
+    code = ('a = cfg.get("dropout", 0.25)\nb = result.get("split", "")\n'
+            'c = cfg.get("not_a_setting", 1)\nd = self.cfg.get("unit_grad") or False\n'
+            'e = cfg.get("net_kwargs")\n')
+    hits = walked(code, literal_fallbacks)
     assert [h.split(": ", 1)[1] for h in hits] == ["cfg.get('dropout', 0.25)",
                                                    "self.cfg.get('unit_grad') or False"]
 
@@ -342,20 +347,12 @@ def test_no_signature_defaults_a_setting():
 
 
 def test_the_signature_walk_sees_a_default():
-    import tempfile
-
     code = ("IO = 240.0\n\n\ndef f(x, cache_mb: float = 1024, *, batch: int = 256, weights=None,\n"
             "      io: float = IO, not_a_setting: int = 3) -> None: ...\n\n\n"
             "class C:\n    def __init__(self, dropout=0.1, depth=PREFETCH_DEPTH):\n"
             "        def inner(seed=0): ...\n\n\n"
             "@overload\ndef g(split: str = ...) -> None: ...\n")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", dir=PACKAGE, delete=False) as f:
-        f.write(code)
-    path = Path(f.name)
-    try:
-        hits = setting_defaults(path)
-    finally:
-        path.unlink()
+    hits = walked(code, setting_defaults)
     assert [h.split(":", 1)[1] for h in hits] == [
         "f(cache_mb)", "f(batch)", "f(io)", "C.__init__(dropout)", "C.__init__(depth)",
         "C.__init__.<locals>.inner(seed)"]
