@@ -168,7 +168,8 @@ def _check_finite(node: Any, where: tuple[Any, ...]) -> None:
     """No NaN anywhere in the config: it passes every bound of the schema (a comparison with
     NaN is false) and would reach the stages as a number (YAML's ``.nan``)."""
     if isinstance(node, float) and node != node:
-        raise ConfigError(f"invalid config: '{'.'.join(map(str, where))}' = nan: not a number")
+        raise ConfigError(f"invalid config: config key '{'.'.join(map(str, where))}' = nan: not a "
+                          "number")
     children = node.items() if isinstance(node, dict) else (
         enumerate(node) if isinstance(node, list) else ())
     for key, value in children:
