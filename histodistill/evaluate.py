@@ -138,11 +138,12 @@ def evaluate_candidate(distilled: str | os.PathLike, cost: str | os.PathLike, *,
                        store_path: str | os.PathLike, template_path: str | os.PathLike | None,
                        evaluate: dict[str, Any], overrides: dict[str, Any],
                        out: str | os.PathLike) -> dict[str, Any]:
-    """Train the evaluation architectures on one candidate's set and test them on the
-    validation split; write the candidate's record (overrides, validation figures, cost)."""
+    """Train the evaluation architectures on one candidate's set (a tuning candidate, a study
+    set) and test them on the validation split, under the other stain protocol too when
+    ``evaluate['both_protocols']`` (a study's ablation; tuning judges one protocol); write the
+    record (overrides, validation figures, cost)."""
     split = selection_split(PatchStore(store_path))
     record = {"overrides": overrides,
-              **set_record(distilled, cost, store_path, template_path,
-                           {**evaluate, "both_protocols": False}, split=split)}
+              **set_record(distilled, cost, store_path, template_path, evaluate, split=split)}
     write_json(out, record)
     return record

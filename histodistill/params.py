@@ -151,10 +151,11 @@ def tuning_settings(evaluate: dict[str, Any], tuning: dict[str, Any], method: st
     return canonical({**picked, "runs": tuning["runs"], "both_protocols": False})
 
 
-def study_settings(evaluate: dict[str, Any], method: str) -> dict[str, Any]:
+def study_settings(evaluate: dict[str, Any], method: str, *, both_protocols: bool) -> dict[str, Any]:
     """How a study set is evaluated: ``method``'s evaluation settings (its cross-architecture
-    extras included: a study may ask about them) under its own stain protocol only."""
-    return canonical({**evaluate_settings(evaluate, method), "both_protocols": False})
+    extras included: a study may ask about them) under its own stain protocol, and under the
+    other one too when the study asks (``both_protocols``)."""
+    return canonical({**evaluate_settings(evaluate, method), "both_protocols": both_protocols})
 
 
 def privacy_audit_settings(privacy: dict[str, Any]) -> dict[str, Any]:

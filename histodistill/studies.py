@@ -31,13 +31,17 @@ class Variant:
 @dataclass(frozen=True)
 class Study:
     """A question, the ipc it is asked at, its variants, the variant the others' gains are
-    measured against, and how many distillation seeds (``distill.seed``, +1, ...) each takes."""
+    measured against, how many distillation seeds (``distill.seed``, +1, ...) each takes, and
+    whether each set is also evaluated under the other stain protocol than its method's
+    (``both_protocols``: the test-time normalisation is then one more ablated component, at no
+    further distillation)."""
 
     question: str
     ipc: int
     variants: dict[str, Variant]
     reference: str = "random"
     seeds: int = 1
+    both_protocols: bool = False
 
 
 # MTT's settings in PTM's terms (the pre-tiled demo's ipc 10: 10 student steps per 2 expert
@@ -82,6 +86,17 @@ STUDIES: dict[str, Study] = {
                   "slfd_fixed": Variant("slfd", {"lr_module": 0.0}),
                   "slfd_no_shift": Variant("slfd", {"learn_shift": False})},
         reference="glad", seeds=3),
+    "histodd_ablation": Study(
+        "Histo-DD's parts one at a time on the validation split: which of them costs it its "
+        "paper's lead over real patches (the test-time stain normalisation, the stain part or "
+        "the whole of its siamese augmentation, the model augmentation of its pool)?",
+        ipc=10,
+        variants={"histodd": Variant("histodd"),
+                  "augment_none": Variant("histodd", {"augment": {"preset": "none"}}),
+                  "augment_stain": Variant("histodd", {"augment": {"preset": "stain"}}),
+                  "no_model_aug": Variant("histodd", {"alpha": 0.0}),
+                  "random": Variant("random")},
+        both_protocols=True),
 }
 
 
@@ -104,17 +119,18 @@ def summarise(study: str, results: dict[str, list[dict[str, Any]]]
     """The summary of a study from its sets' result files (``results``: variant -> one result
     per seed) and its ``name: value`` figures in percent: per variant and evaluated
     architecture the validation accuracy (mean over seeds), the std over training runs, over
-    seeds when there are several, the gain over the reference variant; the saturated pixels,
+    seeds when there are several, the gain over the reference variant (also per stain protocol
+    when the sets were evaluated under both, see :func:`_views`); the saturated pixels,
     and the cross-architecture mean where it was evaluated."""
     ref = get(study).reference
     summary: dict[str, Any] = {}
     for variant, runs in results.items():
-        archs = list(runs[0]["patch"])
         row: dict[str, Any] = {"seeds": [r["config"]["seed"] for r in runs]}
-        for arch in archs:
-            accs = np.array([r["patch"][arch]["acc"]["mean"] for r in runs]) * 100
-            row[arch] = {"acc": float(accs.mean()), "seed_std": float(accs.std()),
-                         "run_std": float(np.mean([r["patch"][arch]["acc"]["std"] for r in runs]) * 100)}
+        for key in _views(runs[0]):
+            cells = [_views(r)[key]["acc"] for r in runs]
+            accs = np.array([c["mean"] for c in cells]) * 100
+            row[key] = {"acc": float(accs.mean()), "seed_std": float(accs.std()),
+                        "run_std": float(np.mean([c["std"] for c in cells]) * 100)}
         row["saturated_pct"] = float(np.mean([r["saturated_fraction"] for r in runs]) * 100)
         row["distill_s"] = float(np.mean([r["distill"]["seconds"] for r in runs]))
         if all("cross_arch" in r for r in runs):
@@ -141,6 +157,19 @@ def summarise(study: str, results: dict[str, list[dict[str, Any]]]
     return summary, figures
 
 
+def _views(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A set's figures per evaluated architecture under its method's stain protocol (keyed by
+    the architecture) and, when the set was evaluated under both, per protocol (keyed
+    ``<arch>_stain_on`` / ``<arch>_stain_off``, so variants of methods with different own
+    protocols compare under the same one)."""
+    views = dict(result["patch"])
+    if "other_protocol" in result:
+        for r in (result, result["other_protocol"]):
+            state = "on" if r["stain_norm"] else "off"
+            views.update({f"{arch}_stain_{state}": cell for arch, cell in r["patch"].items()})
+    return views
+
+
 def write_study(study: str, sets: list[str | os.PathLike], out_json: str | os.PathLike,
                 out_figures: str | os.PathLike) -> None:
     """Read a study's set results (``sets``: in the order of :func:`set_paths`), write its
@@ -151,8 +180,9 @@ def write_study(study: str, sets: list[str | os.PathLike], out_json: str | os.Pa
         results[variant].append(read_json(path, "study"))
     summary, figures = summarise(study, results)
     record = {"study": study, "question": s.question, "ipc": s.ipc, "reference": s.reference,
-              "split": "val", "variants": {v: {"method": x.method, "overrides": x.overrides}
-                                           for v, x in s.variants.items()},
+              "split": "val", "both_protocols": s.both_protocols,
+              "variants": {v: {"method": x.method, "overrides": x.overrides}
+                           for v, x in s.variants.items()},
               "sets": [str(p) for p in sets], "summary": summary}
     write_json(out_json, record)
     save_figures(figures, out_figures)

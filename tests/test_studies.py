@@ -48,6 +48,23 @@ def test_summary_figures_are_means_over_seeds_and_gains_over_the_reference():
     assert "glad_convnet_gain_over_glad" not in lines
 
 
+def test_a_study_under_both_protocols_compares_variants_under_the_same_one():
+    def both(acc_own: float, acc_other: float, own_norm: bool) -> dict:
+        r = {**result(acc_own, 0.01, 0), "stain_norm": own_norm}
+        r["other_protocol"] = {"stain_norm": not own_norm,
+                               "patch": {"convnet": {"acc": {"mean": acc_other, "std": 0.03}}}}
+        return r
+
+    # Histo-DD's own protocol normalises, random's does not
+    summary, figures = studies.summarise("histodd_ablation", {
+        "histodd": [both(0.58, 0.62, True)], "random": [both(0.59, 0.54, False)]})
+    lines = dict(f.split(": ") for f in figures)
+    assert lines["histodd_convnet_gain_over_random"] == "-1.0"        # each under its own
+    assert lines["histodd_convnet_stain_off_gain_over_random"] == "3.0"
+    assert lines["histodd_convnet_stain_on_gain_over_random"] == "4.0"
+    assert summary["histodd"]["convnet_stain_off"]["run_std"] == pytest.approx(3.0)
+
+
 def test_unknown_study_is_named():
     with pytest.raises(ValueError, match="unknown study 'nope'.*latent_distill"):
         studies.get("nope")

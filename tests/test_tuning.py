@@ -110,6 +110,11 @@ def test_a_result_holds_both_protocols_and_their_cross_architecture_figures(stor
         assert view["cross_arch"]["excluded"] == "convnet" and view["cross_arch"]["archs"] == ["lenet"]
     assert result["train_time_ratio"]["convnet"] > 0 and set(result["full"]) == {"convnet"}
     assert json.loads((tmp / "r.json").read_text()) == result
+    # a study set asks for both protocols too (tuning does not), on val
+    record = evaluate_candidate(tmp / "s.zarr", tmp / "s_cost.json", store_path=stores["val"],
+                                template_path=tmp / "t.json", evaluate=cfg, overrides={},
+                                out=tmp / "c.json")
+    assert record["split"] == "val" and record["other_protocol"]["stain_norm"] is True
 
 
 def test_a_store_without_val_is_refused_not_judged_on_test(stores):

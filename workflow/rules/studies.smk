@@ -45,7 +45,9 @@ rule study_set:
         max_per_class=setting("distill", "max_real_per_class"),
         checkpoint="results/{dataset}/studies/{study}/{method}_ipc{ipc}_{variant}_s{n}.ckpt",
         evaluate=lambda wc: hdparams.study_settings(
-            section(wc.dataset, "evaluate"), wc.method
+            section(wc.dataset, "evaluate"),
+            wc.method,
+            both_protocols=hdstudies.get(wc.study).both_protocols,
         ),
         code=library("tune_candidate.py"),
     script:
