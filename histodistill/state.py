@@ -221,9 +221,12 @@ class Pieces:
 
     SUFFIX = ".sealed"
 
-    def __init__(self, out: str | os.PathLike) -> None:
+    def __init__(self, out: str | os.PathLike, *, resumable: str | None = None) -> None:
+        """``resumable``: a glob of the entries that hold an unfinished piece's own resume state
+        (per-slide distillation's ``*.ckpt``), kept when the job fails."""
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self.resumable = resumable
         self.partial.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Pieces:
@@ -231,10 +234,15 @@ class Pieces:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         """A job that fails before finishing any piece leaves nothing to resume: its empty (or
-        unsealed) folder goes; with a finished piece the folder stays for the rerun."""
-        if exc_type is not None and self.partial.is_dir() \
-                and not any(self.partial.glob(f"*{self.SUFFIX}")):
-            remove_path(self.partial)
+        unsealed) folder goes; with a finished piece or resume state the folder stays for the
+        rerun."""
+        if exc_type is None or not self.partial.is_dir():
+            return
+        if any(self.partial.glob(f"*{self.SUFFIX}")):
+            return
+        if self.resumable is not None and any(self.partial.glob(self.resumable)):
+            return
+        remove_path(self.partial)
 
     def path(self, name: str) -> Path:
         return self.partial / name

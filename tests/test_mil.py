@@ -308,6 +308,7 @@ def test_per_slide_bad_requests_give_one_clear_error(slide_patches, tmp_path):
     with pytest.raises(InputError, match="'x1' is a test slide"):
         distill_slides(slide_patches.path, None, pool_path=None, method="random", ipc=5, cfg={}, seed=0,
                        slides=["x1"], out=tmp_path / "a", cache_mb=64)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 
 
 def test_a_store_without_slides_is_refused(tmp_path):
@@ -353,8 +354,9 @@ def test_extracted_bags_match_their_slides(slide_patches, bags):
 
 
 def test_bag_extraction_resumes_and_redoes_a_damaged_bag(slide_patches, bags, tmp_path, monkeypatch):
-    """A crash mid-extraction keeps the finished, sealed bags; one damaged after it is redone;
-    the result equals the uninterrupted extraction."""
+    """A crash before the first bag leaves nothing; a crash mid-extraction keeps the finished,
+    sealed bags; one damaged after it is redone; the result equals the uninterrupted
+    extraction."""
     import histodistill.mil.bags as bag_module
 
     real, _, _ = bags
@@ -364,17 +366,21 @@ def test_bag_extraction_resumes_and_redoes_a_damaged_bag(slide_patches, bags, tm
 
     def crashing(encoder, store_, split, rows, *args):
         calls.append(len(rows))
-        if len(calls) == 3 and crash:
+        if len(calls) == crash:
             raise KeyboardInterrupt
         return original(encoder, store_, split, rows, *args)
 
     monkeypatch.setattr(bag_module, "_embed_rows", crashing)
-    crash = True
+    crash = 1
+    with pytest.raises(KeyboardInterrupt):
+        extract_real_bags(slide_patches.path, enc, out, batch=5, progress=False)
+    assert not (tmp_path / "real.partial").exists()  # nothing finished: nothing left
+    crash, calls[:] = 3, []
     with pytest.raises(KeyboardInterrupt):
         extract_real_bags(slide_patches.path, enc, out, batch=5, progress=False)
     first = sorted((tmp_path / "real.partial").glob("*.h5"))[0]
     first.write_bytes(first.read_bytes()[:-64])  # truncated after it was sealed
-    crash, calls[:] = False, []
+    crash, calls[:] = 0, []
     extract_real_bags(slide_patches.path, enc, out, batch=5, progress=False)
     assert len(calls) == len(SLIDES) - 1  # the intact finished bag was kept
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in real.iterdir())

@@ -310,3 +310,19 @@ def test_a_damaged_json_input_is_one_error_and_damaged_json_resume_state_is_redo
     (tmp_path / "runs.json").write_text('{"key": "k", "runs": [{"metrics"')
     assert load_resume(tmp_path / "runs.json", "k") is None
     assert not (tmp_path / "runs.json").exists()  # removed: the runs are redone
+
+
+@pytest.mark.parametrize("left", [None, "piece", "slide.ckpt", "sealed"])
+def test_a_failed_job_leaves_a_partial_folder_only_with_something_to_resume(tmp_path, left):
+    """A job that fails keeps ``<out>.partial`` only when it holds a finished (sealed) piece or
+    an unfinished piece's own resume state (``resumable``); an empty folder or an unsealed
+    piece goes."""
+    from histodistill.state import Pieces
+
+    with pytest.raises(KeyboardInterrupt), Pieces(tmp_path / "out", resumable="*.ckpt") as pieces:
+        if left is not None:
+            (pieces.path("a" if left in ("piece", "sealed") else left)).write_text("x")
+        if left == "sealed":
+            pieces.seal("a", "key")
+        raise KeyboardInterrupt
+    assert (tmp_path / "out.partial").exists() == (left in ("slide.ckpt", "sealed"))

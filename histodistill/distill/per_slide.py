@@ -64,36 +64,36 @@ def distill_slides(store_path: str | os.PathLike, template_path: str | os.PathLi
     store = PatchStore(store_path)
     found = {s.name: s for s in store_slides(store)}
     skipped = set(store.attrs.get("skipped_slides", []))
-    pieces = Pieces(out)
     template = StainTemplate.load(template_path) if template_path else None
     dev = device()
     pool = load_input(pool_path, "pretrain_pool") if pool_path else {}
     inputs = fingerprint(store, pool_path, template_path)
     settings = {k: v for k, v in cfg.items() if k != "checkpoint_every"}
     done = []
-    for name in slides:
-        if name in skipped:
-            log.info("%s: skipped by the tiler (no tissue), no synthetic patches", name)
-            continue
-        slide = found.get(name)
-        if slide is None:
-            listed = name in store.attrs.get("slides", [])
-            raise InputError(STAGE, store_path, f"slide {name!r} " + (
-                "has no patches in the store" if listed else "is not in the store"))
-        if slide.split != "train":
-            raise InputError(STAGE, store_path, f"slide {name!r} is a {slide.split} slide; only "
-                             "training slides are distilled")
-        target = f"{name}.zarr"
-        key = settings_hash({"method": method, "cfg": settings, "ipc": ipc, "seed": seed,
-                             "slide": name, "rows": slide.rows.tolist(), "inputs": inputs})
-        done.append(target)
-        if pieces.done(target, key):
-            log.info("%s: already distilled, kept", name)
-            continue
-        _distil_one(store, slide, method, ipc, cfg, slide_seed(seed, slide.index), template,
-                    pool, inputs, dev, cache_mb, pieces.partial, key, progress)
-        pieces.seal(target, key)
-    return pieces.finish(set(done))  # checkpoints and slides that left the batch go
+    with Pieces(out, resumable="*.ckpt") as pieces:  # an unfinished slide's checkpoint
+        for name in slides:
+            if name in skipped:
+                log.info("%s: skipped by the tiler (no tissue), no synthetic patches", name)
+                continue
+            slide = found.get(name)
+            if slide is None:
+                listed = name in store.attrs.get("slides", [])
+                raise InputError(STAGE, store_path, f"slide {name!r} " + (
+                    "has no patches in the store" if listed else "is not in the store"))
+            if slide.split != "train":
+                raise InputError(STAGE, store_path, f"slide {name!r} is a {slide.split} slide; only "
+                                 "training slides are distilled")
+            target = f"{name}.zarr"
+            key = settings_hash({"method": method, "cfg": settings, "ipc": ipc, "seed": seed,
+                                 "slide": name, "rows": slide.rows.tolist(), "inputs": inputs})
+            done.append(target)
+            if pieces.done(target, key):
+                log.info("%s: already distilled, kept", name)
+                continue
+            _distil_one(store, slide, method, ipc, cfg, slide_seed(seed, slide.index), template,
+                        pool, inputs, dev, cache_mb, pieces.partial, key, progress)
+            pieces.seal(target, key)
+        return pieces.finish(set(done))  # checkpoints and slides that left the batch go
 
 
 def _distil_one(store: PatchStore, slide: Slide, method: str, ipc: int, cfg: dict[str, Any],

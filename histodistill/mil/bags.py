@@ -153,6 +153,12 @@ class _Writer:
         self.pieces = Pieces(out)
         self.rows: list[dict[str, Any]] = []
 
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.pieces.__exit__(exc_type, *rest)
+
     def done(self, slide: str, key: str) -> bool:
         return self.pieces.done(bag_path("", slide).name, key)
 
@@ -179,20 +185,20 @@ def extract_real_bags(store_path: str | os.PathLike, encoder_path: str | os.Path
     store = PatchStore(store_path)
     encoder = load_encoder(encoder_path)
     coords = store.array("coords")
-    writer = _Writer(out)
     inputs = settings_hash([fingerprint(store), _file_digest(encoder_path)])
-    for slide in tqdm(store_slides(store), desc="real bags", disable=not progress):
-        key = settings_hash([inputs, slide.name, slide.rows.tolist()])
-        writer.add(manifest_row(slide.name, slide.label, slide.split, slide.centre, len(slide.rows)))
-        if writer.done(slide.name, key):
-            continue
-        feats = np.concatenate(list(_embed_rows(encoder, store, slide.split, slide.rows, batch,
-                                                buffer_mb)))
-        writer.write(slide.name, key, feats, coords[slide.rows],
-                     {"slide": slide.name, "label": slide.label, "split": slide.split,
-                      "centre": slide.centre, "kind": "real", "encoder": encoder.kind,
-                      "patch_size": int(store.attrs["patch_size"])})
-    return writer.finish()
+    with _Writer(out) as writer:
+        for slide in tqdm(store_slides(store), desc="real bags", disable=not progress):
+            key = settings_hash([inputs, slide.name, slide.rows.tolist()])
+            writer.add(manifest_row(slide.name, slide.label, slide.split, slide.centre, len(slide.rows)))
+            if writer.done(slide.name, key):
+                continue
+            feats = np.concatenate(list(_embed_rows(encoder, store, slide.split, slide.rows, batch,
+                                                    buffer_mb)))
+            writer.write(slide.name, key, feats, coords[slide.rows],
+                         {"slide": slide.name, "label": slide.label, "split": slide.split,
+                          "centre": slide.centre, "kind": "real", "encoder": encoder.kind,
+                          "patch_size": int(store.attrs["patch_size"])})
+        return writer.finish()
 
 
 def _embed_rows(encoder: Encoder, store: PatchStore, split: str, rows: np.ndarray, batch: int,
@@ -210,20 +216,20 @@ def extract_synthetic_bags(distilled: list[str | os.PathLike], encoder_path: str
     sets = sorted((p for d in distilled for p in Path(d).glob("*.zarr")), key=lambda p: p.name)
     if not sets:
         raise InputError(STAGE, ", ".join(map(str, distilled)), "no per-slide distilled sets")
-    writer = _Writer(out)
     digest = _file_digest(encoder_path)
-    for path in tqdm(sets, desc="synthetic bags", disable=not progress):
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs)
-        key = settings_hash([digest, attrs["key"]])
-        n = int(group["images"].shape[0])
-        writer.add(manifest_row(attrs["slide"], attrs["label"], "train", int(attrs["centre"]), n))
-        if writer.done(attrs["slide"], key):
-            continue
-        feats = embed_array(encoder, group["images"][:], batch=batch)
-        writer.write(attrs["slide"], key, feats, np.full((n, 2), -1),
-                     {"slide": attrs["slide"], "label": attrs["label"], "split": "train",
-                      "centre": int(attrs["centre"]), "kind": "synthetic",
-                      "method": attrs["method"], "ipc": int(attrs["ipc"]),
-                      "encoder": encoder.kind, "patch_size": int(attrs["patch_size"])})
-    return writer.finish()
+    with _Writer(out) as writer:
+        for path in tqdm(sets, desc="synthetic bags", disable=not progress):
+            group = zarr.open_group(str(path), mode="r")
+            attrs = dict(group.attrs)
+            key = settings_hash([digest, attrs["key"]])
+            n = int(group["images"].shape[0])
+            writer.add(manifest_row(attrs["slide"], attrs["label"], "train", int(attrs["centre"]), n))
+            if writer.done(attrs["slide"], key):
+                continue
+            feats = embed_array(encoder, group["images"][:], batch=batch)
+            writer.write(attrs["slide"], key, feats, np.full((n, 2), -1),
+                         {"slide": attrs["slide"], "label": attrs["label"], "split": "train",
+                          "centre": int(attrs["centre"]), "kind": "synthetic",
+                          "method": attrs["method"], "ipc": int(attrs["ipc"]),
+                          "encoder": encoder.kind, "patch_size": int(attrs["patch_size"])})
+        return writer.finish()
