@@ -28,9 +28,7 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
     except OSError as err:  # the log folder itself cannot be written
         if err.errno not in WRITE_ERRORS:
             raise
-        print(f"histodistill error: [io] log file {log_path}: {err.strerror} "
-              f"({WRITE_ERRORS[err.errno]})", file=console)
-        raise SystemExit(1) from None
+        _one_line(_io_line(f"log file {log_path}", err), console, logged=False)
     with log_file:
         sys.stderr = log_file
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
@@ -42,14 +40,20 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
         except OSError as err:  # a full disk or a refused file outside atomic_path
             if err.errno not in WRITE_ERRORS:
                 raise
-            _one_line(f"[io] {err.filename or 'a file of this job'}: {err.strerror} "
-                      f"({WRITE_ERRORS[err.errno]})", console)
+            _one_line(_io_line(err.filename or "a file of this job", err), console)
         finally:
             sys.stderr = console
 
 
-def _one_line(err: BaseException | str, console: TextIO) -> None:
-    """Report ``err`` as one line in the log and on the console; exit with status 1."""
-    logging.error("%s", err)
+def _io_line(name: str, err: OSError) -> str:
+    """A failed write as the error line's text: the file, the system's reason and its cause."""
+    return f"[io] {name}: {err.strerror} ({WRITE_ERRORS[err.errno]})"
+
+
+def _one_line(err: BaseException | str, console: TextIO, *, logged: bool = True) -> None:
+    """Report ``err`` as one line on the console, and in the log unless there is none
+    (``logged`` false: the log file itself could not be opened); exit with status 1."""
+    if logged:
+        logging.error("%s", err)
     print(f"histodistill error: {err}", file=console)
     raise SystemExit(1) from None
