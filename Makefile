@@ -117,9 +117,11 @@ pcam-generate: $(VENV_OK)
 	else echo "pcam-generate: $(PCAM) is missing (it is not shipped with the project); skipping"; fi
 
 # Regenerate the docs' demo tables and benchmark figures (the marked blocks of the pages in docs/,
-# wherever each is) from the files that wrote them
+# wherever each is): the demo's small result files are copied to docs/results/demo (committed)
+# and its tables generated from them
 table: $(VENV_OK)
-	$(PY) -m histodistill.tables results/demo --readme docs --bench results/bench
+	$(PY) -m histodistill.tables results/demo --collect docs/results/demo
+	$(PY) -m histodistill.tables docs/results/demo --readme docs --bench results/bench
 
 clean:
 	rm -rf results logs benchmarks .snakemake report.html
