@@ -47,7 +47,7 @@ def rule_logging(log_path: str | os.PathLike) -> Iterator[None]:
 
 def _io_line(name: str, err: OSError) -> str:
     """A failed write as the error line's text: the file, the system's reason and its cause."""
-    return f"[io] {name}: {err.strerror} ({WRITE_ERRORS[err.errno]})"
+    return f"[io] {name}: {err.strerror} ({WRITE_ERRORS.get(err.errno or 0, 'write refused')})"
 
 
 def _one_line(err: BaseException | str, console: TextIO, *, logged: bool = True) -> None:
